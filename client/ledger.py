@@ -104,17 +104,24 @@ class PrivacyLedger:
             )
         return self.noise_multiplier
 
-    def rounds_affordable(self, sample_rate: float, steps: int, limit: int = 1000) -> int:
-        """How many more rounds of ``steps`` fit in the budget (bounded by ``limit``)."""
+    def rounds_affordable(self, sample_rate: float, steps: int, limit: int = 10_000) -> int:
+        """How many more rounds of ``steps`` fit in the budget: doubling, then bisection, since
+        each probe is a full composition."""
         if self.noise_multiplier is None:
             return 0
-        low, high = 0, limit
-        while low < high:
-            mid = (low + high + 1) // 2
-            if self.projected(self.noise_multiplier, sample_rate, steps * mid) <= self.budget:
-                low = mid
-            else:
-                high = mid - 1
+
+        def fits(rounds: int) -> bool:
+            return self.projected(self.noise_multiplier, sample_rate, steps * rounds) <= self.budget
+
+        if not fits(1):
+            return 0
+        low, high = 1, 2
+        while high <= limit and fits(high):
+            low, high = high, high * 2
+        high = min(high, limit + 1)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
         return low
 
     def check(self, sample_rate: float, steps: int) -> float:

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
@@ -25,6 +24,7 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import ConfigError
 from fedlora.common.model import HEAD
+from fedlora.common.scoring import forward_loss, trim
 
 StepCallback = Callable[[int, float], None]
 
@@ -48,38 +48,6 @@ class RoundResult:
     @property
     def examples_per_second(self) -> float:
         return self.examples_seen / self.seconds if self.seconds > 0 else 0.0
-
-
-def trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Cut the padding columns no example of this batch uses (rows are right-padded)."""
-    ids, mask, labels = batch
-    width = max(int(mask.sum(1).max()), 1) if len(mask) else 1
-    labels = labels[:, :width] if labels.dim() == 2 else labels
-    return ids[:, :width], mask[:, :width], labels
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sequence mean over response tokens, then the batch mean: one example's gradient must
-    not depend on the lengths of the others (Hugging Face's token-mean loss does)."""
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    token = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view(shift_labels.shape)
-    counted = (shift_labels != -100).sum(1).clamp(min=1)
-    return (token.sum(1) / counted).mean()
-
-
-def forward_loss(model: nn.Module, task: str, batch: tuple[torch.Tensor, ...]) -> tuple:
-    """(loss, logits) for one batch of the task."""
-    ids, mask, labels = batch
-    if task == "classification":
-        logits = model(input_ids=ids, attention_mask=mask)
-        return F.cross_entropy(logits, labels), logits
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return causal_lm_loss(logits, labels), logits
 
 
 class LocalTrainer:
@@ -109,6 +77,12 @@ class LocalTrainer:
         self.generator = torch.Generator().manual_seed(cfg.training.seed if seed is None else seed)
         self.model = model.to(device)
         self.model.train()
+        # Parameter -> PEFT state-dict key (PEFT drops the adapter name from its keys).
+        self._state_keys = {
+            id(param): name.replace(".modules_to_save.default", "").replace(".default", "")
+            for name, param in peft_module(model).named_parameters()
+            if param.requires_grad
+        }
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.training.weight_decay)
         loader = DataLoader(train, batch_size=cfg.training.batch_size, shuffle=True, generator=self.generator)
         self.criterion: nn.Module | None = None
@@ -172,8 +146,23 @@ class LocalTrainer:
         self.optimizer.step()
         return float(loss.detach())
 
+    def _proximal_pull(self, mu: float, anchor: State) -> None:
+        """FedProx's term as a step toward the round's start after each DP step: it touches no
+        data, so it is post-processing and costs no privacy."""
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    key = self._state_keys.get(id(param))
+                    if key in anchor:
+                        param.sub_(group["lr"] * mu * (param - anchor[key].to(param.device)))
+
     def train_round(
-        self, round_id: int, steps: int | None = None, on_step: StepCallback | None = None
+        self,
+        round_id: int,
+        steps: int | None = None,
+        on_step: StepCallback | None = None,
+        proximal_mu: float = 0.0,
+        anchor: State | None = None,
     ) -> RoundResult:
         """Run ``steps`` optimizer steps; in DP mode, refuse first if the budget can't pay for them."""
         steps = steps or self.cfg.training.local_steps
@@ -184,6 +173,8 @@ class LocalTrainer:
             batch = next(self._batches)
             seen += len(batch[0])
             loss = self._step(batch)
+            if proximal_mu > 0 and anchor is not None:
+                self._proximal_pull(proximal_mu, anchor)
             if loss is not None:
                 losses.append(loss)
             if on_step is not None:
@@ -208,26 +199,3 @@ class LocalTrainer:
     @property
     def peft_model(self) -> nn.Module:
         return peft_module(self.model)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, task: str, data: TokenizedDataset, device: torch.device, batch_size: int = 64
-) -> dict[str, float]:
-    """Mean loss, and accuracy for classification, on held-out data."""
-    module = peft_module(model)
-    was_training = module.training
-    module.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for batch in DataLoader(data, batch_size=batch_size):
-        batch = tuple(t.to(device) for t in trim(batch))
-        loss, logits = forward_loss(module, task, batch)
-        total_loss += float(loss) * len(batch[0])
-        count += len(batch[0])
-        if task == "classification":
-            correct += int((logits.argmax(-1) == batch[2]).sum())
-    module.train(was_training)
-    metrics = {"loss": total_loss / max(count, 1), "examples": float(count)}
-    if task == "classification":
-        metrics["accuracy"] = correct / max(count, 1)
-    return metrics

@@ -123,8 +123,14 @@ class FederationConfig:
     )
     aggregator: str = _f(
         "fedavg",
-        "How LoRA deltas are combined: 'fedavg' averages A and B apart (the peers' way).",
-        choices=("fedavg",),
+        "How LoRA adapters are combined: 'fedavg' averages A and B apart (the peers' way, biased); "
+        "'exact' averages the products scale*B@A and re-factorises them to the global rank by SVD "
+        "(clients may train at other ranks); 'ffa' averages B only, A frozen and shared "
+        "(needs model.variant: ffa).",
+        choices=("fedavg", "exact", "ffa"),
+    )
+    error_feedback: bool = _f(
+        False, "exact only: the server keeps each layer's truncation residual for the next round."
     )
     server_learning_rate: float = _f(1.0, "Server step size (FedAvgM, FedAdam, FedYogi).", gt=0)
     server_momentum: float = _f(0.9, "FedAvgM momentum.", ge=0, lt=1)
@@ -154,6 +160,9 @@ class SimulationConfig:
     seed: int = _f(0, "Seed of the partition.")
     client_cpus: float = _f(1.0, "CPUs per virtual client (Ray).", gt=0)
     client_gpus: float = _f(0.0, "GPU share per virtual client (Ray); 0 on CPU machines.", ge=0)
+    client_ranks: tuple[int, ...] | None = _f(
+        None, "LoRA rank of each virtual client (mixed ranks; needs federation.aggregator: exact)."
+    )
 
 
 @dataclass(frozen=True)
@@ -257,9 +266,37 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "<config>") -
     """Validate a plain mapping into a FedloraConfig; errors start with ``source``."""
     try:
         cfg = _build(FedloraConfig, data or {}, "")
+        _cross_check(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg
+
+
+def _cross_check(cfg: FedloraConfig) -> None:
+    """Combinations that each field alone can't rule out."""
+    fed, sim = cfg.federation, cfg.simulation
+    if fed.aggregator == "ffa" and cfg.model.variant != "ffa":
+        raise ConfigError("federation.aggregator: 'ffa' needs model.variant: ffa")
+    if cfg.model.variant == "ffa" and fed.aggregator != "ffa":
+        raise ConfigError("model.variant: 'ffa' trains B only; set federation.aggregator: ffa")
+    if fed.error_feedback and fed.aggregator != "exact":
+        raise ConfigError("federation.error_feedback: only the 'exact' aggregator keeps residuals")
+    if fed.aggregator == "exact" and (fed.strategy != "fedavg" or fed.server_learning_rate != 1.0):
+        raise ConfigError(
+            "federation.strategy: 'exact' re-factorises every round, so a server optimiser on A and B "
+            "is meaningless; use strategy: fedavg with server_learning_rate: 1"
+        )
+    if sim.client_ranks is not None:
+        if len(sim.client_ranks) != sim.num_clients:
+            raise ConfigError(
+                f"simulation.client_ranks: {len(sim.client_ranks)} ranks for {sim.num_clients} clients"
+            )
+        if fed.aggregator != "exact" and len(set(sim.client_ranks)) > 1:
+            raise ConfigError("simulation.client_ranks: mixed ranks need federation.aggregator: exact")
+    if fed.min_clients > sim.num_clients and sim.num_clients > 1:
+        raise ConfigError(
+            f"federation.min_clients: {fed.min_clients} exceeds simulation.num_clients {sim.num_clients}"
+        )
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -309,9 +346,36 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
+PATH_KEYS = (
+    ("data", "path"),
+    ("data", "eval_path"),
+    ("privacy", "ledger_path"),
+    ("security", "ca_cert"),
+    ("security", "server_cert"),
+    ("security", "server_key"),
+    ("security", "node_private_key"),
+)
+
+
+def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative paths in a config file mean relative to that file, wherever it is run from."""
+    for section, key in PATH_KEYS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            data[section][key] = str(folder / value)
+    keys = (
+        data.get("security", {}).get("node_public_keys") if isinstance(data.get("security"), dict) else None
+    )
+    if isinstance(keys, list):
+        data["security"]["node_public_keys"] = [
+            str(folder / k) if isinstance(k, str) and not Path(k).is_absolute() else k for k in keys
+        ]
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> FedloraConfig:
     """Load and validate a YAML config (or the defaults when ``path`` is None)."""
-    data = read_yaml(path) if path is not None else {}
+    data = _resolve_paths(read_yaml(path), Path(path).resolve().parent) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     return config_from_dict(apply_overrides(data, overrides), source=source)
 

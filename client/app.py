@@ -1,0 +1,183 @@
+"""The Flower ClientApp: glue between messages and the trainer.
+
+Nothing per-client lives in module globals (Ray reuses processes across virtual clients): the
+client's identity comes from the context, its spend from its ledger file. Only read-only data is
+cached per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.trainer import LocalTrainer
+from fedlora.common import protocol as P
+from fedlora.common.adapter import adapter_state, delta, from_record, load_adapter_state, to_record
+from fedlora.common.config import FedloraConfig, load_config
+from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
+from fedlora.common.errors import AdapterError, ConfigError
+from fedlora.common.lora_math import truncate_state
+from fedlora.common.model import build_model, device_for, load_tokenizer
+from fedlora.common.scoring import evaluate
+
+
+@dataclass(frozen=True)
+class ClientSetup:
+    """Who this client is for one message: its config, its data and where its ledger lives."""
+
+    cfg: FedloraConfig
+    client_id: int
+    ledger_path: Path
+    partition: int | None = None
+
+
+SetupFn = Callable[[Context], ClientSetup]
+
+
+@lru_cache(maxsize=2)
+def _data(cfg: FedloraConfig) -> tuple[PreTrainedTokenizerBase, DataBundle]:
+    tokenizer = load_tokenizer(cfg.model)
+    return tokenizer, build_data(cfg, tokenizer)
+
+
+@lru_cache(maxsize=2)
+def _partitions(cfg: FedloraConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    _, bundle = _data(cfg)
+    evals = (
+        iid_partition(len(bundle.eval), cfg.simulation.num_clients, cfg.simulation.seed)
+        if (bundle.eval is not None)
+        else []
+    )
+    return partition(bundle, cfg.simulation), evals
+
+
+def client_data(setup: ClientSetup) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    _, bundle = _data(setup.cfg)
+    if setup.partition is None:
+        return bundle.train, bundle.eval
+    trains, evals = _partitions(setup.cfg)
+    ev = bundle.eval.subset(evals[setup.partition]) if evals else None
+    return bundle.train.subset(trains[setup.partition]), ev
+
+
+def setup_from_node_config(context: Context) -> ClientSetup:
+    """Deployment: the institution's own YAML, named in its SuperNode's node config."""
+    path = context.node_config.get(P.NODE_CONFIG)
+    if not path:
+        raise ConfigError("node config: missing 'config' (the institution's YAML path)")
+    cfg = load_config(str(path))
+    return ClientSetup(cfg=cfg, client_id=context.node_id, ledger_path=Path(cfg.privacy.ledger_path))
+
+
+def _scale(cfg: FedloraConfig) -> float:
+    return cfg.model.lora_alpha / cfg.model.lora_r
+
+
+def _received(msg: Message, cfg: FedloraConfig, fingerprint: str) -> dict[str, torch.Tensor]:
+    """The global adapter, refused unless it is for this client's base model and layout."""
+    config = msg.content[P.CONFIG]
+    theirs = config.get(P.FINGERPRINT)
+    if theirs != fingerprint:
+        raise AdapterError(
+            f"global adapter fingerprint {theirs} does not match this client's {fingerprint}: "
+            "different base model, labels or LoRA layout"
+        )
+    state = from_record(msg.content[P.ARRAYS])
+    server_rank, server_scale = int(config[P.LORA_R]), float(config[P.LORA_SCALE])
+    if server_rank != cfg.model.lora_r or server_scale != _scale(cfg):
+        state = truncate_state(state, cfg.model.lora_r, server_scale, _scale(cfg))
+    return state
+
+
+def wire_keys(cfg: FedloraConfig, state: dict[str, torch.Tensor]) -> list[str]:
+    """What leaves: the whole adapter, or for FFA-LoRA only B and the head (A is frozen)."""
+    return [k for k in state if not (cfg.model.variant == "ffa" and ".lora_A." in k)]
+
+
+def handle_train(msg: Message, setup: ClientSetup) -> Message:
+    cfg = setup.cfg
+    tokenizer, _ = _data(cfg)
+    train, _ = client_data(setup)
+    built = build_model(cfg.model, _data(cfg)[1].labels, len(tokenizer))
+    start = _received(msg, cfg, built.fingerprint)
+    load_adapter_state(built.model, start)
+    server_round = int(msg.content[P.CONFIG][P.ROUND])
+    ledger = None
+    if cfg.privacy.enabled:
+        p = cfg.privacy
+        ledger = PrivacyLedger(setup.ledger_path, p.epsilon, p.delta, p.accountant)
+    seed = hash((cfg.training.seed, setup.client_id, server_round)) % (2**31)
+    trainer = LocalTrainer(cfg, built.model, train, device_for(cfg.training.device), ledger, seed=seed)
+    mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
+    result = trainer.train_round(server_round, proximal_mu=mu, anchor=start)
+    final = adapter_state(trainer.model)
+    keys = wire_keys(cfg, final)
+    update = delta({k: final[k] for k in keys}, start)
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: result.num_examples,
+            P.LOSS: result.loss,
+            P.EPSILON: result.epsilon if result.epsilon is not None else 0.0,
+            P.LORA_R: cfg.model.lora_r,
+            P.LORA_SCALE: _scale(cfg),
+            P.STEPS: result.steps,
+            P.TRAIN_SECONDS: result.seconds,
+        }
+    )
+    dtype = str(msg.content[P.CONFIG].get(P.WIRE_DTYPE, "fp32"))
+    reply = RecordDict(
+        {
+            P.ARRAYS: to_record(update, dtype),
+            P.METRICS: metrics,
+            P.CONFIG: ConfigRecord({P.FINGERPRINT: built.fingerprint}),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
+    cfg = setup.cfg
+    tokenizer, bundle = _data(cfg)
+    _, ev = client_data(setup)
+    if ev is None:
+        raise ConfigError("data.eval_path: this client has no evaluation data")
+    built = build_model(cfg.model, bundle.labels, len(tokenizer))
+    load_adapter_state(built.model, _received(msg, cfg, built.fingerprint))
+    device = device_for(cfg.training.device)
+    scores = evaluate(built.model.to(device), cfg.model.task, ev, device, cfg.training.eval_batch_size)
+    metrics = {P.NUM_EXAMPLES: len(ev), P.LOSS: scores["loss"]}
+    if "accuracy" in scores:
+        metrics[P.ACCURACY] = scores["accuracy"]
+    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def build_client_app(setup: SetupFn) -> ClientApp:
+    """A ClientApp whose identity and config come from ``setup`` (deployment or simulation)."""
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, setup(context))
+
+    @client.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, setup(context))
+
+    return client
+
+
+def with_rank(cfg: FedloraConfig, rank: int) -> FedloraConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora_r=rank))
+
+
+app = build_client_app(setup_from_node_config)

@@ -1,0 +1,108 @@
+"""LoRA factor algebra shared by clients and server.
+
+A LoRA layer contributes ``scale * B @ A`` to its base weight. Averaging A and B apart does not
+average these products, so the server works on products and re-factorizes them; clients of another
+rank get the same product truncated to their rank. Pure torch on PEFT state dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fedlora.common.errors import AdapterError
+
+_A = ".lora_A."
+_B = ".lora_B."
+
+
+def lora_pairs(state: Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
+    """Map each LoRA layer prefix to its (A key, B key); keys without a LoRA marker are not LoRA.
+
+    Raises AdapterError when a factor lacks its partner or the two cannot form ``B @ A``.
+    """
+    pairs: dict[str, tuple[str, str]] = {}
+    for key in state:
+        if _A in key:
+            marker, other = _A, _B
+        elif _B in key:
+            marker, other = _B, _A
+        else:
+            continue
+        prefix, _, rest = key.partition(marker)
+        partner = f"{prefix}{other}{rest}"
+        if partner not in state:
+            raise AdapterError(f"{key}: LoRA factor without its partner {partner}")
+        a_key, b_key = (key, partner) if marker == _A else (partner, key)
+        if pairs.get(prefix, (a_key, b_key)) != (a_key, b_key):
+            raise AdapterError(f"{key}: layer {prefix} has more than one LoRA pair")
+        a, b = state[a_key], state[b_key]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                f"{a_key} {tuple(a.shape)} and {b_key} {tuple(b.shape)}: expected A [r, in] "
+                "and B [out, r] with the same r"
+            )
+        pairs[prefix] = (a_key, b_key)
+    return pairs
+
+
+def lora_rank(state: Mapping[str, Tensor]) -> int:
+    """The rank shared by every LoRA layer of ``state``."""
+    ranks = {prefix: state[a_key].shape[0] for prefix, (a_key, _) in lora_pairs(state).items()}
+    if not ranks:
+        raise AdapterError("adapter has no LoRA layers (no .lora_A./.lora_B. keys)")
+    if len(set(ranks.values())) > 1:
+        detail = ", ".join(f"{prefix}: {r}" for prefix, r in ranks.items())
+        raise AdapterError(f"LoRA layers disagree on the rank ({detail})")
+    return next(iter(ranks.values()))
+
+
+def product(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """The layer's weight update ``scale * B @ A``."""
+    return scale * (b @ a)
+
+
+def relative_error(target: Tensor, approx: Tensor) -> float:
+    """``||target - approx||_F / ||target||_F``; 0 when both agree, even at zero."""
+    diff = torch.linalg.matrix_norm(target - approx)
+    return float(diff / torch.linalg.matrix_norm(target)) if diff > 0 else 0.0
+
+
+def factorize(p: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, float]:
+    """Best rank-``rank`` factors (A, B) with ``scale * B @ A`` ~ ``p``, and the relative residual.
+
+    Singular values are split evenly between the factors so neither dominates the next local
+    training. Factors beyond ``min(p.shape)`` are zero, so shapes always follow ``rank``. The
+    residual is measured against the float32 factors returned, i.e. what is actually shipped.
+    """
+    if p.ndim != 2:
+        raise AdapterError(f"cannot factorize a tensor of shape {tuple(p.shape)}: expected 2-D")
+    if rank < 1 or scale <= 0:
+        raise ValueError(f"factorize needs rank >= 1 and scale > 0, got {rank} and {scale}")
+    p64 = p.to(torch.float64)
+    u, s, vh = torch.linalg.svd(p64, full_matrices=False)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt() / math.sqrt(scale)
+    b = p64.new_zeros(p.shape[0], rank)
+    a = p64.new_zeros(rank, p.shape[1])
+    b[:, :k] = u[:, :k] * root
+    a[:k] = root[:, None] * vh[:k]
+    a, b = a.to(torch.float32), b.to(torch.float32)
+    residual = relative_error(p64, product(a.to(torch.float64), b.to(torch.float64), scale))
+    return a, b, residual
+
+
+def truncate_state(
+    state: Mapping[str, Tensor], rank: int, scale_from: float, scale_to: float
+) -> dict[str, Tensor]:
+    """Re-factorize every LoRA pair to ``rank`` at ``scale_to``; other tensors pass through."""
+    result = dict(state)
+    for a_key, b_key in lora_pairs(state).values():
+        a, b = state[a_key], state[b_key]
+        p = product(a.to(torch.float64), b.to(torch.float64), scale_from)
+        new_a, new_b, _ = factorize(p, rank, scale_to)
+        result[a_key], result[b_key] = new_a.to(a.dtype), new_b.to(b.dtype)
+    return result

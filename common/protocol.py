@@ -1,0 +1,27 @@
+"""Names both sides of a message agree on; a change here is a protocol change."""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# server -> client (ConfigRecord)
+ROUND = "fedlora-round"  # absolute round; Flower's own "server-round" restarts on resume
+FINGERPRINT = "fingerprint"
+WIRE_DTYPE = "wire-dtype"
+PROXIMAL_MU = "proximal-mu"
+
+# client -> server (MetricRecord; every reply carries the same keys)
+NUM_EXAMPLES = "num-examples"
+LOSS = "loss"
+ACCURACY = "accuracy"
+EPSILON = "epsilon"
+LORA_R = "lora-r"
+LORA_SCALE = "lora-scale"
+STEPS = "steps"
+TRAIN_SECONDS = "train-seconds"
+
+# node config (what only the institution decides) and run config
+NODE_CONFIG = "config"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+RUN_DIR = "run-dir"

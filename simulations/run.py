@@ -1,0 +1,73 @@
+"""One researcher's run: the same ServerApp and ClientApp, many virtual institutions, one machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+
+import yaml
+from flwr.app import Context
+from flwr.simulation import run_simulation
+
+from fedlora.client.app import ClientSetup, build_client_app, with_rank
+from fedlora.common import protocol as P
+from fedlora.common.config import FedloraConfig, dump_yaml
+from fedlora.common.errors import ConfigError
+from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
+
+CONFIG_FILE = "config.yaml"
+
+
+def simulation_setup(cfg: FedloraConfig, run_dir: Path, context: Context) -> ClientSetup:
+    """Virtual institution ``partition-id``: its slice of the data, its rank, its own ledger."""
+    pid = int(context.node_config[P.PARTITION_ID])
+    ranks = cfg.simulation.client_ranks
+    own = with_rank(cfg, ranks[pid]) if ranks else cfg
+    return ClientSetup(
+        cfg=own, client_id=pid, ledger_path=run_dir / "ledgers" / f"client-{pid}.json", partition=pid
+    )
+
+
+def backend_config(cfg: FedloraConfig) -> dict:
+    sim = cfg.simulation
+    cpus = os.cpu_count() or 1
+    if sim.client_cpus > cpus:
+        raise ConfigError(f"simulation.client_cpus: {sim.client_cpus} exceeds this machine's {cpus} CPUs")
+    return {
+        "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+    }
+
+
+def prepare_run_dir(cfg: FedloraConfig, run_dir: Path) -> None:
+    """A run folder holds one config: resuming with a different one would mix two experiments."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / CONFIG_FILE
+    text = dump_yaml(cfg)
+    if saved.exists():
+        before = yaml.safe_load(saved.read_text())
+        now = yaml.safe_load(text)
+        before["federation"].pop("rounds", None)
+        now["federation"].pop("rounds", None)
+        if before != now:
+            raise ConfigError(
+                f"{saved}: this run folder was started with another config (only federation.rounds may "
+                "change on resume); use a new --out folder"
+            )
+    saved.write_text(text)
+
+
+def simulate(cfg: FedloraConfig, run_dir: Path, on_round: RoundCallback | None = None) -> None:
+    """Run (or resume) a simulation into ``run_dir``."""
+    prepare_run_dir(cfg, run_dir)
+    settings = ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients)
+    server_app = build_server_app(lambda _context: settings, on_round)
+    client_app = build_client_app(partial(simulation_setup, cfg, run_dir))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(
+        server_app=server_app, client_app=client_app, num_supernodes=cfg.simulation.num_clients,
+        backend_config=backend_config(cfg),
+    )
