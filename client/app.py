@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
+from fedlora.client.audit import audit_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common import protocol as P
@@ -39,20 +40,22 @@ class ClientSetup:
     client_id: int
     ledger_path: Path
     partition: int | None = None
+    audit_path: Path | None = None
 
 
 SetupFn = Callable[[Context], ClientSetup]
 
 
 @lru_cache(maxsize=2)
-def _data(cfg: FedloraConfig) -> tuple[PreTrainedTokenizerBase, DataBundle]:
+def shared_data(cfg: FedloraConfig) -> tuple[PreTrainedTokenizerBase, DataBundle]:
+    """Tokenizer and data, cached per process: read-only, so safe to share across virtual clients."""
     tokenizer = load_tokenizer(cfg.model)
     return tokenizer, build_data(cfg, tokenizer)
 
 
 @lru_cache(maxsize=2)
 def _partitions(cfg: FedloraConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    _, bundle = _data(cfg)
+    _, bundle = shared_data(cfg)
     evals = (
         iid_partition(len(bundle.eval), cfg.simulation.num_clients, cfg.simulation.seed)
         if (bundle.eval is not None)
@@ -62,7 +65,7 @@ def _partitions(cfg: FedloraConfig) -> tuple[list[np.ndarray], list[np.ndarray]]
 
 
 def client_data(setup: ClientSetup) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    _, bundle = _data(setup.cfg)
+    _, bundle = shared_data(setup.cfg)
     if setup.partition is None:
         return bundle.train, bundle.eval
     trains, evals = _partitions(setup.cfg)
@@ -76,7 +79,10 @@ def setup_from_node_config(context: Context) -> ClientSetup:
     if not path:
         raise ConfigError("node config: missing 'config' (the institution's YAML path)")
     cfg = load_config(str(path))
-    return ClientSetup(cfg=cfg, client_id=context.node_id, ledger_path=Path(cfg.privacy.ledger_path))
+    audit = Path(cfg.privacy.audit_log) if cfg.privacy.audit_log else None
+    return ClientSetup(
+        cfg=cfg, client_id=context.node_id, ledger_path=Path(cfg.privacy.ledger_path), audit_path=audit
+    )
 
 
 def _scale(cfg: FedloraConfig) -> float:
@@ -106,9 +112,9 @@ def wire_keys(cfg: FedloraConfig, state: dict[str, torch.Tensor]) -> list[str]:
 
 def handle_train(msg: Message, setup: ClientSetup) -> Message:
     cfg = setup.cfg
-    tokenizer, _ = _data(cfg)
+    tokenizer, bundle = shared_data(cfg)
     train, _ = client_data(setup)
-    built = build_model(cfg.model, _data(cfg)[1].labels, len(tokenizer))
+    built = build_model(cfg.model, bundle.labels, len(tokenizer))
     start = _received(msg, cfg, built.fingerprint)
     load_adapter_state(built.model, start)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
@@ -147,7 +153,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
 
 def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     cfg = setup.cfg
-    tokenizer, bundle = _data(cfg)
+    tokenizer, bundle = shared_data(cfg)
     _, ev = client_data(setup)
     if ev is None:
         raise ConfigError("data.eval_path: this client has no evaluation data")
@@ -163,7 +169,7 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
 
 def build_client_app(setup: SetupFn) -> ClientApp:
     """A ClientApp whose identity and config come from ``setup`` (deployment or simulation)."""
-    client = ClientApp()
+    client = ClientApp(mods=[audit_mod(lambda context: setup(context).audit_path)])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:

@@ -108,6 +108,9 @@ class PrivacyConfig:
         choices=("hooks", "ghost"),
     )
     ledger_path: str = _f("privacy-ledger.json", "The institution's privacy ledger file.")
+    audit_log: str | None = _f(
+        None, "JSON-lines log of every outgoing message's array names, shapes and sizes (no values)."
+    )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,11 @@ def simulation_setup(cfg: FedloraConfig, run_dir: Path, context: Context) -> Cli
     ranks = cfg.simulation.client_ranks
     own = with_rank(cfg, ranks[pid]) if ranks else cfg
     return ClientSetup(
-        cfg=own, client_id=pid, ledger_path=run_dir / "ledgers" / f"client-{pid}.json", partition=pid
+        cfg=own,
+        client_id=pid,
+        ledger_path=run_dir / "ledgers" / f"client-{pid}.json",
+        partition=pid,
+        audit_path=run_dir / "audit" / f"client-{pid}.jsonl",
     )
 
 
@@ -68,6 +72,8 @@ def simulate(cfg: FedloraConfig, run_dir: Path, on_round: RoundCallback | None =
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=cfg.simulation.num_clients,
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.simulation.num_clients,
         backend_config=backend_config(cfg),
     )

@@ -1,0 +1,54 @@
+"""A Flower mod that records what leaves the institution: names, shapes and sizes, never values.
+
+Privacy officers read it to confirm that only adapter tensors and a few scalars cross the wire; the
+test suite reads it for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message
+
+from fedlora.common import protocol as P
+
+Next = Callable[[Message, Context], Message]
+
+
+def describe(reply: Message) -> dict:
+    """One audit line for an outgoing message."""
+    line: dict = {"time": time.time(), "type": reply.metadata.message_type}
+    if reply.has_error():
+        line["error"] = reply.error.reason
+        return line
+    content = reply.content
+    arrays = {
+        name: {key: {"shape": list(a.shape), "dtype": a.dtype} for key, a in record.items()}
+        for name, record in content.array_records.items()
+    }
+    line["arrays"] = arrays
+    line["bytes"] = sum(len(a.data) for record in content.array_records.values() for a in record.values())
+    line["metrics"] = {n: dict(r) for n, r in content.metric_records.items()}
+    line["configs"] = {n: dict(r) for n, r in content.config_records.items()}
+    return line
+
+
+def audit_mod(path_for: Callable[[Context], Path | None]) -> Callable[[Message, Context, Next], Message]:
+    """A mod appending one JSON line per reply to the file ``path_for(context)`` names."""
+
+    def mod(msg: Message, context: Context, call_next: Next) -> Message:
+        reply = call_next(msg, context)
+        path = path_for(context)
+        if path is not None:
+            line = describe(reply)
+            config = msg.content.config_records.get(P.CONFIG) if msg.has_content() else None
+            line["round"] = int(config[P.ROUND]) if config and P.ROUND in config else None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+        return reply
+
+    return mod

@@ -1,0 +1,125 @@
+"""Turns a run's history into files people use: metrics.json/csv, PNG plots and report.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+CLIENT_FIELDS = ("loss", "epsilon", "num-examples", "steps", "train-seconds", "update_norm", "bytes")
+
+
+def client_names(history: list[dict]) -> dict[int, str]:
+    """Stable names for Flower's random node ids: client-1.. in order of first appearance."""
+    names: dict[int, str] = {}
+    for entry in history:
+        for client in sorted(entry.get("clients", []), key=lambda c: c["node"]):
+            names.setdefault(int(client["node"]), f"client-{len(names) + 1}")
+    return names
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    names = client_names(history)
+    rows = []
+    for entry in history:
+        central = entry.get("central", {})
+        rows.append(
+            {"round": entry["round"], "client": "global", **{k: central.get(k) for k in ("loss", "accuracy")}}
+        )
+        for client in entry.get("clients", []):
+            rows.append(
+                {
+                    "round": entry["round"],
+                    "client": names[int(client["node"])],
+                    **{k: client.get(k) for k in CLIENT_FIELDS},
+                }
+            )
+        for drop in entry.get("dropped", []):
+            rows.append(
+                {
+                    "round": entry["round"],
+                    "client": names.get(int(drop["node"]), str(drop["node"])),
+                    "dropped": drop["reason"],
+                }
+            )
+    fields = ["round", "client", "accuracy", *CLIENT_FIELDS, "dropped"]
+    with (run_dir / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (run_dir / "metrics.json").write_text(
+        json.dumps({"rounds": history, "clients": names}, indent=1, default=float)
+    )
+
+
+def plot_rounds(run_dir: Path, history: list[dict]) -> list[Path]:
+    rounds = [e["round"] for e in history if e.get("central")]
+    out = []
+    if rounds:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        central = [e["central"] for e in history if e.get("central")]
+        if all("accuracy" in c for c in central):
+            ax[0].plot(rounds, [c["accuracy"] for c in central], marker="o")
+        ax[0].set(title="Global held-out accuracy", xlabel="round", ylabel="accuracy")
+        ax[1].plot(rounds, [c["loss"] for c in central], marker="o", color="tab:red")
+        ax[1].set(title="Global held-out loss", xlabel="round", ylabel="loss")
+        fig.tight_layout()
+        fig.savefig(run_dir / "accuracy_loss.png", dpi=120)
+        plt.close(fig)
+        out.append(run_dir / "accuracy_loss.png")
+    names = client_names(history)
+    if names:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for node, name in names.items():
+            points = [
+                (e["round"], c["epsilon"]) for e in history for c in e.get("clients", []) if c["node"] == node
+            ]
+            ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set(title="Privacy spent per client", xlabel="round", ylabel="epsilon")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run_dir / "epsilon.png", dpi=120)
+        plt.close(fig)
+        out.append(run_dir / "epsilon.png")
+    return out
+
+
+def write_report(run_dir: Path, history: list[dict], title: str, extra: str = "") -> Path:
+    last = next((e for e in reversed(history) if e.get("central")), {})
+    first = history[0].get("central", {}) if history else {}
+    eps = [c["epsilon"] for e in history for c in e.get("clients", [])]
+    dropped = sum(len(e.get("dropped", [])) for e in history)
+    lines = [
+        f"# {title}",
+        "",
+        f"- rounds: {max((e['round'] for e in history), default=0)}",
+        f"- clients: {len(client_names(history))}",
+        f"- global held-out accuracy: {first.get('accuracy', float('nan')):.4f} before, "
+        f"{last.get('central', {}).get('accuracy', float('nan')):.4f} after",
+        f"- global held-out loss: {first.get('loss', float('nan')):.4f} before, "
+        f"{last.get('central', {}).get('loss', float('nan')):.4f} after",
+        f"- largest epsilon spent by a client: {max(eps, default=0.0):.3f}",
+        f"- replies dropped: {dropped}",
+        "",
+        "![accuracy and loss](accuracy_loss.png)",
+        "",
+        "![epsilon](epsilon.png)",
+        "",
+        extra,
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_all(run_dir: Path, title: str, extra: str = "") -> list[dict]:
+    history = json.loads((run_dir / "history.json").read_text())
+    write_metrics(run_dir, history)
+    plot_rounds(run_dir, history)
+    write_report(run_dir, history, title, extra)
+    return history

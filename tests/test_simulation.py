@@ -1,0 +1,165 @@
+"""End to end through Flower's simulation engine (Ray): real apps, real Opacus, real PEFT.
+
+One module-scoped federation (3 tiny-BERT hospitals, 2 rounds, one client failing in round 2) is
+then resumed for a third round; the tests read what it left behind, including the client-side
+audit of every message that left a client.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+import torch
+from flwr.app import Context
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from fedlora.client.app import ClientSetup, shared_data
+from fedlora.client.ledger import PrivacyLedger, compose
+from fedlora.common.adapter import adapter_state, shapes
+from fedlora.common.config import load_config
+from fedlora.common.model import build_base_model, build_model
+from fedlora.server.checkpoint import load_checkpoint
+from fedlora.simulations import run as sim_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+OVERRIDES = [
+    "model.source=tiny-bert",
+    "data.max_length=48",
+    "training.local_steps=4",
+    "training.batch_size=16",
+    "training.learning_rate=0.02",
+    "training.head_learning_rate=0.05",
+    "federation.rounds=2",
+    "federation.min_clients=2",
+    "federation.fraction_evaluate=0",
+    "simulation.num_clients=3",
+    "simulation.partition=iid",
+    "privacy.epsilon=8",
+    "privacy.planned_rounds=3",
+]
+FAILING = 2  # partition id of the client that raises in round 2
+
+
+@dataclass(frozen=True)
+class FailingInRoundTwo:
+    """Wraps the simulation's setup: one virtual client raises while handling round 2."""
+
+    inner: object
+
+    def __call__(self, context: Context) -> ClientSetup:
+        setup = self.inner(context)
+        if setup.partition == FAILING and _rounds_seen(setup) >= 1:
+            raise RuntimeError("simulated crash in the middle of round 2")
+        return setup
+
+
+def _rounds_seen(setup: ClientSetup) -> int:
+    if not setup.ledger_path.exists():
+        return 0
+    return len(json.loads(setup.ledger_path.read_text())["entries"])
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    run_dir = tmp_path_factory.mktemp("sim")
+    cfg = load_config(overrides=OVERRIDES)
+    original = sim_run.build_client_app
+
+    def failing_app(setup):
+        return original(FailingInRoundTwo(setup))
+
+    sim_run.build_client_app = failing_app
+    try:
+        sim_run.simulate(cfg, run_dir)
+    finally:
+        sim_run.build_client_app = original
+    (run_dir / "after-two").mkdir()
+    for name in ("history.json",):
+        (run_dir / "after-two" / name).write_text((run_dir / name).read_text())
+    two = load_checkpoint(run_dir / "checkpoint")
+    torch.save(two.adapter, run_dir / "after-two" / "adapter.pt")
+    sim_run.simulate(load_config(overrides=[*OVERRIDES, "federation.rounds=3"]), run_dir)
+    return run_dir
+
+
+def audit_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted((run_dir / "audit").glob("*.jsonl")) for line in f.open()]
+
+
+def test_global_loss_falls_and_rounds_complete(federation: Path) -> None:
+    history = json.loads((federation / "after-two" / "history.json").read_text())
+    assert [e["round"] for e in history] == [0, 1, 2]
+    assert history[2]["central"]["loss"] < history[0]["central"]["loss"]
+    assert len(history[1]["clients"]) == 3
+
+
+def test_client_that_raises_is_dropped_and_round_completes(federation: Path) -> None:
+    history = json.loads((federation / "after-two" / "history.json").read_text())
+    round_two = history[2]
+    assert len(round_two["clients"]) == 2
+    assert len(round_two["dropped"]) == 1
+    assert "simulated crash" in round_two["dropped"][0]["reason"]
+
+
+def test_only_adapter_tensors_leave_clients(federation: Path) -> None:
+    cfg = load_config(overrides=OVERRIDES)
+    tokenizer, bundle = shared_data(cfg)
+    expected = shapes(adapter_state(build_model(cfg.model, bundle.labels, len(tokenizer)).model))
+    replies = [line for line in audit_lines(federation) if "arrays" in line]
+    assert len(replies) >= 3 * 2  # 3 clients in rounds 1 and 3, 2 in round 2
+    for line in replies:
+        assert set(line) <= {"time", "type", "arrays", "bytes", "metrics", "configs", "round"}
+        assert list(line["arrays"]) == ["arrays"]
+        sent = {k: tuple(v["shape"]) for k, v in line["arrays"]["arrays"].items()}
+        assert sent == {k: v for k, v in expected.items() if k in sent} and set(sent) == set(expected)
+        assert all(isinstance(v, int | float) for v in line["metrics"]["metrics"].values())
+        assert line["configs"] == {"config": {"fingerprint": line["configs"]["config"]["fingerprint"]}}
+        assert line["bytes"] == sum(4 * torch.Size(s).numel() for s in expected.values())
+
+
+def test_each_client_stays_within_budget_and_ledger_recomputes(federation: Path) -> None:
+    cfg = load_config(overrides=OVERRIDES)
+    ledgers = sorted((federation / "ledgers").glob("client-*.json"))
+    assert len(ledgers) == 3
+    for path in ledgers:
+        ledger = PrivacyLedger(path, cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.accountant)
+        assert 0 < ledger.spent <= cfg.privacy.epsilon
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
+        assert ledger.spent == pytest.approx(compose(cfg.privacy.accountant, history, cfg.privacy.delta))
+
+
+def test_resume_continues_at_round_three_from_checkpoint(federation: Path) -> None:
+    history = json.loads((federation / "history.json").read_text())
+    assert [e["round"] for e in history] == [0, 1, 2, 3]
+    assert load_checkpoint(federation / "checkpoint").round == 3
+    round_three = [line for line in audit_lines(federation) if line.get("round") == 3 and "arrays" in line]
+    assert len(round_three) == 3
+    before = torch.load(federation / "after-two" / "adapter.pt")
+    ledger_rounds = [
+        [e["round"] for e in json.loads(p.read_text())["entries"]]
+        for p in sorted((federation / "ledgers").glob("*.json"))
+    ]
+    assert [1, 2, 3] in ledger_rounds  # a client that trained every round, numbered absolutely
+    assert any(r == [1, 3] for r in ledger_rounds)  # the one that crashed in round 2
+    final = load_file(next((federation / "checkpoint").glob("round-*/adapter.safetensors")))
+    assert any(not torch.equal(before[k], final[k]) for k in before)
+
+
+def test_final_adapter_loads_with_peft(federation: Path) -> None:
+    cfg = load_config(overrides=OVERRIDES)
+    tokenizer, bundle = shared_data(cfg)
+    base = build_base_model(cfg.model, len(bundle.labels), len(tokenizer))
+    model = PeftModel.from_pretrained(base, federation / "adapter")
+    ckpt = load_checkpoint(federation / "checkpoint")
+    loaded = adapter_state(model)
+    assert set(loaded) == set(ckpt.adapter)
+    for key, value in ckpt.adapter.items():
+        torch.testing.assert_close(loaded[key], value)
