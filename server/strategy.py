@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedlora.common import protocol as P
-from fedlora.common.adapter import State, from_record, l2_norm, shapes, validate_update
+from fedlora.common.adapter import State, from_record, l2_norm, shapes, to_record, validate_update
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import AdapterError
 from fedlora.server.aggregators import Aggregator, ClientUpdate, create_aggregator
@@ -61,6 +61,7 @@ class LoraAverage(FedAvg):
         self.round_offset = round_offset
         self.global_state: State = {}
         self.rounds: list[RoundLog] = []
+        self.node_layouts: dict[int, tuple[int, float]] = {}
         return self
 
     def _round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
@@ -75,14 +76,29 @@ class LoraAverage(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_state = from_record(arrays)
-        return super().configure_train(server_round, arrays, self._round_config(server_round, config), grid)
+        config = self._round_config(server_round, config)
+        return self._per_node(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return super().configure_evaluate(
-            server_round, arrays, self._round_config(server_round, config), grid
-        )
+        config = self._round_config(server_round, config)
+        return self._per_node(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def _per_node(self, messages: Iterable[Message]) -> list[Message]:
+        """A node whose rank or scale differs from the global one (known from its earlier replies)
+        receives the global adapter truncated to its own layout."""
+        messages = list(messages)
+        for msg in messages:
+            layout = self.node_layouts.get(msg.metadata.dst_node_id)
+            if layout is None or layout == (self.lora_r, self.lora_scale):
+                continue
+            rank, scale = layout
+            config = ConfigRecord(dict(msg.content[P.CONFIG]))
+            config[P.LORA_R], config[P.LORA_SCALE] = rank, scale
+            own = self.aggregator.for_client(self.global_state, rank, scale)
+            msg.content = RecordDict({P.ARRAYS: to_record(own), P.CONFIG: config})
+        return messages
 
     def _screen(self, msg: Message) -> ClientUpdate:
         """The client's adapter after training, or AdapterError saying why the reply is refused."""
@@ -104,11 +120,13 @@ class LoraAverage(FedAvg):
         keys = self.aggregator.wire_keys(self.global_state)
         update = from_record(arrays)
         validate_update(update, {k: shapes(start)[k] for k in keys}, self.max_update_norm)
+        self.node_layouts[msg.metadata.src_node_id] = (rank, scale)
         return ClientUpdate(
             node_id=msg.metadata.src_node_id,
             state={k: start[k] + update[k] for k in keys},
             num_examples=int(num),
             scale=scale,
+            start={k: start[k] for k in keys},
         )
 
     def aggregate_train(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fedlora.common.errors import AdapterError
-from fedlora.common.lora_math import lora_pairs, product
+from fedlora.common.lora_math import lora_pairs, product, relative_error
 from fedlora.server.aggregators import (
     AGGREGATORS,
     ClientUpdate,
@@ -296,3 +298,24 @@ def test_updates_without_examples_are_rejected() -> None:
     ups = [ClientUpdate(u.node_id, u.state, 0, u.scale) for u in updates([4, 4])]
     with pytest.raises(AdapterError, match="no examples"):
         FedAvgAggregator(2.0).aggregate(adapter(4, 0), ups)
+
+
+def test_exact_with_known_starts_does_not_drift_without_training() -> None:
+    """Mixed ranks: clients that change nothing leave the global product where it was (averaging
+    the clients' *changes*), where averaging their truncated products would pull it down."""
+    global_state = adapter(16, 0)
+    agg = ExactAggregator(2.0)
+    ups = []
+    for node, rank in enumerate([4, 8, 16]):
+        start = agg.for_client(global_state, rank, 2.0)
+        ups.append(ClientUpdate(node, {k: v.clone() for k, v in start.items()}, 10, 2.0, start=start))
+    result = agg.aggregate(global_state, ups)
+    for a_key, b_key in lora_pairs(global_state).values():
+        before = product(global_state[a_key].double(), global_state[b_key].double(), 2.0)
+        after = product(result.state[a_key].double(), result.state[b_key].double(), 2.0)
+        assert relative_error(before, after) < 1e-5
+    naive = agg.aggregate(global_state, [replace(u, start=None) for u in ups])
+    a_key, b_key = next(iter(lora_pairs(global_state).values()))
+    before = product(global_state[a_key].double(), global_state[b_key].double(), 2.0)
+    drifted = product(naive.state[a_key].double(), naive.state[b_key].double(), 2.0)
+    assert relative_error(before, drifted) > 0.05

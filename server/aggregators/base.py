@@ -27,6 +27,7 @@ class ClientUpdate:
     state: dict[str, Tensor]
     num_examples: int
     scale: float
+    start: dict[str, Tensor] | None = None  # what the client received (its rank's truncation), if known
 
 
 @dataclass

@@ -8,6 +8,7 @@ per layer; with error feedback the server keeps what was cut and adds it back ne
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -50,7 +51,7 @@ class ExactAggregator(Aggregator):
         residuals: dict[str, float] = {}
         carried: dict[str, Tensor] = {}
         for prefix, (a_key, b_key) in pairs.items():
-            target = mean_product(updates, weights, a_key, b_key)
+            target = self._target(global_state, updates, weights, a_key, b_key)
             if prefix in self._residuals:
                 previous = self._residuals[prefix]
                 if previous.shape != target.shape:
@@ -69,6 +70,26 @@ class ExactAggregator(Aggregator):
             state[b_key] = b.to(global_state[b_key].dtype)
         self._residuals = carried
         return state, residual_metrics(residuals)
+
+    def _target(
+        self,
+        global_state: Mapping[str, Tensor],
+        updates: Sequence[ClientUpdate],
+        weights: Sequence[float],
+        a_key: str,
+        b_key: str,
+    ) -> Tensor:
+        """The weighted mean of the products; when the server knows what each client started from,
+        the global product plus the mean *change*, so a client that received a lower-rank
+        truncation does not drag the global toward that truncation (same result at equal ranks)."""
+        mean = mean_product(updates, weights, a_key, b_key)
+        if any(u.start is None for u in updates):
+            return mean
+        started = mean_product([replace(u, state=u.start) for u in updates], weights, a_key, b_key)
+        g = product(
+            global_state[a_key].to(torch.float64), global_state[b_key].to(torch.float64), self.global_scale
+        )
+        return g + mean - started
 
     def state_dict(self) -> dict[str, Tensor]:
         """The error-feedback residual of each layer (float64), keyed ``residual/<prefix>``."""
