@@ -6,6 +6,7 @@ test suite reads it for the same reason.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -36,6 +37,17 @@ def describe(reply: Message) -> dict:
     return line
 
 
+def received(msg: Message) -> dict:
+    """Shapes and short digests of the arrays a client was sent: proves which global it trained on."""
+    if not msg.has_content():
+        return {}
+    return {
+        key: {"shape": list(a.shape), "sha256": hashlib.sha256(a.data).hexdigest()[:16]}
+        for record in msg.content.array_records.values()
+        for key, a in record.items()
+    }
+
+
 def audit_mod(path_for: Callable[[Context], Path | None]) -> Callable[[Message, Context, Next], Message]:
     """A mod appending one JSON line per reply to the file ``path_for(context)`` names."""
 
@@ -46,6 +58,7 @@ def audit_mod(path_for: Callable[[Context], Path | None]) -> Callable[[Message, 
             line = describe(reply)
             config = msg.content.config_records.get(P.CONFIG) if msg.has_content() else None
             line["round"] = int(config[P.ROUND]) if config and P.ROUND in config else None
+            line["received"] = received(msg)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as handle:
                 handle.write(json.dumps(line) + "\n")

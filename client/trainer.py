@@ -165,8 +165,9 @@ class LocalTrainer:
         anchor: State | None = None,
     ) -> RoundResult:
         """Run ``steps`` optimizer steps; in DP mode, refuse first if the budget can't pay for them."""
-        steps = steps or self.cfg.training.local_steps
-        epsilon = self.ledger.check(self.sample_rate, steps) if self.ledger is not None else None
+        steps = self.cfg.training.local_steps if steps is None else steps
+        spends = self.ledger is not None and steps > 0
+        epsilon = self.ledger.check(self.sample_rate, steps) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0
         for step in range(steps):
@@ -180,7 +181,7 @@ class LocalTrainer:
             if on_step is not None:
                 on_step(step + 1, loss if loss is not None else float("nan"))
         seconds = time.perf_counter() - start
-        if self.ledger is not None:
+        if spends:
             self.ledger.commit(round_id, self.sample_rate, steps, epsilon)
         return RoundResult(
             num_examples=len(self.train_set),

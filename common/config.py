@@ -83,7 +83,9 @@ class TrainingConfig:
         None, "Learning rate of the classification head; None uses learning_rate.", gt=0
     )
     batch_size: int = _f(32, "Expected batch size (Poisson sampling varies it under DP).", ge=1)
-    local_steps: int = _f(10, "Optimizer steps per round.", ge=1)
+    local_steps: int = _f(
+        10, "Optimizer steps per round; 0 trains nothing and spends nothing (a plumbing check).", ge=0
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
     seed: int = _f(0, "Seed of data sampling and noise.")
     device: str = _f("auto", "'auto' picks CUDA when present.", choices=("auto", "cpu", "cuda"))
@@ -142,6 +144,17 @@ class FederationConfig:
         None, "Replies whose delta L2 norm exceeds this are dropped; None disables.", gt=0
     )
     round_timeout: float = _f(3600.0, "Seconds a round waits for replies.", gt=0)
+    node_wait_timeout: float = _f(
+        120.0,
+        "Seconds a round waits for min_clients nodes to be connected before the run stops with an "
+        "error, its last complete round checkpointed (Flower alone would wait forever).",
+        gt=0,
+    )
+    superlink_address: str = _f(
+        "127.0.0.1:9092",
+        "host:port of the coordinator's SuperLink: where it listens (coordinator; 0.0.0.0 for every "
+        "interface) and where the institution's SuperNode connects (institution).",
+    )
     update_dtype: str = _f("fp32", "Tensor dtype on the wire.", choices=("fp32", "fp16"))
 
 
@@ -288,6 +301,10 @@ def _cross_check(cfg: FedloraConfig) -> None:
         raise ConfigError(
             "federation.strategy: 'exact' re-factorises every round, so a server optimiser on A and B "
             "is meaningless; use strategy: fedavg with server_learning_rate: 1"
+        )
+    if cfg.privacy.enabled and cfg.training.local_steps == 0:
+        raise ConfigError(
+            "training.local_steps: 0 trains nothing; set privacy.enabled: false for a plumbing check"
         )
     if sim.client_ranks is not None:
         if len(sim.client_ranks) != sim.num_clients:

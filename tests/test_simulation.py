@@ -116,7 +116,7 @@ def test_only_adapter_tensors_leave_clients(federation: Path) -> None:
     replies = [line for line in audit_lines(federation) if "arrays" in line]
     assert len(replies) >= 3 * 2  # 3 clients in rounds 1 and 3, 2 in round 2
     for line in replies:
-        assert set(line) <= {"time", "type", "arrays", "bytes", "metrics", "configs", "round"}
+        assert set(line) <= {"time", "type", "arrays", "bytes", "metrics", "configs", "round", "received"}
         assert list(line["arrays"]) == ["arrays"]
         sent = {k: tuple(v["shape"]) for k, v in line["arrays"]["arrays"].items()}
         assert sent == {k: v for k, v in expected.items() if k in sent} and set(sent) == set(expected)
