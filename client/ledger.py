@@ -132,7 +132,8 @@ class PrivacyLedger:
         if after > self.budget:
             raise BudgetExceeded(
                 f"privacy budget: spent epsilon {self.spent:.3f} of {self.budget:g} "
-                f"(delta {self.delta:g}); this round of {steps} steps would reach {after:.3f}; "
+                f"({self.budget - self.spent:.3f} left, delta {self.delta:g}); this round of {steps} steps "
+                f"would reach {after:.3f}; "
                 f"rounds the budget still affords: {self.rounds_affordable(sample_rate, steps)}"
             )
         return after

@@ -8,6 +8,7 @@ is handed back, so no update leaves without its privacy cost on disk.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -50,6 +51,11 @@ class RoundResult:
         return self.examples_seen / self.seconds if self.seconds > 0 else 0.0
 
 
+def poisson_rate(rows: int, batch_size: int) -> float:
+    """The rate Opacus samples at: one over the number of batches an epoch has."""
+    return 1.0 / math.ceil(rows / batch_size)
+
+
 class LocalTrainer:
     def __init__(
         self,
@@ -73,8 +79,13 @@ class LocalTrainer:
         self.device = device
         self.ledger = ledger
         self.train_set = train
-        self.sample_rate = min(1.0, cfg.training.batch_size / len(train))
-        self.generator = torch.Generator().manual_seed(cfg.training.seed if seed is None else seed)
+        self.sample_rate = poisson_rate(len(train), cfg.training.batch_size)
+        # DP: Poisson sampling must be unpredictable (privacy amplification assumes it), so it draws
+        # from torch's unseeded RNG; only non-private baselines shuffle reproducibly.
+        private = cfg.privacy.enabled
+        self.generator = (
+            None if private else torch.Generator().manual_seed(cfg.training.seed if seed is None else seed)
+        )
         self.model = model.to(device)
         self.model.train()
         # Parameter -> PEFT state-dict key (PEFT drops the adapter name from its keys).
@@ -133,7 +144,13 @@ class LocalTrainer:
     def _step(self, batch: tuple[torch.Tensor, ...]) -> float | None:
         self.optimizer.zero_grad(set_to_none=True)
         if len(batch[0]) == 0:
-            # Poisson sampling drew nobody: the step still runs (noise, accounting), no forward.
+            # Poisson sampling drew nobody: no forward pass (Hugging Face models crash on empty
+            # batches), but the step still runs so that noise is added and the step accounted.
+            for param in self.optimizer.params:
+                if self.criterion is None:
+                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+                else:
+                    param.grad = torch.zeros_like(param)
             self.optimizer.step()
             return None
         batch = tuple(t.to(self.device) for t in trim(batch))

@@ -12,7 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.errors import FedloraError
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress and errors
+report = Console()  # results a person may redirect to a file
 
 
 def run_cli(handler: Callable[[], int | None]) -> int:

@@ -14,3 +14,72 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(get_model_path())
+
+
+# --- Shared helpers for the model, trainer, ledger and CLI tests (appended). ---
+
+import sys  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: with other work running, one intra-op thread trains
+    the tiny models ~40x faster than two (measured: 30 steps 0.3 s vs 12 s). Only set when a test
+    module already imported torch, so torch-free tests stay fast."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+TINY_BERT_CONFIG = {
+    "model": {"source": "tiny-bert"},
+    "training": {"device": "cpu", "seed": 0},
+}
+
+
+@pytest.fixture
+def make_config():
+    """``make_config({"privacy": {"epsilon": 2}})``: a validated FedloraConfig on tiny-bert (CPU)."""
+    from fedlora.common.config import config_from_dict
+
+    def make(overrides: dict | None = None):
+        return config_from_dict(_merge(TINY_BERT_CONFIG, overrides or {}), source="<test>")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def vocab_size(tokenizer):
+    return len(tokenizer)
+
+
+@pytest.fixture
+def toy_classification():
+    """``toy_classification(n, num_labels)``: a learnable TokenizedDataset. Label k draws its tokens
+    from its own id range, rows have varied lengths and are right-padded (id 0, mask 0)."""
+    import torch
+
+    from fedlora.common.data import TokenizedDataset
+
+    def make(n: int = 32, num_labels: int = 2, width: int = 8, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % num_labels
+        lengths = torch.randint(3, width + 1, (n,), generator=g)
+        lengths[0] = width  # one full row, so batches keep their width
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        ids = (torch.randint(0, 400, (n, width), generator=g) + 1000 + 500 * labels[:, None]) * mask
+        return TokenizedDataset(ids, mask, labels)
+
+    return make

@@ -1,0 +1,269 @@
+"""Identical builds, fingerprints, PEFT export, the wire format and what an update must look like."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from peft import PeftModel
+from transformers import BertConfig, BertModel
+
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.trainer import LocalTrainer
+from fedlora.common.adapter import (
+    METADATA_FILE,
+    adapter_state,
+    apply_delta,
+    delta,
+    export_adapter,
+    from_record,
+    l2_norm,
+    load_adapter_state,
+    shapes,
+    to_record,
+    validate_update,
+)
+from fedlora.common.config import DataConfig, ModelConfig
+from fedlora.common.data import tokenize_causal_lm
+from fedlora.common.errors import AdapterError, ModelError
+from fedlora.common.model import build_base_model, build_model, load_tokenizer
+
+CPU = torch.device("cpu")
+BERT = ModelConfig(source="tiny-bert")
+LLAMA = ModelConfig(source="tiny-llama", task="causal-lm")
+LABELS = ("cardio", "derm", "resp")
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(("cfg", "labels"), [(BERT, LABELS), (LLAMA, ())], ids=["tiny-bert", "tiny-llama"])
+def test_two_builds_are_identical(cfg, labels, vocab_size):
+    torch.manual_seed(1)  # the global RNG state must not matter
+    first = build_model(cfg, labels, vocab_size)
+    torch.manual_seed(2)
+    second = build_model(cfg, labels, vocab_size)
+    state = adapter_state(first.model)
+    assert_same_state(state, adapter_state(second.model))
+    assert first.fingerprint == second.fingerprint
+    # The frozen base is identical too (a different base would make equal adapters meaningless).
+    base_a = {k: v for k, v in first.model.state_dict().items() if "lora_" not in k}
+    base_b = {k: v for k, v in second.model.state_dict().items() if "lora_" not in k}
+    assert_same_state(base_a, base_b)
+    # The comparison is not vacuous: A is random, and B (zero at init) is there.
+    assert any("lora_A" in k and float(v.abs().sum()) > 0 for k, v in state.items())
+    assert any("lora_B" in k for k in state)
+    # Only LoRA (and the classification head) is trainable.
+    trainable = [n for n, p in first.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+
+
+def test_fingerprint_names_base_labels_and_layout_not_rank(vocab_size, tmp_path):
+    reference = build_model(BERT, LABELS, vocab_size).fingerprint
+
+    def fp(cfg=BERT, labels=LABELS):
+        return build_model(cfg, labels, vocab_size).fingerprint
+
+    # Mixed ranks must stay compatible.
+    assert fp(ModelConfig(source="tiny-bert", lora_r=4)) == reference
+    assert fp(ModelConfig(source="tiny-bert", lora_r=16, lora_alpha=8.0)) == reference
+    # Anything that changes what the adapter means is refused.
+    assert fp(labels=("cardio", "derm", "neuro")) != reference
+    assert fp(labels=("derm", "cardio", "resp")) != reference  # same set, other order
+    assert fp(ModelConfig(source="tiny-bert", variant="ffa")) != reference
+    assert fp(ModelConfig(source="tiny-bert", pooling="cls")) != reference
+    assert fp(ModelConfig(source="tiny-bert", target_modules=("query",))) != reference
+    assert fp(ModelConfig(source="tiny-bert", init_seed=1)) != reference
+    # Another base model: a local Hugging Face folder with its own weights.
+    torch.manual_seed(7)
+    other = BertModel(
+        BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
+        add_pooling_layer=False,
+    )
+    other.save_pretrained(tmp_path / "other-bert")
+    assert fp(ModelConfig(source=str(tmp_path / "other-bert"))) != reference
+
+
+def test_ffa_freezes_a(vocab_size):
+    built = build_model(ModelConfig(source="tiny-bert", variant="ffa"), LABELS, vocab_size)
+    names = {n: p.requires_grad for n, p in built.model.named_parameters() if "lora_" in n}
+    assert names
+    assert not any(v for n, v in names.items() if "lora_A" in n)
+    assert all(v for n, v in names.items() if "lora_B" in n)
+
+
+def logits_of(model, ids, mask, causal=False):
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if causal else out
+
+
+def test_exported_tiny_bert_adapter_reloads_with_peft(make_config, vocab_size, toy_classification, tmp_path):
+    cfg = make_config(
+        {"training": {"batch_size": 4, "learning_rate": 0.05}, "privacy": {"accountant": "rdp"}}
+    )
+    labels = ("a", "b")
+    data = toy_classification(n=16)
+    ledger = PrivacyLedger(tmp_path / "ledger.json", cfg.privacy.epsilon, cfg.privacy.delta, "rdp")
+    ledger.noise_multiplier = 1.0  # calibration is irrelevant here
+    trainer = LocalTrainer(cfg, build_model(cfg.model, labels, vocab_size).model, data, CPU, ledger)
+    trainer.train_round(1, steps=4)
+
+    out = export_adapter(trainer.model, tmp_path / "adapter", {"fingerprint": "f00", "labels": list(labels)})
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / METADATA_FILE).read_text())["labels"] == list(labels)
+
+    reloaded = PeftModel.from_pretrained(build_base_model(cfg.model, len(labels), vocab_size), out)
+    ids, mask = data.input_ids, data.attention_mask
+    trained = logits_of(trainer.peft_model, ids, mask)
+    torch.testing.assert_close(logits_of(reloaded, ids, mask), trained, atol=1e-6, rtol=1e-5)
+    # Not vacuous: training moved the logits away from the untrained model's (zero head).
+    fresh = logits_of(build_model(cfg.model, labels, vocab_size).model, ids, mask)
+    assert (trained - fresh).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_exported_tiny_llama_adapter_reloads_with_peft(make_config, vocab_size, tokenizer, tmp_path):
+    cfg = make_config(
+        {
+            "model": {"source": "tiny-llama", "task": "causal-lm"},
+            "training": {"batch_size": 4, "learning_rate": 0.05},
+            "privacy": {"enabled": False},
+        }
+    )
+    frame = pd.DataFrame({"prompt": [f"question {i}" for i in range(8)], "response": ["yes"] * 8})
+    data = tokenize_causal_lm(frame, DataConfig(), tokenizer, "frame")
+    trainer = LocalTrainer(cfg, build_model(cfg.model, (), vocab_size).model, data, CPU)
+    trainer.train_round(1, steps=4)
+    out = export_adapter(trainer.model, tmp_path / "adapter", {})
+    reloaded = PeftModel.from_pretrained(build_base_model(cfg.model, 0, vocab_size), out)
+    ids, mask = data.input_ids, data.attention_mask
+    trained = logits_of(trainer.peft_model, ids, mask, causal=True)
+    torch.testing.assert_close(logits_of(reloaded, ids, mask, causal=True), trained, atol=1e-5, rtol=1e-5)
+    fresh = logits_of(build_model(cfg.model, (), vocab_size).model, ids, mask, causal=True)
+    assert (trained - fresh).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def state(vocab_size):
+    built = build_model(BERT, LABELS, vocab_size)
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in adapter_state(built.model).items()}
+
+
+def test_record_round_trip(state):
+    exact = from_record(to_record(state, "fp32"))
+    assert_same_state(exact, state)
+    half = from_record(to_record(state, "fp16"))
+    assert half.keys() == state.keys()
+    for key in state:
+        assert half[key].dtype == torch.float32
+        torch.testing.assert_close(half[key], state[key], rtol=1e-3, atol=1e-4)
+    assert any(not torch.equal(half[k], state[k]) for k in state)  # fp16 did round
+    # bf16 can't travel as is: it goes as fp32, exactly.
+    bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    assert_same_state(from_record(to_record(bf16)), {k: v.float() for k, v in bf16.items()})
+
+
+def test_delta_and_apply_delta_invert(state):
+    old = {k: v * 0.5 for k, v in state.items()}
+    update = delta(state, old)
+    restored = apply_delta(old, update)
+    for key in state:
+        torch.testing.assert_close(restored[key], state[key])
+    assert l2_norm(update) == pytest.approx(
+        math.sqrt(sum(float((v * 0.5).double().pow(2).sum()) for v in state.values())), rel=1e-9
+    )
+
+
+def _bad(state, case):
+    """An update broken in one way, and the key the error must name."""
+    key = sorted(state)[1]
+    bad = {k: v.clone() for k, v in state.items()}
+    if case == "nan":
+        bad[key].view(-1)[3] = float("nan")
+    elif case == "inf":
+        bad[key].view(-1)[0] = float("-inf")
+    elif case == "shape":
+        bad[key] = bad[key].flatten()
+    elif case == "missing":
+        del bad[key]
+    elif case == "extra":
+        key = key + ".extra"
+        bad[key] = torch.zeros(2)
+    elif case == "integer":
+        bad[key] = bad[key].to(torch.int32)
+    return bad, key
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "shape", "missing", "extra", "integer"])
+def test_validate_update_rejects_naming_the_key(state, case):
+    expected = shapes(state)
+    validate_update(state, expected, max_norm=l2_norm(state) * 1.01)  # the intact update passes
+    bad, key = _bad(state, case)
+    with pytest.raises(AdapterError) as info:
+        validate_update(bad, expected)
+    assert key in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_validate_update_rejects_norm_over_bound(state):
+    norm = l2_norm(state)
+    validate_update(state, shapes(state), max_norm=norm * (1 + 1e-9))
+    with pytest.raises(AdapterError) as info:
+        validate_update(state, shapes(state), max_norm=norm * 0.99)
+    # The bound is on the whole update, so the message gives the norm and the bound.
+    assert f"{norm:.4g}" in str(info.value)
+    assert f"{norm * 0.99:.4g}" in str(info.value)
+
+
+def test_load_adapter_state_checks_keys_and_shapes(vocab_size, state):
+    model = build_model(BERT, LABELS, vocab_size).model
+    load_adapter_state(model, state)
+    assert_same_state(adapter_state(model), state)
+    key = sorted(state)[0]
+    partial = {key: torch.ones_like(state[key])}
+    load_adapter_state(model, partial)
+    after = adapter_state(model)
+    assert torch.equal(after[key], partial[key])
+    assert all(torch.equal(after[k], state[k]) for k in state if k != key)
+    with pytest.raises(AdapterError, match="nonexistent"):
+        load_adapter_state(model, {"nonexistent.weight": torch.zeros(1)})
+    with pytest.raises(AdapterError) as info:
+        load_adapter_state(model, {key: torch.zeros(3, 3, 3)})
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "nope", lambda p: p], ids=["missing", "no-config-json"])
+def test_missing_local_model_folder_names_the_path(tmp_path, vocab_size, make):
+    path = make(tmp_path)
+    cfg = ModelConfig(source=str(path))
+    with pytest.raises(ModelError) as info:
+        build_base_model(cfg, 2, vocab_size)
+    assert str(path) in str(info.value)
+    with pytest.raises(ModelError) as info:
+        load_tokenizer(cfg)
+    assert str(path) in str(info.value)
+
+
+def test_tiny_models_refuse_the_other_task(vocab_size):
+    with pytest.raises(ModelError, match="tiny-llama"):
+        build_base_model(ModelConfig(source="tiny-llama"), 2, vocab_size)
+    with pytest.raises(ModelError, match="tiny-bert"):
+        build_base_model(ModelConfig(source="tiny-bert", task="causal-lm"), 0, vocab_size)
+    with pytest.raises(ModelError, match="at least 2 labels"):
+        build_base_model(BERT, 1, vocab_size)

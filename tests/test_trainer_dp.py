@@ -1,0 +1,327 @@
+"""DP-SGD through LocalTrainer's own Opacus wrapper, checked against brute force.
+
+The guard for opacus #820 (LoRA updates silently corrupted): the clipped, summed gradient Opacus
+computes must equal a per-example loop (forward alone, backward, clip the whole vector, sum).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.trainer import LocalTrainer
+from fedlora.common.config import DataConfig
+from fedlora.common.data import IGNORE_INDEX, tokenize_causal_lm
+from fedlora.common.errors import ConfigError
+from fedlora.common.model import build_model
+from fedlora.common.scoring import causal_lm_loss, evaluate, forward_loss, trim
+
+CPU = torch.device("cpu")
+LABELS = ("a", "b", "c")
+
+
+def perturbed_model(cfg, vocab_size, labels=LABELS, seed=0, scale=0.3):
+    """A built LoRA model whose B matrices and head are non-zero, so every trainable tensor (LoRA A
+    included: its gradient is zero while B is zero) gets a gradient."""
+    built = build_model(cfg.model, labels, vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in built.model.parameters():
+            if param.requires_grad:
+                param.normal_(0.0, scale, generator=g)
+    return built.model
+
+
+def trainable(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def names_by_id(trainer):
+    return {id(p): name for name, p in trainer.peft_model.named_parameters()}
+
+
+def per_example_grads(model, batch, task="classification"):
+    """Brute force on a plain (never wrapped) copy: each example alone, trimmed to its own length."""
+    params = trainable(model)
+    grads = []
+    for i in range(len(batch[0])):
+        single = trim(tuple(t[i : i + 1] for t in batch))
+        loss, _ = forward_loss(model, task, single)
+        grads.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True)))
+    return grads
+
+
+def norm_of(grads: dict) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+
+
+def preset_ledger(path, cfg, sigma=1.0):
+    """A ledger whose noise is already fixed, as when read from an earlier round: calibration (a
+    search over many compositions, ~10 s on a busy 2-core machine) is irrelevant to these tests."""
+    p = cfg.privacy
+    ledger = PrivacyLedger(path, p.epsilon, p.delta, p.accountant)
+    ledger.noise_multiplier = sigma
+    return ledger
+
+
+def dp_trainer(make_config, model, data, tmp_path, sigma=1.0, **privacy):
+    cfg = make_config(
+        {"training": {"batch_size": 4, "local_steps": 5}, "privacy": {"accountant": "rdp", **privacy}}
+    )
+    return cfg, LocalTrainer(cfg, model, data, CPU, preset_ledger(tmp_path / "ledger.json", cfg, sigma))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_clipped_sum_equals_brute_force_loop(make_config, vocab_size, toy_classification, tmp_path, mode):
+    cfg0 = make_config()
+    model = perturbed_model(cfg0, vocab_size)
+    reference = copy.deepcopy(model)
+    data = toy_classification(n=16, num_labels=len(LABELS), seed=3)
+    batch = tuple(t[:6] for t in (data.input_ids, data.attention_mask, data.labels))
+    assert len(set(data.attention_mask[:6].sum(1).tolist())) > 1, "want varied lengths in the batch"
+
+    per = per_example_grads(reference, batch)
+    norms = [norm_of(g) for g in per]
+    clip = math.sqrt(min(norms) * max(norms))  # between the smallest and the largest
+    above, below = sum(n > clip for n in norms), sum(n < clip for n in norms)
+    assert above >= 2 and below >= 2, (norms, clip)
+    expected = {
+        name: sum(g[name] * min(1.0, clip / n) for g, n in zip(per, norms, strict=True)) for name in per[0]
+    }
+    # The LoRA matrices themselves (not only the head) carry gradient: #820 was about them.
+    for kind in ("lora_A", "lora_B", "classifier"):
+        assert any(kind in k and float(v.norm()) > 1e-3 for k, v in expected.items()), kind
+
+    _, trainer = dp_trainer(make_config, model, data, tmp_path, max_grad_norm=clip, grad_sample_mode=mode)
+    optimizer = trainer.optimizer
+    assert type(optimizer).__name__.startswith("DPOptimizer")
+    assert optimizer.max_grad_norm == pytest.approx(clip)
+    optimizer.noise_multiplier = 0.0
+    assert trainer._step(batch) is not None  # the trainer's own step: trim, forward, backward, step
+
+    names = names_by_id(trainer)
+    assert {names[id(p)] for p in optimizer.params} == set(expected)
+    for p in optimizer.params:
+        want = expected[names[id(p)]]
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-5, rtol=1e-5)
+        # The gradient the inner optimizer applied: noise-free, divided by the expected batch size.
+        torch.testing.assert_close(p.grad * optimizer.expected_batch_size, want, atol=1e-5, rtol=1e-5)
+    assert optimizer.expected_batch_size == 4
+
+
+def test_noise_std_is_sigma_clip_over_batch(make_config, vocab_size, toy_classification, tmp_path):
+    cfg0 = make_config()
+    model = perturbed_model(cfg0, vocab_size)
+    data = toy_classification(n=16, num_labels=len(LABELS), seed=4)
+    sigma = 1.3
+    cfg, trainer = dp_trainer(make_config, model, data, tmp_path, sigma=sigma, max_grad_norm=0.5)
+    # The trainer hands the ledger's noise to Opacus.
+    assert trainer.noise_multiplier == sigma
+    assert trainer.optimizer.noise_multiplier == sigma
+    expected_std = sigma * cfg.privacy.max_grad_norm / cfg.training.batch_size
+
+    deviations = []
+    for start in (0, 4, 8):
+        batch = tuple(t[start : start + 4] for t in (data.input_ids, data.attention_mask, data.labels))
+        trainer._step(batch)
+        ebs = trainer.optimizer.expected_batch_size
+        for p in trainer.optimizer.params:
+            # Applied gradient minus the noise-free one (the clipped sum, scaled the same way).
+            deviations.append((p.grad - p.summed_grad / ebs).flatten())
+    deviation = torch.cat(deviations).double()
+    assert deviation.numel() > 5000
+    assert float(deviation.std()) == pytest.approx(expected_std, rel=0.10)
+    assert abs(float(deviation.mean())) < 5 * expected_std / math.sqrt(deviation.numel())
+
+
+def test_classification_loss_falls(make_config, vocab_size, toy_classification):
+    cfg = make_config(
+        {
+            "training": {"batch_size": 8, "learning_rate": 0.03, "local_steps": 40},
+            "privacy": {"enabled": False},
+        }
+    )
+    data = toy_classification(n=32, num_labels=2)
+    model = build_model(cfg.model, ("a", "b"), vocab_size).model
+    trainer = LocalTrainer(cfg, model, data, CPU)
+    before = evaluate(trainer.model, "classification", data, CPU)
+    result = trainer.train_round(1)
+    after = evaluate(trainer.model, "classification", data, CPU)
+    assert result.steps == 40 and result.epsilon is None and math.isfinite(result.loss)
+    assert after["loss"] < 0.7 * before["loss"], (before, after)
+    assert after["accuracy"] > before["accuracy"]
+    assert after["accuracy"] >= 0.9
+
+
+def causal_dataset(tokenizer, n=16):
+    frame = pd.DataFrame(
+        {
+            "prompt": [f"question {i} about item {7 * i}" for i in range(n)],
+            "response": ["the answer is always yes"] * n,
+        }
+    )
+    return tokenize_causal_lm(frame, DataConfig(max_length=32), tokenizer, "frame")
+
+
+@pytest.mark.slow
+def test_causal_lm_loss_falls(make_config, vocab_size, tokenizer):
+    cfg = make_config(
+        {
+            "model": {"source": "tiny-llama", "task": "causal-lm"},
+            "training": {"batch_size": 8, "learning_rate": 0.03, "local_steps": 40},
+            "privacy": {"enabled": False},
+        }
+    )
+    data = causal_dataset(tokenizer)
+    assert (data.labels != IGNORE_INDEX).sum(1).min() >= 2  # the response carries the loss
+    model = build_model(cfg.model, (), vocab_size).model
+    trainer = LocalTrainer(cfg, model, data, CPU)
+    before = evaluate(trainer.model, "causal-lm", data, CPU)
+    trainer.train_round(1)
+    after = evaluate(trainer.model, "causal-lm", data, CPU)
+    # Only q/v LoRA on a random base behind a frozen tied head and RMSNorm: the loss can't go far
+    # below log(vocab) = 10.3, but it falls clearly (measured 10.35 -> 9.48).
+    assert after["loss"] < before["loss"] - 0.5, (before, after)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batches_step_and_count(make_config, vocab_size, toy_classification, tmp_path, mode):
+    cfg = make_config(
+        {
+            "training": {"batch_size": 1, "local_steps": 30},
+            "privacy": {"grad_sample_mode": mode, "accountant": "rdp"},
+        }
+    )
+    data = toy_classification(n=4)
+    ledger = preset_ledger(tmp_path / "ledger.json", cfg, sigma=2.0)
+    trainer = LocalTrainer(cfg, build_model(cfg.model, ("a", "b"), vocab_size).model, data, CPU, ledger)
+    snapshots, losses = [trainer.adapter()], []
+
+    def on_step(_step, loss):
+        losses.append(loss)
+        snapshots.append(trainer.adapter())
+
+    result = trainer.train_round(1, on_step=on_step)
+    empty = [i for i, loss in enumerate(losses) if math.isnan(loss)]
+    assert empty and len(empty) < 30, "the seed should draw some empty and some full batches"
+    assert result.steps == 30
+    assert ledger.entries[-1].steps == 30
+    assert PrivacyLedger(tmp_path / "ledger.json", cfg.privacy.epsilon, cfg.privacy.delta, "rdp").spent > 0
+    # An empty step is a real DP step: the noise moves the adapter.
+    i = empty[0]
+    assert any(not torch.equal(snapshots[i][k], snapshots[i + 1][k]) for k in snapshots[i])
+
+
+def test_causal_lm_loss_is_a_per_sequence_mean(tokenizer):
+    torch.manual_seed(0)
+    width, vocab = 12, 50
+    logits = torch.randn(2, width, vocab)
+    labels_short = torch.full((2, width), IGNORE_INDEX)
+    labels_long = labels_short.clone()
+    labels_short[0, 4:7] = torch.tensor([3, 4, 5])
+    labels_long[0, 4:7] = labels_short[0, 4:7]
+    labels_short[1, 3:5] = torch.tensor([6, 7])
+    labels_long[1, 3:11] = torch.tensor([6, 7, 8, 9, 10, 11, 12, 13])
+
+    def grad_row0(loss_fn, labels):
+        x = logits.clone().requires_grad_(True)
+        loss_fn(x, labels).backward()
+        return x.grad[0]
+
+    # Example 0's gradient does not change when example 1 gets longer.
+    torch.testing.assert_close(
+        grad_row0(causal_lm_loss, labels_short), grad_row0(causal_lm_loss, labels_long), atol=0, rtol=0
+    )
+
+    # Independent: the mean over examples of each example's mean token loss (shifted by one).
+    def manual(x, labels):
+        per = []
+        for row in range(x.shape[0]):
+            logp = torch.log_softmax(x[row], dim=-1)
+            terms = [-logp[t - 1, labels[row, t]] for t in range(1, width) if labels[row, t] != IGNORE_INDEX]
+            per.append(torch.stack(terms).mean())
+        return torch.stack(per).mean()
+
+    for labels in (labels_short, labels_long):
+        torch.testing.assert_close(causal_lm_loss(logits, labels), manual(logits, labels))
+
+    # The check above can fail: a batch token-mean (Hugging Face's loss) does couple the examples.
+    def token_mean(x, labels):
+        return torch.nn.functional.cross_entropy(
+            x[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+    assert not torch.allclose(grad_row0(token_mean, labels_short), grad_row0(token_mean, labels_long))
+
+
+def test_causal_lm_example_gradient_independent_of_batch_mates(make_config, vocab_size, tokenizer):
+    """Through the tiny Llama and real tokenization. With a per-sequence mean the batch loss of two
+    examples is (loss_0 + loss_k) / 2, so 2 * grad(batch) - grad(k alone) = grad(0 alone), whether
+    example k's response is short or long (a token mean would weight example 0 by its share)."""
+    cfg = make_config({"model": {"source": "tiny-llama", "task": "causal-lm"}})
+    model = perturbed_model(cfg, vocab_size, labels=(), scale=0.05)
+    frame = pd.DataFrame(
+        {
+            "prompt": ["first question", "second question", "second question"],
+            "response": ["yes", "no", "no, and here is a much longer answer to the second question"],
+        }
+    )
+    data = tokenize_causal_lm(frame, DataConfig(), tokenizer, "frame")
+    counted = (data.labels != IGNORE_INDEX).sum(1)
+    assert counted[2] >= 3 * counted[1]
+    params = list(trainable(model).values())
+
+    def grad(rows):
+        batch = trim(tuple(t[rows] for t in (data.input_ids, data.attention_mask, data.labels)))
+        loss, _ = forward_loss(model, "causal-lm", batch)
+        return torch.autograd.grad(loss, params)
+
+    alone = grad([0])
+    for mate in (1, 2):
+        together, other = grad([0, mate]), grad([mate])
+        for g_alone, g_together, g_other in zip(alone, together, other, strict=True):
+            torch.testing.assert_close(2 * g_together - g_other, g_alone, atol=2e-6, rtol=1e-4)
+
+
+def test_trainer_refuses_dp_without_ledger_and_ghost_for_causal_lm(
+    make_config, vocab_size, toy_classification, tmp_path
+):
+    cfg = make_config()
+    data = toy_classification(n=8)
+    with pytest.raises(ConfigError, match="ledger"):
+        LocalTrainer(cfg, build_model(cfg.model, ("a", "b"), vocab_size).model, data, CPU, None)
+    causal = make_config(
+        {"model": {"source": "tiny-llama", "task": "causal-lm"}, "privacy": {"grad_sample_mode": "ghost"}}
+    )
+    with pytest.raises(ConfigError, match="ghost"):
+        LocalTrainer(
+            causal,
+            build_model(causal.model, (), vocab_size).model,
+            data,
+            CPU,
+            PrivacyLedger(tmp_path / "ledger.json", 8, 1e-5, "prv"),
+        )
+
+
+def test_dp_sampling_is_unpredictable_but_baselines_follow_the_seed(
+    make_config, vocab_size, toy_classification, tmp_path
+):
+    """Privacy amplification by subsampling assumes nobody can know which rows a step drew: under
+    DP the same training.seed must not reproduce the batches; non-private runs stay reproducible."""
+    data = toy_classification(n=16)
+
+    def draws(private: bool, run: int) -> list[list[int]]:
+        cfg = make_config(
+            {"training": {"batch_size": 4, "local_steps": 6, "seed": 5}, "privacy": {"enabled": private}}
+        )
+        ledger = preset_ledger(tmp_path / f"l{private}{run}.json", cfg) if private else None
+        trainer = LocalTrainer(cfg, build_model(cfg.model, ("a", "b"), vocab_size).model, data, CPU, ledger)
+        return [next(trainer._batches)[0][:, 1].tolist() for _ in range(12)]
+
+    assert draws(True, 0) != draws(True, 1)
+    assert draws(False, 0) == draws(False, 1)
