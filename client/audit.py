@@ -52,8 +52,8 @@ def audit_mod(path_for: Callable[[Context], Path | None]) -> Callable[[Message, 
     """A mod appending one JSON line per reply to the file ``path_for(context)`` names."""
 
     def mod(msg: Message, context: Context, call_next: Next) -> Message:
-        reply = call_next(msg, context)
         path = path_for(context)
+        reply = call_next(msg, context)
         if path is not None:
             line = describe(reply)
             config = msg.content.config_records.get(P.CONFIG) if msg.has_content() else None

@@ -34,14 +34,15 @@ OVERRIDES = [
     "data.max_length=48",
     "training.local_steps=4",
     "training.batch_size=16",
-    "training.learning_rate=0.02",
-    "training.head_learning_rate=0.05",
+    "training.learning_rate=0.005",
+    "training.head_learning_rate=0.01",
+    # A generous budget: this federation tests the plumbing (DP on, real Opacus), not the recipe.
+    "privacy.epsilon=100",
     "federation.rounds=2",
     "federation.min_clients=2",
     "federation.fraction_evaluate=0",
     "simulation.num_clients=3",
     "simulation.partition=iid",
-    "privacy.epsilon=8",
     "privacy.planned_rounds=3",
 ]
 FAILING = 2  # partition id of the client that raises in round 2
@@ -122,7 +123,8 @@ def test_only_adapter_tensors_leave_clients(federation: Path) -> None:
         assert sent == {k: v for k, v in expected.items() if k in sent} and set(sent) == set(expected)
         assert all(isinstance(v, int | float) for v in line["metrics"]["metrics"].values())
         assert line["configs"] == {"config": {"fingerprint": line["configs"]["config"]["fingerprint"]}}
-        assert line["bytes"] == sum(4 * torch.Size(s).numel() for s in expected.values())
+        payload = sum(4 * torch.Size(s).numel() for s in expected.values())
+        assert payload <= line["bytes"] <= payload + 128 * len(expected)  # fp32 values + .npy headers
 
 
 def test_each_client_stays_within_budget_and_ledger_recomputes(federation: Path) -> None:
