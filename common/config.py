@@ -87,7 +87,9 @@ class TrainingConfig:
         10, "Optimizer steps per round; 0 trains nothing and spends nothing (a plumbing check).", ge=0
     )
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
-    seed: int = _f(0, "Seed of data sampling and noise.")
+    seed: int = _f(
+        0, "Seed of shuffling in non-private runs; DP sampling and noise are never seeded (privacy)."
+    )
     device: str = _f("auto", "'auto' picks CUDA when present.", choices=("auto", "cpu", "cuda"))
     eval_batch_size: int = _f(64, "Batch size of evaluation.", ge=1)
 
@@ -142,6 +144,9 @@ class FederationConfig:
     proximal_mu: float = _f(0.01, "FedProx proximal term weight.", ge=0)
     max_update_norm: float | None = _f(
         None, "Replies whose delta L2 norm exceeds this are dropped; None disables.", gt=0
+    )
+    central_eval: bool = _f(
+        True, "The server scores the global adapter on the held-out data after every round."
     )
     round_timeout: float = _f(3600.0, "Seconds a round waits for replies.", gt=0)
     node_wait_timeout: float = _f(

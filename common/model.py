@@ -8,11 +8,13 @@ label set or layout is refused instead of silently corrupting the global adapter
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -256,11 +258,19 @@ def lora_config(cfg: ModelConfig, targets: list[str]) -> LoraConfig:
     )
 
 
+@lru_cache(maxsize=2)
+def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> tuple[nn.Module, str]:
+    """The loaded base and its fingerprint, once per process: read-only, so safe to share between
+    the virtual clients Ray runs in one process (each gets a deep copy)."""
+    base = build_base_model(cfg, len(labels), vocab_size)
+    return base, fingerprint(cfg, base, labels, target_modules(cfg, base))
+
+
 def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:
     """Base model + LoRA, identically initialised for every party that shares ``cfg``."""
-    base = build_base_model(cfg, len(labels), vocab_size)
+    template, fp = _base_template(cfg, tuple(labels), vocab_size)
+    base = copy.deepcopy(template)
     targets = target_modules(cfg, base)
-    fp = fingerprint(cfg, base, labels, targets)
     for param in base.parameters():
         param.requires_grad_(False)
     with torch.random.fork_rng():

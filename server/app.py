@@ -46,6 +46,7 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
     """Run (or resume) the federation; returns the per-round history."""
     cfg, run_dir = settings.cfg, settings.run_dir
     bench, eval_set = server_workbench(cfg)
+    eval_set = eval_set if cfg.federation.central_eval else None
     model, fingerprint = bench.built.model, bench.built.fingerprint
     device = device_for(cfg.training.device)
     ckpt_dir = run_dir / "checkpoint"

@@ -2,7 +2,8 @@
 
 Both runs use the same Ray backend, client count, rounds and tensors (the default config's adapter):
 bare Flower's FedAvg with a ClientApp that echoes the arrays it receives, versus fedlora's apps
-(model build, fingerprint check, validation, aggregation, checkpoint, audit) with local_steps 0.
+(model build, fingerprint check, validation, aggregation, checkpoint, audit) with local_steps 0
+and no evaluation on either side.
 Run alternately and repeated; prints each wall time and the median ratio.
 
     python -m fedlora.simulations.benchmarks.overhead [--clients 5] [--rounds 3] [--repeats 2]
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         f"simulation.num_clients={args.clients}",
         f"federation.min_clients={args.clients}",
         "federation.fraction_evaluate=0",
+        "federation.central_eval=false",
     ]
     cfg = load_config(default_config(), overrides)
     arrays = ArrayRecord(adapter_state(prepare(cfg).built.model))
