@@ -8,27 +8,39 @@ import sys
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from rich.table import Table
 
+from fedlora.client.daemon import (
+    ACTIVATION_PATIENCE,
+    RUNTIME_PORT,
+    SuperNodeOptions,
+    run_supernode,
+    supernode_command,
+)
 from fedlora.client.ledger import PrivacyLedger
-from fedlora.client.trainer import LocalTrainer
+from fedlora.client.trainer import LocalTrainer, poisson_rate
 from fedlora.common.adapter import export_adapter
-from fedlora.common.cli_support import console, progress_bar, read_config, run_cli
+from fedlora.common.cli_support import console, progress_bar, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig, to_dict
+from fedlora.common.durable import write_durably
+from fedlora.common.errors import ConfigError, FedloraError
+from fedlora.common.launch import STOP_GRACE_SECONDS
 from fedlora.common.model import device_for
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import prepare
 
 
-def open_ledger(cfg: FedloraConfig, path: str | None = None) -> PrivacyLedger:
+def open_ledger(cfg: FedloraConfig) -> PrivacyLedger:
     p = cfg.privacy
-    return PrivacyLedger(path or p.ledger_path, p.epsilon, p.delta, p.accountant)
+    return PrivacyLedger(p.ledger_path, p.epsilon, p.delta, p.accountant)
 
 
 def plan(cfg: FedloraConfig, rows: int) -> dict:
     """What the budget buys: noise, and epsilon after each planned round, from the ledger's state."""
     ledger = open_ledger(cfg)
-    sample_rate = min(1.0, cfg.training.batch_size / rows)
+    sample_rate = poisson_rate(rows, cfg.training.batch_size)
     steps = cfg.training.local_steps
     noise = ledger.calibrate(sample_rate, cfg.planned_rounds * steps)
     after = [ledger.projected(noise, sample_rate, steps * k) for k in range(1, cfg.planned_rounds + 1)]
@@ -66,7 +78,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         table.add_row("rounds affordable", str(p["rounds_affordable"]))
     else:
         table.add_row("privacy", "OFF (non-private baseline)")
-    console.print(table)
+    report.print(table)
     return 0
 
 
@@ -75,7 +87,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     out = Path(args.out)
     bench = prepare(cfg)
     device = device_for(cfg.training.device)
-    ledger = open_ledger(cfg, str(out / "privacy-ledger.json")) if cfg.privacy.enabled else None
+    ledger = open_ledger(cfg) if cfg.privacy.enabled else None  # the institution's one ledger
     trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, device, ledger)
     rounds = args.rounds or cfg.planned_rounds
     history = []
@@ -114,7 +126,47 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     last = history[-1]
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
-    console.print(f"adapter written to {out / 'adapter'}; final round: {shown}")
+    report.print(f"adapter written to {out / 'adapter'}; final round: {shown}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """The node's ECDSA P-384 key pair (OpenSSH format, as Flower expects); never overwrites one."""
+    cfg = read_config(args.config)
+    if not cfg.security.node_private_key:
+        raise ConfigError(f"{args.config}: security.node_private_key: set where the node's key is kept")
+    private = Path(cfg.security.node_private_key)
+    public = private.with_name(private.name + ".pub")
+    for path in (private, public):
+        if path.exists():
+            raise FedloraError(f"{path}: already exists; refusing to replace the institution's identity")
+    key = ec.generate_private_key(ec.SECP384R1())
+    write_durably(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    write_durably(
+        public,
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + b"\n",
+    )
+    public.chmod(0o644)
+    console.print(f"node key written to {private}; give the coordinator {public}", soft_wrap=True)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """No --set here: the ClientApp reads the YAML file itself, so it alone must say everything."""
+    cfg = read_config(args.config)
+    options = SuperNodeOptions(args.insecure, args.runtime_port, args.max_wait_time)
+    cmd = supernode_command(cfg, Path(args.config), options)
+    if args.insecure:
+        console.print("[bold yellow]warning:[/] --insecure: no TLS and no node authentication; tests only")
+    console.print(f"{cfg.name}: SuperNode connecting to {cfg.federation.superlink_address}", soft_wrap=True)
+    run_supernode(cmd, args.grace, args.activation_patience)
+    console.print(f"{cfg.name}: SuperNode stopped")
     return 0
 
 
@@ -127,6 +179,34 @@ def parser() -> argparse.ArgumentParser:
     local.add_argument("--out", required=True, help="output folder (adapter, metrics, ledger)")
     local.add_argument("--rounds", type=int, help="rounds of local_steps (default: planned rounds)")
     local.set_defaults(handler=cmd_train_local)
+    keys = sub.add_parser("keys", help="create the node's key pair at security.node_private_key (+ .pub)")
+    keys.set_defaults(handler=cmd_keys)
+    start = sub.add_parser("start", help="join the federation: run the SuperNode until stopped")
+    start.add_argument("--insecure", action="store_true", help="no TLS, no node key: local tests only")
+    start.add_argument(
+        "--runtime-port",
+        type=int,
+        default=RUNTIME_PORT,
+        help="local port where the SuperNode serves its ClientApp processes (one per SuperNode per machine)",
+    )
+    start.add_argument(
+        "--max-wait-time",
+        type=float,
+        help="give up after this many seconds without reaching the SuperLink (default: keep trying)",
+    )
+    start.add_argument(
+        "--activation-patience",
+        type=float,
+        default=ACTIVATION_PATIENCE,
+        help="seconds to keep retrying when the SuperLink refuses to activate the node (it does so for "
+        "about a minute after a crash, and always for an unregistered key)",
+    )
+    start.add_argument(
+        "--grace", type=float, default=STOP_GRACE_SECONDS, help="seconds to let the SuperNode stop"
+    )
+    start.set_defaults(handler=cmd_start)
+    for p in (keys, start):
+        p.add_argument("config", help="the institution's YAML config")
     for p in (check, local):
         p.add_argument("config", nargs="?", help="the institution's YAML config (default: built-in)")
         p.add_argument(

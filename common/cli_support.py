@@ -21,7 +21,7 @@ def run_cli(handler: Callable[[], int | None]) -> int:
     try:
         return handler() or 0
     except FedloraError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"error: {err}", highlight=False, soft_wrap=True, markup=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

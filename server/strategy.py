@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -23,10 +24,11 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from fedlora.common import protocol as P
 from fedlora.common.adapter import State, from_record, l2_norm, shapes, to_record, validate_update
 from fedlora.common.config import FedloraConfig
-from fedlora.common.errors import AdapterError
+from fedlora.common.errors import AdapterError, FedloraError
 from fedlora.server.aggregators import Aggregator, ClientUpdate, create_aggregator
 
 log = logging.getLogger("fedlora.server")
+NODE_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -39,6 +41,12 @@ class RoundLog:
     aggregation: dict[str, float] = field(default_factory=dict)
 
 
+def last_line(text: str, limit: int = 300) -> str:
+    """The gist of a client's error (Ray wraps it in a multi-line traceback)."""
+    lines = [line.strip(" '>\n") for line in text.splitlines() if line.strip(" '>")]
+    return (lines[-1] if lines else text)[:limit]
+
+
 class LoraAverage(FedAvg):
     """FedAvg whose averaging step validates replies and aggregates LoRA adapters properly."""
 
@@ -49,6 +57,8 @@ class LoraAverage(FedAvg):
     wire_dtype: str = "fp32"
     max_update_norm: float | None = None
     round_offset: int = 0
+    node_wait_timeout: float
+    round_timeout: float
 
     def attach(self, cfg: FedloraConfig, fingerprint: str, round_offset: int = 0) -> LoraAverage:
         fed = cfg.federation
@@ -59,6 +69,7 @@ class LoraAverage(FedAvg):
         self.wire_dtype = fed.update_dtype
         self.max_update_norm = fed.max_update_norm
         self.round_offset = round_offset
+        self.node_wait_timeout, self.round_timeout = fed.node_wait_timeout, fed.round_timeout
         self.global_state: State = {}
         self.rounds: list[RoundLog] = []
         self.node_layouts: dict[int, tuple[int, float]] = {}
@@ -77,13 +88,37 @@ class LoraAverage(FedAvg):
     ) -> Iterable[Message]:
         self.global_state = from_record(arrays)
         config = self._round_config(server_round, config)
-        return self._per_node(super().configure_train(server_round, arrays, config, grid))
+        if self.fraction_train:
+            self._await_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), server_round)
+        return self._expiring(self._per_node(super().configure_train(server_round, arrays, config, grid)))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config = self._round_config(server_round, config)
-        return self._per_node(super().configure_evaluate(server_round, arrays, config, grid))
+        if self.fraction_evaluate:
+            self._await_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes), server_round)
+        return self._expiring(self._per_node(super().configure_evaluate(server_round, arrays, config, grid)))
+
+    def _await_nodes(self, grid: Grid, needed: int, server_round: int) -> None:
+        """Flower's sampling waits for nodes forever: wait at most node_wait_timeout, then stop the run
+        with a clear error (the last complete round stays checkpointed)."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            if time.monotonic() >= deadline:
+                raise FedloraError(
+                    f"round {server_round + self.round_offset}: only {connected} of the {needed} nodes "
+                    f"needed connected within federation.node_wait_timeout ({self.node_wait_timeout:g} s); "
+                    "the run stops, its last complete round checkpointed: start the server again to resume"
+                )
+            time.sleep(NODE_POLL_SECONDS)
+
+    def _expiring(self, messages: list[Message]) -> list[Message]:
+        """Messages expire with the round, so the SuperLink refuses a late reply instead of keeping
+        it for Flower's default 12 h."""
+        for msg in messages:
+            msg.metadata.ttl = self.round_timeout
+        return messages
 
     def _per_node(self, messages: Iterable[Message]) -> list[Message]:
         """A node whose rank or scale differs from the global one (known from its earlier replies)
@@ -138,7 +173,7 @@ class LoraAverage(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                reason = msg.error.reason
+                reason = last_line(msg.error.reason)
             else:
                 try:
                     updates.append(self._screen(msg))

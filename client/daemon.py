@@ -1,0 +1,142 @@
+"""The institution's SuperNode: TLS, the node's authentication key, and its own YAML as node config.
+
+Only the institution's YAML decides the data, the budget, the ledger and the device: the ClientApp
+reads it from the node config, which the coordinator cannot change. The SuperNode runs as a child and
+is stopped within a bound when this process gets SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from fedlora.common import protocol as P
+from fedlora.common.config import FedloraConfig
+from fedlora.common.errors import ConfigError, FedloraError
+from fedlora.common.launch import (
+    config_pairs,
+    flower_env,
+    flower_program,
+    plain,
+    sigterm_as_interrupt,
+    start_child,
+    stop_child,
+)
+
+RUNTIME_PORT = 9094
+ACTIVATION_PATIENCE = 90.0  # Flower: online until 2 heartbeats (2 x 30 s) are missed, plus a margin
+RETRY_SECONDS = 10.0
+ACTIVATION_REFUSED = "[code: 2004]"  # Flower's FLEET_NODE_ACTIVATION_FAILED
+
+
+@dataclass(frozen=True)
+class SuperNodeOptions:
+    insecure: bool = False
+    runtime_port: int = RUNTIME_PORT
+    max_wait_time: float | None = None
+
+
+def _existing(path: str | None, key: str, hint: str) -> str:
+    if not path:
+        raise ConfigError(f"{key}: not set; {hint}")
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: {path} does not exist; {hint}")
+    return path
+
+
+def supernode_command(cfg: FedloraConfig, config_path: Path, options: SuperNodeOptions) -> list[str]:
+    """The flower-supernode command line for this institution."""
+    if cfg.data.path is not None and not Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path: {cfg.data.path} does not exist")
+    cmd = [
+        flower_program("flower-supernode"),
+        "--superlink",
+        cfg.federation.superlink_address,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(options.runtime_port),
+        "--node-config",
+        config_pairs({P.NODE_CONFIG: str(config_path.resolve())}),
+    ]
+    if options.insecure:
+        cmd.append("--insecure")
+    else:
+        sec = cfg.security
+        ca = _existing(sec.ca_cert, "security.ca_cert", "the coordinator's CA certificate is needed for TLS")
+        key = _existing(
+            sec.node_private_key, "security.node_private_key", "create it with `fedlora-client keys CONFIG`"
+        )
+        cmd += ["--root-certificates", ca, "--auth-supernode-private-key", key]
+    if options.max_wait_time is not None:
+        cmd += ["--max-wait-time", f"{options.max_wait_time:g}"]
+    return cmd
+
+
+def exit_reason(lines: Iterable[str]) -> str:
+    """Flower's explanation of why a SuperNode stopped: what follows its last 'Exit Code: N'."""
+    clean = [plain(line) for line in lines]
+    starts = [i for i, line in enumerate(clean) if "Exit Code:" in line]
+    if not starts:
+        said = [line for line in clean if line]
+        return said[-1] if said else "no output"
+    code = clean[starts[-1]].split("Exit Code:", 1)[1].strip()
+    explanation = []
+    for line in clean[starts[-1] + 1 :]:
+        if not line or line.startswith("For more information"):
+            break
+        explanation.append(" ".join(line.rstrip(".").split()))
+    return f"{'; '.join(explanation) or 'no explanation given'} (Flower exit code {code})"
+
+
+def _echo(stream: IO[str], tail: deque[str]) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(line)
+
+
+def _lifetime(cmd: list[str], grace: float) -> tuple[int, deque[str]]:
+    """One SuperNode, echoed, until it exits (then what it left behind is stopped too); its exit code
+    and last lines."""
+    proc = start_child(cmd, flower_env())
+    tail: deque[str] = deque(maxlen=400)  # room for the SuperExec's traceback after the exit code
+    reader = threading.Thread(target=_echo, args=(proc.stdout, tail), daemon=True)
+    reader.start()
+    try:
+        return proc.wait(), tail
+    finally:
+        stop_child(proc, grace)
+        reader.join(timeout=grace)
+
+
+def run_supernode(cmd: list[str], grace: float, patience: float) -> None:
+    """Run the SuperNode until it exits or this process is told to stop.
+
+    After a crash the SuperLink still counts the node online for two heartbeats (about a minute) and
+    refuses to activate it again meanwhile, exactly as it refuses an unregistered key: such refusals
+    are retried for ``patience`` seconds, so a restart right after a crash rejoins.
+    """
+    give_up = time.monotonic() + patience
+    try:
+        with sigterm_as_interrupt():
+            while True:
+                code, tail = _lifetime(cmd, grace)
+                if code == 0:
+                    return
+                reason = exit_reason(tail)
+                if ACTIVATION_REFUSED not in reason or time.monotonic() + RETRY_SECONDS > give_up:
+                    break
+                sys.stdout.write(f"fedlora: SuperNode not activated; retrying in {RETRY_SECONDS:g} s\n")
+                time.sleep(RETRY_SECONDS)
+    except KeyboardInterrupt:
+        return
+    if ACTIVATION_REFUSED in reason:
+        reason += "; is this node's public key registered with the coordinator?"
+    raise FedloraError(f"flower-supernode stopped: {reason}")
