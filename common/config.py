@@ -46,6 +46,22 @@ class ModelConfig:
         choices=("lora", "ffa"),
     )
     pooling: str = _f("mean", "Classification: how token states become one vector.", choices=("mean", "cls"))
+    normalize: bool = _f(
+        True,
+        "Classification: L2-normalise the pooled vector (as sentence-transformers does for MiniLM), so "
+        "the head scores cosine similarities.",
+    )
+    head_init: str = _f(
+        "label-names",
+        "Classification: 'label-names' starts the head as a zero-shot classifier, each label's row the "
+        "base model's embedding of its name (public, so it costs no privacy budget); 'zero' starts it "
+        "at zero (every label equally likely).",
+        choices=("label-names", "zero"),
+    )
+    label_prompt: str = _f(
+        "{}", "Classification: the text embedded for each label with head_init label-names; {} is the label."
+    )
+    head_scale: float = _f(20.0, "Classification: initial logits are head_scale x cosine similarity.", gt=0)
     init_seed: int = _f(0, "Seed of the LoRA and head initialisation, shared by all parties.")
 
 
@@ -306,6 +322,10 @@ def _cross_check(cfg: FedloraConfig) -> None:
         raise ConfigError(
             "federation.strategy: 'exact' re-factorises every round, so a server optimiser on A and B "
             "is meaningless; use strategy: fedavg with server_learning_rate: 1"
+        )
+    if "{}" not in cfg.model.label_prompt:
+        raise ConfigError(
+            f"model.label_prompt: must contain {{}} where the label goes, got {cfg.model.label_prompt!r}"
         )
     if cfg.privacy.enabled and cfg.training.local_steps == 0:
         raise ConfigError(

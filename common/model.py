@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -49,26 +50,45 @@ HEAD = "classifier"
 class PooledClassifier(nn.Module):
     """An encoder with a pooled linear head.
 
-    Mean pooling matches how MiniLM was pretrained (sentence embeddings), which is what makes a small
-    DP fine-tune work where the CLS head stays at the majority class (measured, see README).
+    Mean pooling, L2-normalised, is how MiniLM was trained to embed sentences; a head started from the
+    embeddings of the label names is then a zero-shot classifier, so DP noise refines a working model
+    instead of having to find one from zero (measured: README, "Recipe").
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str) -> None:
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, normalize: bool) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
+        self.normalize = normalize
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.classifier(pooled)
+        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(input_ids, attention_mask))
+
+
+def init_head_from_label_names(model: PooledClassifier, cfg: ModelConfig, labels: Sequence[str]) -> None:
+    """Each label's weight row becomes head_scale x the model's own embedding of the label's name."""
+    tokenizer = load_tokenizer(cfg)
+    texts = [cfg.label_prompt.format(label) for label in labels]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        names = nn.functional.normalize(model.embed(batch["input_ids"], batch["attention_mask"]), dim=-1)
+        model.classifier.weight.copy_(cfg.head_scale * names)
+        model.classifier.bias.zero_()
+    model.train(was_training)
 
 
 @dataclass(frozen=True)
@@ -178,21 +198,24 @@ def _tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def build_base_model(cfg: ModelConfig, num_labels: int, vocab_size: int) -> nn.Module:
+def build_base_model(cfg: ModelConfig, labels: Sequence[str], vocab_size: int) -> nn.Module:
     """The frozen base: encoder + pooled head for classification, or a causal LM."""
     folder = model_dir(cfg.source)
     with torch.random.fork_rng():
         torch.manual_seed(TINY_SEED)
         if cfg.task == "classification":
-            if num_labels < 2:
-                raise ModelError(f"classification needs at least 2 labels, got {num_labels}")
+            if len(labels) < 2:
+                raise ModelError(f"classification needs at least 2 labels, got {len(labels)}")
             encoder = _tiny_bert(vocab_size) if cfg.source == "tiny-bert" else None
             if cfg.source == "tiny-llama":
                 raise ModelError("model.source: 'tiny-llama' is a causal LM; use it with causal-lm")
             if encoder is None:
                 encoder = _load(AutoModel, folder)
             torch.manual_seed(cfg.init_seed)
-            return PooledClassifier(encoder, num_labels, cfg.pooling)
+            model = PooledClassifier(encoder, len(labels), cfg.pooling, cfg.normalize)
+            if cfg.head_init == "label-names":
+                init_head_from_label_names(model, cfg, labels)
+            return model
         if cfg.source == "tiny-bert":
             raise ModelError("model.source: 'tiny-bert' is an encoder; use it with classification")
         if cfg.source == "tiny-llama":
@@ -240,6 +263,9 @@ def fingerprint(cfg: ModelConfig, base: nn.Module, labels: tuple[str, ...], targ
         "task": cfg.task,
         "labels": list(labels),
         "pooling": cfg.pooling if cfg.task == "classification" else None,
+        "head": [cfg.normalize, cfg.head_init, cfg.label_prompt, cfg.head_scale]
+        if cfg.task == "classification"
+        else None,
         "targets": sorted(targets),
         "variant": cfg.variant,
         "init_seed": cfg.init_seed,
@@ -262,7 +288,7 @@ def lora_config(cfg: ModelConfig, targets: list[str]) -> LoraConfig:
 def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> tuple[nn.Module, str]:
     """The loaded base and its fingerprint, once per process: read-only, so safe to share between
     the virtual clients Ray runs in one process (each gets a deep copy)."""
-    base = build_base_model(cfg, len(labels), vocab_size)
+    base = build_base_model(cfg, labels, vocab_size)
     return base, fingerprint(cfg, base, labels, target_modules(cfg, base))
 
 

@@ -85,6 +85,7 @@ BAD_FILES = {
     "non-mapping-top": ("- privacy\n- model\n", ["mapping at the top level", "list"]),
     "scalar-top": ("42\n", ["mapping at the top level", "int"]),
     "non-mapping-section": ("privacy: 3\n", ["privacy", "expected a mapping"]),
+    "label-prompt-without-slot": ("model:\n  label_prompt: about it\n", ["model.label_prompt", "{}"]),
 }
 
 

@@ -80,6 +80,9 @@ def test_fingerprint_names_base_labels_and_layout_not_rank(vocab_size, tmp_path)
     assert fp(ModelConfig(source="tiny-bert", pooling="cls")) != reference
     assert fp(ModelConfig(source="tiny-bert", target_modules=("query",))) != reference
     assert fp(ModelConfig(source="tiny-bert", init_seed=1)) != reference
+    assert fp(ModelConfig(source="tiny-bert", head_init="zero")) != reference
+    assert fp(ModelConfig(source="tiny-bert", label_prompt="about {}")) != reference
+    assert fp(ModelConfig(source="tiny-bert", normalize=False)) != reference
     # Another base model: a local Hugging Face folder with its own weights.
     torch.manual_seed(7)
     other = BertModel(
@@ -94,6 +97,23 @@ def test_fingerprint_names_base_labels_and_layout_not_rank(vocab_size, tmp_path)
     )
     other.save_pretrained(tmp_path / "other-bert")
     assert fp(ModelConfig(source=str(tmp_path / "other-bert"))) != reference
+
+
+def test_label_names_head_is_a_zero_shot_cosine_classifier(vocab_size):
+    cfg = ModelConfig(source="tiny-bert", label_prompt="a note about {}", head_scale=7.0)
+    base = build_base_model(cfg, LABELS, vocab_size).eval()
+    tokenizer = load_tokenizer(cfg)
+    names = tokenizer([f"a note about {label}" for label in LABELS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = base.embed(names["input_ids"], names["attention_mask"])
+        logits = base(names["input_ids"], names["attention_mask"])
+    assert torch.allclose(pooled.norm(dim=1), torch.ones(len(LABELS)), atol=1e-5)
+    # Each label's own name scores head_scale x cos(name, name) = head_scale, the most of any label.
+    assert torch.allclose(logits.diagonal(), torch.full((len(LABELS),), 7.0), atol=1e-4)
+    assert torch.equal(logits.argmax(1), torch.arange(len(LABELS)))
+    assert float(base.classifier.bias.abs().sum()) == 0.0
+    zero = build_base_model(ModelConfig(source="tiny-bert", head_init="zero"), LABELS, vocab_size)
+    assert float(zero.classifier.weight.abs().sum()) == 0.0
 
 
 def test_ffa_freezes_a(vocab_size):
@@ -127,7 +147,7 @@ def test_exported_tiny_bert_adapter_reloads_with_peft(make_config, vocab_size, t
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / METADATA_FILE).read_text())["labels"] == list(labels)
 
-    reloaded = PeftModel.from_pretrained(build_base_model(cfg.model, len(labels), vocab_size), out)
+    reloaded = PeftModel.from_pretrained(build_base_model(cfg.model, labels, vocab_size), out)
     ids, mask = data.input_ids, data.attention_mask
     trained = logits_of(trainer.peft_model, ids, mask)
     torch.testing.assert_close(logits_of(reloaded, ids, mask), trained, atol=1e-6, rtol=1e-5)
@@ -150,7 +170,7 @@ def test_exported_tiny_llama_adapter_reloads_with_peft(make_config, vocab_size, 
     trainer = LocalTrainer(cfg, build_model(cfg.model, (), vocab_size).model, data, CPU)
     trainer.train_round(1, steps=4)
     out = export_adapter(trainer.model, tmp_path / "adapter", {})
-    reloaded = PeftModel.from_pretrained(build_base_model(cfg.model, 0, vocab_size), out)
+    reloaded = PeftModel.from_pretrained(build_base_model(cfg.model, (), vocab_size), out)
     ids, mask = data.input_ids, data.attention_mask
     trained = logits_of(trainer.peft_model, ids, mask, causal=True)
     torch.testing.assert_close(logits_of(reloaded, ids, mask, causal=True), trained, atol=1e-5, rtol=1e-5)
@@ -253,7 +273,7 @@ def test_missing_local_model_folder_names_the_path(tmp_path, vocab_size, make):
     path = make(tmp_path)
     cfg = ModelConfig(source=str(path))
     with pytest.raises(ModelError) as info:
-        build_base_model(cfg, 2, vocab_size)
+        build_base_model(cfg, ("a", "b"), vocab_size)
     assert str(path) in str(info.value)
     with pytest.raises(ModelError) as info:
         load_tokenizer(cfg)
@@ -262,8 +282,8 @@ def test_missing_local_model_folder_names_the_path(tmp_path, vocab_size, make):
 
 def test_tiny_models_refuse_the_other_task(vocab_size):
     with pytest.raises(ModelError, match="tiny-llama"):
-        build_base_model(ModelConfig(source="tiny-llama"), 2, vocab_size)
+        build_base_model(ModelConfig(source="tiny-llama"), ("a", "b"), vocab_size)
     with pytest.raises(ModelError, match="tiny-bert"):
-        build_base_model(ModelConfig(source="tiny-bert", task="causal-lm"), 0, vocab_size)
+        build_base_model(ModelConfig(source="tiny-bert", task="causal-lm"), (), vocab_size)
     with pytest.raises(ModelError, match="at least 2 labels"):
-        build_base_model(BERT, 1, vocab_size)
+        build_base_model(BERT, ("a",), vocab_size)

@@ -158,7 +158,7 @@ def test_resume_continues_at_round_three_from_checkpoint(federation: Path) -> No
 def test_final_adapter_loads_with_peft(federation: Path) -> None:
     cfg = load_config(overrides=OVERRIDES)
     tokenizer, bundle = shared_data(cfg)
-    base = build_base_model(cfg.model, len(bundle.labels), len(tokenizer))
+    base = build_base_model(cfg.model, bundle.labels, len(tokenizer))
     model = PeftModel.from_pretrained(base, federation / "adapter")
     ckpt = load_checkpoint(federation / "checkpoint")
     loaded = adapter_state(model)

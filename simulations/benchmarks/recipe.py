@@ -12,6 +12,7 @@ default):
     clip    privacy.max_grad_norm           r      model.lora_r
     alpha   model.lora_alpha                len    data.max_length
     wd      training.weight_decay           seed   training.seed
+    init    model.head_init (label-names | zero)
 
 Each recipe is trained from the same initial adapter once without DP and once with DP-SGD at
 ``--epsilon`` (delta from the config), on the 266 training rows, then scored on the 169 held-out
@@ -60,9 +61,10 @@ KEYS = {
     "len": "data.max_length",
     "wd": "training.weight_decay",
     "seed": "training.seed",
+    "init": "model.head_init",
 }
 
-# The recipes the search settled on (see RESULTS.md): a non-private one and a private one.
+# The recipes the search settled on (runs listed in the README's "Recipe" section): non-private, private.
 DEFAULT_RECIPES = (
     "lr=5e-3,hlr=2e-2,bs=32,steps=9,rounds=8,clip=1.0,len=128",
     "lr=1e-3,hlr=5e-2,bs=128,steps=10,rounds=2,clip=1.0,len=128",
@@ -148,7 +150,7 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float
 
 
 def linear_probe(cfg: FedloraConfig, bench: Workbench) -> dict[str, float]:
-    base = build_base_model(cfg.model, len(bench.labels), len(bench.tokenizer))
+    base = build_base_model(cfg.model, bench.labels, len(bench.tokenizer))
     train, test = bench.data.train, bench.data.eval
     x_train, x_test = embed(base.encoder, train), embed(base.encoder, test)
     y_train, y_test = train.labels, test.labels
