@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -47,7 +48,8 @@ def compose(accountant: str, history: list[tuple[float, float, int]], delta: flo
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf at q = 1, masked out; not an error
+        return float(acc.get_epsilon(delta=delta))
 
 
 class PrivacyLedger:
@@ -93,15 +95,16 @@ class PrivacyLedger:
     def calibrate(self, sample_rate: float, planned_steps: int) -> float:
         """Noise for the plan, fixed at the ledger's first round and kept for its whole life."""
         if self.noise_multiplier is None:
-            self.noise_multiplier = float(
-                get_noise_multiplier(
-                    target_epsilon=self.budget,
-                    target_delta=self.delta,
-                    sample_rate=sample_rate,
-                    steps=planned_steps,
-                    accountant=self.accountant,
+            with np.errstate(divide="ignore"):  # as in compose()
+                self.noise_multiplier = float(
+                    get_noise_multiplier(
+                        target_epsilon=self.budget,
+                        target_delta=self.delta,
+                        sample_rate=sample_rate,
+                        steps=planned_steps,
+                        accountant=self.accountant,
+                    )
                 )
-            )
         return self.noise_multiplier
 
     def rounds_affordable(self, sample_rate: float, steps: int, limit: int = 10_000) -> int:
