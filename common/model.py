@@ -52,7 +52,7 @@ class PooledClassifier(nn.Module):
 
     Mean pooling, L2-normalised, is how MiniLM was trained to embed sentences; a head started from the
     embeddings of the label names is then a zero-shot classifier, so DP noise refines a working model
-    instead of having to find one from zero (measured: README, "Recipe").
+    instead of having to find one from zero (measured: README, "Measured").
     """
 
     def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, normalize: bool) -> None:
