@@ -24,6 +24,7 @@ cross-entropy + 0.5 * C^-1 * ||W||^2, C = 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -43,7 +44,7 @@ from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import TokenizedDataset
-from fedlora.common.model import build_base_model, build_model, device_for
+from fedlora.common.model import PooledClassifier, build_base_model, build_model, device_for
 from fedlora.common.scoring import evaluate, trim
 from fedlora.common.workbench import Workbench, prepare
 
@@ -64,7 +65,7 @@ KEYS = {
     "init": "model.head_init",
 }
 
-# The recipes the search settled on (runs listed in the README's "Recipe" section): non-private, private.
+# The recipes the previous search settled on: a non-private one and a private one.
 DEFAULT_RECIPES = (
     "lr=5e-3,hlr=2e-2,bs=32,steps=9,rounds=8,clip=1.0,len=128",
     "lr=1e-3,hlr=5e-2,bs=128,steps=10,rounds=2,clip=1.0,len=128",
@@ -116,16 +117,10 @@ def recipe_config(spec: str, private: bool, epsilon: float) -> tuple[FedloraConf
 
 
 @torch.no_grad()
-def embed(encoder: nn.Module, data: TokenizedDataset, batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled last hidden states of a frozen encoder (the pooling of PooledClassifier)."""
-    encoder.eval()
-    out = []
-    for batch in DataLoader(data, batch_size=batch_size):
-        ids, mask, _ = trim(batch)
-        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * m).sum(1) / m.sum(1).clamp(min=1.0))
-    return torch.cat(out)
+def embed(model: PooledClassifier, data: TokenizedDataset, batch_size: int = 64) -> torch.Tensor:
+    """The pooled vectors the model's head would see, for every row."""
+    model.eval()
+    return torch.cat([model.embed(*trim(batch)[:2]) for batch in DataLoader(data, batch_size=batch_size)])
 
 
 def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float = 1.0) -> nn.Linear:
@@ -150,9 +145,11 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float
 
 
 def linear_probe(cfg: FedloraConfig, bench: Workbench) -> dict[str, float]:
-    base = build_base_model(cfg.model, bench.labels, len(bench.tokenizer))
+    # The probe of FACTS.md: frozen, mean-pooled, not normalised; no head needed.
+    frozen = dataclasses.replace(cfg.model, pooling="mean", normalize=False, head_init="zero")
+    base = build_base_model(frozen, bench.labels, len(bench.tokenizer))
     train, test = bench.data.train, bench.data.eval
-    x_train, x_test = embed(base.encoder, train), embed(base.encoder, test)
+    x_train, x_test = embed(base, train), embed(base, test)
     y_train, y_test = train.labels, test.labels
     result = {
         "majority": float((y_test == torch.bincount(y_train).argmax()).float().mean()),
