@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.common.cli_support import read_config
-from fedlora.simulations.benchmarks.aggregators import settings, summarise
+from fedlora.simulations.benchmarks.aggregators import combine, settings, summarise
 from fedlora.simulations.cli import default_config
 
 
@@ -13,14 +13,18 @@ def test_every_setting_is_a_valid_config_that_differs_where_it_should():
     chosen = settings(dp=True, ranks=[4, 8, 16, 8, 4], dp_off=True)
     names = [s.name for s in chosen]
     assert names == [
-        "fedavg dp", "exact dp", "ffa dp", "fedavg no-dp", "exact no-dp", "ffa no-dp", "exact ranks 4/8/16 dp"
+        "fedavg dp", "exact dp", "ffa dp", "fedavg no-dp", "exact no-dp", "ffa no-dp", "exact+ef dp",
+        "exact ranks 4/8/16 dp",
     ]  # fmt: skip
     configs = {s.name: read_config(default_config(), s.overrides) for s in chosen}
     assert configs["ffa dp"].model.variant == "ffa" and configs["ffa dp"].federation.aggregator == "ffa"
     assert not configs["exact no-dp"].privacy.enabled and configs["exact dp"].privacy.enabled
     assert configs["exact ranks 4/8/16 dp"].simulation.client_ranks == (4, 8, 16, 8, 4)
+    ef = configs["exact+ef dp"].federation
+    assert ef.error_feedback and ef.aggregator == "exact" and configs["exact+ef dp"].privacy.enabled
+    assert not configs["exact dp"].federation.error_feedback
     assert [s.name for s in settings(dp=False, ranks=[], dp_off=False)] == [
-        "fedavg no-dp", "exact no-dp", "ffa no-dp"
+        "fedavg no-dp", "exact no-dp", "ffa no-dp", "exact+ef no-dp"
     ]  # fmt: skip
 
 
@@ -43,6 +47,31 @@ def test_summary_of_a_history():
     s = summarise(history)
     assert s["accuracy"] == [0.5, 0.7, 0.6]
     assert (s["final_accuracy"], s["best_accuracy"]) == (0.6, 0.7)
+    assert s["late_accuracy"] == 0.6  # rounds after the first half: round 2 of 0..2
     assert s["bytes_per_client_round"] == 200
     assert s["aggregation_ms_per_round"] == pytest.approx(3.0)
     assert s["max_epsilon"] == 4.0
+
+
+def test_repeats_combine_into_mean_spread_and_every_run():
+    def run(acc: list[float], ms: float) -> dict:
+        return {
+            "accuracy": acc,
+            "final_accuracy": acc[-1],
+            "best_accuracy": max(acc),
+            "late_accuracy": acc[-1],
+            "bytes_per_client_round": 100.0,
+            "aggregation_ms_per_round": ms,
+            "max_epsilon": 7.5 + ms,
+        }
+
+    runs = [run([0.5, 0.7, 0.8], 1.0), run([0.5, 0.9, 0.6], 3.0)]
+    c = combine("exact dp", runs)
+    assert c["accuracy"] == pytest.approx([0.5, 0.8, 0.7])
+    assert c["final_accuracy"] == pytest.approx(0.7)
+    assert c["final_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert c["best_accuracy"] == pytest.approx(0.85)
+    assert c["late_accuracy"] == pytest.approx(0.7)
+    assert c["aggregation_ms_per_round"] == pytest.approx(2.0)
+    assert c["max_epsilon"] == 10.5 and c["runs"] == runs
+    assert combine("one", runs[:1])["final_sd"] == 0.0

@@ -1,13 +1,15 @@
 """fedavg vs exact vs ffa (and mixed ranks) on one simulation config, in one comparison run.
 
-Run: ``python -m fedlora.simulations.benchmarks.aggregators [CONFIG] [--out DIR] [--set k=v ...]``
+Run: ``python -m fedlora.simulations.benchmarks.aggregators [CONFIG] [--out DIR] [--repeats N]``
 
 Every setting is a full simulation of the same config (default: the hospital simulation) into its own
-sub-folder of ``--out``; an existing sub-folder is resumed, so an interrupted comparison goes on where
-it stopped. Settings: each aggregator with the config's DP and with DP off, and ``exact`` with mixed
-client ranks (``--ranks``) under DP. Written to ``--out``: ``aggregators.json``, ``aggregators.png``
-(held-out accuracy per round, one line per setting) and ``report.md`` with the table printed here:
-final and best accuracy, bytes each client sent per round, server aggregation time per round.
+sub-folder of ``--out``, ``--repeats`` times (DP noise and Poisson sampling are unseeded by design, so
+one run per setting cannot tell a real difference from luck); an existing run folder is resumed, so an
+interrupted comparison goes on where it stopped. Settings: each aggregator with the config's DP and
+with DP off, ``exact`` with error feedback, and ``exact`` with mixed client ranks (``--ranks``), both
+under DP. Written to ``--out``: ``aggregators.json``, ``aggregators.png`` (mean held-out accuracy per
+round, one line per setting) and ``report.md`` with the table printed here: final and best accuracy
+(mean, spread and every run), bytes each client sent per round, server aggregation time per round.
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ def settings(dp: bool, ranks: list[int], dp_off: bool) -> list[Setting]:
     out = [
         Setting(f"{agg} {mode}", (*sets, priv)) for mode, priv in modes for agg, sets in aggregators.items()
     ]
+    mode, priv = modes[0]
+    out.append(
+        Setting(f"exact+ef {mode}", ("federation.aggregator=exact", "federation.error_feedback=true", priv))
+    )
     if ranks:
-        mode, priv = modes[0]
         rank_list = "[" + ",".join(str(r) for r in ranks) + "]"
         out.append(
             Setting(
@@ -72,6 +77,8 @@ def summarise(history: list[dict]) -> dict:
         "accuracy": accuracy,
         "final_accuracy": accuracy[-1],
         "best_accuracy": max(a for a in accuracy if a is not None),
+        # Mean over the second half of the rounds: steadier than one round's 169-row score.
+        "late_accuracy": statistics.mean(accuracy[len(accuracy) // 2 + 1 :] or accuracy[-1:]),
         "bytes_per_client_round": statistics.mean(sent) if sent else 0.0,
         "aggregation_ms_per_round": 1000 * statistics.mean(aggregation) if aggregation else 0.0,
         "max_epsilon": max(
@@ -80,25 +87,50 @@ def summarise(history: list[dict]) -> dict:
     }
 
 
-def run_setting(config: str, extra: list[str], setting: Setting, out: Path) -> dict:
+def run_once(config: str, extra: list[str], setting: Setting, folder: Path) -> dict:
     cfg: FedloraConfig = read_config(config, [*extra, *setting.overrides])
-    folder = out / setting.name.replace(" ", "-").replace("/", "-")
     start = time.perf_counter()
     with console.status(f"{setting.name}: {cfg.federation.rounds} rounds") as status:
         simulate(
             cfg,
             folder,
             on_round=lambda e: status.update(
-                f"{setting.name}: round {e['round']}/{cfg.federation.rounds}, "
+                f"{setting.name} ({folder.name}): round {e['round']}/{cfg.federation.rounds}, "
                 f"acc {e.get('central', {}).get('accuracy', float('nan')):.3f}"
             ),
         )
     history = write_all(folder, f"{cfg.name}: {setting.name}")
-    result = {"setting": setting.name, "folder": folder.name, **summarise(history)}
+    result = summarise(history)
     console.print(
-        f"{setting.name}: final accuracy {result['final_accuracy']:.4f} ({time.perf_counter() - start:.0f} s)"
+        f"{setting.name} ({folder.name}): final accuracy {result['final_accuracy']:.4f} "
+        f"({time.perf_counter() - start:.0f} s)"
     )
     return result
+
+
+def combine(name: str, runs: list[dict]) -> dict:
+    """One setting over its repeats: mean curve and figures, the spread, and every run's result."""
+    finals = [r["final_accuracy"] for r in runs]
+    bests = [r["best_accuracy"] for r in runs]
+    rounds = min(len(r["accuracy"]) for r in runs)
+    return {
+        "setting": name,
+        "runs": runs,
+        "accuracy": [statistics.mean(r["accuracy"][i] for r in runs) for i in range(rounds)],
+        "final_accuracy": statistics.mean(finals),
+        "final_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "best_accuracy": statistics.mean(bests),
+        "late_accuracy": statistics.mean(r["late_accuracy"] for r in runs),
+        **{
+            key: statistics.mean(r[key] for r in runs)
+            for key in ("bytes_per_client_round", "aggregation_ms_per_round")
+        },
+        "max_epsilon": max(r["max_epsilon"] for r in runs),
+    }
+
+
+def _finals(r: dict) -> str:
+    return " ".join(f"{run['final_accuracy']:.3f}" for run in r["runs"])
 
 
 def table(results: list[dict]) -> Table:
@@ -106,8 +138,10 @@ def table(results: list[dict]) -> Table:
     for column in (
         "setting",
         "round 0",
-        "final acc",
-        "best acc",
+        "final acc (mean ± sd)",
+        "final acc (each run)",
+        "best acc (mean)",
+        "late-rounds acc (mean)",
         "KiB/client/round",
         "agg ms/round",
         "max eps",
@@ -117,8 +151,10 @@ def table(results: list[dict]) -> Table:
         t.add_row(
             r["setting"],
             f"{r['accuracy'][0]:.4f}",
-            f"{r['final_accuracy']:.4f}",
+            f"{r['final_accuracy']:.4f} ± {r['final_sd']:.4f}",
+            _finals(r),
             f"{r['best_accuracy']:.4f}",
+            f"{r['late_accuracy']:.4f}",
             f"{r['bytes_per_client_round'] / 1024:.0f}",
             f"{r['aggregation_ms_per_round']:.1f}",
             f"{r['max_epsilon']:.2f}",
@@ -131,7 +167,8 @@ def plot(results: list[dict], path: Path) -> None:
     for r in results:
         style = "-" if r["setting"].endswith(" dp") else "--"
         ax.plot(range(len(r["accuracy"])), r["accuracy"], style, marker="o", markersize=3, label=r["setting"])
-    ax.set(xlabel="round", ylabel="held-out accuracy", title="Global adapter accuracy per round")
+    title = "Global adapter accuracy per round (mean of runs)"
+    ax.set(xlabel="round", ylabel="held-out accuracy", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -142,11 +179,13 @@ def write_report(results: list[dict], out: Path) -> None:
     lines = [
         "# Aggregators: fedavg vs exact vs ffa",
         "",
-        "| setting | round 0 | final acc | best acc | KiB/client/round | agg ms/round | max eps |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | round 0 | final acc (mean ± sd) | final acc (each run) | best acc (mean) "
+        "| late-rounds acc (mean) | KiB/client/round | agg ms/round | max eps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['setting']} | {r['accuracy'][0]:.4f} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} "
+        f"| {r['setting']} | {r['accuracy'][0]:.4f} | {r['final_accuracy']:.4f} ± {r['final_sd']:.4f} "
+        f"| {_finals(r)} | {r['best_accuracy']:.4f} | {r['late_accuracy']:.4f} "
         f"| {r['bytes_per_client_round'] / 1024:.0f} | {r['aggregation_ms_per_round']:.1f} "
         f"| {r['max_epsilon']:.2f} |"
         for r in results
@@ -164,19 +203,26 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--ranks", type=int, nargs="*", default=[4, 8, 16, 8, 4], help="mixed client ranks")
     ap.add_argument("--no-dp-off", action="store_true", help="skip the settings without DP")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per setting (DP noise is unseeded)")
     return ap
 
 
 def compare_aggregators(args: argparse.Namespace) -> int:
+    """Repeat by repeat across all settings, so a comparison cut short is still balanced; the files
+    are rewritten after every repeat."""
     config = args.config or default_config()
     dp = read_config(config, args.set).privacy.enabled
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [
-        run_setting(config, args.set, s, args.out) for s in settings(dp, args.ranks, not args.no_dp_off)
-    ]
-    (args.out / "aggregators.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "aggregators.png")
-    write_report(results, args.out)
+    chosen = settings(dp, args.ranks, not args.no_dp_off)
+    runs: dict[str, list[dict]] = {s.name: [] for s in chosen}
+    for k in range(1, args.repeats + 1):
+        for s in chosen:
+            folder = args.out / s.name.replace(" ", "-").replace("/", "-") / f"run-{k}"
+            runs[s.name].append(run_once(config, args.set, s, folder))
+        results = [combine(name, done) for name, done in runs.items()]
+        (args.out / "aggregators.json").write_text(json.dumps(results, indent=1))
+        plot(results, args.out / "aggregators.png")
+        write_report(results, args.out)
     report.print(table(results))
     return 0
 
