@@ -287,7 +287,7 @@ def lora_config(cfg: ModelConfig, targets: list[str]) -> LoraConfig:
 @lru_cache(maxsize=2)
 def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> tuple[nn.Module, str]:
     """The loaded base and its fingerprint, once per process: read-only, so safe to share between
-    the virtual clients Ray runs in one process (each gets a deep copy)."""
+    the virtual clients Ray runs in one process (each gets a copy that shares the frozen weights)."""
     base = build_base_model(cfg, labels, vocab_size)
     return base, fingerprint(cfg, base, labels, target_modules(cfg, base))
 
@@ -295,7 +295,10 @@ def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -
 def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:
     """Base model + LoRA, identically initialised for every party that shares ``cfg``."""
     template, fp = _base_template(cfg, tuple(labels), vocab_size)
-    base = copy.deepcopy(template)
+    # The frozen base weights are never written (no merging, no dtype casts), so every copy shares
+    # them: no 90 MB clone per message. The head is trained, so it is copied.
+    frozen = {id(p): p for name, p in template.named_parameters() if not name.startswith(f"{HEAD}.")}
+    base = copy.deepcopy(template, memo=frozen)
     targets = target_modules(cfg, base)
     for param in base.parameters():
         param.requires_grad_(False)

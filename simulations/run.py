@@ -8,30 +8,15 @@ from functools import partial
 from pathlib import Path
 
 import yaml
-from flwr.app import Context
 from flwr.simulation import run_simulation
 
-from fedlora.client.app import ClientSetup, build_client_app, with_rank
-from fedlora.common import protocol as P
+from fedlora.client.app import build_client_app
 from fedlora.common.config import FedloraConfig, dump_yaml
 from fedlora.common.errors import ConfigError
 from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
+from fedlora.simulations.virtual_client import simulation_setup
 
 CONFIG_FILE = "config.yaml"
-
-
-def simulation_setup(cfg: FedloraConfig, run_dir: Path, context: Context) -> ClientSetup:
-    """Virtual institution ``partition-id``: its slice of the data, its rank, its own ledger."""
-    pid = int(context.node_config[P.PARTITION_ID])
-    ranks = cfg.simulation.client_ranks
-    own = with_rank(cfg, ranks[pid]) if ranks else cfg
-    return ClientSetup(
-        cfg=own,
-        client_id=pid,
-        ledger_path=run_dir / "ledgers" / f"client-{pid}.json",
-        partition=pid,
-        audit_path=run_dir / "audit" / f"client-{pid}.jsonl",
-    )
 
 
 def backend_config(cfg: FedloraConfig) -> dict:

@@ -116,6 +116,38 @@ def test_label_names_head_is_a_zero_shot_cosine_classifier(vocab_size):
     assert float(zero.classifier.weight.abs().sum()) == 0.0
 
 
+def test_builds_share_the_frozen_base_and_training_one_leaves_the_others_alone(
+    make_config, vocab_size, toy_classification, tmp_path
+):
+    """Copies share the base weights (no clone per message); a DP round on one copy must not reach
+    the shared template, another live copy, or the next build."""
+    cfg = make_config(
+        {"training": {"batch_size": 4, "learning_rate": 0.05}, "privacy": {"accountant": "rdp"}}
+    )
+    labels = ("a", "b")
+    first, second = (build_model(cfg.model, labels, vocab_size).model for _ in range(2))
+    frozen = {n: p for n, p in first.named_parameters() if not p.requires_grad and "classifier" not in n}
+    other = dict(second.named_parameters())
+    assert frozen and all(p.data_ptr() == other[n].data_ptr() for n, p in frozen.items())
+    trainable = [n for n, p in first.named_parameters() if p.requires_grad]
+    assert all(p.data_ptr() != other[n].data_ptr() for n, p in first.named_parameters() if n in trainable)
+
+    data = toy_classification(n=16)
+    before = logits_of(second, data.input_ids, data.attention_mask)
+    base_before = {n: p.detach().clone() for n, p in frozen.items()}
+    ledger = PrivacyLedger(tmp_path / "ledger.json", cfg.privacy.epsilon, cfg.privacy.delta, "rdp")
+    ledger.noise_multiplier = 1.0
+    trainer = LocalTrainer(cfg, first, data, CPU, ledger)
+    trainer.train_round(1, steps=4)
+
+    assert_same_state(base_before, {n: p.detach() for n, p in frozen.items()})
+    torch.testing.assert_close(logits_of(second, data.input_ids, data.attention_mask), before)
+    third = build_model(cfg.model, labels, vocab_size).model
+    assert_same_state(adapter_state(third), adapter_state(second))
+    # Not vacuous: the trained copy did move.
+    assert (logits_of(trainer.peft_model, data.input_ids, data.attention_mask) - before).abs().max() > 1e-3
+
+
 def test_ffa_freezes_a(vocab_size):
     built = build_model(ModelConfig(source="tiny-bert", variant="ffa"), LABELS, vocab_size)
     names = {n: p.requires_grad for n, p in built.model.named_parameters() if "lora_" in n}
