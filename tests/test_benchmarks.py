@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from flwr.app import ArrayRecord
 
+from fedlora.common.adapter import adapter_state
 from fedlora.common.cli_support import read_config
+from fedlora.common.workbench import prepare
 from fedlora.simulations.benchmarks.aggregators import combine, settings, summarise
+from fedlora.simulations.benchmarks.bare_flower import initial_adapter, load_and_send
+from fedlora.simulations.benchmarks.overhead import lora_spec
 from fedlora.simulations.cli import default_config
 
 
@@ -75,3 +81,19 @@ def test_repeats_combine_into_mean_spread_and_every_run():
     assert c["aggregation_ms_per_round"] == pytest.approx(2.0)
     assert c["max_epsilon"] == 10.5 and c["runs"] == runs
     assert combine("one", runs[:1])["final_sd"] == 0.0
+
+
+def test_the_lora_baseline_sends_back_what_it_loaded_in_fedloras_shapes():
+    """The overhead baseline is only fair if it really loads the global adapter (keys that did not
+    match would be ignored silently) and exchanges the same tensors as fedlora."""
+    cfg = read_config(default_config(), [])
+    work = prepare(cfg)
+    spec = lora_spec(cfg, work)
+    start = initial_adapter(spec).to_torch_state_dict()
+    ours = adapter_state(work.built.model)
+    assert sorted(v.shape for v in start.values()) == sorted(v.shape for v in ours.values())
+    g = torch.Generator().manual_seed(0)
+    sent = {k: torch.randn(v.shape, generator=g) for k, v in start.items()}
+    back = load_and_send(spec, ArrayRecord(sent)).to_torch_state_dict()
+    assert back.keys() == sent.keys()
+    assert all(torch.equal(back[k], sent[k]) for k in sent)

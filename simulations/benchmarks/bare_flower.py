@@ -55,14 +55,19 @@ def initial_adapter(spec: LoraSpec) -> ArrayRecord:
     return ArrayRecord(get_peft_model_state_dict(lora_model(spec)))
 
 
+def load_and_send(spec: LoraSpec, received: ArrayRecord) -> ArrayRecord:
+    """A round with training off: the global adapter in, this client's adapter out."""
+    model = lora_model(spec)
+    set_peft_model_state_dict(model, received.to_torch_state_dict())
+    return ArrayRecord(get_peft_model_state_dict(model))
+
+
 def lora_app(spec: LoraSpec) -> ClientApp:
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, _context: Context) -> Message:
-        model = lora_model(spec)
-        set_peft_model_state_dict(model, msg.content["arrays"].to_torch_state_dict())
-        arrays = ArrayRecord(get_peft_model_state_dict(model))
+        arrays = load_and_send(spec, msg.content["arrays"])
         reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
         return Message(content=reply, reply_to=msg)
 

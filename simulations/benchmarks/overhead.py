@@ -34,7 +34,7 @@ from fedlora.common.adapter import adapter_state
 from fedlora.common.cli_support import console
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.model import model_dir, target_modules
-from fedlora.common.workbench import prepare
+from fedlora.common.workbench import Workbench, prepare
 from fedlora.simulations.benchmarks.bare_flower import LoraSpec, echo_app, initial_adapter, lora_app
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.run import backend_config, simulate
@@ -55,6 +55,17 @@ def bare_flower(cfg: FedloraConfig, client: ClientApp, arrays: ArrayRecord) -> f
         server, client, num_supernodes=cfg.simulation.num_clients, backend_config=backend_config(cfg)
     )
     return time.perf_counter() - start
+
+
+def lora_spec(cfg: FedloraConfig, work: Workbench) -> LoraSpec:
+    """fedlora's base model and LoRA layout, for the baseline to rebuild without fedlora."""
+    return LoraSpec(
+        folder=str(model_dir(cfg.model.source)),
+        num_labels=len(work.labels),
+        r=cfg.model.lora_r,
+        alpha=cfg.model.lora_alpha,
+        targets=tuple(target_modules(cfg.model, work.built.model.base_model.model)),
+    )
 
 
 def fedlora_run(cfg: FedloraConfig) -> float:
@@ -82,13 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(default_config(), overrides)
     work = prepare(cfg)
     arrays = ArrayRecord(adapter_state(work.built.model))
-    lora = LoraSpec(
-        folder=str(model_dir(cfg.model.source)),
-        num_labels=len(work.labels),
-        r=cfg.model.lora_r,
-        alpha=cfg.model.lora_alpha,
-        targets=tuple(target_modules(cfg.model, work.built.model.base_model.model)),
-    )
+    lora = lora_spec(cfg, work)
     lora_arrays = initial_adapter(lora)
     if sorted(a.shape for a in lora_arrays.values()) != sorted(a.shape for a in arrays.values()):
         raise SystemExit("the LoRA baseline's adapter does not match fedlora's tensor for tensor")
