@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         f"federation.min_clients={args.clients}",
         "federation.fraction_evaluate=0",
         "federation.central_eval=false",
+        "federation.aggregator=fedavg",  # like for like with Flower's FedAvg on the bare side
     ]
     cfg = load_config(default_config(), overrides)
     work = prepare(cfg)
