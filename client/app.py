@@ -23,12 +23,19 @@ from fedlora.client.audit import audit_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common import protocol as P
-from fedlora.common.adapter import adapter_state, delta, from_record, load_adapter_state, to_record
+from fedlora.common.adapter import (
+    adapter_state,
+    delta,
+    fold_into_base,
+    from_record,
+    load_adapter_state,
+    to_record,
+)
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
 from fedlora.common.errors import AdapterError, ConfigError
-from fedlora.common.lora_math import truncate_state
-from fedlora.common.model import build_model, device_for, load_tokenizer
+from fedlora.common.lora_math import dropped_by_truncation, truncate_state
+from fedlora.common.model import BuiltModel, build_model, device_for, load_tokenizer
 from fedlora.common.scoring import evaluate
 
 
@@ -89,19 +96,26 @@ def _scale(cfg: FedloraConfig) -> float:
     return cfg.model.lora_alpha / cfg.model.lora_r
 
 
-def _received(msg: Message, cfg: FedloraConfig, fingerprint: str) -> dict[str, torch.Tensor]:
-    """The global adapter, refused unless it is for this client's base model and layout."""
+def _load_global(msg: Message, cfg: FedloraConfig, built: BuiltModel) -> dict[str, torch.Tensor]:
+    """Load the global adapter at this client's rank and return what was loaded; refused unless it is
+    for this client's base model and layout. Where the global rank is higher, what the truncation
+    drops is folded into the frozen base (model.fold_remainder): the client then trains and
+    evaluates the whole global model, and still trains and sends only its own rank."""
     config = msg.content[P.CONFIG]
     theirs = config.get(P.FINGERPRINT)
-    if theirs != fingerprint:
+    if theirs != built.fingerprint:
         raise AdapterError(
-            f"global adapter fingerprint {theirs} does not match this client's {fingerprint}: "
+            f"global adapter fingerprint {theirs} does not match this client's {built.fingerprint}: "
             "different base model, labels or LoRA layout"
         )
-    state = from_record(msg.content[P.ARRAYS])
+    received = from_record(msg.content[P.ARRAYS])
     server_rank, server_scale = int(config[P.LORA_R]), float(config[P.LORA_SCALE])
+    state = received
     if server_rank != cfg.model.lora_r or server_scale != _scale(cfg):
-        state = truncate_state(state, cfg.model.lora_r, server_scale, _scale(cfg))
+        state = truncate_state(received, cfg.model.lora_r, server_scale, _scale(cfg))
+        if cfg.model.fold_remainder and server_rank > cfg.model.lora_r:
+            fold_into_base(built.model, dropped_by_truncation(received, state, server_scale, _scale(cfg)))
+    load_adapter_state(built.model, state)
     return state
 
 
@@ -115,8 +129,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     tokenizer, bundle = shared_data(cfg)
     train, _ = client_data(setup)
     built = build_model(cfg.model, bundle.labels, len(tokenizer))
-    start = _received(msg, cfg, built.fingerprint)
-    load_adapter_state(built.model, start)
+    start = _load_global(msg, cfg, built)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
     ledger = None
     if cfg.privacy.enabled:
@@ -158,7 +171,7 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     if ev is None:
         raise ConfigError("data.eval_path: this client has no evaluation data")
     built = build_model(cfg.model, bundle.labels, len(tokenizer))
-    load_adapter_state(built.model, _received(msg, cfg, built.fingerprint))
+    _load_global(msg, cfg, built)
     device = device_for(cfg.training.device)
     scores = evaluate(built.model.to(device), cfg.model.task, ev, device, cfg.training.eval_batch_size)
     metrics = {P.NUM_EXAMPLES: len(ev), P.LOSS: scores["loss"]}

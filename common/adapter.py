@@ -57,6 +57,29 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> N
     set_peft_model_state_dict(inner, merged)
 
 
+def fold_into_base(model: nn.Module, changes: Mapping[str, torch.Tensor]) -> None:
+    """Add a fixed weight change (by LoRA layer prefix, ``[out, in]``) to that layer's frozen base.
+
+    The base tensors may be shared with other model copies (see model.build_model), so they are
+    never written: each changed layer gets a new frozen tensor of its own.
+    """
+    inner = peft_module(model)
+    for prefix, change in changes.items():
+        try:
+            layer = inner.get_submodule(prefix)
+        except AttributeError:
+            raise AdapterError(f"fold into base: no layer {prefix!r} in this model") from None
+        base = layer.get_base_layer()
+        weight = base.weight
+        delta_w = change.T if getattr(layer, "fan_in_fan_out", False) else change
+        if tuple(delta_w.shape) != tuple(weight.shape):
+            raise AdapterError(
+                f"fold into base: {prefix} change {tuple(delta_w.shape)}, weight {tuple(weight.shape)}"
+            )
+        folded = weight.detach() + delta_w.to(weight.device, weight.dtype)
+        base.weight = nn.Parameter(folded, requires_grad=False)
+
+
 def to_record(state: Mapping[str, torch.Tensor], dtype: str = "fp32") -> ArrayRecord:
     """Flower can't carry bf16: tensors go as fp32 (or fp16 to halve traffic)."""
     wire = WIRE_DTYPES[dtype]

@@ -45,6 +45,13 @@ class ModelConfig:
         "'lora' trains A and B; 'ffa' (FFA-LoRA) freezes A at a shared seed and trains B only.",
         choices=("lora", "ffa"),
     )
+    fold_remainder: bool = _f(
+        True,
+        "Mixed ranks: when the global adapter's rank is above lora_r, fold what this client's "
+        "truncation drops into a private copy of its frozen base weights, so it trains on the whole "
+        "global model rather than its truncation (one dense copy of each adapted weight; trained and "
+        "sent parameters stay at lora_r).",
+    )
     pooling: str = _f("mean", "Classification: how token states become one vector.", choices=("mean", "cls"))
     normalize: bool = _f(
         True,

@@ -106,3 +106,15 @@ def truncate_state(
         new_a, new_b, _ = factorize(p, rank, scale_to)
         result[a_key], result[b_key] = new_a.to(a.dtype), new_b.to(b.dtype)
     return result
+
+
+def dropped_by_truncation(
+    state: Mapping[str, Tensor], truncated: Mapping[str, Tensor], scale_from: float, scale_to: float
+) -> dict[str, Tensor]:
+    """Per LoRA layer prefix, the product ``state`` holds that ``truncated`` lost (float64)."""
+    dropped: dict[str, Tensor] = {}
+    for prefix, (a_key, b_key) in lora_pairs(state).items():
+        full = product(state[a_key].to(torch.float64), state[b_key].to(torch.float64), scale_from)
+        kept = product(truncated[a_key].to(torch.float64), truncated[b_key].to(torch.float64), scale_to)
+        dropped[prefix] = full - kept
+    return dropped

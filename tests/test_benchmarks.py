@@ -39,13 +39,13 @@ def test_summary_of_a_history():
         {"round": 0, "central": {"accuracy": 0.5}},
         {
             "round": 1,
-            "central": {"accuracy": 0.7},
+            "central": {"accuracy": 0.7, "loss": 0.5},
             "clients": [{"bytes": 100, "epsilon": 2.0}, {"bytes": 300, "epsilon": 3.0}],
             "aggregation": {"aggregation_seconds": 0.004},
         },
         {
             "round": 2,
-            "central": {"accuracy": 0.6},
+            "central": {"accuracy": 0.6, "loss": 0.4},
             "clients": [{"bytes": 200, "epsilon": 4.0}],
             "aggregation": {"aggregation_seconds": 0.002},
         },
@@ -54,6 +54,7 @@ def test_summary_of_a_history():
     assert s["accuracy"] == [0.5, 0.7, 0.6]
     assert (s["final_accuracy"], s["best_accuracy"]) == (0.6, 0.7)
     assert s["late_accuracy"] == 0.6  # rounds after the first half: round 2 of 0..2
+    assert s["final_loss"] == 0.4
     assert s["bytes_per_client_round"] == 200
     assert s["aggregation_ms_per_round"] == pytest.approx(3.0)
     assert s["max_epsilon"] == 4.0
@@ -66,6 +67,7 @@ def test_repeats_combine_into_mean_spread_and_every_run():
             "final_accuracy": acc[-1],
             "best_accuracy": max(acc),
             "late_accuracy": acc[-1],
+            "final_loss": 1 - acc[-1],
             "bytes_per_client_round": 100.0,
             "aggregation_ms_per_round": ms,
             "max_epsilon": 7.5 + ms,
@@ -78,6 +80,7 @@ def test_repeats_combine_into_mean_spread_and_every_run():
     assert c["final_sd"] == pytest.approx(0.1414, abs=1e-4)
     assert c["best_accuracy"] == pytest.approx(0.85)
     assert c["late_accuracy"] == pytest.approx(0.7)
+    assert c["final_loss"] == pytest.approx(0.3)
     assert c["aggregation_ms_per_round"] == pytest.approx(2.0)
     assert c["max_epsilon"] == 10.5 and c["runs"] == runs
     assert combine("one", runs[:1])["final_sd"] == 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -19,6 +20,7 @@ from fedlora.common.adapter import (
     apply_delta,
     delta,
     export_adapter,
+    fold_into_base,
     from_record,
     l2_norm,
     load_adapter_state,
@@ -29,6 +31,7 @@ from fedlora.common.adapter import (
 from fedlora.common.config import DataConfig, ModelConfig
 from fedlora.common.data import tokenize_causal_lm
 from fedlora.common.errors import AdapterError, ModelError
+from fedlora.common.lora_math import dropped_by_truncation, lora_pairs, truncate_state
 from fedlora.common.model import build_base_model, build_model, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -298,6 +301,45 @@ def test_load_adapter_state_checks_keys_and_shapes(vocab_size, state):
     with pytest.raises(AdapterError) as info:
         load_adapter_state(model, {key: torch.zeros(3, 3, 3)})
     assert key in str(info.value)
+
+
+def test_a_lower_rank_client_with_the_dropped_product_folded_computes_the_global_model(
+    vocab_size, toy_classification
+):
+    """Rank 2 under a rank-8 global adapter: its truncation alone is another model; with what the
+    truncation drops folded into its base it is the global model, training only rank-2 factors,
+    and the base tensors it shares with other copies stay as they were."""
+    data = toy_classification(n=8, num_labels=len(LABELS))
+    high = build_model(BERT, LABELS, vocab_size).model
+    g = torch.Generator().manual_seed(3)
+    global_state = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in adapter_state(high).items()}
+    load_adapter_state(high, global_state)
+    low_cfg = dataclasses.replace(BERT, lora_r=2)
+    scale_high, scale_low = BERT.lora_alpha / BERT.lora_r, low_cfg.lora_alpha / 2
+    truncated = truncate_state(global_state, 2, scale_high, scale_low)
+    plain, folded = (build_model(low_cfg, LABELS, vocab_size).model for _ in range(2))
+    shared = {n: p.detach().clone() for n, p in plain.named_parameters() if not p.requires_grad}
+    for model in (plain, folded):
+        load_adapter_state(model, truncated)
+    fold_into_base(folded, dropped_by_truncation(global_state, truncated, scale_high, scale_low))
+
+    ids, mask = data.input_ids, data.attention_mask
+    want = logits_of(high, ids, mask)
+    torch.testing.assert_close(logits_of(folded, ids, mask), want, atol=1e-5, rtol=0)
+    assert (logits_of(plain, ids, mask) - want).abs().max() > 1e-3
+    trainable = {n: tuple(p.shape) for n, p in folded.named_parameters() if p.requires_grad}
+    assert trainable == {n: tuple(p.shape) for n, p in plain.named_parameters() if p.requires_grad}
+    assert all(shape[0] == 2 for n, shape in trainable.items() if ".lora_A." in n)
+    assert_same_state(shared, {n: p.detach() for n, p in plain.named_parameters() if n in shared})
+
+
+def test_fold_into_base_names_a_layer_it_cannot_change(vocab_size):
+    model = build_model(BERT, LABELS, vocab_size).model
+    prefix = next(iter(lora_pairs(adapter_state(model))))
+    with pytest.raises(AdapterError, match="no layer 'nowhere'"):
+        fold_into_base(model, {"nowhere": torch.zeros(2, 2)})
+    with pytest.raises(AdapterError, match=r"\(3, 3\)"):
+        fold_into_base(model, {prefix: torch.zeros(3, 3)})
 
 
 @pytest.mark.parametrize("make", [lambda p: p / "nope", lambda p: p], ids=["missing", "no-config-json"])

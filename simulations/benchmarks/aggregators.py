@@ -30,6 +30,7 @@ from rich.table import Table
 
 from fedlora.common.cli_support import console, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig
+from fedlora.common.errors import ConfigError
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.report import write_all
 from fedlora.simulations.run import simulate
@@ -71,11 +72,14 @@ def settings(dp: bool, ranks: list[int], dp_off: bool) -> list[Setting]:
 def summarise(history: list[dict]) -> dict:
     rounds = [e for e in history if e["round"] > 0]
     accuracy = [e.get("central", {}).get("accuracy") for e in history]
+    loss = [e.get("central", {}).get("loss") for e in history]
     sent = [c["bytes"] for e in rounds for c in e.get("clients", [])]
     aggregation = [e["aggregation"]["aggregation_seconds"] for e in rounds if "aggregation" in e]
     return {
         "accuracy": accuracy,
         "final_accuracy": accuracy[-1],
+        # Held-out loss moves with every row's confidence, not only the rows that flip: steadier.
+        "final_loss": loss[-1],
         "best_accuracy": max(a for a in accuracy if a is not None),
         # Mean over the second half of the rounds: steadier than one round's 169-row score.
         "late_accuracy": statistics.mean(accuracy[len(accuracy) // 2 + 1 :] or accuracy[-1:]),
@@ -120,10 +124,9 @@ def combine(name: str, runs: list[dict]) -> dict:
         "final_accuracy": statistics.mean(finals),
         "final_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
         "best_accuracy": statistics.mean(bests),
-        "late_accuracy": statistics.mean(r["late_accuracy"] for r in runs),
         **{
             key: statistics.mean(r[key] for r in runs)
-            for key in ("bytes_per_client_round", "aggregation_ms_per_round")
+            for key in ("late_accuracy", "final_loss", "bytes_per_client_round", "aggregation_ms_per_round")
         },
         "max_epsilon": max(r["max_epsilon"] for r in runs),
     }
@@ -142,6 +145,7 @@ def table(results: list[dict]) -> Table:
         "final acc (each run)",
         "best acc (mean)",
         "late-rounds acc (mean)",
+        "final loss (mean)",
         "KiB/client/round",
         "agg ms/round",
         "max eps",
@@ -155,6 +159,7 @@ def table(results: list[dict]) -> Table:
             _finals(r),
             f"{r['best_accuracy']:.4f}",
             f"{r['late_accuracy']:.4f}",
+            f"{r['final_loss']:.4f}",
             f"{r['bytes_per_client_round'] / 1024:.0f}",
             f"{r['aggregation_ms_per_round']:.1f}",
             f"{r['max_epsilon']:.2f}",
@@ -180,12 +185,12 @@ def write_report(results: list[dict], out: Path) -> None:
         "# Aggregators: fedavg vs exact vs ffa",
         "",
         "| setting | round 0 | final acc (mean ± sd) | final acc (each run) | best acc (mean) "
-        "| late-rounds acc (mean) | KiB/client/round | agg ms/round | max eps |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| late-rounds acc (mean) | final loss (mean) | KiB/client/round | agg ms/round | max eps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['setting']} | {r['accuracy'][0]:.4f} | {r['final_accuracy']:.4f} ± {r['final_sd']:.4f} "
-        f"| {_finals(r)} | {r['best_accuracy']:.4f} | {r['late_accuracy']:.4f} "
+        f"| {_finals(r)} | {r['best_accuracy']:.4f} | {r['late_accuracy']:.4f} | {r['final_loss']:.4f} "
         f"| {r['bytes_per_client_round'] / 1024:.0f} | {r['aggregation_ms_per_round']:.1f} "
         f"| {r['max_epsilon']:.2f} |"
         for r in results
@@ -204,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ranks", type=int, nargs="*", default=[4, 8, 16, 8, 4], help="mixed client ranks")
     ap.add_argument("--no-dp-off", action="store_true", help="skip the settings without DP")
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting (DP noise is unseeded)")
+    ap.add_argument("--only", nargs="+", metavar="SETTING", help="run only these settings (by name)")
     return ap
 
 
@@ -214,6 +220,12 @@ def compare_aggregators(args: argparse.Namespace) -> int:
     dp = read_config(config, args.set).privacy.enabled
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = settings(dp, args.ranks, not args.no_dp_off)
+    if args.only:
+        names = [s.name for s in chosen]
+        unknown = [name for name in args.only if name not in names]
+        if unknown:
+            raise ConfigError(f"--only: no setting {unknown[0]!r}; the settings are {', '.join(names)}")
+        chosen = [s for s in chosen if s.name in args.only]
     runs: dict[str, list[dict]] = {s.name: [] for s in chosen}
     for k in range(1, args.repeats + 1):
         for s in chosen:
