@@ -96,7 +96,7 @@ def _scale(cfg: FedloraConfig) -> float:
     return cfg.model.lora_alpha / cfg.model.lora_r
 
 
-def _load_global(msg: Message, cfg: FedloraConfig, built: BuiltModel) -> dict[str, torch.Tensor]:
+def load_global(msg: Message, cfg: FedloraConfig, built: BuiltModel) -> dict[str, torch.Tensor]:
     """Load the global adapter at this client's rank and return what was loaded; refused unless it is
     for this client's base model and layout. Where the global rank is higher, what the truncation
     drops is folded into the frozen base (model.fold_remainder): the client then trains and
@@ -129,7 +129,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     tokenizer, bundle = shared_data(cfg)
     train, _ = client_data(setup)
     built = build_model(cfg.model, bundle.labels, len(tokenizer))
-    start = _load_global(msg, cfg, built)
+    start = load_global(msg, cfg, built)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
     ledger = None
     if cfg.privacy.enabled:
@@ -171,7 +171,7 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     if ev is None:
         raise ConfigError("data.eval_path: this client has no evaluation data")
     built = build_model(cfg.model, bundle.labels, len(tokenizer))
-    _load_global(msg, cfg, built)
+    load_global(msg, cfg, built)
     device = device_for(cfg.training.device)
     scores = evaluate(built.model.to(device), cfg.model.task, ev, device, cfg.training.eval_batch_size)
     metrics = {P.NUM_EXAMPLES: len(ev), P.LOSS: scores["loss"]}
