@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
+from helpers_messages import metadata
 
 from fedlora.client.app import load_global
 from fedlora.common import protocol as P
@@ -20,18 +19,7 @@ LABELS = ("cardio", "derm", "resp")
 def train_message(state: dict[str, torch.Tensor], fingerprint: str, rank: int, scale: float) -> Message:
     config = ConfigRecord({P.FINGERPRINT: fingerprint, P.LORA_R: rank, P.LORA_SCALE: scale, P.ROUND: 1})
     content = RecordDict({P.ARRAYS: to_record(state), P.CONFIG: config})
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
-    return Message(content=content, metadata=metadata)
+    return Message(content=content, metadata=metadata(0, 1))
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

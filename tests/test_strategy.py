@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-import time
-
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from helpers_messages import metadata
 
 from fedlora.common import protocol as P
 from fedlora.common.adapter import from_record
@@ -20,7 +18,6 @@ SHAPES = {
     "base_model.model.l0.q.lora_B.weight": (5, 4),
     "base_model.model.classifier.weight": (3, 5),
 }
-_ids = itertools.count()
 
 
 def state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -29,17 +26,7 @@ def state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def reply(node: int, update: dict, num: int, fingerprint: str = FP, **metrics) -> Message:
-    md = Metadata(
-        run_id=1,
-        message_id=f"m{next(_ids)}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
+    md = metadata(node, 0, reply_to="x")
     values = {P.NUM_EXAMPLES: num, P.LOSS: 1.0, P.EPSILON: 0.5, P.LORA_R: 4, P.LORA_SCALE: 4.0, **metrics}
     content = RecordDict(
         {
@@ -52,17 +39,7 @@ def reply(node: int, update: dict, num: int, fingerprint: str = FP, **metrics) -
 
 
 def error_reply(node: int, reason: str) -> Message:
-    md = Metadata(
-        run_id=1,
-        message_id=f"m{next(_ids)}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
+    md = metadata(node, 0, reply_to="x")
     return Message(error=Error(code=1, reason=reason), metadata=md)
 
 
