@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 from fedlora.common.adapter import adapter_state
 from fedlora.common.cli_support import read_config
 from fedlora.common.workbench import prepare
-from fedlora.simulations.benchmarks.aggregators import combine, settings, summarise
+from fedlora.simulations.benchmarks.aggregators import combine, main, settings, summarise
 from fedlora.simulations.benchmarks.bare_flower import initial_adapter, load_and_send
 from fedlora.simulations.benchmarks.overhead import lora_spec
 from fedlora.simulations.cli import default_config
@@ -32,6 +32,13 @@ def test_every_setting_is_a_valid_config_that_differs_where_it_should():
     assert [s.name for s in settings(dp=False, ranks=[], dp_off=False)] == [
         "fedavg no-dp", "exact no-dp", "ffa no-dp", "exact+ef no-dp"
     ]  # fmt: skip
+
+
+def test_only_an_unknown_setting_is_refused_naming_the_settings(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--only", "exact dp", "exakt dp"]) == 2
+    err = capsys.readouterr().err
+    assert "--only: no setting 'exakt dp'" in err and "exact ranks 4/8/16 dp" in err
+    assert list(tmp_path.iterdir()) == []  # refused before any run
 
 
 def test_summary_of_a_history():

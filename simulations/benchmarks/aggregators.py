@@ -1,6 +1,7 @@
 """fedavg vs exact vs ffa (and mixed ranks) on one simulation config, in one comparison run.
 
-Run: ``python -m fedlora.simulations.benchmarks.aggregators [CONFIG] [--out DIR] [--repeats N]``
+Run: ``python -m fedlora.simulations.benchmarks.aggregators [CONFIG] [--out DIR] [--repeats N]
+[--only SETTING ...]``
 
 Every setting is a full simulation of the same config (default: the hospital simulation) into its own
 sub-folder of ``--out``, ``--repeats`` times (DP noise and Poisson sampling are unseeded by design, so
