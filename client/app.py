@@ -34,7 +34,7 @@ from fedlora.common.adapter import (
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
 from fedlora.common.errors import AdapterError, ConfigError
-from fedlora.common.lora_math import dropped_by_truncation, truncate_state
+from fedlora.common.lora_math import dropped_by_truncation, layer_products, truncate_state
 from fedlora.common.model import BuiltModel, build_model, device_for, load_tokenizer
 from fedlora.common.scoring import evaluate
 
@@ -98,9 +98,10 @@ def _scale(cfg: FedloraConfig) -> float:
 
 def load_global(msg: Message, cfg: FedloraConfig, built: BuiltModel) -> dict[str, torch.Tensor]:
     """Load the global adapter at this client's rank and return what was loaded; refused unless it is
-    for this client's base model and layout. Where the global rank is higher, what the truncation
-    drops is folded into the frozen base (model.fold_remainder): the client then trains and
-    evaluates the whole global model, and still trains and sends only its own rank."""
+    for this client's base model and layout. Below the global rank, what the truncation drops is
+    folded into the frozen base (model.fold_remainder): the client then trains and evaluates the
+    whole global model, and still trains and sends only its own rank. The server sends the truncation
+    and the dropped part (P.FOLD) once it knows this client's rank; before, the client truncates."""
     config = msg.content[P.CONFIG]
     theirs = config.get(P.FINGERPRINT)
     if theirs != built.fingerprint:
@@ -110,11 +111,15 @@ def load_global(msg: Message, cfg: FedloraConfig, built: BuiltModel) -> dict[str
         )
     received = from_record(msg.content[P.ARRAYS])
     server_rank, server_scale = int(config[P.LORA_R]), float(config[P.LORA_SCALE])
-    state = received
+    state, dropped = received, {}
     if server_rank != cfg.model.lora_r or server_scale != _scale(cfg):
         state = truncate_state(received, cfg.model.lora_r, server_scale, _scale(cfg))
-        if cfg.model.fold_remainder and server_rank > cfg.model.lora_r:
-            fold_into_base(built.model, dropped_by_truncation(received, state, server_scale, _scale(cfg)))
+        if server_rank > cfg.model.lora_r:
+            dropped = dropped_by_truncation(received, state, server_scale, _scale(cfg))
+    elif P.FOLD in msg.content:
+        dropped = layer_products(from_record(msg.content[P.FOLD]), server_scale)
+    if cfg.model.fold_remainder and dropped:
+        fold_into_base(built.model, dropped)
     load_adapter_state(built.model, state)
     return state
 

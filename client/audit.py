@@ -38,12 +38,16 @@ def describe(reply: Message) -> dict:
 
 
 def received(msg: Message) -> dict:
-    """Shapes and short digests of the arrays a client was sent: proves which global it trained on."""
+    """Shapes and short digests of the arrays a client was sent: proves which global it trained on.
+    Arrays of another record than the adapter (P.FOLD) are keyed ``<record>/<key>``."""
     if not msg.has_content():
         return {}
     return {
-        key: {"shape": list(a.shape), "sha256": hashlib.sha256(a.data).hexdigest()[:16]}
-        for record in msg.content.array_records.values()
+        key if name == P.ARRAYS else f"{name}/{key}": {
+            "shape": list(a.shape),
+            "sha256": hashlib.sha256(a.data).hexdigest()[:16],
+        }
+        for name, record in msg.content.array_records.items()
         for key, a in record.items()
     }
 

@@ -108,13 +108,34 @@ def truncate_state(
     return result
 
 
+def layer_products(state: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """Per LoRA layer prefix, its weight update ``scale * B @ A`` (float64)."""
+    return {
+        prefix: product(state[a_key].to(torch.float64), state[b_key].to(torch.float64), scale)
+        for prefix, (a_key, b_key) in lora_pairs(state).items()
+    }
+
+
 def dropped_by_truncation(
     state: Mapping[str, Tensor], truncated: Mapping[str, Tensor], scale_from: float, scale_to: float
 ) -> dict[str, Tensor]:
     """Per LoRA layer prefix, the product ``state`` holds that ``truncated`` lost (float64)."""
-    dropped: dict[str, Tensor] = {}
-    for prefix, (a_key, b_key) in lora_pairs(state).items():
-        full = product(state[a_key].to(torch.float64), state[b_key].to(torch.float64), scale_from)
-        kept = product(truncated[a_key].to(torch.float64), truncated[b_key].to(torch.float64), scale_to)
-        dropped[prefix] = full - kept
-    return dropped
+    kept = layer_products(truncated, scale_to)
+    return {prefix: full - kept[prefix] for prefix, full in layer_products(state, scale_from).items()}
+
+
+def dropped_factors(
+    state: Mapping[str, Tensor],
+    truncated: Mapping[str, Tensor],
+    rank: int,
+    scale_from: float,
+    scale_to: float,
+) -> dict[str, Tensor]:
+    """What ``truncated`` lost, as LoRA factors (``state``'s LoRA keys) of ``rank`` at ``scale_to``:
+    exact when ``rank`` is ``state``'s rank minus ``truncated``'s."""
+    pairs = lora_pairs(state)
+    factors: dict[str, Tensor] = {}
+    for prefix, dropped in dropped_by_truncation(state, truncated, scale_from, scale_to).items():
+        a_key, b_key = pairs[prefix]
+        factors[a_key], factors[b_key], _ = factorize(dropped, rank, scale_to)
+    return factors

@@ -3,6 +3,9 @@
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+# server -> a client below the global rank (ArrayRecord): what its truncation drops, as LoRA factors
+# of the global rank minus its own, for it to fold into its frozen base weights
+FOLD = "fold"
 
 # server -> client (ConfigRecord)
 ROUND = "fedlora-round"  # absolute round; Flower's own "server-round" restarts on resume

@@ -25,6 +25,7 @@ from fedlora.common import protocol as P
 from fedlora.common.adapter import State, from_record, l2_norm, shapes, to_record, validate_update
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import AdapterError, FedloraError
+from fedlora.common.lora_math import dropped_factors
 from fedlora.server.aggregators import Aggregator, ClientUpdate, create_aggregator
 
 log = logging.getLogger("fedlora.server")
@@ -122,7 +123,8 @@ class LoraAverage(FedAvg):
 
     def _per_node(self, messages: Iterable[Message]) -> list[Message]:
         """A node whose rank or scale differs from the global one (known from its earlier replies)
-        receives the global adapter truncated to its own layout."""
+        receives the global adapter truncated to its own layout; below the global rank, also what
+        the truncation drops (P.FOLD), so that it can still train on the whole global model."""
         messages = list(messages)
         for msg in messages:
             layout = self.node_layouts.get(msg.metadata.dst_node_id)
@@ -132,7 +134,11 @@ class LoraAverage(FedAvg):
             config = ConfigRecord(dict(msg.content[P.CONFIG]))
             config[P.LORA_R], config[P.LORA_SCALE] = rank, scale
             own = self.aggregator.for_client(self.global_state, rank, scale)
-            msg.content = RecordDict({P.ARRAYS: to_record(own), P.CONFIG: config})
+            content = RecordDict({P.ARRAYS: to_record(own), P.CONFIG: config})
+            if rank < self.lora_r:
+                dropped = dropped_factors(self.global_state, own, self.lora_r - rank, self.lora_scale, scale)
+                content[P.FOLD] = to_record(dropped)
+            msg.content = content
         return messages
 
     def _screen(self, msg: Message) -> ClientUpdate:

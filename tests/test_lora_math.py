@@ -7,7 +7,9 @@ import torch
 
 from fedlora.common.errors import AdapterError
 from fedlora.common.lora_math import (
+    dropped_factors,
     factorize,
+    layer_products,
     lora_pairs,
     lora_rank,
     product,
@@ -145,3 +147,17 @@ def test_truncate_state_to_a_higher_rank_keeps_the_product() -> None:
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_a_truncation_and_its_dropped_factors_add_up_to_the_whole_product() -> None:
+    state = adapter(8)
+    kept = truncate_state(state, 3, 2.0, 4.0)
+    dropped = dropped_factors(state, kept, 5, 2.0, 4.0)
+    assert set(dropped) == {k for pair in lora_pairs(state).values() for k in pair}  # no head
+    for prefix, whole in layer_products(state, 2.0).items():
+        a_key, b_key = lora_pairs(state)[prefix]
+        assert dropped[a_key].shape == (5, 12) and dropped[b_key].shape == (10, 5)
+        parts = product(kept[a_key], kept[b_key], 4.0) + product(dropped[a_key], dropped[b_key], 4.0)
+        torch.testing.assert_close(parts.to(torch.float64), whole, rtol=0, atol=1e-5)
+        # The dropped part is not negligible, so the sum above is not vacuous.
+        assert torch.linalg.matrix_norm(product(dropped[a_key], dropped[b_key], 4.0)) > 0.1

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Array
 
+from fedlora.common import protocol as P
 from fedlora.common.config import load_config
 from fedlora.server.checkpoint import load_checkpoint
 from fedlora.simulations.run import simulate
@@ -111,9 +112,15 @@ def test_mixed_ranks_each_client_sends_and_receives_its_own_rank(mixed_run: Path
                     assert spec["shape"][1] == rank, (pid, key, spec)
         # Round 1: the server does not know the node's rank yet and sends rank 16 (the client
         # truncates it itself); from round 2 on it sends the node's own rank.
+        # Below the global rank, it is also sent what its truncation drops, at rank 16 - its own.
         for line in lines[1:]:
-            a_shapes = {v["shape"][0] for k, v in line["received"].items() if ".lora_A." in k}
+            received = line["received"]
+            a_shapes = {v["shape"][0] for k, v in received.items() if ".lora_A." in k and "/" not in k}
             assert a_shapes == {rank}, (pid, line["round"], a_shapes)
+            fold = {k: v for k, v in received.items() if k.startswith(f"{P.FOLD}/")}
+            assert {v["shape"][0] for k, v in fold.items() if ".lora_A." in k} == (
+                {max(RANKS) - rank} if rank < max(RANKS) else set()
+            ), (pid, line["round"])
 
 
 def test_mixed_ranks_global_stays_at_the_server_rank(mixed_run: Path) -> None:
