@@ -75,8 +75,11 @@ def factorize(p: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, float
     """Best rank-``rank`` factors (A, B) with ``scale * B @ A`` ~ ``p``, and the relative residual.
 
     Singular values are split evenly between the factors so neither dominates the next local
-    training. Factors beyond ``min(p.shape)`` are zero, so shapes always follow ``rank``. The
-    residual is measured against the float32 factors returned, i.e. what is actually shipped.
+    training. A direction that carries nothing (beyond ``p``'s numerical rank, or all of a zero
+    ``p``) gets LoRA's own start instead of zeros: B zero, A a fixed pseudo-random row. Both zero
+    would get no gradient, and a client of a higher rank than the global adapter, or one that
+    starts from an untrained one, would train nothing there. Every party computes the same rows.
+    The residual is measured against the float32 factors returned, i.e. what is actually shipped.
     """
     if p.ndim != 2:
         raise AdapterError(f"cannot factorize a tensor of shape {tuple(p.shape)}: expected 2-D")
@@ -87,12 +90,25 @@ def factorize(p: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, float
     k = min(rank, s.numel())
     root = s[:k].sqrt() / math.sqrt(scale)
     b = p64.new_zeros(p.shape[0], rank)
-    a = p64.new_zeros(rank, p.shape[1])
+    a = _lora_start(rank, p.shape[1])
     b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vh[:k]
+    live = s[:k] > _NULL * s[0]
+    a[:k][live] = (root[:, None] * vh[:k])[live]
+    b[:, :k][:, ~live] = 0.0
     a, b = a.to(torch.float32), b.to(torch.float32)
     residual = relative_error(p64, product(a.to(torch.float64), b.to(torch.float64), scale))
     return a, b, residual
+
+
+_NULL = 1e-6
+"""Singular values below this fraction of the largest are zero at float32 precision (what ships)."""
+
+
+def _lora_start(rank: int, fan_in: int) -> Tensor:
+    """Fixed rows in PEFT's A range (kaiming-uniform, a=sqrt(5): +-1/sqrt(fan_in))."""
+    g = torch.Generator().manual_seed(0)
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(rank, fan_in, generator=g, dtype=torch.float64) * 2 - 1) * bound
 
 
 def truncate_state(

@@ -98,17 +98,26 @@ def test_factorize_splits_singular_values_evenly() -> None:
     torch.testing.assert_close(a @ a.T, b.T @ b, rtol=1e-4, atol=1e-5)
 
 
-def test_factorize_pads_ranks_beyond_the_matrix() -> None:
-    p = torch.randn(10, 12)
-    a, b, residual = factorize(p, 16, 1.0)
-    assert a.shape == (16, 12) and b.shape == (10, 16)
-    assert not a[10:].any() and not b[:, 10:].any()
+@pytest.mark.parametrize(
+    ("p", "live"),
+    [
+        (torch.randn(10, 12), 10),  # rank 16 asked of a 10x12 matrix
+        (torch.randn(10, 3) @ torch.randn(3, 12), 3),  # rank 3 at float32 precision
+        (torch.zeros(10, 12), 0),  # an untrained adapter's product
+    ],
+    ids=["beyond-the-shape", "low-rank", "zero"],
+)
+def test_factorize_starts_empty_directions_as_lora_does(p: torch.Tensor, live: int) -> None:
+    """Beyond the product's rank B is zero and A a fixed row in PEFT's init range: the product is
+    kept, B's gradient there (which goes through A) is not zero as it would be with A zero, and
+    every party ships the same A."""
+    rank = 16 if live == 10 else 8
+    a, b, residual = factorize(p, rank, 1.0)
+    assert a.shape == (rank, 12) and b.shape == (10, rank)
     assert residual < 1e-6
-
-
-def test_factorize_of_zero_is_zero() -> None:
-    a, b, residual = factorize(torch.zeros(10, 12), 4, 2.0)
-    assert not a.any() and not b.any() and residual == 0.0
+    assert not b[:, live:].any()
+    assert (a[live:].abs().amax(dim=1) > 0.05).all() and (a[live:].abs() <= 12**-0.5).all()
+    assert torch.equal(factorize(p.clone(), rank, 1.0)[0], a)
 
 
 def test_factorize_is_deterministic() -> None:
