@@ -87,14 +87,14 @@ def factorize(p: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, float
         raise ValueError(f"factorize needs rank >= 1 and scale > 0, got {rank} and {scale}")
     p64 = p.to(torch.float64)
     u, s, vh = torch.linalg.svd(p64, full_matrices=False)
-    k = min(rank, s.numel())
-    root = s[:k].sqrt() / math.sqrt(scale)
+    live = int((s[:rank] > _NULL * s[0]).sum())  # singular values descend: the live ones lead
+    root = s[:live].sqrt() / math.sqrt(scale)
     b = p64.new_zeros(p.shape[0], rank)
-    a = _lora_start(rank, p.shape[1])
-    b[:, :k] = u[:, :k] * root
-    live = s[:k] > _NULL * s[0]
-    a[:k][live] = (root[:, None] * vh[:k])[live]
-    b[:, :k][:, ~live] = 0.0
+    a = p64.new_zeros(rank, p.shape[1])
+    b[:, :live] = u[:, :live] * root
+    a[:live] = root[:, None] * vh[:live]
+    if live < rank:
+        a[live:] = _lora_start(rank, p.shape[1])[live:]
     a, b = a.to(torch.float32), b.to(torch.float32)
     residual = relative_error(p64, product(a.to(torch.float64), b.to(torch.float64), scale))
     return a, b, residual
@@ -116,11 +116,11 @@ def truncate_state(
 ) -> dict[str, Tensor]:
     """Re-factorize every LoRA pair to ``rank`` at ``scale_to``; other tensors pass through."""
     result = dict(state)
-    for a_key, b_key in lora_pairs(state).values():
-        a, b = state[a_key], state[b_key]
-        p = product(a.to(torch.float64), b.to(torch.float64), scale_from)
+    pairs = lora_pairs(state)
+    for prefix, p in layer_products(state, scale_from).items():
+        a_key, b_key = pairs[prefix]
         new_a, new_b, _ = factorize(p, rank, scale_to)
-        result[a_key], result[b_key] = new_a.to(a.dtype), new_b.to(b.dtype)
+        result[a_key], result[b_key] = new_a.to(state[a_key].dtype), new_b.to(state[b_key].dtype)
     return result
 
 
