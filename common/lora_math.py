@@ -87,6 +87,10 @@ def factorize(p: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, float
         raise ValueError(f"factorize needs rank >= 1 and scale > 0, got {rank} and {scale}")
     p64 = p.to(torch.float64)
     u, s, vh = torch.linalg.svd(p64, full_matrices=False)
+    # LAPACK builds may flip a singular pair's signs; parties that factorise the same product apart
+    # (a client truncating, the server reconstructing its start) must agree: largest |u| entry > 0.
+    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
+    u, vh = u * signs, vh * signs.T
     live = int((s[:rank] > _NULL * s[0]).sum())  # singular values descend: the live ones lead
     root = s[:live].sqrt() / math.sqrt(scale)
     b = p64.new_zeros(p.shape[0], rank)

@@ -126,6 +126,23 @@ def test_factorize_is_deterministic() -> None:
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def test_factorize_does_not_depend_on_the_svd_sign_convention(monkeypatch) -> None:
+    """A client truncating the global adapter and the server reconstructing that start must agree
+    bit for bit, even where their LAPACK builds flip the signs of singular pairs differently."""
+    p = torch.randn(10, 3) @ torch.randn(3, 12)
+    a, b, _ = factorize(p, 4, 2.0)
+    svd = torch.linalg.svd
+
+    def flipped(x, full_matrices=True):
+        u, s, vh = svd(x, full_matrices=full_matrices)
+        signs = torch.tensor([-1.0, 1.0, -1.0] + [1.0] * (s.numel() - 3), dtype=u.dtype)
+        return u * signs, s, vh * signs[:, None]
+
+    monkeypatch.setattr(torch.linalg, "svd", flipped)
+    a_flipped, b_flipped, _ = factorize(p, 4, 2.0)
+    assert torch.equal(a_flipped, a) and torch.equal(b_flipped, b)
+
+
 def test_factorize_rejects_bad_inputs() -> None:
     with pytest.raises(AdapterError, match="2-D"):
         factorize(torch.randn(10), 4, 1.0)
