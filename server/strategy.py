@@ -26,6 +26,7 @@ from fedlora.common.adapter import State, from_record, l2_norm, shapes, to_recor
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import AdapterError, FedloraError
 from fedlora.common.lora_math import dropped_factors
+from fedlora.common.model import lora_scale
 from fedlora.server.aggregators import Aggregator, ClientUpdate, create_aggregator
 
 log = logging.getLogger("fedlora.server")
@@ -63,7 +64,7 @@ class LoraAverage(FedAvg):
 
     def attach(self, cfg: FedloraConfig, fingerprint: str, round_offset: int = 0) -> LoraAverage:
         fed = cfg.federation
-        self.lora_r, self.lora_scale = cfg.model.lora_r, cfg.model.lora_alpha / cfg.model.lora_r
+        self.lora_r, self.lora_scale = cfg.model.lora_r, lora_scale(cfg.model)
         options = {"error_feedback": fed.error_feedback} if fed.aggregator == "exact" else {}
         self.aggregator = create_aggregator(fed.aggregator, global_scale=self.lora_scale, **options)
         self.fingerprint = fingerprint
@@ -71,7 +72,7 @@ class LoraAverage(FedAvg):
         self.max_update_norm = fed.max_update_norm
         self.round_offset = round_offset
         self.node_wait_timeout, self.round_timeout = fed.node_wait_timeout, fed.round_timeout
-        self.global_state: State = {}
+        self._set_global(ArrayRecord())
         self.rounds: list[RoundLog] = []
         self.node_layouts: dict[int, tuple[int, float]] = {}
         return self
@@ -87,7 +88,7 @@ class LoraAverage(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.global_state = from_record(arrays)
+        self._set_global(arrays)
         config = self._round_config(server_round, config)
         if self.fraction_train:
             self._await_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), server_round)
@@ -96,10 +97,32 @@ class LoraAverage(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._set_global(arrays)
         config = self._round_config(server_round, config)
         if self.fraction_evaluate:
             self._await_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes), server_round)
         return self._expiring(self._per_node(super().configure_evaluate(server_round, arrays, config, grid)))
+
+    def _set_global(self, arrays: ArrayRecord) -> None:
+        self.global_state: State = from_record(arrays)
+        self._per_layout: dict[tuple[str, int, float], State] = {}
+
+    def _own(self, rank: int, scale: float) -> State:
+        """The global adapter at a client's rank and scale (an SVD per layer), once per layout and round."""
+        key = ("own", rank, scale)
+        if key not in self._per_layout:
+            self._per_layout[key] = self.aggregator.for_client(self.global_state, rank, scale)
+        return self._per_layout[key]
+
+    def _fold(self, rank: int, scale: float) -> State:
+        """What the truncation to ``rank`` drops, as LoRA factors of the rank difference."""
+        key = ("fold", rank, scale)
+        if key not in self._per_layout:
+            own = self._own(rank, scale)
+            self._per_layout[key] = dropped_factors(
+                self.global_state, own, self.lora_r - rank, self.lora_scale, scale
+            )
+        return self._per_layout[key]
 
     def _await_nodes(self, grid: Grid, needed: int, server_round: int) -> None:
         """Flower's sampling waits for nodes forever: wait at most node_wait_timeout, then stop the run
@@ -133,11 +156,9 @@ class LoraAverage(FedAvg):
             rank, scale = layout
             config = ConfigRecord(dict(msg.content[P.CONFIG]))
             config[P.LORA_R], config[P.LORA_SCALE] = rank, scale
-            own = self.aggregator.for_client(self.global_state, rank, scale)
-            content = RecordDict({P.ARRAYS: to_record(own), P.CONFIG: config})
+            content = RecordDict({P.ARRAYS: to_record(self._own(rank, scale)), P.CONFIG: config})
             if rank < self.lora_r:
-                dropped = dropped_factors(self.global_state, own, self.lora_r - rank, self.lora_scale, scale)
-                content[P.FOLD] = to_record(dropped)
+                content[P.FOLD] = to_record(self._fold(rank, scale))
             msg.content = content
         return messages
 
@@ -157,7 +178,7 @@ class LoraAverage(FedAvg):
             raise AdapterError(f"{P.NUM_EXAMPLES} must be a positive number, got {num!r}")
         if rank < 1 or not math.isfinite(scale) or scale <= 0:
             raise AdapterError(f"bad LoRA rank {rank} or scale {scale}")
-        start = self.aggregator.for_client(self.global_state, rank, scale)
+        start = self._own(rank, scale)
         keys = self.aggregator.wire_keys(self.global_state)
         update = from_record(arrays)
         validate_update(update, {k: shapes(start)[k] for k in keys}, self.max_update_norm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from helpers_messages import metadata
 
 from fedlora.common import protocol as P
@@ -154,3 +155,40 @@ def test_round_config_carries_absolute_round_and_fingerprint() -> None:
     s = build_strategy(cfg, FP, num_clients=2, round_offset=2)
     config = s._round_config(1, ConfigRecord())
     assert config[P.ROUND] == 3 and config[P.FINGERPRINT] == FP and config[P.LORA_R] == 4
+
+
+class Nodes:
+    """The one part of a Grid that sampling reads: which nodes are connected."""
+
+    def __init__(self, *ids: int) -> None:
+        self.ids = ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+
+def test_lower_rank_nodes_evaluate_the_new_global_truncated_once_per_rank(monkeypatch) -> None:
+    """After aggregation the evaluate messages carry the new global adapter, at each known node's
+    rank with its fold; the SVD is done once per rank and adapter, not once per node."""
+    cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16", "federation.aggregator=exact"])
+    s = build_strategy(cfg, FP, num_clients=3)
+    for field in ("_task_id", "_run_id", "_node_id"):  # what a ServerApp process would have set
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    s.node_layouts = {1: (2, 8.0), 2: (2, 8.0), 3: (4, 4.0)}
+    old, new = state(0), state(5)
+    s._set_global(ArrayRecord({k: v.contiguous() for k, v in old.items()}))
+    s._own(2, 8.0)
+    calls = []
+    truncate = s.aggregator.for_client
+    monkeypatch.setattr(s.aggregator, "for_client", lambda *a: calls.append(a[1:]) or truncate(*a))
+    messages = s.configure_evaluate(
+        1, ArrayRecord({k: v.contiguous() for k, v in new.items()}), ConfigRecord(), Nodes(1, 2, 3)
+    )
+    by_node = {m.metadata.dst_node_id: m.content for m in messages}
+    expected = truncate(new, 2, 8.0)
+    for node in (1, 2):
+        got = from_record(by_node[node][P.ARRAYS])
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+        assert by_node[node][P.CONFIG][P.LORA_R] == 2 and P.FOLD in by_node[node]
+    assert from_record(by_node[3][P.ARRAYS]).keys() == new.keys() and P.FOLD not in by_node[3]
+    assert calls == [(2, 8.0)]
