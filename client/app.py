@@ -35,7 +35,7 @@ from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
 from fedlora.common.errors import AdapterError, ConfigError
 from fedlora.common.lora_math import dropped_by_truncation, layer_products, truncate_state
-from fedlora.common.model import BuiltModel, build_model, device_for, load_tokenizer
+from fedlora.common.model import BuiltModel, build_model, device_for, load_tokenizer, lora_scale
 from fedlora.common.scoring import evaluate
 
 
@@ -92,10 +92,6 @@ def setup_from_node_config(context: Context) -> ClientSetup:
     )
 
 
-def _scale(cfg: FedloraConfig) -> float:
-    return cfg.model.lora_alpha / cfg.model.lora_r
-
-
 def load_global(msg: Message, cfg: FedloraConfig, built: BuiltModel) -> dict[str, torch.Tensor]:
     """Load the global adapter at this client's rank and return what was loaded; refused unless it is
     for this client's base model and layout. Below the global rank, what the truncation drops is
@@ -112,10 +108,10 @@ def load_global(msg: Message, cfg: FedloraConfig, built: BuiltModel) -> dict[str
     received = from_record(msg.content[P.ARRAYS])
     server_rank, server_scale = int(config[P.LORA_R]), float(config[P.LORA_SCALE])
     state, dropped = received, {}
-    if server_rank != cfg.model.lora_r or server_scale != _scale(cfg):
-        state = truncate_state(received, cfg.model.lora_r, server_scale, _scale(cfg))
+    if server_rank != cfg.model.lora_r or server_scale != lora_scale(cfg.model):
+        state = truncate_state(received, cfg.model.lora_r, server_scale, lora_scale(cfg.model))
         if server_rank > cfg.model.lora_r:
-            dropped = dropped_by_truncation(received, state, server_scale, _scale(cfg))
+            dropped = dropped_by_truncation(received, state, server_scale, lora_scale(cfg.model))
     elif P.FOLD in msg.content:
         dropped = layer_products(from_record(msg.content[P.FOLD]), server_scale)
     if cfg.model.fold_remainder and dropped:
@@ -153,7 +149,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
             P.LOSS: result.loss,
             P.EPSILON: result.epsilon if result.epsilon is not None else 0.0,
             P.LORA_R: cfg.model.lora_r,
-            P.LORA_SCALE: _scale(cfg),
+            P.LORA_SCALE: lora_scale(cfg.model),
             P.STEPS: result.steps,
             P.TRAIN_SECONDS: result.seconds,
         }

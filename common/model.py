@@ -12,6 +12,7 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -257,7 +258,7 @@ def weights_hash(base: nn.Module) -> str:
 
 
 def fingerprint(cfg: ModelConfig, base: nn.Module, labels: tuple[str, ...], targets: list[str]) -> str:
-    """Base weights, task, labels and adapter layout; rank and alpha are left out (mixed ranks)."""
+    """Base weights, task, labels and adapter layout; rank and scaling are left out (mixed ranks)."""
     layout = {
         "weights": weights_hash(base),
         "task": cfg.task,
@@ -273,10 +274,16 @@ def fingerprint(cfg: ModelConfig, base: nn.Module, labels: tuple[str, ...], targ
     return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def lora_scale(cfg: ModelConfig) -> float:
+    """The factor PEFT puts on ``B @ A``: parties exchange it, so products stay comparable across ranks."""
+    return cfg.lora_alpha / (math.sqrt(cfg.lora_r) if cfg.use_rslora else cfg.lora_r)
+
+
 def lora_config(cfg: ModelConfig, targets: list[str]) -> LoraConfig:
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
+        use_rslora=cfg.use_rslora,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
         modules_to_save=[HEAD] if cfg.task == "classification" else None,

@@ -32,7 +32,7 @@ from fedlora.common.config import DataConfig, ModelConfig
 from fedlora.common.data import tokenize_causal_lm
 from fedlora.common.errors import AdapterError, ModelError
 from fedlora.common.lora_math import dropped_by_truncation, lora_pairs, truncate_state
-from fedlora.common.model import build_base_model, build_model, load_tokenizer
+from fedlora.common.model import build_base_model, build_model, load_tokenizer, lora_scale
 
 CPU = torch.device("cpu")
 BERT = ModelConfig(source="tiny-bert")
@@ -76,6 +76,7 @@ def test_fingerprint_names_base_labels_and_layout_not_rank(vocab_size, tmp_path)
     # Mixed ranks must stay compatible.
     assert fp(ModelConfig(source="tiny-bert", lora_r=4)) == reference
     assert fp(ModelConfig(source="tiny-bert", lora_r=16, lora_alpha=8.0)) == reference
+    assert fp(ModelConfig(source="tiny-bert", lora_r=16, use_rslora=True)) == reference
     # Anything that changes what the adapter means is refused.
     assert fp(labels=("cardio", "derm", "neuro")) != reference
     assert fp(labels=("derm", "cardio", "resp")) != reference  # same set, other order
@@ -100,6 +101,17 @@ def test_fingerprint_names_base_labels_and_layout_not_rank(vocab_size, tmp_path)
     )
     other.save_pretrained(tmp_path / "other-bert")
     assert fp(ModelConfig(source=str(tmp_path / "other-bert"))) != reference
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha-over-r", "rslora"])
+def test_lora_scale_is_the_factor_peft_applies(vocab_size, rslora):
+    """The scale the parties exchange must be the one PEFT multiplies B @ A by, or mixed-rank
+    products would not compare."""
+    cfg = ModelConfig(source="tiny-bert", lora_r=4, lora_alpha=12.0, use_rslora=rslora)
+    model = build_model(cfg, LABELS, vocab_size).model
+    applied = {m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert applied == {lora_scale(cfg)}
+    assert lora_scale(cfg) == (6.0 if rslora else 3.0)
 
 
 def test_label_names_head_is_a_zero_shot_cosine_classifier(vocab_size):
