@@ -38,9 +38,8 @@ class ModelConfig:
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r)).", gt=0)
     use_rslora: bool = _f(
         False,
-        "Rank-stabilised LoRA (PEFT's use_rslora): scale = alpha / sqrt(r), so that clients of different "
-        "ranks move their weights by similar amounts per step; alpha / r moves a rank-4 client twice "
-        "as far as a rank-16 one.",
+        "Rank-stabilised LoRA (PEFT's use_rslora): scale = alpha / sqrt(r) instead of alpha / r, so "
+        "the scale shrinks less as the rank grows (with mixed ranks: closer step sizes per client).",
     )
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, le=0.9)
     target_modules: tuple[str, ...] | None = _f(
