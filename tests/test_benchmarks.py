@@ -16,20 +16,26 @@ from fedlora.simulations.cli import default_config
 
 
 def test_every_setting_is_a_valid_config_that_differs_where_it_should():
-    chosen = settings(dp=True, ranks=[4, 8, 16, 8, 4], dp_off=True)
+    chosen = settings(dp=True, ranks=[4, 8, 16, 8, 4], dp_off=True, global_rank=8)
     names = [s.name for s in chosen]
     assert names == [
         "fedavg dp", "exact dp", "ffa dp", "fedavg no-dp", "exact no-dp", "ffa no-dp", "exact+ef dp",
-        "exact ranks 4/8/16 dp",
+        "exact ranks 4/8/16 dp", "exact ranks 4/8/16 global 16 dp",
     ]  # fmt: skip
     configs = {s.name: read_config(default_config(), s.overrides) for s in chosen}
     assert configs["ffa dp"].model.variant == "ffa" and configs["ffa dp"].federation.aggregator == "ffa"
     assert not configs["exact no-dp"].privacy.enabled and configs["exact dp"].privacy.enabled
     assert configs["exact ranks 4/8/16 dp"].simulation.client_ranks == (4, 8, 16, 8, 4)
+    assert configs["exact ranks 4/8/16 dp"].model.lora_r == 8
+    wide = configs["exact ranks 4/8/16 global 16 dp"]
+    assert wide.model.lora_r == 16 and wide.simulation.client_ranks == (4, 8, 16, 8, 4)
+    assert "exact ranks 4/8/16 global 16 dp" not in [
+        s.name for s in settings(dp=True, ranks=[4, 8, 16, 8, 4], dp_off=False, global_rank=16)
+    ]
     ef = configs["exact+ef dp"].federation
     assert ef.error_feedback and ef.aggregator == "exact" and configs["exact+ef dp"].privacy.enabled
     assert not configs["exact dp"].federation.error_feedback
-    assert [s.name for s in settings(dp=False, ranks=[], dp_off=False)] == [
+    assert [s.name for s in settings(dp=False, ranks=[], dp_off=False, global_rank=8)] == [
         "fedavg no-dp", "exact no-dp", "ffa no-dp", "exact+ef no-dp"
     ]  # fmt: skip
 

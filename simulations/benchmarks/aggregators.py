@@ -7,10 +7,11 @@ Every setting is a full simulation of the same config (default: the hospital sim
 sub-folder of ``--out``, ``--repeats`` times (DP noise and Poisson sampling are unseeded by design, so
 one run per setting cannot tell a real difference from luck); an existing run folder is resumed, so an
 interrupted comparison goes on where it stopped. Settings: each aggregator with the config's DP and
-with DP off, ``exact`` with error feedback, and ``exact`` with mixed client ranks (``--ranks``), both
-under DP. Written to ``--out``: ``aggregators.json``, ``aggregators.png`` (mean held-out accuracy per
-round, one line per setting) and ``report.md`` with the table printed here: final and best accuracy
-(mean, spread and every run), bytes each client sent per round, server aggregation time per round.
+with DP off, ``exact`` with error feedback, and ``exact`` with mixed client ranks (``--ranks``), the
+server keeping the config's rank and, where it differs, the largest client rank; all under DP.
+Written to ``--out``: ``aggregators.json``, ``aggregators.png`` (mean held-out accuracy per round,
+one line per setting) and ``report.md`` with the table printed here: final and best accuracy (mean,
+spread and every run), bytes each client sent per round, server aggregation time per round.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Setting:
     overrides: tuple[str, ...]
 
 
-def settings(dp: bool, ranks: list[int], dp_off: bool) -> list[Setting]:
+def settings(dp: bool, ranks: list[int], dp_off: bool, global_rank: int) -> list[Setting]:
     aggregators = {
         "fedavg": ("federation.aggregator=fedavg",),
         "exact": ("federation.aggregator=exact",),
@@ -60,13 +61,16 @@ def settings(dp: bool, ranks: list[int], dp_off: bool) -> list[Setting]:
         Setting(f"exact+ef {mode}", ("federation.aggregator=exact", "federation.error_feedback=true", priv))
     )
     if ranks:
-        rank_list = "[" + ",".join(str(r) for r in ranks) + "]"
-        out.append(
-            Setting(
-                f"exact ranks {'/'.join(map(str, sorted(set(ranks))))} {mode}",
-                ("federation.aggregator=exact", f"simulation.client_ranks={rank_list}", priv),
-            )
+        mixed = (
+            "federation.aggregator=exact",
+            f"simulation.client_ranks=[{','.join(map(str, ranks))}]",
+            priv,
         )
+        name = f"exact ranks {'/'.join(map(str, sorted(set(ranks))))}"
+        out.append(Setting(f"{name} {mode}", mixed))
+        if max(ranks) != global_rank:
+            # The server may keep the largest client rank (FlexLoRA): no client's extra rank is cut.
+            out.append(Setting(f"{name} global {max(ranks)} {mode}", (*mixed, f"model.lora_r={max(ranks)}")))
     return out
 
 
@@ -218,9 +222,9 @@ def compare_aggregators(args: argparse.Namespace) -> int:
     """Repeat by repeat across all settings, so a comparison cut short is still balanced; the files
     are rewritten after every repeat."""
     config = args.config or default_config()
-    dp = read_config(config, args.set).privacy.enabled
+    base = read_config(config, args.set)
     args.out.mkdir(parents=True, exist_ok=True)
-    chosen = settings(dp, args.ranks, not args.no_dp_off)
+    chosen = settings(base.privacy.enabled, args.ranks, not args.no_dp_off, base.model.lora_r)
     if args.only:
         names = [s.name for s in chosen]
         unknown = [name for name in args.only if name not in names]
