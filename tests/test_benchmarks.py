@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 import torch
 from flwr.app import ArrayRecord
+from scipy import stats
 
 from fedlora.common.adapter import adapter_state
 from fedlora.common.cli_support import read_config
 from fedlora.common.workbench import prepare
-from fedlora.simulations.benchmarks.aggregators import combine, main, settings, summarise
+from fedlora.simulations.benchmarks.aggregators import (
+    cells,
+    combine,
+    difference,
+    main,
+    settings,
+    summarise,
+)
 from fedlora.simulations.benchmarks.bare_flower import initial_adapter, load_and_send
 from fedlora.simulations.benchmarks.overhead import lora_spec
 from fedlora.simulations.cli import default_config
@@ -45,6 +56,22 @@ def test_only_an_unknown_setting_is_refused_naming_the_settings(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--only: no setting 'exakt dp'" in err and "exact ranks 4/8/16 dp" in err
     assert list(tmp_path.iterdir()) == []  # refused before any run
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--baseline", "exakt dp"], "--baseline: no setting 'exakt dp'"),
+        (
+            ["--only", "exact dp", "--baseline", "fedavg dp"],
+            "'fedavg dp' is not among the settings --only chose",
+        ),
+    ],
+)
+def test_a_baseline_that_is_not_run_is_refused(tmp_path, capsys, argv, message):
+    assert main(["--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_summary_of_a_history():
@@ -97,6 +124,42 @@ def test_repeats_combine_into_mean_spread_and_every_run():
     assert c["aggregation_ms_per_round"] == pytest.approx(2.0)
     assert c["max_epsilon"] == 10.5 and c["runs"] == runs
     assert combine("one", runs[:1])["final_sd"] == 0.0
+
+
+def _runs(name: str, finals: list[float]) -> dict:
+    return {"setting": name, "runs": [{"final_accuracy": a, "final_loss": 1 - a} for a in finals]}
+
+
+def test_difference_is_welchs_interval_computed_by_hand():
+    base, other = [0.781, 0.793, 0.787, 0.787, 0.787], [0.769, 0.775, 0.775]
+    gap, low, high = difference(_runs("base", base), _runs("other", other), "final_accuracy")
+    va, vb = statistics.variance(other) / 3, statistics.variance(base) / 5
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 4)  # Welch-Satterthwaite
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    expected = statistics.mean(other) - statistics.mean(base)
+    assert gap == pytest.approx(expected) and expected < 0
+    assert (low, high) == pytest.approx((expected - half, expected + half))
+    assert high < 0  # this gap is outside the noise
+
+
+def test_difference_without_spread_has_no_interval_and_the_row_says_so():
+    base, lone = _runs("base", [0.78, 0.79]), _runs("lone", [0.80])
+    gap, low, high = difference(base, lone, "final_accuracy")
+    assert gap == pytest.approx(0.015) and math.isnan(low) and math.isnan(high)
+    assert math.isnan(difference(_runs("a", [0.7, 0.7]), _runs("b", [0.8, 0.8]), "final_loss")[1])
+    run = {
+        "accuracy": [0.7, 0.8],
+        "final_accuracy": 0.8,
+        "best_accuracy": 0.8,
+        "late_accuracy": 0.8,
+        "final_loss": 0.2,
+        "bytes_per_client_round": 1024.0,
+        "aggregation_ms_per_round": 1.0,
+        "max_epsilon": 8.0,
+    }
+    row = combine("lone", [run])
+    assert cells(row, base)[4] == "+0.0150" and cells(row, base)[8] == "-0.0150"
+    assert cells(row, row)[4] == "baseline"
 
 
 def test_the_lora_baseline_sends_back_what_it_loaded_in_fedloras_shapes():

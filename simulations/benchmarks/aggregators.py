@@ -1,7 +1,7 @@
 """fedavg vs exact vs ffa (and mixed ranks) on one simulation config, in one comparison run.
 
 Run: ``python -m fedlora.simulations.benchmarks.aggregators [CONFIG] [--out DIR] [--repeats N]
-[--only SETTING ...]``
+[--only SETTING ...] [--baseline SETTING]``
 
 Every setting is a full simulation of the same config (default: the hospital simulation) into its own
 sub-folder of ``--out``, ``--repeats`` times (DP noise and Poisson sampling are unseeded by design, so
@@ -11,13 +11,15 @@ with DP off, ``exact`` with error feedback, and ``exact`` with mixed client rank
 server keeping the config's rank and, where it differs, the largest client rank; all under DP.
 Written to ``--out``: ``aggregators.json``, ``aggregators.png`` (mean held-out accuracy per round,
 one line per setting) and ``report.md`` with the table printed here: final and best accuracy (mean,
-spread and every run), bytes each client sent per round, server aggregation time per round.
+spread and every run), each setting's gap to ``--baseline`` in final accuracy and loss with Welch's
+95% interval, bytes each client sent per round, server aggregation time per round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -29,6 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.table import Table
+from scipy import stats
 
 from fedlora.common.cli_support import console, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig
@@ -141,34 +144,69 @@ def _finals(r: dict) -> str:
     return " ".join(f"{run['final_accuracy']:.3f}" for run in r["runs"])
 
 
-def table(results: list[dict]) -> Table:
-    t = Table(title="Aggregators on the same federation (held-out accuracy of the global adapter)")
-    for column in (
-        "setting",
-        "round 0",
-        "final acc (mean ± sd)",
-        "final acc (each run)",
-        "best acc (mean)",
-        "late-rounds acc (mean)",
-        "final loss (mean)",
-        "KiB/client/round",
-        "agg ms/round",
-        "max eps",
-    ):
+def difference(baseline: dict, other: dict, key: str) -> tuple[float, float, float]:
+    """``other`` minus ``baseline`` in the mean of a per-run figure, with Welch's 95% interval: runs
+    differ by DP noise, so a gap is only worth reading next to its interval. NaN bounds with fewer
+    than two runs a side, or no spread at all."""
+    ours, theirs = [r[key] for r in other["runs"]], [r[key] for r in baseline["runs"]]
+    gap = statistics.mean(ours) - statistics.mean(theirs)
+    if min(len(ours), len(theirs)) < 2 or statistics.variance(ours) + statistics.variance(theirs) == 0:
+        return gap, math.nan, math.nan
+    interval = stats.ttest_ind(ours, theirs, equal_var=False).confidence_interval(0.95)
+    return gap, float(interval.low), float(interval.high)
+
+
+def _versus(baseline: dict, r: dict, key: str) -> str:
+    if r is baseline:
+        return "baseline"
+    gap, low, high = difference(baseline, r, key)
+    bounds = "" if math.isnan(low) else f" [{low:+.4f}, {high:+.4f}]"
+    return f"{gap:+.4f}{bounds}"
+
+
+COLUMNS = (
+    "setting",
+    "round 0",
+    "final acc (mean ± sd)",
+    "final acc (each run)",
+    "Δ final acc (95% CI)",
+    "best acc (mean)",
+    "late-rounds acc (mean)",
+    "final loss (mean)",
+    "Δ final loss (95% CI)",
+    "KiB/client/round",
+    "agg ms/round",
+    "max eps",
+)
+
+
+def cells(r: dict, baseline: dict) -> list[str]:
+    """One setting's row, in COLUMNS' order; the Δ columns are against ``baseline``."""
+    return [
+        r["setting"],
+        f"{r['accuracy'][0]:.4f}",
+        f"{r['final_accuracy']:.4f} ± {r['final_sd']:.4f}",
+        _finals(r),
+        _versus(baseline, r, "final_accuracy"),
+        f"{r['best_accuracy']:.4f}",
+        f"{r['late_accuracy']:.4f}",
+        f"{r['final_loss']:.4f}",
+        _versus(baseline, r, "final_loss"),
+        f"{r['bytes_per_client_round'] / 1024:.0f}",
+        f"{r['aggregation_ms_per_round']:.1f}",
+        f"{r['max_epsilon']:.2f}",
+    ]
+
+
+def table(results: list[dict], baseline: dict) -> Table:
+    t = Table(
+        title="Aggregators on the same federation (held-out accuracy of the global adapter; "
+        f"Δ against {baseline['setting']})"
+    )
+    for column in COLUMNS:
         t.add_column(column, justify="left" if column == "setting" else "right")
     for r in results:
-        t.add_row(
-            r["setting"],
-            f"{r['accuracy'][0]:.4f}",
-            f"{r['final_accuracy']:.4f} ± {r['final_sd']:.4f}",
-            _finals(r),
-            f"{r['best_accuracy']:.4f}",
-            f"{r['late_accuracy']:.4f}",
-            f"{r['final_loss']:.4f}",
-            f"{r['bytes_per_client_round'] / 1024:.0f}",
-            f"{r['aggregation_ms_per_round']:.1f}",
-            f"{r['max_epsilon']:.2f}",
-        )
+        t.add_row(*cells(r, baseline))
     return t
 
 
@@ -185,21 +223,16 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[dict], out: Path) -> None:
+def write_report(results: list[dict], baseline: dict, out: Path) -> None:
     lines = [
         "# Aggregators: fedavg vs exact vs ffa",
         "",
-        "| setting | round 0 | final acc (mean ± sd) | final acc (each run) | best acc (mean) "
-        "| late-rounds acc (mean) | final loss (mean) | KiB/client/round | agg ms/round | max eps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Δ columns: difference of the means against {baseline['setting']}, with Welch's 95% interval.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
     ]
-    lines += [
-        f"| {r['setting']} | {r['accuracy'][0]:.4f} | {r['final_accuracy']:.4f} ± {r['final_sd']:.4f} "
-        f"| {_finals(r)} | {r['best_accuracy']:.4f} | {r['late_accuracy']:.4f} | {r['final_loss']:.4f} "
-        f"| {r['bytes_per_client_round'] / 1024:.0f} | {r['aggregation_ms_per_round']:.1f} "
-        f"| {r['max_epsilon']:.2f} |"
-        for r in results
-    ]
+    lines += ["| " + " | ".join(cells(r, baseline)) + " |" for r in results]
     lines += ["", "![accuracy per round](aggregators.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
@@ -215,6 +248,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-dp-off", action="store_true", help="skip the settings without DP")
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting (DP noise is unseeded)")
     ap.add_argument("--only", nargs="+", metavar="SETTING", help="run only these settings (by name)")
+    ap.add_argument(
+        "--baseline",
+        metavar="SETTING",
+        help="what the Δ columns compare against (default: the first setting)",
+    )
     return ap
 
 
@@ -225,22 +263,30 @@ def compare_aggregators(args: argparse.Namespace) -> int:
     base = read_config(config, args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = settings(base.privacy.enabled, args.ranks, not args.no_dp_off, base.model.lora_r)
-    if args.only:
-        names = [s.name for s in chosen]
-        unknown = [name for name in args.only if name not in names]
+    names = [s.name for s in chosen]
+    for option, asked in (
+        ("--only", args.only or []),
+        ("--baseline", [args.baseline] if args.baseline else []),
+    ):
+        unknown = [name for name in asked if name not in names]
         if unknown:
-            raise ConfigError(f"--only: no setting {unknown[0]!r}; the settings are {', '.join(names)}")
+            raise ConfigError(f"{option}: no setting {unknown[0]!r}; the settings are {', '.join(names)}")
+    if args.only:
         chosen = [s for s in chosen if s.name in args.only]
+    if args.baseline and args.baseline not in [s.name for s in chosen]:
+        raise ConfigError(f"--baseline: {args.baseline!r} is not among the settings --only chose")
+    baseline = args.baseline or chosen[0].name
     runs: dict[str, list[dict]] = {s.name: [] for s in chosen}
     for k in range(1, args.repeats + 1):
         for s in chosen:
             folder = args.out / s.name.replace(" ", "-").replace("/", "-") / f"run-{k}"
             runs[s.name].append(run_once(config, args.set, s, folder))
         results = [combine(name, done) for name, done in runs.items()]
+        base_result = next(r for r in results if r["setting"] == baseline)
         (args.out / "aggregators.json").write_text(json.dumps(results, indent=1))
         plot(results, args.out / "aggregators.png")
-        write_report(results, args.out)
-    report.print(table(results))
+        write_report(results, base_result, args.out)
+    report.print(table(results, base_result))
     return 0
 
 
