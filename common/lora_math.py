@@ -71,14 +71,19 @@ def relative_error(target: Tensor, approx: Tensor) -> float:
     return float(diff / torch.linalg.matrix_norm(target)) if diff > 0 else 0.0
 
 
-def factorize(p: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, float]:
+def factorize(
+    p: Tensor, rank: int, scale: float, start: Tensor | None = None
+) -> tuple[Tensor, Tensor, float]:
     """Best rank-``rank`` factors (A, B) with ``scale * B @ A`` ~ ``p``, and the relative residual.
 
     Singular values are split evenly between the factors so neither dominates the next local
     training. A direction that carries nothing (beyond ``p``'s numerical rank, or all of a zero
-    ``p``) gets LoRA's own start instead of zeros: B zero, A a fixed pseudo-random row. Both zero
-    would get no gradient, and a client of a higher rank than the global adapter, or one that
-    starts from an untrained one, would train nothing there. Every party computes the same rows.
+    ``p``) gets LoRA's own start instead of zeros: B zero, A the row of ``start`` (the A of the
+    adapter being re-factorized) where it has one, else a fixed pseudo-random row. Both zero would
+    get no gradient, and a client of a higher rank than the global adapter, or one that starts from
+    an untrained one, would train nothing there. Rows from ``start`` keep an untrained global
+    adapter's A: clients of every rank then train in nested row spaces that the global rank holds,
+    instead of rows of their own that its truncation cuts. Every party computes the same rows.
     The residual is measured against the float32 factors returned, i.e. what is actually shipped.
     """
     if p.ndim != 2:
@@ -98,7 +103,7 @@ def factorize(p: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, float
     b[:, :live] = u[:, :live] * root
     a[:live] = root[:, None] * vh[:live]
     if live < rank:
-        a[live:] = _lora_start(rank, p.shape[1])[live:]
+        a[live:] = _start_rows(rank, p.shape[1], start)[live:]
     a, b = a.to(torch.float32), b.to(torch.float32)
     residual = relative_error(p64, product(a.to(torch.float64), b.to(torch.float64), scale))
     return a, b, residual
@@ -108,11 +113,15 @@ _NULL = 1e-6
 """Singular values below this fraction of the largest are zero at float32 precision (what ships)."""
 
 
-def _lora_start(rank: int, fan_in: int) -> Tensor:
-    """Fixed rows in PEFT's A range (kaiming-uniform, a=sqrt(5): +-1/sqrt(fan_in))."""
+def _start_rows(rank: int, fan_in: int, start: Tensor | None) -> Tensor:
+    """``start``'s rows, then fixed rows in PEFT's A range (kaiming-uniform, a=sqrt(5): +-1/sqrt(fan_in))."""
     g = torch.Generator().manual_seed(0)
     bound = 1.0 / math.sqrt(fan_in)
-    return (torch.rand(rank, fan_in, generator=g, dtype=torch.float64) * 2 - 1) * bound
+    rows = (torch.rand(rank, fan_in, generator=g, dtype=torch.float64) * 2 - 1) * bound
+    if start is not None:
+        kept = min(rank, start.shape[0])
+        rows[:kept] = start[:kept].to(torch.float64)
+    return rows
 
 
 def truncate_state(
@@ -123,7 +132,7 @@ def truncate_state(
     pairs = lora_pairs(state)
     for prefix, p in layer_products(state, scale_from).items():
         a_key, b_key = pairs[prefix]
-        new_a, new_b, _ = factorize(p, rank, scale_to)
+        new_a, new_b, _ = factorize(p, rank, scale_to, start=state[a_key])
         result[a_key], result[b_key] = new_a.to(state[a_key].dtype), new_b.to(state[b_key].dtype)
     return result
 

@@ -319,3 +319,29 @@ def test_exact_with_known_starts_does_not_drift_without_training() -> None:
     before = product(global_state[a_key].double(), global_state[b_key].double(), 2.0)
     drifted = product(naive.state[a_key].double(), naive.state[b_key].double(), 2.0)
     assert relative_error(before, drifted) > 0.05
+
+
+def test_mixed_ranks_starting_from_an_untrained_adapter_fit_the_global_rank() -> None:
+    """Round 1: clients of ranks 4/8/16 truncate the untrained global adapter (B zero) and train B.
+    Their starts share the global A's rows, so the mean of their changes has rank 16 and the
+    global rank-16 adapter holds it exactly: nothing learned in round 1 is cut. (Layers of 48
+    features, so that rows of the clients' own would not fit in 16.)"""
+    g = torch.Generator().manual_seed(7)
+    global_state = {}
+    for prefix in LAYERS:
+        global_state[f"{prefix}.lora_A.weight"] = (torch.rand(16, 48, generator=g) * 2 - 1) / 48**0.5
+        global_state[f"{prefix}.lora_B.weight"] = torch.zeros(40, 16)
+    agg = ExactAggregator(1.0)
+    ups = []
+    for node, rank in enumerate([4, 8, 16, 8, 4]):
+        start = agg.for_client(global_state, rank, 16 / rank)
+        trained = {
+            k: v + torch.randn(v.shape, generator=g) if ".lora_B." in k else v for k, v in start.items()
+        }
+        ups.append(ClientUpdate(node, trained, 10 * (node + 1), 16 / rank, start=start))
+    result = agg.aggregate(global_state, ups)
+    assert result.metrics["residual/mean"] < 1e-5
+    for prefix in LAYERS:
+        torch.testing.assert_close(
+            global_product(result.state, prefix, 1.0), mean_of_products(ups, prefix), rtol=1e-5, atol=1e-5
+        )

@@ -175,6 +175,21 @@ def test_truncate_state_to_a_higher_rank_keeps_the_product() -> None:
         )
 
 
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_truncating_an_untrained_adapter_keeps_its_lora_start(rank: int) -> None:
+    """B zero (round 1): every rank starts from the received A's own rows, nested, so what clients
+    of different ranks learn lies in rows the global adapter holds; beyond its rank, fixed rows."""
+    state = adapter(8)
+    for _, b_key in lora_pairs(state).values():
+        state[b_key] = torch.zeros_like(state[b_key])
+    served = truncate_state(state, rank, 2.0, 16 / rank)
+    for a_key, b_key in lora_pairs(state).values():
+        kept = min(rank, 8)
+        assert torch.equal(served[a_key][:kept], state[a_key][:kept]) and not served[b_key].any()
+        beyond = served[a_key][kept:]
+        assert (beyond.abs() <= 12**-0.5).all() and (beyond.abs().amax(dim=1) > 0.05).all()
+
+
 def test_a_truncation_and_its_dropped_factors_add_up_to_the_whole_product() -> None:
     state = adapter(8)
     kept = truncate_state(state, 3, 2.0, 4.0)
