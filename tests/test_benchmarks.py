@@ -10,8 +10,10 @@ import torch
 from flwr.app import ArrayRecord
 from scipy import stats
 
+from fedlora.client.app import with_rank
 from fedlora.common.adapter import adapter_state
 from fedlora.common.cli_support import read_config
+from fedlora.common.model import lora_scale
 from fedlora.common.workbench import prepare
 from fedlora.simulations.benchmarks.aggregators import (
     cells,
@@ -27,11 +29,11 @@ from fedlora.simulations.cli import default_config
 
 
 def test_every_setting_is_a_valid_config_that_differs_where_it_should():
-    chosen = settings(dp=True, ranks=[4, 8, 16, 8, 4], dp_off=True, global_rank=8)
+    chosen = settings(dp=True, ranks=[4, 8, 16, 8, 4], dp_off=True, global_rank=8, alpha=16.0)
     names = [s.name for s in chosen]
     assert names == [
         "fedavg dp", "exact dp", "ffa dp", "fedavg no-dp", "exact no-dp", "ffa no-dp", "exact+ef dp",
-        "exact ranks 4/8/16 dp", "exact ranks 4/8/16 global 16 dp",
+        "exact ranks 4/8/16 dp", "exact ranks 4/8/16 global 16 dp", "exact ranks 4/8/16 global 16 rslora dp",
     ]  # fmt: skip
     configs = {s.name: read_config(default_config(), s.overrides) for s in chosen}
     assert configs["ffa dp"].model.variant == "ffa" and configs["ffa dp"].federation.aggregator == "ffa"
@@ -40,13 +42,18 @@ def test_every_setting_is_a_valid_config_that_differs_where_it_should():
     assert configs["exact ranks 4/8/16 dp"].model.lora_r == 8
     wide = configs["exact ranks 4/8/16 global 16 dp"]
     assert wide.model.lora_r == 16 and wide.simulation.client_ranks == (4, 8, 16, 8, 4)
-    assert "exact ranks 4/8/16 global 16 dp" not in [
-        s.name for s in settings(dp=True, ranks=[4, 8, 16, 8, 4], dp_off=False, global_rank=16)
-    ]
+    rs = configs["exact ranks 4/8/16 global 16 rslora dp"]
+    assert rs.model.use_rslora and rs.model.lora_r == 16 and rs.simulation.client_ranks == (4, 8, 16, 8, 4)
+    # A rank-8 client keeps the uniform federation's scale; rank 4 and 16 move as far under Adam.
+    assert lora_scale(with_rank(rs, 8).model) == pytest.approx(lora_scale(configs["exact dp"].model))
+    assert lora_scale(with_rank(rs, 4).model) * 2 == pytest.approx(lora_scale(with_rank(rs, 16).model) * 4)
+    assert not {"exact ranks 4/8/16 global 16 dp", "exact ranks 4/8/16 global 16 rslora dp"} & {
+        s.name for s in settings(dp=True, ranks=[4, 8, 16, 8, 4], dp_off=False, global_rank=16, alpha=16.0)
+    }
     ef = configs["exact+ef dp"].federation
     assert ef.error_feedback and ef.aggregator == "exact" and configs["exact+ef dp"].privacy.enabled
     assert not configs["exact dp"].federation.error_feedback
-    assert [s.name for s in settings(dp=False, ranks=[], dp_off=False, global_rank=8)] == [
+    assert [s.name for s in settings(dp=False, ranks=[], dp_off=False, global_rank=8, alpha=16.0)] == [
         "fedavg no-dp", "exact no-dp", "ffa no-dp", "exact+ef no-dp"
     ]  # fmt: skip
 

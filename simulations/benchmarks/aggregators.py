@@ -8,7 +8,8 @@ sub-folder of ``--out``, ``--repeats`` times (DP noise and Poisson sampling are 
 one run per setting cannot tell a real difference from luck); an existing run folder is resumed, so an
 interrupted comparison goes on where it stopped. Settings: each aggregator with the config's DP and
 with DP off, ``exact`` with error feedback, and ``exact`` with mixed client ranks (``--ranks``), the
-server keeping the config's rank and, where it differs, the largest client rank; all under DP.
+server keeping the config's rank and, where it differs, the largest client rank, with standard and
+with rank-stabilised scales (the config's rank keeping its scale); all under DP.
 Written to ``--out``: ``aggregators.json``, ``aggregators.png`` (mean held-out accuracy per round,
 one line per setting) and ``report.md`` with the table printed here: final and best accuracy (mean,
 spread and every run), each setting's gap to ``--baseline`` in final accuracy and loss with Welch's
@@ -47,7 +48,7 @@ class Setting:
     overrides: tuple[str, ...]
 
 
-def settings(dp: bool, ranks: list[int], dp_off: bool, global_rank: int) -> list[Setting]:
+def settings(dp: bool, ranks: list[int], dp_off: bool, global_rank: int, alpha: float) -> list[Setting]:
     aggregators = {
         "fedavg": ("federation.aggregator=fedavg",),
         "exact": ("federation.aggregator=exact",),
@@ -73,7 +74,16 @@ def settings(dp: bool, ranks: list[int], dp_off: bool, global_rank: int) -> list
         out.append(Setting(f"{name} {mode}", mixed))
         if max(ranks) != global_rank:
             # The server may keep the largest client rank (FlexLoRA): no client's extra rank is cut.
-            out.append(Setting(f"{name} global {max(ranks)} {mode}", (*mixed, f"model.lora_r={max(ranks)}")))
+            wide = (*mixed, f"model.lora_r={max(ranks)}")
+            out.append(Setting(f"{name} global {max(ranks)} {mode}", wide))
+            # Rank-stabilised scales, alpha set so that the config's rank keeps its scale: under Adam a
+            # rank-r client moves its product by about scale * sqrt(r), now the same for every rank.
+            calibrated = (
+                *wide,
+                "model.use_rslora=true",
+                f"model.lora_alpha={alpha / math.sqrt(global_rank)!r}",
+            )
+            out.append(Setting(f"{name} global {max(ranks)} rslora {mode}", calibrated))
     return out
 
 
@@ -262,7 +272,9 @@ def compare_aggregators(args: argparse.Namespace) -> int:
     config = args.config or default_config()
     base = read_config(config, args.set)
     args.out.mkdir(parents=True, exist_ok=True)
-    chosen = settings(base.privacy.enabled, args.ranks, not args.no_dp_off, base.model.lora_r)
+    chosen = settings(
+        base.privacy.enabled, args.ranks, not args.no_dp_off, base.model.lora_r, base.model.lora_alpha
+    )
     names = [s.name for s in chosen]
     for option, asked in (
         ("--only", args.only or []),
