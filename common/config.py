@@ -39,7 +39,8 @@ class ModelConfig:
     use_rslora: bool = _f(
         False,
         "Rank-stabilised LoRA (PEFT's use_rslora): scale = alpha / sqrt(r) instead of alpha / r, so "
-        "the scale shrinks less as the rank grows (with mixed ranks: closer step sizes per client).",
+        "under Adam every rank moves its product about as far per step (institutions of mixed ranks: "
+        "README's figures); to keep rank r0's scale s, set lora_alpha = s * sqrt(r0).",
     )
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, le=0.9)
     target_modules: tuple[str, ...] | None = _f(
