@@ -3,6 +3,7 @@ hostile reply is dropped, never the round), bounded weights and norms, and aggre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -17,6 +18,7 @@ from fedlora.common.codec import EvaluateMetrics, TrainMetrics, evaluate_reply, 
 from fedlora.common.config import load_config
 from fedlora.common.errors import FedloraError
 from fedlora.common.lora_math import layer_products
+from fedlora.common.model import lora_scale
 from fedlora.server.strategy import LoraFedAdam, build_strategy
 
 FP = "f1ngerpr1nt"
@@ -464,3 +466,27 @@ def test_a_malformed_evaluate_reply_is_dropped_not_fatal(caplog) -> None:
     assert metrics[P.NUM_EXAMPLES] == 40 and metrics[P.LOSS] == 0.5 and metrics[P.ACCURACY] == 0.8
     assert [d["node"] for d in s.rounds[-1].evaluate_dropped] == [3, 4, 5]
     assert "dropped evaluate reply from node 3: unexpected metric 'extra'" in caplog.text
+
+
+def test_default_bounds_keep_the_benchmarks_mixed_rank_settings_valid() -> None:
+    """Every client rank and scale of the aggregators benchmark's mixed-rank settings lies within
+    what the default max_rank and max_scale_ratio allow."""
+    from fedlora.simulations.benchmarks.aggregators import settings
+    from fedlora.simulations.cli import default_config
+
+    base = load_config(default_config())
+    mixed = [
+        setting
+        for setting in settings(True, [1, 4, 8, 16, 32], False, base.model.lora_r, base.model.lora_alpha)
+        if any("client_ranks" in o for o in setting.overrides)
+    ]
+    assert len(mixed) == 3
+    for setting in mixed:
+        cfg = load_config(default_config(), setting.overrides)
+        s = build_strategy(cfg, FP, num_clients=cfg.simulation.num_clients)
+        s.global_state = state(0, rank=cfg.model.lora_r)
+        rules = s._rules()
+        for rank in cfg.simulation.client_ranks:
+            scale = lora_scale(dataclasses.replace(cfg.model, lora_r=rank))
+            assert rules.ranks[0] <= rank <= rules.ranks[1], setting.name
+            assert rules.scales[0] <= scale <= rules.scales[1], setting.name
