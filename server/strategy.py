@@ -192,7 +192,10 @@ class LoraAverage(FedAvg):
             scale_rule = f"a lora-scale within federation.max_scale_ratio {ratio:g} of {self.lora_scale:g}"
         else:
             scales = (self.lora_scale, self.lora_scale)
-            scale_rule = f"lora-scale {self.lora_scale:g} (lora_alpha / lora_r), as it averages the factors"
+            scale_rule = (
+                f"lora-scale {self.lora_scale:g} (lora_alpha / lora_r, or / sqrt(lora_r) with use_rslora), "
+                "as it averages the factors"
+            )
         if agg.mixed_ranks:
             rank_rule = f"lora_r up to federation.max_rank {self.max_rank}"
         else:
