@@ -172,7 +172,40 @@ class FederationConfig:
     server_momentum: float = _f(0.9, "FedAvgM momentum.", ge=0, lt=1)
     proximal_mu: float = _f(0.01, "FedProx proximal term weight.", ge=0)
     max_update_norm: float | None = _f(
-        None, "Replies whose delta L2 norm exceeds this are dropped; None disables.", gt=0
+        None,
+        "Replies whose change to the weights exceeds this L2 norm are dropped: per LoRA layer the "
+        "change of scale*B@A from what the client started at, plus the change of the other tensors "
+        "(the head), so a claimed lora-scale cannot shrink or inflate it. No default: an honest norm "
+        "depends on the model, learning rate and steps; history.json records each reply's "
+        "update_norm, so set it a few times above what honest rounds show. None disables.",
+        gt=0,
+    )
+    max_rank: int = _f(
+        64,
+        "exact: the largest LoRA rank a client may train at (the server works at the client's rank, so "
+        "a larger claim is refused before anything is allocated); fedavg and ffa accept only "
+        "model.lora_r. Must be >= model.lora_r.",
+        ge=1,
+    )
+    max_scale_ratio: float = _f(
+        64.0,
+        "exact and ffa: a reply's lora-scale must lie within this factor of the coordinator's "
+        "(above or below); fedavg accepts only the coordinator's scale, as it averages factors.",
+        ge=1,
+    )
+    max_examples: int | None = _f(
+        None,
+        "A reply's claimed num-examples counts as at most this many in the weighting (a claim cannot "
+        "be checked); 1 gives every reply the same weight. None: no cap.",
+        ge=1,
+    )
+    max_weight_share: float = _f(
+        0.5,
+        "No reply takes more than this share of a round's weight (what it would have more goes to "
+        "the others in proportion), so one client cannot outweigh the rest by claiming a huge "
+        "num-examples; with two replies 0.5 weighs them equally. 1 disables.",
+        gt=0,
+        le=1,
     )
     central_eval: bool = _f(
         True, "The server scores the global adapter on the held-out data after every round."

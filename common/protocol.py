@@ -13,7 +13,7 @@ FINGERPRINT = "fingerprint"
 WIRE_DTYPE = "wire-dtype"
 PROXIMAL_MU = "proximal-mu"
 
-# client -> server (MetricRecord; every reply carries the same keys)
+# client -> server (MetricRecord): the keys below, checked by common.codec
 NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 ACCURACY = "accuracy"
@@ -22,6 +22,14 @@ LORA_R = "lora-r"
 LORA_SCALE = "lora-scale"
 STEPS = "steps"
 TRAIN_SECONDS = "train-seconds"
+
+# which metric keys a reply must carry, and which it may add (statistics an institution opts in to)
+TRAIN_REQUIRED = (NUM_EXAMPLES, EPSILON, LORA_R, LORA_SCALE, STEPS, TRAIN_SECONDS)
+TRAIN_OPTIONAL = (LOSS,)
+EVALUATE_REQUIRED = (NUM_EXAMPLES,)
+EVALUATE_OPTIONAL = (LOSS, ACCURACY)
+# tensor dtypes a reply may carry (Flower's Array.dtype names)
+REPLY_DTYPES = ("float32", "float16")
 
 # node config (what only the institution decides) and run config
 NODE_CONFIG = "config"

@@ -1,10 +1,12 @@
 """LoRA-aware aggregation on top of Flower's strategies.
 
-`LoraAverage` replaces only FedAvg's averaging step: it validates every reply (fingerprint, keys,
-shapes, finite values, norm) and drops a bad one with a log line naming the node and the reason,
-then hands the rest to a pluggable aggregator (fedavg, exact, ffa). Flower's server optimisers
-(FedAvgM, FedAdam, FedYogi, FedProx) call FedAvg's averaging through ``super()``, so composing them
-in front of `LoraAverage` gives e.g. FedAdam over exactly aggregated LoRA.
+`LoraAverage` replaces FedAvg's averaging steps: every reply is parsed by common.codec (structure,
+metric keys and ranges, fingerprint, rank and scale within what the coordinator allows, tensor keys,
+shapes, dtypes, finite values) and its change to the weights bounded; a bad one is dropped with a log
+line naming the node and the reason, so it never reaches Flower's checks or an aggregator. The rest,
+weighted by bounded example counts, go to a pluggable aggregator (fedavg, exact, ffa). Flower's
+server optimisers (FedAvgM, FedAdam, FedYogi, FedProx) call FedAvg's averaging through ``super()``,
+so composing them in front of `LoraAverage` gives e.g. FedAdam over exactly aggregated LoRA.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -22,12 +24,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedlora.common import protocol as P
-from fedlora.common.adapter import State, from_record, l2_norm, shapes, to_record, validate_update
+from fedlora.common.adapter import State, from_record, to_record
+from fedlora.common.codec import ReplyRules, TrainReply, parse_evaluate_reply, parse_train_reply
 from fedlora.common.config import FedloraConfig
-from fedlora.common.errors import AdapterError, FedloraError
+from fedlora.common.errors import AdapterError, ConfigError, FedloraError
 from fedlora.common.lora_math import dropped_factors
 from fedlora.common.model import lora_scale
-from fedlora.server.aggregators import Aggregator, ClientUpdate, create_aggregator
+from fedlora.server.aggregators import (
+    Aggregator,
+    ClientUpdate,
+    bounded_weights,
+    create_aggregator,
+    weight_change_norm,
+)
 
 log = logging.getLogger("fedlora.server")
 NODE_POLL_SECONDS = 1.0
@@ -41,6 +50,7 @@ class RoundLog:
     clients: list[dict] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)
     aggregation: dict[str, float] = field(default_factory=dict)
+    evaluate_dropped: list[dict] = field(default_factory=list)
 
 
 def last_line(text: str, limit: int = 300) -> str:
@@ -58,6 +68,10 @@ class LoraAverage(FedAvg):
     lora_scale: float
     wire_dtype: str = "fp32"
     max_update_norm: float | None = None
+    max_rank: int
+    max_scale_ratio: float
+    max_examples: int | None = None
+    max_weight_share: float = 1.0
     round_offset: int = 0
     node_wait_timeout: float
     round_timeout: float
@@ -70,6 +84,13 @@ class LoraAverage(FedAvg):
         self.fingerprint = fingerprint
         self.wire_dtype = fed.update_dtype
         self.max_update_norm = fed.max_update_norm
+        if self.aggregator.mixed_ranks and fed.max_rank < self.lora_r:
+            raise ConfigError(
+                f"federation.max_rank: {fed.max_rank} is below the coordinator's model.lora_r {self.lora_r}"
+            )
+        self.max_rank = fed.max_rank if self.aggregator.mixed_ranks else self.lora_r
+        self.max_scale_ratio = fed.max_scale_ratio
+        self.max_examples, self.max_weight_share = fed.max_examples, fed.max_weight_share
         self.round_offset = round_offset
         self.node_wait_timeout, self.round_timeout = fed.node_wait_timeout, fed.round_timeout
         self._set_global(ArrayRecord())
@@ -162,79 +183,120 @@ class LoraAverage(FedAvg):
             msg.content = content
         return messages
 
-    def _screen(self, msg: Message) -> ClientUpdate:
-        """The client's adapter after training, or AdapterError saying why the reply is refused."""
-        content = msg.content
-        try:
-            theirs = content[P.CONFIG][P.FINGERPRINT]
-            metrics = content[P.METRICS]
-            num, rank, scale = metrics[P.NUM_EXAMPLES], int(metrics[P.LORA_R]), float(metrics[P.LORA_SCALE])
-            arrays = content[P.ARRAYS]
-        except (KeyError, TypeError, ValueError) as err:
-            raise AdapterError(f"malformed reply (missing {err})") from None
-        if theirs != self.fingerprint:
-            raise AdapterError(f"fingerprint {theirs} is not the federation's {self.fingerprint}")
-        if not (isinstance(num, int | float) and num > 0 and math.isfinite(num)):
-            raise AdapterError(f"{P.NUM_EXAMPLES} must be a positive number, got {num!r}")
-        if rank < 1 or not math.isfinite(scale) or scale <= 0:
-            raise AdapterError(f"bad LoRA rank {rank} or scale {scale}")
-        start = self._own(rank, scale)
-        keys = self.aggregator.wire_keys(self.global_state)
-        update = from_record(arrays)
-        validate_update(update, {k: shapes(start)[k] for k in keys}, self.max_update_norm)
-        self.node_layouts[msg.metadata.src_node_id] = (rank, scale)
-        return ClientUpdate(
-            node_id=msg.metadata.src_node_id,
-            state={k: start[k] + update[k] for k in keys},
-            num_examples=int(num),
-            scale=scale,
-            start={k: start[k] for k in keys},
+    def _rules(self) -> ReplyRules:
+        """What a train reply may hold this round: the coordinator's fingerprint and tensor layout,
+        ranks up to max_rank (exact) or only the global one, scales per the aggregator."""
+        agg, ratio = self.aggregator, self.max_scale_ratio
+        if agg.mixed_scales:
+            scales = (self.lora_scale / ratio, self.lora_scale * ratio)
+            scale_rule = f"a lora-scale within federation.max_scale_ratio {ratio:g} of {self.lora_scale:g}"
+        else:
+            scales = (self.lora_scale, self.lora_scale)
+            scale_rule = (
+                f"lora-scale {self.lora_scale:g} (lora_alpha / lora_r, or / sqrt(lora_r) with use_rslora), "
+                "as it averages the factors"
+            )
+        if agg.mixed_ranks:
+            rank_rule = f"lora_r up to federation.max_rank {self.max_rank}"
+        else:
+            rank_rule = f"lora_r {self.lora_r}"
+        return ReplyRules(
+            fingerprint=self.fingerprint,
+            shapes=agg.reply_shapes(self.global_state),
+            ranks=(1 if agg.mixed_ranks else self.lora_r, self.max_rank),
+            scales=scales,
+            hint=f" (federation.aggregator {agg.name} needs {rank_rule} and {scale_rule})",
         )
+
+    def _screen(self, msg: Message, rules: ReplyRules) -> tuple[ClientUpdate, TrainReply, float]:
+        """The client's adapter after training, its parsed reply and its weight change norm, or
+        AdapterError saying why the reply is refused."""
+        reply = parse_train_reply(msg.content, rules)
+        rank, scale = reply.metrics.lora_r, reply.metrics.lora_scale
+        start = self._own(rank, scale)
+        after = {**start, **{k: start[k] + v for k, v in reply.update.items()}}
+        norm = weight_change_norm(start, after, scale)
+        if self.max_update_norm is not None and norm > self.max_update_norm:
+            raise AdapterError(
+                f"weight change norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g} "
+                "(federation.max_update_norm)"
+            )
+        update = ClientUpdate(
+            node_id=msg.metadata.src_node_id,
+            state={k: after[k] for k in reply.update},
+            num_examples=reply.metrics.num_examples,
+            scale=scale,
+            start={k: start[k] for k in reply.update},
+        )
+        return update, reply, norm
+
+    def _drop(self, dropped: list[dict], round_: int, msg: Message, reason: str, what: str) -> None:
+        node = msg.metadata.src_node_id
+        log.warning("round %d: dropped %s reply from node %d: %s", round_, what, node, reason)
+        dropped.append({"node": node, "reason": reason})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = RoundLog(round=server_round + self.round_offset)
         self.rounds.append(record)
-        good, updates = [], []
+        rules = self._rules()
+        accepted: list[tuple[ClientUpdate, TrainReply]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
             if msg.has_error():
-                reason = last_line(msg.error.reason)
-            else:
-                try:
-                    updates.append(self._screen(msg))
-                    good.append(msg)
-                    metrics = msg.content[P.METRICS]
-                    record.clients.append(
-                        {
-                            "node": node,
-                            **{k: float(v) for k, v in metrics.items()},
-                            "update_norm": l2_norm(
-                                {
-                                    k: updates[-1].state[k] - self.global_state[k].to(torch.float32)
-                                    for k in updates[-1].state
-                                    if updates[-1].state[k].shape == self.global_state[k].shape
-                                }
-                            ),
-                            "bytes": sum(a.numpy().nbytes for a in msg.content[P.ARRAYS].values()),
-                        }
-                    )
-                    continue
-                except AdapterError as err:
-                    reason = str(err)
-            log.warning("round %d: dropped reply from node %d: %s", record.round, node, reason)
-            record.dropped.append({"node": node, "reason": reason})
-        if not updates:
+                self._drop(record.dropped, record.round, msg, last_line(msg.error.reason), "train")
+                continue
+            try:
+                update, reply, norm = self._screen(msg, rules)
+            except AdapterError as err:
+                self._drop(record.dropped, record.round, msg, str(err), "train")
+                continue
+            accepted.append((update, reply))
+            arrays = msg.content[P.ARRAYS].values()
+            record.clients.append(
+                {
+                    "node": update.node_id,
+                    **{k: float(v) for k, v in reply.metrics.values().items()},
+                    "update_norm": norm,
+                    "bytes": sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays),
+                }
+            )
+        if not accepted:
             log.warning("round %d: no usable reply; the global adapter stays as it was", record.round)
             return None, None
-        self._check_and_log_replies(good, is_train=True)
+        weights = self._weights([reply.metrics.num_examples for _, reply in accepted])
+        for entry, weight in zip(record.clients, weights, strict=True):
+            entry["weight"] = weight / sum(weights)
+        for update, reply in accepted:
+            self.node_layouts[update.node_id] = (reply.metrics.lora_r, reply.metrics.lora_scale)
+        updates = [replace(u, num_examples=w) for (u, _), w in zip(accepted, weights, strict=True)]
         result = self.aggregator.aggregate(self.global_state, updates)
         record.aggregation = result.metrics
         merged = {**self.global_state, **result.state}
         arrays = ArrayRecord({k: v.to(torch.float32).contiguous() for k, v in merged.items()})
-        contents: list[RecordDict] = [m.content for m in good]
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return arrays, summarise_metrics([reply.metrics.values() for _, reply in accepted], weights)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Client evaluation metrics through the codec: a malformed reply is dropped, not fatal."""
+        absolute = server_round + self.round_offset
+        dropped = (
+            self.rounds[-1].evaluate_dropped if self.rounds and self.rounds[-1].round == absolute else []
+        )
+        parsed = []
+        for msg in replies:
+            try:
+                if msg.has_error():
+                    raise AdapterError(last_line(msg.error.reason))
+                parsed.append(parse_evaluate_reply(msg.content))
+            except AdapterError as err:
+                self._drop(dropped, absolute, msg, str(err), "evaluate")
+        if not parsed:
+            return None
+        weights = self._weights([m.num_examples for m in parsed])
+        return summarise_metrics([m.values() for m in parsed], weights)
+
+    def _weights(self, claims: Sequence[float]) -> list[float]:
+        return bounded_weights(claims, self.max_examples, self.max_weight_share)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Server-optimiser moments and aggregator state, for checkpoints."""
@@ -298,8 +360,6 @@ def build_strategy(
         "min_train_nodes": minimum,
         "min_evaluate_nodes": minimum if fed.fraction_evaluate else 0,
         "min_available_nodes": minimum,
-        "train_metrics_aggr_fn": aggregate_client_metrics,
-        "evaluate_metrics_aggr_fn": aggregate_client_metrics,
     }
     extra = {
         "fedavgm": {"server_learning_rate": fed.server_learning_rate, "server_momentum": fed.server_momentum},
@@ -311,18 +371,16 @@ def build_strategy(
     return strategy.attach(cfg, fingerprint, round_offset)
 
 
-def aggregate_client_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted means, except epsilon: the federation reports the largest spend of any client."""
-    weights = [float(next(iter(r.metric_records.values()))[weight_key]) for r in records]
-    total = sum(weights) or 1.0
+def summarise_metrics(metrics: Sequence[Mapping[str, float]], weights: Sequence[float]) -> MetricRecord:
+    """Per key, the weighted mean over the replies that carry it (statistics are opt-in, so some
+    replies lack them); epsilon the largest spend of any client; num-examples the total claimed."""
     out: dict[str, float] = {}
-    for record, weight in zip(records, weights, strict=True):
-        for key, value in next(iter(record.metric_records.values())).items():
-            if key == weight_key or isinstance(value, list):
-                continue
-            if key == P.EPSILON:
-                out[key] = max(out.get(key, 0.0), float(value))
-            else:
-                out[key] = out.get(key, 0.0) + float(value) * weight / total
-    out[weight_key] = total
+    for key in dict.fromkeys(k for m in metrics for k in m):
+        carried = [(float(m[key]), w) for m, w in zip(metrics, weights, strict=True) if key in m]
+        if key == P.NUM_EXAMPLES:
+            out[key] = sum(value for value, _ in carried)
+        elif key == P.EPSILON:
+            out[key] = max(value for value, _ in carried)
+        else:
+            out[key] = sum(value * w for value, w in carried) / sum(w for _, w in carried)
     return MetricRecord(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from flwr.app import Metadata
+from flwr.app import Message, Metadata, RecordDict
 
 _ids = itertools.count()
 
@@ -23,3 +23,8 @@ def metadata(src: int, dst: int, reply_to: str = "") -> Metadata:
         ttl=60,
         message_type="train",
     )
+
+
+def reply_message(node: int, content: RecordDict) -> Message:
+    """A reply from node ``node`` to the server carrying ``content``."""
+    return Message(content=content, metadata=metadata(node, 0, reply_to="x"))

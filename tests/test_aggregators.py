@@ -15,7 +15,9 @@ from fedlora.server.aggregators import (
     ExactAggregator,
     FedAvgAggregator,
     FfaAggregator,
+    bounded_weights,
     create_aggregator,
+    weight_change_norm,
 )
 
 HEAD = "base_model.model.classifier.modules_to_save.default.weight"
@@ -345,3 +347,40 @@ def test_mixed_ranks_starting_from_an_untrained_adapter_fit_the_global_rank() ->
         torch.testing.assert_close(
             global_product(result.state, prefix, 1.0), mean_of_products(ups, prefix), rtol=1e-5, atol=1e-5
         )
+
+
+# what the strategy bounds before aggregating
+
+
+@pytest.mark.parametrize(
+    ("claims", "max_examples", "share", "expected"),
+    [
+        ([10, 20, 30], None, 1.0, [10, 20, 30]),  # no cap: the claims
+        ([10, 10, 10, 1e12], None, 0.5, [10, 10, 10, 30]),  # the huge claim weighs half
+        ([10, 1000], None, 0.5, [1, 1]),  # two replies at 0.5: equal
+        ([5, 1e12, 1e12, 5, 10], None, 0.3, [5, 15, 15, 5, 10]),  # two capped at one common level
+        ([10, 500, 1e9], 100, 1.0, [10, 100, 100]),  # absolute cap
+        ([3, 7, 1e6], 1, 1.0, [1, 1, 1]),  # max_examples 1: equal weights
+        ([42.0], None, 0.5, [1]),  # one reply takes it all, whatever the cap
+    ],
+)
+def test_bounded_weights(claims, max_examples, share, expected) -> None:
+    got = bounded_weights(claims, max_examples, share)
+    total = sum(got)
+    assert [g / total for g in got] == pytest.approx([e / sum(expected) for e in expected])
+    assert max(got) / total <= share + 1e-12 or len(got) * share <= 1
+
+
+def test_weight_change_norm_sees_the_product_not_the_factors() -> None:
+    start = adapter(4, 0)
+    same_product = dict(start)
+    for a_key, b_key in lora_pairs(start).values():
+        same_product[a_key], same_product[b_key] = start[a_key] * 10, start[b_key] / 10
+    assert weight_change_norm(start, same_product, 2.0) < 1e-5  # float32 rounding of the factors
+    moved = {**start, HEAD: start[HEAD] + 1}
+    assert weight_change_norm(start, moved, 2.0) == pytest.approx(6.0)  # a 3x12 head, each +1
+    prefix = LAYERS[0]
+    a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+    grown = {**start, b_key: start[b_key] * 2}
+    change = global_product(grown, prefix, 1e6) - global_product(start, prefix, 1e6)
+    assert weight_change_norm(start, grown, 1e6) == pytest.approx(float(torch.linalg.matrix_norm(change)))

@@ -1,42 +1,69 @@
-"""The server's LoRA strategy: validation of replies and FedAvg of deltas, on hand-built messages."""
+"""The server's LoRA strategy on hand-built replies: screening through the codec (a malformed or
+hostile reply is dropped, never the round), bounded weights and norms, and aggregation of deltas."""
 
 from __future__ import annotations
+
+import dataclasses
+import logging
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from helpers_messages import metadata
+from helpers_messages import metadata, reply_message
 
 from fedlora.common import protocol as P
-from fedlora.common.adapter import from_record
+from fedlora.common.adapter import from_record, to_record
+from fedlora.common.codec import EvaluateMetrics, TrainMetrics, evaluate_reply, train_reply
 from fedlora.common.config import load_config
+from fedlora.common.errors import FedloraError
+from fedlora.common.lora_math import layer_products
+from fedlora.common.model import lora_scale
 from fedlora.server.strategy import LoraFedAdam, build_strategy
 
 FP = "f1ngerpr1nt"
-SHAPES = {
-    "base_model.model.l0.q.lora_A.weight": (4, 6),
-    "base_model.model.l0.q.lora_B.weight": (5, 4),
-    "base_model.model.classifier.weight": (3, 5),
-}
+A, B, HEAD = (
+    "base_model.model.l0.q.lora_A.weight",
+    "base_model.model.l0.q.lora_B.weight",
+    "base_model.model.classifier.weight",
+)
+SHAPES = {A: (4, 6), B: (5, 4), HEAD: (3, 5)}
 
 
-def state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+def state(seed: int, scale: float = 1.0, rank: int = 4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: scale * torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    shapes = {A: (rank, 6), B: (5, rank), HEAD: (3, 5)}
+    return {k: scale * torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
-def reply(node: int, update: dict, num: int, fingerprint: str = FP, **metrics) -> Message:
-    md = metadata(node, 0, reply_to="x")
-    values = {P.NUM_EXAMPLES: num, P.LOSS: 1.0, P.EPSILON: 0.5, P.LORA_R: 4, P.LORA_SCALE: 4.0, **metrics}
-    content = RecordDict(
-        {
-            P.ARRAYS: ArrayRecord({k: v.contiguous() for k, v in update.items()}),
-            P.METRICS: MetricRecord(values),
-            P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint}),
-        }
-    )
-    return Message(content=content, metadata=md)
+def content(update: dict, num: float, fingerprint: str = FP, **metrics) -> RecordDict:
+    """A train reply as the ClientApp builds it (codec), at rank 4 and scale 4 unless told."""
+    values = {
+        "num_examples": num,
+        "epsilon": 0.5,
+        "lora_r": 4,
+        "lora_scale": 4.0,
+        "steps": 3,
+        "train_seconds": 1.0,
+        "loss": 1.0,
+        **metrics,
+    }
+    return train_reply(update, TrainMetrics(**values), fingerprint)
+
+
+def reply(node: int, update: dict, num: float, fingerprint: str = FP, **metrics) -> Message:
+    return reply_message(node, content(update, num, fingerprint, **metrics))
+
+
+WIRE = {P.EPSILON: 0.5, P.LORA_R: 4, P.LORA_SCALE: 4.0, P.STEPS: 3, P.TRAIN_SECONDS: 1.0, P.LOSS: 1.0}
+
+
+def raw_reply(node: int, update: dict, num: float, fingerprint: str = FP, **metrics) -> Message:
+    """A reply built by hand, past the codec's own checks (what a hostile client can send); a
+    metric given as None is left out."""
+    values = {k: v for k, v in {**WIRE, P.NUM_EXAMPLES: num, **metrics}.items() if v is not None}
+    records = {P.ARRAYS: to_record(update), P.METRICS: MetricRecord(values)}
+    return reply_message(node, RecordDict({**records, P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint})}))
 
 
 def error_reply(node: int, reason: str) -> Message:
@@ -53,7 +80,7 @@ def strategy():
 
 
 def test_fedavg_of_deltas_is_the_weighted_mean(strategy) -> None:
-    deltas, nums = [state(1, 0.1), state(2, 0.1), state(3, 0.1)], [10, 30, 60]
+    deltas, nums = [state(1, 0.1), state(2, 0.1), state(3, 0.1)], [20, 30, 40]
     arrays, metrics = strategy.aggregate_train(
         1, [reply(i + 1, d, n) for i, (d, n) in enumerate(zip(deltas, nums, strict=True))]
     )
@@ -63,7 +90,7 @@ def test_fedavg_of_deltas_is_the_weighted_mean(strategy) -> None:
             nums
         )
         torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
-    assert metrics[P.NUM_EXAMPLES] == 100
+    assert metrics[P.NUM_EXAMPLES] == 90
     assert strategy.rounds[-1].dropped == []
 
 
@@ -71,7 +98,7 @@ def test_fedavg_of_deltas_is_the_weighted_mean(strategy) -> None:
     ("bad", "reason"),
     [
         (
-            lambda: reply(
+            lambda: raw_reply(
                 9,
                 {**state(4, 0.1), "base_model.model.l0.q.lora_A.weight": torch.full((4, 6), float("nan"))},
                 50,
@@ -91,20 +118,20 @@ def test_fedavg_of_deltas_is_the_weighted_mean(strategy) -> None:
             lambda: reply(9, {**state(4, 0.1), "base_model.model.extra.weight": torch.zeros(2)}, 50),
             "unexpected key",
         ),
-        (lambda: reply(9, state(4, 0.1), -5), "positive"),
+        (lambda: raw_reply(9, state(4, 0.1), -5), "expected >= 1"),
         (lambda: error_reply(9, "client crashed: boom"), "boom"),
     ],
     ids=["nan", "wrong-shape", "wrong-fingerprint", "missing-key", "extra-key", "negative-count", "error"],
 )
 def test_bad_reply_is_dropped_and_round_completes(strategy, bad, reason) -> None:
     good = [state(1, 0.1), state(2, 0.1)]
-    arrays, _ = strategy.aggregate_train(1, [reply(1, good[0], 10), bad(), reply(2, good[1], 30)])
+    arrays, _ = strategy.aggregate_train(1, [reply(1, good[0], 20), bad(), reply(2, good[1], 20)])
     dropped = strategy.rounds[-1].dropped
     assert [d["node"] for d in dropped] == [9]
     assert reason in dropped[0]["reason"]
     got = from_record(arrays)
     for key in SHAPES:
-        hand = strategy.global_state[key] + (10 * good[0][key] + 30 * good[1][key]) / 40
+        hand = strategy.global_state[key] + (good[0][key] + good[1][key]) / 2
         torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
 
 
@@ -192,3 +219,274 @@ def test_lower_rank_nodes_evaluate_the_new_global_truncated_once_per_rank(monkey
         assert by_node[node][P.CONFIG][P.LORA_R] == 2 and P.FOLD in by_node[node]
     assert from_record(by_node[3][P.ARRAYS]).keys() == new.keys() and P.FOLD not in by_node[3]
     assert calls == [(2, 8.0)]
+
+
+# --- One client must not be able to poison or stop a federation (issue 13) ---
+
+AGGREGATOR_SETS = {
+    "fedavg": (),
+    "exact": ("federation.aggregator=exact",),
+    "ffa": ("federation.aggregator=ffa", "model.variant=ffa"),
+}
+
+
+def federation(aggregator: str, *overrides: str):
+    """A coordinator at rank 4, scale 4 (alpha 16) with a random global adapter."""
+    cfg = load_config(
+        overrides=[
+            "model.lora_r=4",
+            "model.lora_alpha=16",
+            "federation.min_clients=2",
+            *AGGREGATOR_SETS[aggregator],
+            *overrides,
+        ]
+    )
+    s = build_strategy(cfg, FP, num_clients=4)
+    s.global_state = state(0)
+    return s
+
+
+def wire(s, update: dict) -> dict:
+    """What a client of this federation sends: under ffa, no A."""
+    return {k: update[k] for k in s.aggregator.wire_keys(s.global_state)}
+
+
+def honest(s, node: int, num: float = 20, **metrics) -> Message:
+    return reply(node, wire(s, state(node, 0.01)), num, **metrics)
+
+
+def round_of(aggregator: str, replies, *overrides: str):
+    s = federation(aggregator, *overrides)
+    arrays, metrics = s.aggregate_train(1, replies(s))
+    return s, arrays, metrics
+
+
+def assert_same(arrays: ArrayRecord, other: ArrayRecord) -> None:
+    got, want = from_record(arrays), from_record(other)
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+
+def second_record(s, node: int, name: str, record) -> Message:
+    content = honest(s, node).content
+    content[name] = record
+    return reply_message(node, content)
+
+
+MALFORMED = {
+    "extra-metric": lambda s: raw_reply(9, wire(s, state(9, 0.01)), 20, extra=1.0),
+    "missing-metric": lambda s: raw_reply(9, wire(s, state(9, 0.01)), 20, **{P.STEPS: None}),
+    "list-metric": lambda s: raw_reply(9, wire(s, state(9, 0.01)), 20, **{P.LOSS: [1.0, 2.0]}),
+    "second-arrayrecord": lambda s: second_record(s, 9, "more", ArrayRecord(wire(s, state(9, 0.01)))),
+    "second-metricrecord": lambda s: second_record(s, 9, "more", MetricRecord({P.NUM_EXAMPLES: 5})),
+}
+
+
+@pytest.mark.parametrize("aggregator", sorted(AGGREGATOR_SETS))
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_malformed_reply_is_dropped_not_the_round(aggregator: str, kind: str, caplog) -> None:
+    caplog.set_level(logging.WARNING, "fedlora.server")
+    s, arrays, _ = round_of(aggregator, lambda s: [honest(s, 1), MALFORMED[kind](s), honest(s, 2)])
+    assert [d["node"] for d in s.rounds[-1].dropped] == [9]
+    assert "dropped train reply from node 9" in caplog.text
+    _, clean, _ = round_of(aggregator, lambda s: [honest(s, 1), honest(s, 2)])
+    assert_same(arrays, clean)
+
+
+@pytest.mark.parametrize("aggregator", sorted(AGGREGATOR_SETS))
+def test_replies_with_and_without_the_optional_loss_aggregate(aggregator: str) -> None:
+    s, arrays, metrics = round_of(
+        aggregator, lambda s: [honest(s, 1, loss=0.25), honest(s, 2, loss=None), honest(s, 3, loss=None)]
+    )
+    assert arrays is not None and s.rounds[-1].dropped == []
+    assert metrics[P.LOSS] == 0.25 and metrics[P.NUM_EXAMPLES] == 60
+
+
+@pytest.mark.parametrize("aggregator", sorted(AGGREGATOR_SETS))
+def test_a_huge_example_claim_takes_at_most_the_share_cap(aggregator: str) -> None:
+    """Three honest replies of 10 and one claiming 1e12: the claim weighs as 30, half the round."""
+    s, arrays, _ = round_of(
+        aggregator, lambda s: [honest(s, n, 10) for n in (1, 2, 3)] + [honest(s, 4, 1e12)]
+    )
+    assert s.rounds[-1].clients[-1]["weight"] == pytest.approx(0.5)
+    _, capped, _ = round_of(aggregator, lambda s: [honest(s, n, 10) for n in (1, 2, 3)] + [honest(s, 4, 30)])
+    assert_same(arrays, capped)
+
+
+def test_max_examples_one_weighs_every_reply_the_same() -> None:
+    _, arrays, _ = round_of(
+        "exact", lambda s: [honest(s, 1, 10), honest(s, 2, 1000)], "federation.max_examples=1"
+    )
+    _, equal, _ = round_of("exact", lambda s: [honest(s, 1, 7), honest(s, 2, 7)])
+    assert_same(arrays, equal)
+
+
+@pytest.mark.parametrize("aggregator", sorted(AGGREGATOR_SETS))
+def test_a_claim_below_one_drops_that_reply_not_the_round(aggregator: str) -> None:
+    s, arrays, _ = round_of(aggregator, lambda s: [honest(s, 1), raw_reply(9, wire(s, state(9)), 0.5)])
+    assert [d["node"] for d in s.rounds[-1].dropped] == [9] and arrays is not None
+    s, arrays, _ = round_of(
+        aggregator, lambda s: [raw_reply(n, wire(s, state(n)), 0.5) for n in (1, 2)] + [error_reply(3, "x")]
+    )
+    assert (arrays, len(s.rounds[-1].dropped)) == (None, 3)
+
+
+@pytest.mark.parametrize(("aggregator", "scale"), [("fedavg", 1e-30), ("exact", 1e6), ("ffa", 1e6)])
+def test_an_absurd_lora_scale_is_dropped(aggregator: str, scale: float) -> None:
+    s, arrays, _ = round_of(
+        aggregator,
+        lambda s: [
+            honest(s, 1),
+            raw_reply(9, wire(s, state(9, 0.01)), 20, **{P.LORA_SCALE: scale}),
+            honest(s, 2),
+        ],
+    )
+    assert [d["node"] for d in s.rounds[-1].dropped] == [9]
+    assert "'lora-scale'" in s.rounds[-1].dropped[0]["reason"]
+    _, clean, _ = round_of(aggregator, lambda s: [honest(s, 1), honest(s, 2)])
+    assert_same(arrays, clean)
+
+
+@pytest.mark.parametrize("aggregator", ["exact", "ffa"])
+def test_the_norm_bound_is_on_the_weight_change_not_the_factors(aggregator: str) -> None:
+    """A scale 50x the coordinator's (within max_scale_ratio) with factors far under the bound still
+    moves the weights far past it: dropped. An honest reply under the bound passes."""
+    s, _, _ = round_of(
+        aggregator,
+        lambda s: [
+            honest(s, 1),
+            raw_reply(9, wire(s, state(9, 0.05)), 20, **{P.LORA_SCALE: 200.0}),
+            honest(s, 2),
+        ],
+        "federation.max_update_norm=1.0",
+    )
+    dropped = s.rounds[-1].dropped
+    assert [d["node"] for d in dropped] == [9] and "exceeds the bound" in dropped[0]["reason"]
+    assert all(c["update_norm"] < 1.0 for c in s.rounds[-1].clients)
+
+
+def test_update_norm_is_the_change_of_the_product() -> None:
+    s, _, _ = round_of("exact", lambda s: [honest(s, 1), honest(s, 2)])
+    start, update = state(0), state(1, 0.01)
+    after = {k: start[k] + update[k] for k in start}
+    before_p, after_p = layer_products(start, 4.0), layer_products(after, 4.0)
+    want = sum(float((after_p[p] - before_p[p]).pow(2).sum()) for p in after_p)
+    want = (want + float(update[HEAD].double().pow(2).sum())) ** 0.5
+    assert s.rounds[-1].clients[0]["update_norm"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("aggregator", sorted(AGGREGATOR_SETS))
+def test_a_huge_claimed_rank_is_refused_before_anything_is_allocated(aggregator: str, monkeypatch) -> None:
+    s = federation(aggregator)
+    truncate = s.aggregator.for_client
+
+    def guarded(global_state, rank, scale):
+        assert rank <= 64, f"the server worked at claimed rank {rank}"
+        return truncate(global_state, rank, scale)
+
+    monkeypatch.setattr(s.aggregator, "for_client", guarded)
+    s.aggregate_train(1, [honest(s, 1), raw_reply(9, wire(s, state(9, 0.01)), 20, **{P.LORA_R: 10**9})])
+    assert [d["node"] for d in s.rounds[-1].dropped] == [9]
+    assert "'lora-r': 1e+09" in s.rounds[-1].dropped[0]["reason"]
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "ffa"])
+def test_another_rank_than_the_coordinators_is_dropped_without_mixed_ranks(aggregator: str) -> None:
+    s, arrays, _ = round_of(
+        aggregator,
+        lambda s: [honest(s, 1), reply(9, wire(s, state(9, 0.01, rank=8)), 20, lora_r=8, lora_scale=2.0)],
+    )
+    dropped = s.rounds[-1].dropped
+    assert [d["node"] for d in dropped] == [9] and arrays is not None
+    assert "'lora-r': 8, the coordinator allows only 4" in dropped[0]["reason"]
+    assert f"federation.aggregator {aggregator} needs lora_r 4" in dropped[0]["reason"]
+
+
+def test_exact_takes_ranks_up_to_max_rank() -> None:
+    s, arrays, _ = round_of(
+        "exact",
+        lambda s: [
+            honest(s, 1),
+            reply(2, state(2, 0.01, rank=2), 20, lora_r=2, lora_scale=8.0),
+            reply(9, state(9, 0.01, rank=16), 20, lora_r=16, lora_scale=1.0),
+        ],
+        "federation.max_rank=8",
+    )
+    assert [d["node"] for d in s.rounds[-1].dropped] == [9] and arrays is not None
+    assert "allows 1 to 8" in s.rounds[-1].dropped[0]["reason"]
+    with pytest.raises(FedloraError, match=r"federation\.max_rank: 2 is below"):
+        federation("exact", "federation.max_rank=2")
+
+
+def test_fedavg_drops_another_lora_alpha_at_the_same_rank_naming_the_scale() -> None:
+    """fedavg averages A and B apart: factors trained at another scale cannot be averaged with the
+    others', so the honest institution is told what to set instead of being mis-aggregated."""
+    s, arrays, _ = round_of("fedavg", lambda s: [honest(s, 1), honest(s, 2), honest(s, 9, lora_scale=2.0)])
+    reason = s.rounds[-1].dropped[0]["reason"]
+    assert "'lora-scale': 2, the coordinator allows only 4" in reason and "lora_alpha / lora_r" in reason
+    _, clean, _ = round_of("fedavg", lambda s: [honest(s, 1), honest(s, 2)])
+    assert_same(arrays, clean)
+
+
+def test_exact_converts_another_lora_alpha_exactly() -> None:
+    """The same trained weights sent at scale 2 instead of 4 give the same next global adapter."""
+    _, at_four, _ = round_of("exact", lambda s: [honest(s, 1), honest(s, 2)])
+    s = federation("exact")
+    start_two = s.aggregator.for_client(s.global_state, 4, 2.0)
+    final = {k: s.global_state[k] + state(2, 0.01)[k] for k in SHAPES}
+    final[B] = final[B] * 2  # 2 * (2B) @ A == 4 * B @ A
+    delta = {k: final[k] - start_two[k] for k in SHAPES}
+    arrays, _ = s.aggregate_train(1, [honest(s, 1), reply(2, delta, 20, lora_scale=2.0)])
+    assert s.rounds[-1].dropped == []
+    assert_same(arrays, at_four)
+
+
+def test_when_every_reply_is_dropped_the_round_keeps_the_global_and_says_why(caplog) -> None:
+    caplog.set_level(logging.WARNING, "fedlora.server")
+    s = federation("fedavg")
+    bad = [raw_reply(1, state(1, 0.01), 20, extra=1.0), raw_reply(2, state(2, 0.01), 20, **{P.STEPS: None})]
+    assert s.aggregate_train(1, bad) == (None, None)
+    assert [d["node"] for d in s.rounds[-1].dropped] == [1, 2]
+    assert "no usable reply; the global adapter stays as it was" in caplog.text
+
+
+def test_a_malformed_evaluate_reply_is_dropped_not_fatal(caplog) -> None:
+    caplog.set_level(logging.WARNING, "fedlora.server")
+    s = federation("fedavg")
+    s.aggregate_train(1, [honest(s, 1), honest(s, 2)])
+    replies = [
+        reply_message(1, evaluate_reply(EvaluateMetrics(10, loss=0.5, accuracy=0.8))),
+        reply_message(2, evaluate_reply(EvaluateMetrics(30))),
+        reply_message(3, RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 5, "extra": 1.0})})),
+        reply_message(4, RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 5, P.LOSS: [0.1, 0.2]})})),
+        error_reply(5, "boom"),
+    ]
+    metrics = s.aggregate_evaluate(1, replies)
+    assert metrics[P.NUM_EXAMPLES] == 40 and metrics[P.LOSS] == 0.5 and metrics[P.ACCURACY] == 0.8
+    assert [d["node"] for d in s.rounds[-1].evaluate_dropped] == [3, 4, 5]
+    assert "dropped evaluate reply from node 3: unexpected metric 'extra'" in caplog.text
+
+
+def test_default_bounds_keep_the_benchmarks_mixed_rank_settings_valid() -> None:
+    """Every client rank and scale of the aggregators benchmark's mixed-rank settings lies within
+    what the default max_rank and max_scale_ratio allow."""
+    from fedlora.simulations.benchmarks.aggregators import settings
+    from fedlora.simulations.cli import default_config
+
+    base = load_config(default_config())
+    mixed = [
+        setting
+        for setting in settings(True, [1, 4, 8, 16, 32], False, base.model.lora_r, base.model.lora_alpha)
+        if any("client_ranks" in o for o in setting.overrides)
+    ]
+    assert len(mixed) == 3
+    for setting in mixed:
+        cfg = load_config(default_config(), setting.overrides)
+        s = build_strategy(cfg, FP, num_clients=cfg.simulation.num_clients)
+        s.global_state = state(0, rank=cfg.model.lora_r)
+        rules = s._rules()
+        for rank in cfg.simulation.client_ranks:
+            scale = lora_scale(dataclasses.replace(cfg.model, lora_r=rank))
+            assert rules.ranks[0] <= rank <= rules.ranks[1], setting.name
+            assert rules.scales[0] <= scale <= rules.scales[1], setting.name

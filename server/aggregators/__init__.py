@@ -5,7 +5,13 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from fedlora.server.aggregators.base import AggregationResult, Aggregator, ClientUpdate
+from fedlora.server.aggregators.base import (
+    AggregationResult,
+    Aggregator,
+    ClientUpdate,
+    bounded_weights,
+    weight_change_norm,
+)
 from fedlora.server.aggregators.exact import ExactAggregator
 from fedlora.server.aggregators.fedavg import FedAvgAggregator
 from fedlora.server.aggregators.ffa import FfaAggregator
@@ -37,5 +43,7 @@ __all__ = [
     "ExactAggregator",
     "FedAvgAggregator",
     "FfaAggregator",
+    "bounded_weights",
     "create_aggregator",
+    "weight_change_norm",
 ]

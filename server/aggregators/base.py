@@ -6,6 +6,7 @@ says how to combine them.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fedlora.common.errors import AdapterError
-from fedlora.common.lora_math import lora_pairs, lora_rank, product, truncate_state
+from fedlora.common.lora_math import layer_products, lora_pairs, lora_rank, product, truncate_state
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class ClientUpdate:
 
     node_id: int
     state: dict[str, Tensor]
-    num_examples: int
+    num_examples: float  # the weight the server grants: the claimed count, bounded by the strategy
     scale: float
     start: dict[str, Tensor] | None = None  # what the client received (its rank's truncation), if known
 
@@ -42,6 +43,8 @@ class Aggregator(ABC):
     name: ClassVar[str]
     mixed_ranks: ClassVar[bool] = False
     """Whether clients may send LoRA factors of another rank than the global adapter's."""
+    mixed_scales: ClassVar[bool] = True
+    """Whether a reply at another scale than the global one is converted exactly (same product)."""
 
     def __init__(self, global_scale: float) -> None:
         if not global_scale > 0:
@@ -89,10 +92,7 @@ class Aggregator(ABC):
         """Reject what cannot be aggregated, naming node and key; return the weights."""
         if not updates:
             raise ValueError(f"{self.name}: no updates to aggregate")
-        pairs = lora_pairs(global_state)
-        if not pairs:
-            raise AdapterError(f"{self.name}: the global adapter has no LoRA layers")
-        expected = self._expected_shapes(global_state, pairs)
+        expected = self.reply_shapes(global_state)
         for update in updates:
             where = f"{self.name}: node {update.node_id}"
             if update.num_examples < 0 or not update.scale > 0:
@@ -125,10 +125,11 @@ class Aggregator(ABC):
             raise AdapterError(f"{self.name}: the updates carry no examples")
         return [update.num_examples / total for update in updates]
 
-    def _expected_shapes(
-        self, global_state: Mapping[str, Tensor], pairs: Mapping[str, tuple[str, str]]
-    ) -> dict[str, tuple[int | None, ...]]:
+    def reply_shapes(self, global_state: Mapping[str, Tensor]) -> dict[str, tuple[int | None, ...]]:
         """Shape each wire key must have; None where the client's own rank goes."""
+        pairs = lora_pairs(global_state)
+        if not pairs:
+            raise AdapterError(f"{self.name}: the global adapter has no LoRA layers")
         shapes: dict[str, tuple[int | None, ...]] = {
             key: tuple(global_state[key].shape) for key in self.wire_keys(global_state)
         }
@@ -166,3 +167,39 @@ def residual_metrics(residuals: Mapping[str, float]) -> dict[str, float]:
     metrics = {f"residual/{prefix}": value for prefix, value in residuals.items()}
     metrics["residual/mean"] = sum(residuals.values()) / len(residuals)
     return metrics
+
+
+def weight_change_norm(start: Mapping[str, Tensor], after: Mapping[str, Tensor], scale: float) -> float:
+    """L2 norm of what a reply does to the weights: per LoRA layer ``scale * B @ A`` after minus
+    before, plus the change of every other tensor. Bounding the factors instead would let a claimed
+    scale shrink or inflate the real change at will."""
+    lora_keys = {key for pair in lora_pairs(after).values() for key in pair}
+    total = sum(
+        float((after[key].double() - start[key].double()).pow(2).sum())
+        for key in after
+        if key not in lora_keys
+    )
+    before = layer_products(start, scale)
+    for prefix, changed in layer_products(after, scale).items():
+        total += float((changed - before[prefix]).pow(2).sum())
+    return math.sqrt(total)
+
+
+def bounded_weights(claims: Sequence[float], max_examples: float | None, max_share: float) -> list[float]:
+    """Each reply's weight: its claimed count capped at ``max_examples``, then at ``max_share`` of the
+    total (the largest are lowered to one common cap that holds exactly); equal weights when no cap
+    can hold (``len(claims) * max_share <= 1``). A claim cannot be checked, so no reply outweighs the
+    rest however much it claims."""
+    weights = [min(c, max_examples) if max_examples is not None else float(c) for c in claims]
+    if len(weights) * max_share <= 1:
+        return [1.0] * len(weights)
+    order = sorted(range(len(weights)), key=lambda i: -weights[i])
+    rest, capped = sum(weights), 0
+    cap = max_share * rest
+    while capped < len(weights) - 1 and weights[order[capped]] > cap:
+        rest -= weights[order[capped]]
+        capped += 1
+        cap = max_share * rest / (1 - max_share * capped)
+    for i in order[:capped]:
+        weights[i] = cap
+    return weights

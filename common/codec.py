@@ -1,0 +1,264 @@
+"""The one place that builds and parses fedlora's client replies.
+
+A reply comes from a party the coordinator does not control: parsing checks its structure, metric
+keys, value types and ranges, and every tensor's key, shape and dtype from the record's metadata and
+the npy header *before* decoding anything, so a claimed rank of 1e9 or a huge array never makes the
+server allocate. A bad reply raises AdapterError naming what is wrong. Building runs the same checks,
+so a client never sends what the coordinator would refuse.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from numpy.lib import format as npy
+
+from fedlora.common import protocol as P
+from fedlora.common.adapter import State, to_record
+from fedlora.common.errors import AdapterError
+
+Shape = tuple[int | None, ...]
+"""A tensor's expected shape; None where the replying client's own LoRA rank goes."""
+
+
+@dataclass(frozen=True)
+class TrainMetrics:
+    """What a train reply says about its round (P.TRAIN_REQUIRED, and the opt-in loss)."""
+
+    num_examples: float
+    epsilon: float
+    lora_r: int
+    lora_scale: float
+    steps: int
+    train_seconds: float
+    loss: float | None = None
+
+    def values(self) -> dict[str, float]:
+        """The metrics by wire key, without an absent loss."""
+        out = {
+            P.NUM_EXAMPLES: self.num_examples,
+            P.EPSILON: self.epsilon,
+            P.LORA_R: self.lora_r,
+            P.LORA_SCALE: self.lora_scale,
+            P.STEPS: self.steps,
+            P.TRAIN_SECONDS: self.train_seconds,
+        }
+        if self.loss is not None:
+            out[P.LOSS] = self.loss
+        return out
+
+
+@dataclass(frozen=True)
+class EvaluateMetrics:
+    """What an evaluate reply says (P.EVALUATE_REQUIRED, and the opt-in loss and accuracy)."""
+
+    num_examples: float
+    loss: float | None = None
+    accuracy: float | None = None
+
+    def values(self) -> dict[str, float]:
+        out: dict[str, float] = {P.NUM_EXAMPLES: self.num_examples}
+        for key, value in ((P.LOSS, self.loss), (P.ACCURACY, self.accuracy)):
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class ReplyRules:
+    """What the coordinator accepts in a train reply this round."""
+
+    fingerprint: str
+    shapes: Mapping[str, Shape]
+    ranks: tuple[int, int]
+    scales: tuple[float, float]
+    hint: str = ""
+    """Appended to a rank or scale refusal: what the institution should change."""
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A parsed train reply: its metrics and its update (fp32, exactly the expected keys and shapes)."""
+
+    fingerprint: str
+    metrics: TrainMetrics
+    update: State = field(repr=False)
+
+
+def train_reply(
+    update: Mapping[str, torch.Tensor], metrics: TrainMetrics, fingerprint: str, wire_dtype: str = "fp32"
+) -> RecordDict:
+    """The content of a train reply; AdapterError if it holds what a coordinator must refuse.
+
+    A loss that is NaN (no step produced one) is left out, as an absent statistic."""
+    if metrics.loss is not None and math.isnan(metrics.loss):
+        metrics = replace(metrics, loss=None)
+    _train_metrics(MetricRecord(metrics.values()))
+    for key, tensor in update.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"update {key!r}: non-finite values (NaN or inf); nothing is sent")
+    return RecordDict(
+        {
+            P.ARRAYS: to_record(update, wire_dtype),
+            P.METRICS: MetricRecord(metrics.values()),
+            P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint}),
+        }
+    )
+
+
+def evaluate_reply(metrics: EvaluateMetrics) -> RecordDict:
+    """The content of an evaluate reply; AdapterError if it holds what a coordinator must refuse."""
+    record = MetricRecord(metrics.values())
+    _evaluate_metrics(record)
+    return RecordDict({P.METRICS: record})
+
+
+def parse_train_reply(content: RecordDict, rules: ReplyRules) -> TrainReply:
+    """A train reply checked against ``rules``, or AdapterError naming the first thing wrong."""
+    _check_records(content, {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.CONFIG: ConfigRecord})
+    config = content[P.CONFIG]
+    if set(config) != {P.FINGERPRINT}:
+        raise AdapterError(f"config record: keys {sorted(config)}, expected exactly [{P.FINGERPRINT!r}]")
+    theirs = config[P.FINGERPRINT]
+    if theirs != rules.fingerprint:
+        raise AdapterError(f"fingerprint {theirs!r} is not the federation's {rules.fingerprint}")
+    metrics = _train_metrics(content[P.METRICS])
+    _check_layout(metrics, rules)
+    shapes = {
+        key: tuple(metrics.lora_r if dim is None else dim for dim in shape)
+        for key, shape in rules.shapes.items()
+    }
+    return TrainReply(theirs, metrics, decode_arrays(content[P.ARRAYS], shapes))
+
+
+def parse_evaluate_reply(content: RecordDict) -> EvaluateMetrics:
+    """An evaluate reply's metrics, or AdapterError naming the first thing wrong."""
+    _check_records(content, {P.METRICS: MetricRecord})
+    return _evaluate_metrics(content[P.METRICS])
+
+
+def decode_arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> State:
+    """Exactly ``shapes``' keys as fp32 tensors; every shape and dtype checked before decoding."""
+    missing = sorted(set(shapes) - set(record))
+    if missing:
+        raise AdapterError(f"missing key {missing[0]!r} ({len(missing)} missing)")
+    extra = sorted(set(record) - set(shapes))
+    if extra:
+        raise AdapterError(f"unexpected key {extra[0]!r} ({len(extra)} unexpected)")
+    state = {key: _decode(key, record[key], shapes[key]) for key in shapes}
+    for key, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{key!r}: non-finite values (NaN or inf)")
+    return state
+
+
+def _decode(key: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
+    if array.dtype not in P.REPLY_DTYPES:
+        raise AdapterError(f"{key!r}: dtype {array.dtype!r}, expected one of {', '.join(P.REPLY_DTYPES)}")
+    if tuple(array.shape) != shape:
+        raise AdapterError(f"{key!r}: shape {tuple(array.shape)}, expected {shape}")
+    data = array.data if isinstance(array.data, bytes) else b""
+    buffer = io.BytesIO(data)
+    try:
+        version = npy.read_magic(buffer)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        header_shape, fortran, dtype = read_header(buffer)
+    except (ValueError, TypeError) as err:
+        raise AdapterError(f"{key!r}: not a numpy array ({err})") from None
+    if header_shape != shape or dtype != np.dtype(array.dtype) or fortran:
+        raise AdapterError(
+            f"{key!r}: payload holds {dtype} {header_shape}, its metadata says {array.dtype} {shape}"
+        )
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) - buffer.tell() != expected:
+        raise AdapterError(f"{key!r}: {len(data) - buffer.tell()} payload bytes, expected {expected}")
+    values = np.frombuffer(data, dtype=dtype, offset=buffer.tell()).reshape(shape)
+    return torch.from_numpy(values.astype(np.float32))
+
+
+def _check_records(content: RecordDict, expected: Mapping[str, type]) -> None:
+    names = sorted(content)
+    if names != sorted(expected):
+        raise AdapterError(f"records {names}, expected exactly {sorted(expected)}")
+    for name, kind in expected.items():
+        if not isinstance(content[name], kind):
+            raise AdapterError(
+                f"record {name!r} is a {type(content[name]).__name__}, expected {kind.__name__}"
+            )
+
+
+def _check_metrics(
+    record: MetricRecord, required: tuple[str, ...], optional: tuple[str, ...]
+) -> dict[str, int | float]:
+    """The metrics as scalars: exactly the required keys plus known optional ones, each finite."""
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise AdapterError(f"metric {missing[0]!r} missing")
+    extra = sorted(set(record) - set(required) - set(optional))
+    if extra:
+        raise AdapterError(f"unexpected metric {extra[0]!r} (known: {', '.join((*required, *optional))})")
+    values: dict[str, int | float] = {}
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise AdapterError(f"metric {key!r}: {value!r}, expected a single number")
+        if not math.isfinite(value):
+            raise AdapterError(f"metric {key!r}: {value!r}, expected a finite number")
+        values[key] = value
+    return values
+
+
+def _train_metrics(record: MetricRecord) -> TrainMetrics:
+    values = _check_metrics(record, P.TRAIN_REQUIRED, P.TRAIN_OPTIONAL)
+    for key in (P.LORA_R, P.STEPS):
+        if not isinstance(values[key], int):
+            raise AdapterError(f"metric {key!r}: {values[key]!r}, expected an integer")
+    m = TrainMetrics(
+        num_examples=values[P.NUM_EXAMPLES],
+        epsilon=values[P.EPSILON],
+        lora_r=int(values[P.LORA_R]),
+        lora_scale=values[P.LORA_SCALE],
+        steps=int(values[P.STEPS]),
+        train_seconds=values[P.TRAIN_SECONDS],
+        loss=values.get(P.LOSS),
+    )
+    _at_least(P.NUM_EXAMPLES, m.num_examples, 1)
+    _at_least(P.EPSILON, m.epsilon, 0)
+    _at_least(P.LORA_R, m.lora_r, 1)
+    _at_least(P.STEPS, m.steps, 0)
+    _at_least(P.TRAIN_SECONDS, m.train_seconds, 0)
+    if not m.lora_scale > 0:
+        raise AdapterError(f"metric {P.LORA_SCALE!r}: {m.lora_scale!r}, expected > 0")
+    return m
+
+
+def _check_layout(m: TrainMetrics, rules: ReplyRules) -> None:
+    """Rank and scale within what the coordinator allows (checked before anything is allocated)."""
+    for key, value, (low, high) in (
+        (P.LORA_R, m.lora_r, rules.ranks),
+        (P.LORA_SCALE, m.lora_scale, rules.scales),
+    ):
+        if not low <= value <= high:
+            allowed = f"only {low:g}" if low == high else f"{low:g} to {high:g}"
+            raise AdapterError(f"metric {key!r}: {value:g}, the coordinator allows {allowed}{rules.hint}")
+
+
+def _evaluate_metrics(record: MetricRecord) -> EvaluateMetrics:
+    values = _check_metrics(record, P.EVALUATE_REQUIRED, P.EVALUATE_OPTIONAL)
+    metrics = EvaluateMetrics(values[P.NUM_EXAMPLES], values.get(P.LOSS), values.get(P.ACCURACY))
+    _at_least(P.NUM_EXAMPLES, metrics.num_examples, 1)
+    if metrics.loss is not None:
+        _at_least(P.LOSS, metrics.loss, 0)
+    if metrics.accuracy is not None and not 0 <= metrics.accuracy <= 1:
+        raise AdapterError(f"metric {P.ACCURACY!r}: {metrics.accuracy!r}, expected between 0 and 1")
+    return metrics
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise AdapterError(f"metric {key!r}: {value!r}, expected >= {low}")
