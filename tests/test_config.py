@@ -352,15 +352,6 @@ def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, key, value):
     assert key in config_error(write_config(tmp_path, "", "b.yaml"), (f"{key}={value}",))
 
 
-def test_the_non_finite_check_covers_the_issue_s_keys():
-    assert {
-        "privacy.epsilon",
-        "model.lora_alpha",
-        "training.learning_rate",
-        "privacy.max_grad_norm",
-    } <= set(float_fields())
-
-
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("name: h\u00f4pital-a\n".encode("latin-1"))
@@ -379,3 +370,35 @@ def test_label_prompt_needs_exactly_one_positional_slot(tmp_path, prompt):
 def test_label_prompt_with_one_slot_is_accepted(tmp_path, prompt):
     path = write_config(tmp_path, yaml.safe_dump({"model": {"label_prompt": prompt}}))
     assert load_config(path).model.label_prompt.format("x")
+
+
+def test_every_command_reads_its_file_as_its_persona(tmp_path, capsys):
+    """The issue's case end to end: fedlora-server and the ServerApp take the coordinator's file,
+    fedlora-client and the ClientApp refuse a simulation key, fedlora-simulate a deployment key."""
+    from types import SimpleNamespace
+
+    from fedlora.client import cli as client_cli
+    from fedlora.client.app import setup_from_node_config
+    from fedlora.server import cli as server_cli
+    from fedlora.server.app import settings_from_run_config
+    from fedlora.simulations import cli as sim_cli
+
+    coordinator = write_config(tmp_path, COORDINATOR, "coordinator.yaml")
+    assert server_cli.main(["status", str(coordinator), "--run-dir", str(tmp_path / "run")]) == 0
+    assert "0 of 3" in "".join(capsys.readouterr())
+    settings = settings_from_run_config(SimpleNamespace(run_config={"config": str(coordinator)}))
+    assert settings.num_clients == 6
+
+    institution = write_config(
+        tmp_path, "security:\n  node_private_key: node.key\nsimulation:\n  num_clients: 3\n", "inst.yaml"
+    )
+    assert client_cli.main(["keys", str(institution)]) == 2
+    assert "simulation.num_clients: not an institution setting" in capsys.readouterr().err
+    assert not (tmp_path / "node.key").exists()
+    with pytest.raises(ConfigError, match=r"simulation\.num_clients: not an institution setting"):
+        setup_from_node_config(SimpleNamespace(node_config={"config": str(institution)}, node_id=1))
+
+    simulation = write_config(tmp_path, "security:\n  ca_cert: ca.crt\n", "sim.yaml")
+    assert sim_cli.main([str(simulation), "--out", str(tmp_path / "sim-run")]) == 2
+    assert "security.ca_cert: not a simulation setting" in capsys.readouterr().err
+    assert not (tmp_path / "sim-run").exists()
