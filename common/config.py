@@ -432,7 +432,8 @@ PERSONAS: dict[str, Persona] = {
         (_check_aggregation, _check_training, _check_simulation),
     ),
 }
-_WHOLE_SCHEMA = (_check_aggregation, _check_training, _check_simulation)
+# No persona (tests, tools building any party's config): every persona's cross-checks.
+_EVERY_CHECK = tuple(dict.fromkeys(check for p in PERSONAS.values() for check in p.checks))
 
 
 def _persona(name: str | None) -> Persona | None:
@@ -497,7 +498,7 @@ def config_from_dict(
         cfg = _build(FedloraConfig, data or {}, "")
         if who is not None:
             _check_persona(data or {}, who)
-        for check in who.checks if who is not None else _WHOLE_SCHEMA:
+        for check in who.checks if who is not None else _EVERY_CHECK:
             check(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
