@@ -85,7 +85,7 @@ def setup_from_node_config(context: Context) -> ClientSetup:
     path = context.node_config.get(P.NODE_CONFIG)
     if not path:
         raise ConfigError("node config: missing 'config' (the institution's YAML path)")
-    cfg = load_config(str(path))
+    cfg = load_config(str(path), persona="institution")
     audit = Path(cfg.privacy.audit_log) if cfg.privacy.audit_log else None
     return ClientSetup(
         cfg=cfg, client_id=context.node_id, ledger_path=Path(cfg.privacy.ledger_path), audit_path=audit

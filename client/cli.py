@@ -55,7 +55,7 @@ def plan(cfg: FedloraConfig, rows: int) -> dict:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = read_config(args.config, args.set)
+    cfg = read_config(args.config, args.set, "institution")
     bench = prepare(cfg)
     data = bench.data
     table = Table(title=f"{cfg.name}: {args.config or 'defaults'}", show_header=False)
@@ -83,7 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train_local(args: argparse.Namespace) -> int:
-    cfg = read_config(args.config, args.set)
+    cfg = read_config(args.config, args.set, "institution")
     out = Path(args.out)
     bench = prepare(cfg)
     device = device_for(cfg.training.device)
@@ -132,7 +132,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """The node's ECDSA P-384 key pair (OpenSSH format, as Flower expects); never overwrites one."""
-    cfg = read_config(args.config)
+    cfg = read_config(args.config, persona="institution")
     if not cfg.security.node_private_key:
         raise ConfigError(f"{args.config}: security.node_private_key: set where the node's key is kept")
     private = Path(cfg.security.node_private_key)
@@ -159,7 +159,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """No --set here: the ClientApp reads the YAML file itself, so it alone must say everything."""
-    cfg = read_config(args.config)
+    cfg = read_config(args.config, persona="institution")
     options = SuperNodeOptions(args.insecure, args.runtime_port, args.max_wait_time)
     cmd = supernode_command(cfg, Path(args.config), options)
     if args.insecure:

@@ -28,10 +28,11 @@ def run_cli(handler: Callable[[], int | None]) -> int:
         return 130
 
 
-def read_config(path: str | None, overrides: Sequence[str] = ()) -> FedloraConfig:
+def read_config(path: str | None, overrides: Sequence[str] = (), persona: str | None = None) -> FedloraConfig:
+    """A command's config for the persona it serves (see common/config.py's PERSONAS)."""
     if path is not None and not Path(path).exists():
         raise FedloraError(f"{path}: config file not found")
-    return load_config(path, overrides)
+    return load_config(path, overrides, persona)
 
 
 @contextmanager

@@ -1,15 +1,22 @@
 """One configuration schema for every persona: YAML in, frozen dataclasses out.
 
 Defaults live here and nowhere else. Each field carries its own help and checks in its metadata, so
-errors can name the file, the key path and what was expected.
+errors can name the file, the key path and what was expected. The sections are shared; each persona
+(an institution, the coordinator, a simulation) sets only its own keys of them and gets only its own
+cross-checks, so a default of a setting it never makes cannot refuse its file
+(``python -m fedlora.common.config institution`` lists what a persona sets).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import string
+import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +27,22 @@ from fedlora.common.errors import ConfigError
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A field whose metadata holds its help text and range checks (choices, gt, ge, le)."""
+    """A field whose metadata holds its help text and checks (choices, gt, ge, lt, le; ``valid``: a
+    function returning what is wrong with a value, or None)."""
     return field(default=default, metadata={"help": help, **checks})
+
+
+def _one_label_slot(prompt: str) -> str | None:
+    """str.format must get exactly one positional ``{}`` (the label): a named, numbered or second
+    field would raise, or silently repeat the label, when the head is initialised."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+        prompt.format("label")
+    except (ValueError, IndexError, KeyError):
+        fields = []
+    if fields != [""]:
+        return f"must contain exactly one {{}} where the label goes (no other field), got {prompt!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -72,7 +93,9 @@ class ModelConfig:
         choices=("label-names", "zero"),
     )
     label_prompt: str = _f(
-        "{}", "Classification: the text embedded for each label with head_init label-names; {} is the label."
+        "{}",
+        "Classification: the text embedded for each label with head_init label-names; {} is the label.",
+        valid=_one_label_slot,
     )
     head_scale: float = _f(20.0, "Classification: initial logits are head_scale x cosine similarity.", gt=0)
     init_seed: int = _f(0, "Seed of the LoRA and head initialisation, shared by all parties.")
@@ -311,6 +334,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _check(value: Any, meta: Mapping[str, Any], where: str) -> None:
     if value is None:
         return
+    items = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    problem = meta["valid"](value) if "valid" in meta else None
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: must be one of {', '.join(meta['choices'])}, got {value!r}")
     bounds = {
@@ -345,19 +374,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**values)
 
 
-def config_from_dict(data: Mapping[str, Any] | None, source: str = "<config>") -> FedloraConfig:
-    """Validate a plain mapping into a FedloraConfig; errors start with ``source``."""
-    try:
-        cfg = _build(FedloraConfig, data or {}, "")
-        _cross_check(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    return cfg
-
-
-def _cross_check(cfg: FedloraConfig) -> None:
-    """Combinations that each field alone can't rule out."""
-    fed, sim = cfg.federation, cfg.simulation
+def _check_aggregation(cfg: FedloraConfig) -> None:
+    """The coordinator's aggregation settings against its model layout."""
+    fed = cfg.federation
     if fed.aggregator == "ffa" and cfg.model.variant != "ffa":
         raise ConfigError("federation.aggregator: 'ffa' needs model.variant: ffa")
     if cfg.model.variant == "ffa" and fed.aggregator != "ffa":
@@ -369,14 +388,19 @@ def _cross_check(cfg: FedloraConfig) -> None:
             "federation.strategy: 'exact' re-factorises every round, so a server optimiser on A and B "
             "is meaningless; use strategy: fedavg with server_learning_rate: 1"
         )
-    if "{}" not in cfg.model.label_prompt:
-        raise ConfigError(
-            f"model.label_prompt: must contain {{}} where the label goes, got {cfg.model.label_prompt!r}"
-        )
+
+
+def _check_training(cfg: FedloraConfig) -> None:
+    """What an institution (real or virtual) trains against the privacy it spends."""
     if cfg.privacy.enabled and cfg.training.local_steps == 0:
         raise ConfigError(
             "training.local_steps: 0 trains nothing; set privacy.enabled: false for a plumbing check"
         )
+
+
+def _check_simulation(cfg: FedloraConfig) -> None:
+    """The virtual institutions against what the federation asks of them."""
+    fed, sim = cfg.federation, cfg.simulation
     if sim.client_ranks is not None:
         if len(sim.client_ranks) != sim.num_clients:
             raise ConfigError(
@@ -390,6 +414,147 @@ def _cross_check(cfg: FedloraConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Persona:
+    """Who a config file is for: the keys it may set (dotted paths) and the cross-checks it gets."""
+
+    name: str
+    keys: frozenset[str]
+    checks: tuple[Callable[[FedloraConfig], None], ...]
+
+
+def _section(name: str, only: Iterable[str] | None = None, but: Iterable[str] = ()) -> frozenset[str]:
+    """A section's keys as dotted paths: all of them (a field added later joins by itself), ``only``
+    some, or all ``but`` some."""
+    cls = typing.get_type_hints(FedloraConfig)[name]
+    keys = [f.name for f in dataclasses.fields(cls)] if only is None else list(only)
+    return frozenset(f"{name}.{key}" for key in keys if key not in set(but))
+
+
+PERSONAS: dict[str, Persona] = {
+    "institution": Persona(
+        "institution",
+        frozenset({"name"})
+        | _section("model")
+        | _section("data")
+        | _section("training")
+        | _section("privacy")
+        | _section("federation", only=("rounds", "superlink_address"))
+        | _section("security", only=("ca_cert", "node_private_key")),
+        (_check_training,),
+    ),
+    "coordinator": Persona(
+        "coordinator",
+        frozenset({"name"})
+        | _section("model", but=("lora_dropout", "fold_remainder"))
+        | _section("data")
+        | _section("training", only=("learning_rate", "device", "eval_batch_size"))
+        | _section("federation")
+        | _section("security", but=("node_private_key",)),
+        (_check_aggregation,),
+    ),
+    "simulation": Persona(
+        "simulation",
+        frozenset({"name"})
+        | _section("model")
+        | _section("data")
+        | _section("training")
+        | _section("privacy", but=("ledger_path", "audit_log"))
+        | _section("federation", but=("superlink_address",))
+        | _section("simulation"),
+        (_check_aggregation, _check_training, _check_simulation),
+    ),
+}
+# No persona (tests, tools building any party's config): every persona's cross-checks.
+_EVERY_CHECK = tuple(dict.fromkeys(check for p in PERSONAS.values() for check in p.checks))
+
+
+def _persona(name: str | None) -> Persona | None:
+    if name is not None and name not in PERSONAS:
+        raise ValueError(f"unknown persona {name!r} (one of {', '.join(PERSONAS)})")
+    return PERSONAS.get(name) if name is not None else None
+
+
+def _set_paths(data: Mapping[str, Any]) -> list[str]:
+    """The dotted keys a mapping sets: section.key inside a section mapping, the top-level key else."""
+    paths = []
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            paths.extend(f"{key}.{inner}" for inner in value)
+        elif not isinstance(value, Mapping):
+            paths.append(str(key))
+    return paths
+
+
+def _summary(persona: Persona) -> str:
+    """What a persona sets, short: a whole section by its name, most of one as 'all but', else key by key."""
+    parts = []
+    for section, paths in itertools.groupby(_paths_of(FedloraConfig), key=lambda p: p.partition(".")[0]):
+        every = list(paths)
+        mine = [p for p in every if p in persona.keys]
+        if mine == every:
+            parts.append(section)
+        elif len(mine) > len(every) / 2:
+            parts.append(f"{section} (but {', '.join(p for p in every if p not in persona.keys)})")
+        else:
+            parts.extend(mine)
+    return ", ".join(parts)
+
+
+def _paths_of(cls: type) -> list[str]:
+    """Every settable key of the schema as a dotted path, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths.extend(f"{f.name}.{inner.name}" for inner in dataclasses.fields(hints[f.name]))
+        else:
+            paths.append(f.name)
+    return paths
+
+
+def _check_persona(data: Mapping[str, Any], persona: Persona) -> None:
+    for path in _set_paths(data):
+        if path not in persona.keys:
+            who = f"{'an' if persona.name[0] in 'aeiou' else 'a'} {persona.name}"
+            raise ConfigError(f"{path}: not {who} setting ({persona.name} configs set: {_summary(persona)})")
+
+
+def config_from_dict(
+    data: Mapping[str, Any] | None, source: str = "<config>", persona: str | None = None
+) -> FedloraConfig:
+    """Validate a plain mapping into a FedloraConfig; errors start with ``source``. With a ``persona``,
+    only its keys are accepted and only its cross-checks run; without, the whole schema is (tests and
+    tools that build any party's config)."""
+    who = _persona(persona)
+    try:
+        cfg = _build(FedloraConfig, data or {}, "")
+        if who is not None:
+            _check_persona(data or {}, who)
+        for check in who.checks if who is not None else _EVERY_CHECK:
+            check(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def describe(persona: str) -> str:
+    """The keys a persona sets, each with its type, default and help: the documentation of its root."""
+    who = _persona(persona)
+    lines = [f"# {persona} configs set (YAML sections; every other key is refused):"]
+    hints = typing.get_type_hints(FedloraConfig)
+    for path in _paths_of(FedloraConfig):
+        if path not in who.keys:
+            continue
+        section, _, key = path.rpartition(".")
+        cls = hints[section] if section else FedloraConfig
+        f = next(x for x in dataclasses.fields(cls) if x.name == key)
+        tp = typing.get_type_hints(cls)[key]
+        choices = f" (one of {', '.join(f.metadata['choices'])})" if "choices" in f.metadata else ""
+        lines.append(f"{path}: {_describe(tp)}{choices}, default {f.default!r}. {f.metadata['help']}")
+    return "\n".join(lines)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every failure into a one-line ConfigError naming the file."""
     path = Path(path)
@@ -397,6 +562,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -464,15 +633,19 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> FedloraConfig:
-    """Load and validate a YAML config (or the defaults when ``path`` is None)."""
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] = (), persona: str | None = None
+) -> FedloraConfig:
+    """Load and validate a YAML config (or the defaults when ``path`` is None) for ``persona``
+    ('institution', 'coordinator', 'simulation'; None: the whole schema)."""
     data = _resolve_paths(read_yaml(path), Path(path).resolve().parent) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
-    return config_from_dict(apply_overrides(data, overrides), source=source)
+    return config_from_dict(apply_overrides(data, overrides), source=source, persona=persona)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain, YAML-safe mapping of a config (tuples become lists)."""
+def to_dict(cfg: Any, persona: str | None = None) -> dict[str, Any]:
+    """A plain, YAML-safe mapping of a config (tuples become lists); with a ``persona``, only its keys,
+    so that it loads back as that persona's file."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
@@ -481,8 +654,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    data = plain(dataclasses.asdict(cfg))
+    who = _persona(persona)
+    if who is None:
+        return data
+    kept: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            mine = {k: v for k, v in value.items() if f"{key}.{k}" in who.keys}
+            if mine:
+                kept[key] = mine
+        elif key in who.keys:
+            kept[key] = value
+    return kept
 
 
-def dump_yaml(cfg: FedloraConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_yaml(cfg: FedloraConfig, persona: str | None = None) -> str:
+    return yaml.safe_dump(to_dict(cfg, persona), sort_keys=False)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in PERSONAS:
+        sys.exit(f"usage: python -m fedlora.common.config {{{'|'.join(PERSONAS)}}}")
+    print(describe(sys.argv[1]))

@@ -6,6 +6,7 @@ DataError naming the file, the culprit and what was expected, because the CLIs p
 
 from __future__ import annotations
 
+import csv
 import html
 import importlib.metadata
 import json
@@ -100,18 +101,34 @@ def read_table(path: str | Path, fmt: str = "auto") -> pd.DataFrame:
         raise DataError(f"{path}: not a file")
     try:
         if fmt == "csv":
-            frame = pd.read_csv(path)
+            _no_row_wider_than_header(path)
+            frame = pd.read_csv(path, index_col=False)
         elif fmt == "jsonl":
             frame = _read_jsonl(path)
         else:
             frame = pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: no rows") from None
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, csv.Error) as err:
         raise DataError(f"{path}: cannot read ({_one_line(err)})") from None
     if len(frame) == 0:
         raise DataError(f"{path}: no rows")
     return frame
+
+
+def _no_row_wider_than_header(path: Path) -> None:
+    """A comma left unquoted in the text makes a row wider than the header; pandas then silently
+    takes the first fields as an index (or drops the last ones), shifting every column. Refused,
+    naming the line (not its content: it is private data)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        for row in rows:
+            if len(row) > len(header):
+                raise DataError(
+                    f"{path}: line {rows.line_num} has {len(row)} fields, the header {len(header)} "
+                    "(an unquoted comma in a text? quote that field)"
+                )
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import (
@@ -33,6 +34,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from fedlora.common.config import ModelConfig
@@ -46,6 +48,8 @@ hf_logging.disable_progress_bar()
 TINY_SEED = 1234
 BUILTIN_SOURCES = ("minilm", "tiny-bert", "tiny-llama", "smollm2")
 HEAD = "classifier"
+# What PEFT's LoRA can wrap (peft.tuners.lora.model dispatches on these).
+LORA_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
 
 
 class PooledClassifier(nn.Module):
@@ -239,12 +243,36 @@ def model_type(base: nn.Module) -> str:
 
 def target_modules(cfg: ModelConfig, base: nn.Module) -> list[str]:
     if cfg.target_modules:
-        return list(cfg.target_modules)
+        targets = list(cfg.target_modules)
+        _check_targets(cfg, base, targets)
+        return targets
     arch = model_type(base)
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(arch)
     if not targets:
         raise ModelError(f"model.target_modules: no default for architecture {arch!r}; list them")
     return list(targets)
+
+
+def _check_targets(cfg: ModelConfig, base: nn.Module, targets: list[str]) -> None:
+    """PEFT's own matching, before PEFT raises a multi-line error (or a module's whole repr) on a
+    name that matches nothing, only the trained head, or a block rather than a layer."""
+    probe = lora_config(cfg, targets)
+    hits = [(name, m) for name, m in base.named_modules() if check_target_module_exists(probe, name)]
+    wrong = [(name, m) for name, m in hits if not isinstance(m, LORA_LAYERS)]
+    if hits and not wrong:
+        return
+    linear = sorted(
+        {
+            name.rpartition(".")[2]
+            for name, m in base.named_modules()
+            if isinstance(m, nn.Linear) and name != HEAD
+        }
+    )
+    found = f"{wrong[0][0]}, a {type(wrong[0][1]).__name__}" if wrong else "no module of the base model"
+    raise ModelError(
+        f"model.target_modules: {targets} must name layers LoRA adapts, they match {found} "
+        f"(its linear layers include: {', '.join(linear[:8])})"
+    )
 
 
 def weights_hash(base: nn.Module) -> str:

@@ -128,7 +128,7 @@ def settings_from_run_config(context: Context) -> ServerSettings:
     path = context.run_config.get(P.NODE_CONFIG)
     if not path:
         raise ConfigError("run config: missing 'config' (the coordinator's YAML path)")
-    cfg = load_config(str(path))
+    cfg = load_config(str(path), persona="coordinator")
     run_dir = Path(str(context.run_config.get(P.RUN_DIR) or Path(str(path)).parent / "run"))
     return ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.federation.min_clients)
 

@@ -24,7 +24,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """No --set here: the ServerApp reads the YAML file itself, so it alone must say everything."""
-    cfg = read_config(args.config)
+    cfg = read_config(args.config, persona="coordinator")
     app = deploy.find_app_dir(Path(args.app) if args.app else None)
     if args.insecure:
         say(
@@ -36,7 +36,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    report = deploy.status(read_config(args.config), _run_dir(args))
+    report = deploy.status(read_config(args.config, persona="coordinator"), _run_dir(args))
     table = Table(show_header=False)
     for key, value in report.items():
         table.add_row(key, value)

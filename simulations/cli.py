@@ -36,7 +36,7 @@ def _progress_fields(entry: dict) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     path = args.config or default_config()
-    cfg = read_config(path, args.set)
+    cfg = read_config(path, args.set, "simulation")
     out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.simulation.num_clients} clients, {cfg.federation.rounds} rounds, "

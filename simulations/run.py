@@ -34,7 +34,7 @@ def prepare_run_dir(cfg: FedloraConfig, run_dir: Path) -> None:
     """A run folder holds one config: resuming with a different one would mix two experiments."""
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / CONFIG_FILE
-    text = dump_yaml(cfg)
+    text = dump_yaml(cfg, "simulation")
     if saved.exists():
         before = yaml.safe_load(saved.read_text())
         now = yaml.safe_load(text)

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from fedlora.client import cli as client_cli
+from fedlora.common.config import PERSONAS
 from fedlora.common.devcerts import make_dev_certs
 
 TAG = "FEDLORA_TEST_PROCESS"
@@ -162,11 +163,8 @@ def make_federation(
     admitting only ``admitted``; every party points at one free port."""
     certs = make_dev_certs(root / "certs")
     federation = {"superlink_address": f"127.0.0.1:{free_port()}", "fraction_evaluate": 0, **federation}
-    common = {
-        "model": {"source": "tiny-bert"},
-        "training": {"local_steps": 2, "batch_size": 8, "device": "cpu"},
-        "federation": federation,
-    }
+    own = PERSONAS["institution"].keys
+    common = {"model": {"source": "tiny-bert"}}
     paths = {}
     for i, name in enumerate(institutions):
         folder = root / name
@@ -174,6 +172,8 @@ def make_federation(
         write_csv(folder / "data.csv", 40, seed=i)
         config = {
             **common,
+            "training": {"local_steps": 2, "batch_size": 8, "device": "cpu"},
+            "federation": {k: v for k, v in federation.items() if f"federation.{k}" in own},
             "name": f"institution-{name}",
             "data": {"path": "data.csv", "labels": list(LABELS), "max_length": 32},
             "privacy": {"epsilon": 8, "ledger_path": "ledger.json"},
@@ -184,6 +184,8 @@ def make_federation(
         assert client_cli.main(["keys", str(paths[name])]) == 0
     server = {
         **common,
+        "training": {"device": "cpu"},
+        "federation": federation,
         "name": "coordinator",
         "data": {"labels": list(LABELS), "max_length": 32},
         "security": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from fedlora.common.config import (
     FedloraConfig,
     PrivacyConfig,
     config_from_dict,
+    describe,
     dump_yaml,
     load_config,
     to_dict,
@@ -195,3 +197,208 @@ def test_to_dict_round_trips(data):
 def test_config_from_dict_prefixes_its_source():
     with pytest.raises(ConfigError, match=r"^somewhere\.yaml: privacy\.epsilon: must be > 0"):
         config_from_dict({"privacy": {"epsilon": 0}}, source="somewhere.yaml")
+
+
+# --- Persona roots: each file is checked as what it is for (issue 13). ---
+
+COORDINATOR = "name: coordinator\nfederation:\n  rounds: 3\n  min_clients: 6\n"
+
+
+def persona_error(path: Path, persona: str, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, persona=persona)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+def test_a_coordinator_needing_more_clients_than_the_simulation_default_is_accepted(tmp_path):
+    path = write_config(tmp_path, COORDINATOR, "coordinator.yaml")
+    assert load_config(path, persona="coordinator").federation.min_clients == 6
+    # The same numbers in a simulation are still refused: there, the clients are its own.
+    sim = write_config(tmp_path, "federation:\n  min_clients: 6\nsimulation:\n  num_clients: 5\n", "sim.yaml")
+    assert "simulation.num_clients 5" in persona_error(sim, "simulation")
+
+
+FOREIGN_KEYS = {
+    "institution": [
+        ("simulation:\n  num_clients: 3\n", "simulation.num_clients"),
+        ("federation:\n  min_clients: 2\n", "federation.min_clients"),
+        ("federation:\n  aggregator: exact\n", "federation.aggregator"),
+        ("security:\n  server_key: server.key\n", "security.server_key"),
+    ],
+    "coordinator": [
+        ("privacy:\n  epsilon: 4\n", "privacy.epsilon"),
+        ("training:\n  local_steps: 3\n", "training.local_steps"),
+        ("simulation:\n  partition: iid\n", "simulation.partition"),
+        ("security:\n  node_private_key: node.key\n", "security.node_private_key"),
+    ],
+    "simulation": [
+        ("security:\n  ca_cert: ca.crt\n", "security.ca_cert"),
+        ("federation:\n  superlink_address: 127.0.0.1:9092\n", "federation.superlink_address"),
+        ("privacy:\n  ledger_path: ledger.json\n", "privacy.ledger_path"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("persona", "text", "key"),
+    [(persona, text, key) for persona, cases in FOREIGN_KEYS.items() for text, key in cases],
+)
+def test_a_key_of_another_persona_is_refused_in_one_line(tmp_path, persona, text, key):
+    path = write_config(tmp_path, text)
+    message = persona_error(path, persona)
+    article = "an" if persona == "institution" else "a"
+    assert f"{path}: {key}: not {article} {persona} setting ({persona} configs set: name, model" in message
+    # An override is held to the same rule as the file.
+    section, _, leaf = key.partition(".")
+    value = yaml.safe_load(text)[section][leaf]
+    empty = write_config(tmp_path, "", "empty.yaml")
+    assert key in persona_error(empty, persona, (f"{key}={value}",))
+
+
+def test_each_persona_sets_what_it_uses(tmp_path):
+    institution = write_config(
+        tmp_path,
+        "name: a\nmodel: {variant: ffa}\nprivacy: {epsilon: 3, ledger_path: l.json}\n"
+        "federation: {rounds: 4, superlink_address: '10.0.0.1:9092'}\n"
+        "security: {ca_cert: ca.crt, node_private_key: node.key}\n",
+        "institution.yaml",
+    )
+    cfg = load_config(institution, persona="institution")
+    assert cfg.planned_rounds == 4 and cfg.model.variant == "ffa"
+    coordinator = write_config(
+        tmp_path,
+        "model: {lora_r: 16}\ndata: {labels: [a, b]}\ntraining: {device: cpu, learning_rate: 0.01}\n"
+        "federation: {aggregator: exact, max_update_norm: 5}\n"
+        "security: {ca_cert: ca.crt, server_cert: s.pem, server_key: s.key, node_public_keys: [a.pub]}\n",
+        "coordinator.yaml",
+    )
+    assert load_config(coordinator, persona="coordinator").federation.aggregator == "exact"
+
+
+CROSS_CHECKS = {
+    # An institution never sets the aggregator, so its FFA variant is not checked against one...
+    "institution": ("training:\n  local_steps: 0\n", "training.local_steps: 0 trains nothing"),
+    # ... while the coordinator's aggregator must fit its own model layout.
+    "coordinator": ("federation:\n  aggregator: ffa\n", "federation.aggregator: 'ffa' needs model.variant"),
+    "simulation": ("simulation:\n  num_clients: 2\n  client_ranks: [4]\n", "1 ranks for 2 clients"),
+}
+
+
+@pytest.mark.parametrize("persona", sorted(CROSS_CHECKS))
+def test_each_persona_gets_its_own_cross_checks(tmp_path, persona):
+    text, needle = CROSS_CHECKS[persona]
+    assert needle in persona_error(write_config(tmp_path, text), persona)
+    # And none of another persona's: the others' file with a persona's settings left at defaults.
+    foreign = {
+        "institution": "model:\n  variant: ffa\n",
+        "coordinator": "federation:\n  min_clients: 9\n",
+        "simulation": "privacy:\n  enabled: false\ntraining:\n  local_steps: 0\n",
+    }[persona]
+    assert load_config(write_config(tmp_path, foreign, "ok.yaml"), persona=persona)
+
+
+def shipped(folder: str) -> list[Path]:
+    return sorted((Path(__file__).parents[1] / "configs" / folder).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("path", "persona"),
+    [(p, "institution") for p in shipped(".")] + [(p, "simulation") for p in shipped("simulation")],
+    ids=lambda v: v.name if isinstance(v, Path) else v,
+)
+def test_every_shipped_config_is_valid_for_its_persona(path, persona):
+    cfg = load_config(path, persona=persona)
+    # What a persona's config dumps reads back as that persona's file, to the same config.
+    assert config_from_dict(yaml.safe_load(dump_yaml(cfg, persona)), persona=persona) == cfg
+
+
+def test_a_persona_documents_only_its_own_keys():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fedlora.common.config", "coordinator"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    keys = [line.split(":")[0] for line in out.stdout.splitlines() if not line.startswith("#")]
+    assert "federation.min_clients" in keys and "security.node_public_keys" in keys
+    assert not [k for k in keys if k.startswith(("privacy.", "simulation."))]
+    assert "federation.min_clients: an integer, default 2. Fewest clients a round needs." in out.stdout
+    institution = describe("institution")
+    assert "privacy.epsilon: a number, default 8.0." in institution
+    assert "simulation." not in institution and "federation.min_clients" not in institution
+
+
+def float_fields() -> list[str]:
+    """Every number-valued key of the schema, found from the dataclasses (new ones included)."""
+    keys = []
+    for section, cls in typing.get_type_hints(FedloraConfig).items():
+        if dataclasses.is_dataclass(cls):
+            for key, tp in typing.get_type_hints(cls).items():
+                if tp is float or float in typing.get_args(tp):
+                    keys.append(f"{section}.{key}")
+    return keys
+
+
+@pytest.mark.parametrize("key", float_fields())
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, key, value):
+    section, _, leaf = key.partition(".")
+    path = write_config(tmp_path, f"{section}:\n  {leaf}: {value}\n")
+    message = config_error(path)
+    assert f"{path}: {key}: must be a finite number" in message, message
+    assert key in config_error(write_config(tmp_path, "", "b.yaml"), (f"{key}={value}",))
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: h\u00f4pital-a\n".encode("latin-1"))
+    message = config_error(path)
+    assert f"{path}: not UTF-8 text" in message
+
+
+@pytest.mark.parametrize("prompt", ["{} {}", "{label}", "{0}{1}", "{0}", "{:{}}", "{{}}", "a {", "{}}"])
+def test_label_prompt_needs_exactly_one_positional_slot(tmp_path, prompt):
+    path = write_config(tmp_path, yaml.safe_dump({"model": {"label_prompt": prompt}}))
+    message = config_error(path)
+    assert f"{path}: model.label_prompt: must contain exactly one {{}}" in message, message
+
+
+@pytest.mark.parametrize("prompt", ["{}", "a review of a drug for {}", "{!r} (a label)"])
+def test_label_prompt_with_one_slot_is_accepted(tmp_path, prompt):
+    path = write_config(tmp_path, yaml.safe_dump({"model": {"label_prompt": prompt}}))
+    assert load_config(path).model.label_prompt.format("x")
+
+
+def test_every_command_reads_its_file_as_its_persona(tmp_path, capsys):
+    """The issue's case end to end: fedlora-server and the ServerApp take the coordinator's file,
+    fedlora-client and the ClientApp refuse a simulation key, fedlora-simulate a deployment key."""
+    from types import SimpleNamespace
+
+    from fedlora.client import cli as client_cli
+    from fedlora.client.app import setup_from_node_config
+    from fedlora.server import cli as server_cli
+    from fedlora.server.app import settings_from_run_config
+    from fedlora.simulations import cli as sim_cli
+
+    coordinator = write_config(tmp_path, COORDINATOR, "coordinator.yaml")
+    assert server_cli.main(["status", str(coordinator), "--run-dir", str(tmp_path / "run")]) == 0
+    assert "0 of 3" in "".join(capsys.readouterr())
+    settings = settings_from_run_config(SimpleNamespace(run_config={"config": str(coordinator)}))
+    assert settings.num_clients == 6
+
+    institution = write_config(
+        tmp_path, "security:\n  node_private_key: node.key\nsimulation:\n  num_clients: 3\n", "inst.yaml"
+    )
+    assert client_cli.main(["keys", str(institution)]) == 2
+    assert "simulation.num_clients: not an institution setting" in capsys.readouterr().err
+    assert not (tmp_path / "node.key").exists()
+    with pytest.raises(ConfigError, match=r"simulation\.num_clients: not an institution setting"):
+        setup_from_node_config(SimpleNamespace(node_config={"config": str(institution)}, node_id=1))
+
+    simulation = write_config(tmp_path, "security:\n  ca_cert: ca.crt\n", "sim.yaml")
+    assert sim_cli.main([str(simulation), "--out", str(tmp_path / "sim-run")]) == 2
+    assert "security.ca_cert: not a simulation setting" in capsys.readouterr().err
+    assert not (tmp_path / "sim-run").exists()

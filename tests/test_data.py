@@ -398,3 +398,32 @@ def test_dataset_works_with_a_data_loader(tokenizer):
     ids, mask, labels = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert ids.shape == mask.shape == (4, ds.input_ids.shape[1])
     assert labels.tolist() == [0, 2, 1, 0]
+
+
+def test_a_csv_with_an_unquoted_comma_in_every_row_is_refused_not_shifted(tmp_path):
+    """pandas took the first field as the index: the text became ' severe' (issue 13)."""
+    path = tmp_path / "notes.csv"
+    path.write_text("text,label\nmild pain, not severe,low\nchest pain, severe,high\n")
+    with pytest.raises(DataError) as info:
+        read_table(path)
+    message = str(info.value)
+    assert message == (
+        f"{path}: line 2 has 3 fields, the header 2 (an unquoted comma in a text? quote that field)"
+    )
+    assert "severe" not in message  # the line is named, its private text is not repeated
+
+
+def test_a_csv_row_wider_than_the_header_further_down_is_named_by_its_line(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text('text,label\n"a, quoted comma",low\n"two\nlines",high\nx, y,low\n')
+    with pytest.raises(DataError, match=r"notes\.csv: line 5 has 3 fields, the header 2"):
+        read_table(path)
+
+
+def test_a_csv_with_quoted_commas_is_read_as_written(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text('text,label\n"mild pain, not severe",low\n"chest pain, severe",high\nshort,\n')
+    frame = read_table(path)
+    assert frame["text"].tolist() == ["mild pain, not severe", "chest pain, severe", "short"]
+    assert frame["label"].tolist()[:2] == ["low", "high"]
+    assert list(frame.columns) == ["text", "label"] and frame.index.tolist() == [0, 1, 2]

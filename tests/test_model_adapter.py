@@ -373,3 +373,33 @@ def test_tiny_models_refuse_the_other_task(vocab_size):
         build_base_model(ModelConfig(source="tiny-bert", task="causal-lm"), (), vocab_size)
     with pytest.raises(ModelError, match="at least 2 labels"):
         build_base_model(BERT, ("a",), vocab_size)
+
+
+@pytest.mark.parametrize(
+    ("source", "task", "targets", "found", "existing"),
+    [
+        ("tiny-bert", "classification", ("q_proj", "v_proj"), "no module of the base model", "query"),
+        ("tiny-llama", "causal-lm", ("query",), "no module of the base model", "q_proj"),
+        # The classification head is trained whole (modules_to_save): PEFT never puts LoRA on it.
+        ("tiny-bert", "classification", ("classifier",), "no module of the base model", "value"),
+        # A block, not a layer: PEFT would raise with the block's whole repr.
+        ("tiny-bert", "classification", ("encoder",), "encoder, a BertModel", "dense"),
+    ],
+)
+def test_target_modules_matching_no_layer_is_one_line(vocab_size, source, task, targets, found, existing):
+    cfg = ModelConfig(source=source, task=task, target_modules=targets)
+    with pytest.raises(ModelError) as info:
+        build_model(cfg, ("a", "b") if task == "classification" else (), vocab_size)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"model.target_modules: {list(targets)} must name layers LoRA adapts, they match {found}"
+    )
+    assert existing in message.partition("linear layers include: ")[2]
+    assert "classifier" not in message.partition("linear layers include: ")[2]
+
+
+def test_target_modules_matching_by_suffix_is_kept(vocab_size):
+    cfg = ModelConfig(source="tiny-bert", target_modules=("attention.self.query",))
+    built = build_model(cfg, ("a", "b"), vocab_size)
+    assert any(".query.lora_A." in name for name, _ in built.model.named_parameters())

@@ -110,7 +110,7 @@ def summarise(history: list[dict]) -> dict:
 
 
 def run_once(config: str, extra: list[str], setting: Setting, folder: Path) -> dict:
-    cfg: FedloraConfig = read_config(config, [*extra, *setting.overrides])
+    cfg: FedloraConfig = read_config(config, [*extra, *setting.overrides], "simulation")
     start = time.perf_counter()
     with console.status(f"{setting.name}: {cfg.federation.rounds} rounds") as status:
         simulate(
@@ -270,7 +270,7 @@ def compare_aggregators(args: argparse.Namespace) -> int:
     """Repeat by repeat across all settings, so a comparison cut short is still balanced; the files
     are rewritten after every repeat."""
     config = args.config or default_config()
-    base = read_config(config, args.set)
+    base = read_config(config, args.set, "simulation")
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = settings(
         base.privacy.enabled, args.ranks, not args.no_dp_off, base.model.lora_r, base.model.lora_alpha

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         "federation.central_eval=false",
         "federation.aggregator=fedavg",  # like for like with Flower's FedAvg on the bare side
     ]
-    cfg = load_config(default_config(), overrides)
+    cfg = load_config(default_config(), overrides, "simulation")
     work = prepare(cfg)
     arrays = ArrayRecord(adapter_state(work.built.model))
     lora = lora_spec(cfg, work)
