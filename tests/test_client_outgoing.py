@@ -186,3 +186,11 @@ def test_statistics_of_the_private_data_leave_only_on_opt_in(institution, releas
     logged = [set(line["metrics"]["metrics"]) for line in audit(setup)]
     assert logged == [set(train_metrics), set(eval_metrics)]
     assert torch.isfinite(torch.tensor(list(train_metrics.values()))).all()
+
+
+@pytest.mark.slow
+def test_a_reply_the_audit_log_cannot_record_does_not_leave(institution) -> None:
+    setup = institution()
+    setup.audit_path.mkdir()  # a folder where the audit file should be: appending fails
+    reply = send(setup, server_message(setup, kind="evaluate"))
+    assert reply.has_error() and (reply.error.code, reply.error.reason) == (100, "internal error")
