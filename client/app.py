@@ -3,11 +3,17 @@
 Nothing per-client lives in module globals (Ray reuses processes across virtual clients): the
 client's identity comes from the context, its spend from its ledger file. Only read-only data is
 cached per process.
+
+What leaves: the adapter delta and the few scalars the server needs to weigh and place it (rows,
+steps, rank, scale, epsilon spent). Statistics computed on the private data (training loss,
+evaluation loss and accuracy) leave only if the institution opts in (privacy.release_metrics): they
+are outside the DP guarantee. A failure leaves as a fixed category (client.failures).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,6 +26,7 @@ from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
+from fedlora.client.failures import FingerprintMismatch, TrainingDiverged, failure_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common import protocol as P
@@ -33,10 +40,12 @@ from fedlora.common.adapter import (
 )
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
-from fedlora.common.errors import AdapterError, ConfigError
+from fedlora.common.errors import ConfigError
 from fedlora.common.lora_math import dropped_by_truncation, layer_products, truncate_state
 from fedlora.common.model import BuiltModel, build_model, device_for, load_tokenizer, lora_scale
 from fedlora.common.scoring import evaluate
+
+log = logging.getLogger("fedlora.client")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,12 @@ class ClientSetup:
     ledger_path: Path
     partition: int | None = None
     audit_path: Path | None = None
+
+    @property
+    def error_log(self) -> Path:
+        """The institution's own log of failures in full, next to its audit log (else its ledger)."""
+        beside = self.audit_path or self.ledger_path
+        return beside.with_name(f"{beside.stem}-errors.log")
 
 
 SetupFn = Callable[[Context], ClientSetup]
@@ -101,7 +116,7 @@ def load_global(msg: Message, cfg: FedloraConfig, built: BuiltModel) -> dict[str
     config = msg.content[P.CONFIG]
     theirs = config.get(P.FINGERPRINT)
     if theirs != built.fingerprint:
-        raise AdapterError(
+        raise FingerprintMismatch(
             f"global adapter fingerprint {theirs} does not match this client's {built.fingerprint}: "
             "different base model, labels or LoRA layout"
         )
@@ -143,22 +158,30 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     final = adapter_state(trainer.model)
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
-    metrics = MetricRecord(
-        {
-            P.NUM_EXAMPLES: result.num_examples,
-            P.LOSS: result.loss,
-            P.EPSILON: result.epsilon if result.epsilon is not None else 0.0,
-            P.LORA_R: cfg.model.lora_r,
-            P.LORA_SCALE: lora_scale(cfg.model),
-            P.STEPS: result.steps,
-            P.TRAIN_SECONDS: result.seconds,
-        }
+    diverged = sorted(k for k, v in update.items() if not torch.isfinite(v).all())
+    if diverged:
+        raise TrainingDiverged(
+            f"round {server_round}: {len(diverged)} adapter tensors are not finite (first: {diverged[0]}); "
+            "nothing is sent (lower training.learning_rate, model.lora_alpha or privacy.max_grad_norm)"
+        )
+    metrics = {
+        P.NUM_EXAMPLES: result.num_examples,
+        P.EPSILON: result.epsilon if result.epsilon is not None else 0.0,
+        P.LORA_R: cfg.model.lora_r,
+        P.LORA_SCALE: lora_scale(cfg.model),
+        P.STEPS: result.steps,
+        P.TRAIN_SECONDS: result.seconds,
+    }
+    log.info(
+        "round %d: trained %d steps, training loss %.4f (kept here)", server_round, result.steps, result.loss
     )
+    if cfg.privacy.release_metrics:
+        metrics[P.LOSS] = result.loss
     dtype = str(msg.content[P.CONFIG].get(P.WIRE_DTYPE, "fp32"))
     reply = RecordDict(
         {
             P.ARRAYS: to_record(update, dtype),
-            P.METRICS: metrics,
+            P.METRICS: MetricRecord(metrics),
             P.CONFIG: ConfigRecord({P.FINGERPRINT: built.fingerprint}),
         }
     )
@@ -175,15 +198,24 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     load_global(msg, cfg, built)
     device = device_for(cfg.training.device)
     scores = evaluate(built.model.to(device), cfg.model.task, ev, device, cfg.training.eval_batch_size)
-    metrics = {P.NUM_EXAMPLES: len(ev), P.LOSS: scores["loss"]}
-    if "accuracy" in scores:
-        metrics[P.ACCURACY] = scores["accuracy"]
+    log.info("evaluation of the global adapter on %d local rows (kept here): %s", len(ev), scores)
+    metrics = {P.NUM_EXAMPLES: len(ev)}
+    if cfg.privacy.release_metrics:
+        metrics[P.LOSS] = scores["loss"]
+        if "accuracy" in scores:
+            metrics[P.ACCURACY] = scores["accuracy"]
     return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def build_client_app(setup: SetupFn) -> ClientApp:
-    """A ClientApp whose identity and config come from ``setup`` (deployment or simulation)."""
-    client = ClientApp(mods=[audit_mod(lambda context: setup(context).audit_path)])
+    """A ClientApp whose identity and config come from ``setup`` (deployment or simulation). Every
+    outgoing message is audited; any failure leaves as a fixed category, its detail kept locally."""
+    client = ClientApp(
+        mods=[
+            audit_mod(local_file(setup, lambda s: s.audit_path)),
+            failure_mod(local_file(setup, lambda s: s.error_log)),
+        ]
+    )
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
@@ -194,6 +226,21 @@ def build_client_app(setup: SetupFn) -> ClientApp:
         return handle_evaluate(msg, setup(context))
 
     return client
+
+
+def local_file(
+    setup: SetupFn, pick: Callable[[ClientSetup], Path | None]
+) -> Callable[[Context], Path | None]:
+    """One of the setup's local files; None when the setup itself fails, as the handler then fails the
+    same way and the failure mod reports it (the detail to Python logging only: no file is known)."""
+
+    def path_for(context: Context) -> Path | None:
+        try:
+            return pick(setup(context))
+        except Exception:
+            return None
+
+    return path_for
 
 
 def with_rank(cfg: FedloraConfig, rank: int) -> FedloraConfig:

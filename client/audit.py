@@ -1,21 +1,25 @@
 """A Flower mod that records what leaves the institution: names, shapes and sizes, never values.
 
 Privacy officers read it to confirm that only adapter tensors and a few scalars cross the wire; the
-test suite reads it for the same reason.
+test suite reads it for the same reason. Every message that leaves is recorded, an error reply
+included (its code and fixed category only: see client.failures, composed inside this mod).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Message
 
+from fedlora.client.failures import failure_reply, reason_for
 from fedlora.common import protocol as P
 
+log = logging.getLogger("fedlora.client")
 Next = Callable[[Message, Context], Message]
 
 
@@ -23,7 +27,7 @@ def describe(reply: Message) -> dict:
     """One audit line for an outgoing message."""
     line: dict = {"time": time.time(), "type": reply.metadata.message_type}
     if reply.has_error():
-        line["error"] = reply.error.reason
+        line["error"] = {"code": reply.error.code, "category": reason_for(reply.error.code)}
         return line
     content = reply.content
     arrays = {
@@ -53,19 +57,26 @@ def received(msg: Message) -> dict:
 
 
 def audit_mod(path_for: Callable[[Context], Path | None]) -> Callable[[Message, Context, Next], Message]:
-    """A mod appending one JSON line per reply to the file ``path_for(context)`` names."""
+    """A mod appending one JSON line per outgoing message to the file ``path_for(context)`` names. A
+    reply the audit log cannot record does not leave: an error reply goes instead."""
 
     def mod(msg: Message, context: Context, call_next: Next) -> Message:
         path = path_for(context)
         reply = call_next(msg, context)
-        if path is not None:
-            line = describe(reply)
-            config = msg.content.config_records.get(P.CONFIG) if msg.has_content() else None
-            line["round"] = int(config[P.ROUND]) if config and P.ROUND in config else None
-            line["received"] = received(msg)
+        if path is None:
+            return reply
+        line = describe(reply)
+        config = msg.content.config_records.get(P.CONFIG) if msg.has_content() else None
+        server_round = config.get(P.ROUND) if config else None
+        line["round"] = server_round if isinstance(server_round, int) else None
+        line["received"] = received(msg)
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as handle:
                 handle.write(json.dumps(line) + "\n")
+        except OSError as err:
+            log.error("audit log %s cannot be written; the reply is not sent", path, exc_info=err)
+            return failure_reply(msg, err)
         return reply
 
     return mod

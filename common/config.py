@@ -167,6 +167,12 @@ class PrivacyConfig:
     audit_log: str | None = _f(
         None, "JSON-lines log of every outgoing message's array names, shapes and sizes (no values)."
     )
+    release_metrics: bool = _f(
+        False,
+        "Send the coordinator the training loss and the local evaluation loss and accuracy. These are "
+        "computed on the private data without noise: they are outside the DP guarantee (epsilon covers "
+        "only the adapter). Off: only the adapter delta, rows, steps, rank, scale and epsilon leave.",
+    )
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,13 @@ def default_config() -> str:
 
 
 def _progress_fields(entry: dict) -> dict[str, str]:
+    """Loss and accuracy of the central evaluation: clients send no loss unless they opt in."""
     clients = entry.get("clients", [])
-    loss = sum(c["loss"] for c in clients) / len(clients) if clients else float("nan")
-    acc = entry.get("central", {}).get("accuracy")
+    central = entry.get("central", {})
+    loss, acc = central.get("loss"), central.get("accuracy")
     return {
         "clients": f"{len(clients)} ok, {len(entry.get('dropped', []))} dropped",
-        "loss": f"{loss:.4f}",
+        "loss": f"{loss:.4f}" if loss is not None else "-",
         "acc": f"{acc:.4f}" if acc is not None else "-",
         "eps": f"{max((c['epsilon'] for c in clients), default=0.0):.2f}",
     }
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[clients]}"),
-        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("held-out loss {task.fields[loss]}"),
         TextColumn("acc {task.fields[acc]}"),
         TextColumn("eps {task.fields[eps]}"),
         TimeElapsedColumn(),

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from fedlora.client.app import ClientSetup, shared_data
 from fedlora.client.ledger import PrivacyLedger, compose
+from fedlora.common import protocol as P
 from fedlora.common.adapter import adapter_state, shapes
 from fedlora.common.config import load_config
 from fedlora.common.model import build_base_model, build_model
@@ -107,7 +108,8 @@ def test_client_that_raises_is_dropped_and_round_completes(federation: Path) -> 
     round_two = history[2]
     assert len(round_two["clients"]) == 2
     assert len(round_two["dropped"]) == 1
-    assert "simulated crash" in round_two["dropped"][0]["reason"]
+    assert round_two["dropped"][0]["reason"] == "internal error"  # the detail stays with the client
+    assert "simulated crash" not in (federation / "history.json").read_text()
 
 
 def test_only_adapter_tensors_leave_clients(federation: Path) -> None:
@@ -122,6 +124,8 @@ def test_only_adapter_tensors_leave_clients(federation: Path) -> None:
         sent = {k: tuple(v["shape"]) for k, v in line["arrays"]["arrays"].items()}
         assert sent == {k: v for k, v in expected.items() if k in sent} and set(sent) == set(expected)
         assert all(isinstance(v, int | float) for v in line["metrics"]["metrics"].values())
+        unnoised = {P.LOSS, P.ACCURACY} & set(line["metrics"]["metrics"])
+        assert not unnoised  # nothing computed on the private data leaves without the opt-in
         assert line["configs"] == {"config": {"fingerprint": line["configs"]["config"]["fingerprint"]}}
         payload = sum(4 * torch.Size(s).numel() for s in expected.values())
         assert payload <= line["bytes"] <= payload + 128 * len(expected)  # fp32 values + .npy headers

@@ -1,0 +1,105 @@
+"""What an institution tells the coordinator when it fails: a fixed category and code, never the detail.
+
+An exception's text can quote the institution's data (a stray label is a patient's sentence), and
+Flower forwards an escaped exception's text to the coordinator. This mod catches every exception of
+the handler, keeps the detail in the institution's own log (a local file and Python logging) and
+replies with an error that names only the category.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+
+from fedlora.common.errors import (
+    AdapterError,
+    BudgetExceeded,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelError,
+)
+
+log = logging.getLogger("fedlora.client")
+Next = Callable[[Message, Context], Message]
+
+
+class FingerprintMismatch(AdapterError):
+    """The global adapter is for another base model, label set or LoRA layout."""
+
+
+class TrainingDiverged(AdapterError):
+    """Local training produced non-finite values: the adapter is not sent."""
+
+
+INTERNAL = (100, "internal error")
+# Most specific first: the first class an exception is an instance of names its category.
+CATEGORIES: tuple[tuple[type[Exception], int, str], ...] = (
+    (FingerprintMismatch, 105, "fingerprint mismatch"),
+    (TrainingDiverged, 107, "training diverged"),
+    (BudgetExceeded, 106, "budget exhausted"),
+    (ConfigError, 101, "config error"),
+    (DataError, 102, "data error"),
+    (ModelError, 103, "model error"),
+    (AdapterError, 104, "adapter error"),
+    (CheckpointError, 108, "ledger error"),
+)
+REASONS: dict[int, str] = {INTERNAL[0]: INTERNAL[1], **{code: reason for _, code, reason in CATEGORIES}}
+
+
+def classify(err: BaseException) -> tuple[int, str]:
+    """The code and fixed reason the coordinator may see for ``err``."""
+    return next(((code, reason) for kind, code, reason in CATEGORIES if isinstance(err, kind)), INTERNAL)
+
+
+def reason_for(code: int) -> str:
+    """The fixed reason of one of this module's codes; any other code is reported as unknown."""
+    return REASONS.get(code, "unknown")
+
+
+def failure_reply(msg: Message, err: BaseException) -> Message:
+    code, reason = classify(err)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def write_local(path: Path, msg: Message, err: BaseException) -> None:
+    """Append the whole failure, traceback included, to the institution's own error log."""
+    code, reason = classify(err)
+    detail = "".join(traceback.format_exception(err))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {msg.metadata.message_type}: "
+            f"sent '{reason}' (code {code}) to the coordinator instead of:\n{detail}\n"
+        )
+
+
+def failure_mod(log_for: Callable[[Context], Path | None]) -> Callable[[Message, Context, Next], Message]:
+    """A mod turning any exception of the handler into an error reply naming only its category; the
+    detail goes to the file ``log_for(context)`` names (None: Python logging only)."""
+
+    def mod(msg: Message, context: Context, call_next: Next) -> Message:
+        try:
+            return call_next(msg, context)
+        except Exception as err:
+            reply = failure_reply(msg, err)
+            log.error(
+                "%s failed; the coordinator is told only '%s'",
+                msg.metadata.message_type,
+                reply.error.reason,
+                exc_info=err,
+            )
+            try:
+                path = log_for(context)
+                if path is not None:
+                    write_local(path, msg, err)
+            except OSError:
+                log.exception("could not write the local error log; the failure above is logged here only")
+            return reply
+
+    return mod
