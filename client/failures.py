@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message
 
+from fedlora.common import protocol as P
 from fedlora.common.errors import (
     AdapterError,
     BudgetExceeded,
@@ -37,29 +38,29 @@ class TrainingDiverged(AdapterError):
     """Local training produced non-finite values: the adapter is not sent."""
 
 
-INTERNAL = (100, "internal error")
-# Most specific first: the first class an exception is an instance of names its category.
-CATEGORIES: tuple[tuple[type[Exception], int, str], ...] = (
-    (FingerprintMismatch, 105, "fingerprint mismatch"),
-    (TrainingDiverged, 107, "training diverged"),
-    (BudgetExceeded, 106, "budget exhausted"),
-    (ConfigError, 101, "config error"),
-    (DataError, 102, "data error"),
-    (ModelError, 103, "model error"),
-    (AdapterError, 104, "adapter error"),
-    (CheckpointError, 108, "ledger error"),
+INTERNAL = 100
+# Most specific first: the first class an exception is an instance of names its code.
+CODES: tuple[tuple[type[Exception], int], ...] = (
+    (FingerprintMismatch, 105),
+    (TrainingDiverged, 107),
+    (BudgetExceeded, 106),
+    (ConfigError, 101),
+    (DataError, 102),
+    (ModelError, 103),
+    (AdapterError, 104),
+    (CheckpointError, 108),
 )
-REASONS: dict[int, str] = {INTERNAL[0]: INTERNAL[1], **{code: reason for _, code, reason in CATEGORIES}}
 
 
 def classify(err: BaseException) -> tuple[int, str]:
-    """The code and fixed reason the coordinator may see for ``err``."""
-    return next(((code, reason) for kind, code, reason in CATEGORIES if isinstance(err, kind)), INTERNAL)
+    """The code and fixed reason (common.protocol.FAILURES) the coordinator may see for ``err``."""
+    code = next((code for kind, code in CODES if isinstance(err, kind)), INTERNAL)
+    return code, P.FAILURES[code]
 
 
 def reason_for(code: int) -> str:
-    """The fixed reason of one of this module's codes; any other code is reported as unknown."""
-    return REASONS.get(code, "unknown")
+    """The fixed reason of a fedlora failure code; any other code is reported as unknown."""
+    return P.FAILURES.get(code, "unknown")
 
 
 def failure_reply(msg: Message, err: BaseException) -> Message:

@@ -31,6 +31,20 @@ EVALUATE_OPTIONAL = (LOSS, ACCURACY)
 # tensor dtypes a reply may carry (Flower's Array.dtype names)
 REPLY_DTYPES = ("float32", "float16")
 
+# client -> server, a failed message: Error(code, reason) with only these fixed reasons, since an
+# exception's own text can quote the institution's data (client.failures maps its errors to them)
+FAILURES: dict[int, str] = {
+    100: "internal error",
+    101: "config error",
+    102: "data error",
+    103: "model error",
+    104: "adapter error",
+    105: "fingerprint mismatch",
+    106: "budget exhausted",
+    107: "training diverged",
+    108: "ledger error",
+}
+
 # node config (what only the institution decides) and run config
 NODE_CONFIG = "config"
 PARTITION_ID = "partition-id"

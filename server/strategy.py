@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
@@ -53,10 +54,24 @@ class RoundLog:
     evaluate_dropped: list[dict] = field(default_factory=list)
 
 
-def last_line(text: str, limit: int = 300) -> str:
-    """The gist of a client's error (Ray wraps it in a multi-line traceback)."""
-    lines = [line.strip(" '>\n") for line in text.splitlines() if line.strip(" '>")]
-    return (lines[-1] if lines else text)[:limit]
+# Flower's own transport failures: the SuperLink writes their reasons, no client text is in them
+TRANSPORT_ERRORS = (
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    ErrorCode.NODE_UNAVAILABLE,
+)
+
+
+def failure_reason(error: Error) -> str:
+    """What the coordinator keeps of a client's failure: fedlora's fixed category, or Flower's own
+    transport reason; any other text is withheld, as it may quote the institution's data (an older
+    client, or an exception that escaped fedlora's failure mod)."""
+    if error.code in P.FAILURES and error.reason == P.FAILURES[error.code]:
+        return error.reason
+    if error.code in TRANSPORT_ERRORS:
+        lines = [line.strip() for line in error.reason.splitlines() if line.strip()]
+        return (lines[-1] if lines else f"transport error {error.code}")[:300]
+    return f"client failure (error code {error.code}); its text is withheld: it may quote the client's data"
 
 
 class LoraAverage(FedAvg):
@@ -244,7 +259,7 @@ class LoraAverage(FedAvg):
         accepted: list[tuple[ClientUpdate, TrainReply]] = []
         for msg in replies:
             if msg.has_error():
-                self._drop(record.dropped, record.round, msg, last_line(msg.error.reason), "train")
+                self._drop(record.dropped, record.round, msg, failure_reason(msg.error), "train")
                 continue
             try:
                 update, reply, norm = self._screen(msg, rules)
@@ -286,7 +301,7 @@ class LoraAverage(FedAvg):
         for msg in replies:
             try:
                 if msg.has_error():
-                    raise AdapterError(last_line(msg.error.reason))
+                    raise AdapterError(failure_reason(msg.error))
                 parsed.append(parse_evaluate_reply(msg.content))
             except AdapterError as err:
                 self._drop(dropped, absolute, msg, str(err), "evaluate")

@@ -66,9 +66,10 @@ def raw_reply(node: int, update: dict, num: float, fingerprint: str = FP, **metr
     return reply_message(node, RecordDict({**records, P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint})}))
 
 
-def error_reply(node: int, reason: str) -> Message:
+def error_reply(node: int, reason: str, code: int = 2) -> Message:
+    """A failed reply; code 2 is Flower's "ClientApp raised an exception", whose text is the client's."""
     md = metadata(node, 0, reply_to="x")
-    return Message(error=Error(code=1, reason=reason), metadata=md)
+    return Message(error=Error(code=code, reason=reason), metadata=md)
 
 
 @pytest.fixture
@@ -119,7 +120,7 @@ def test_fedavg_of_deltas_is_the_weighted_mean(strategy) -> None:
             "unexpected key",
         ),
         (lambda: raw_reply(9, state(4, 0.1), -5), "expected >= 1"),
-        (lambda: error_reply(9, "client crashed: boom"), "boom"),
+        (lambda: error_reply(9, "data error", code=102), "data error"),
     ],
     ids=["nan", "wrong-shape", "wrong-fingerprint", "missing-key", "extra-key", "negative-count", "error"],
 )
@@ -133,6 +134,28 @@ def test_bad_reply_is_dropped_and_round_completes(strategy, bad, reason) -> None
     for key in SHAPES:
         hand = strategy.global_state[key] + (good[0][key] + good[1][key]) / 2
         torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "kept"),
+    [
+        (102, "data error", "data error"),
+        (2, "DataError: label 'Patient Jane Roe, 54, chest pain' is not one of", "text is withheld"),
+        (102, "data error: Patient Jane Roe, 54, chest pain", "text is withheld"),
+        (0, "Patient Jane Roe, 54, chest pain", "text is withheld"),
+        (5, "Error: node 7 is unavailable", "node 7 is unavailable"),
+    ],
+    ids=["fedlora-category", "flower-exception-text", "category-with-text", "unknown", "transport"],
+)
+def test_the_coordinator_keeps_only_a_fixed_category_of_a_failure(strategy, code, reason, kept) -> None:
+    """Issue 13, item 2 (server side): a failure's free text may quote the institution's data, so
+    only fedlora's fixed categories and Flower's own transport reasons reach the round's log."""
+    strategy.aggregate_train(1, [reply(1, state(1, 0.1), 20), error_reply(9, reason, code=code)])
+    strategy.aggregate_evaluate(1, [error_reply(9, reason, code=code)])
+    for dropped in (strategy.rounds[-1].dropped, strategy.rounds[-1].evaluate_dropped):
+        assert [d["node"] for d in dropped] == [9]
+        assert kept in dropped[0]["reason"]
+        assert "Jane Roe" not in dropped[0]["reason"]
 
 
 def test_norm_bound_drops_oversized_update() -> None:
