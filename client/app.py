@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
@@ -36,8 +36,8 @@ from fedlora.common.adapter import (
     fold_into_base,
     from_record,
     load_adapter_state,
-    to_record,
 )
+from fedlora.common.codec import EvaluateMetrics, TrainMetrics, evaluate_reply, train_reply
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
 from fedlora.common.errors import ConfigError
@@ -164,28 +164,20 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
             f"round {server_round}: {len(diverged)} adapter tensors are not finite (first: {diverged[0]}); "
             "nothing is sent (lower training.learning_rate, model.lora_alpha or privacy.max_grad_norm)"
         )
-    metrics = {
-        P.NUM_EXAMPLES: result.num_examples,
-        P.EPSILON: result.epsilon if result.epsilon is not None else 0.0,
-        P.LORA_R: cfg.model.lora_r,
-        P.LORA_SCALE: lora_scale(cfg.model),
-        P.STEPS: result.steps,
-        P.TRAIN_SECONDS: result.seconds,
-    }
     log.info(
         "round %d: trained %d steps, training loss %.4f (kept here)", server_round, result.steps, result.loss
     )
-    if cfg.privacy.release_metrics:
-        metrics[P.LOSS] = result.loss
-    dtype = str(msg.content[P.CONFIG].get(P.WIRE_DTYPE, "fp32"))
-    reply = RecordDict(
-        {
-            P.ARRAYS: to_record(update, dtype),
-            P.METRICS: MetricRecord(metrics),
-            P.CONFIG: ConfigRecord({P.FINGERPRINT: built.fingerprint}),
-        }
+    metrics = TrainMetrics(
+        num_examples=result.num_examples,
+        epsilon=result.epsilon if result.epsilon is not None else 0.0,
+        lora_r=cfg.model.lora_r,
+        lora_scale=lora_scale(cfg.model),
+        steps=result.steps,
+        train_seconds=result.seconds,
+        loss=result.loss if cfg.privacy.release_metrics else None,
     )
-    return Message(content=reply, reply_to=msg)
+    dtype = str(msg.content[P.CONFIG].get(P.WIRE_DTYPE, "fp32"))
+    return Message(content=train_reply(update, metrics, built.fingerprint, dtype), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
@@ -199,12 +191,13 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     device = device_for(cfg.training.device)
     scores = evaluate(built.model.to(device), cfg.model.task, ev, device, cfg.training.eval_batch_size)
     log.info("evaluation of the global adapter on %d local rows (kept here): %s", len(ev), scores)
-    metrics = {P.NUM_EXAMPLES: len(ev)}
-    if cfg.privacy.release_metrics:
-        metrics[P.LOSS] = scores["loss"]
-        if "accuracy" in scores:
-            metrics[P.ACCURACY] = scores["accuracy"]
-    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    released = cfg.privacy.release_metrics
+    metrics = EvaluateMetrics(
+        num_examples=len(ev),
+        loss=scores["loss"] if released else None,
+        accuracy=scores.get("accuracy") if released else None,
+    )
+    return Message(content=evaluate_reply(metrics), reply_to=msg)
 
 
 def build_client_app(setup: SetupFn) -> ClientApp:
