@@ -346,3 +346,25 @@ def test_ledger_charges_the_rate_opacus_samples_at(make_config, vocab_size, toy_
     counted = internal_accountant(trainer.optimizer).history
     assert counted[-1][1] == trainer.loader.sample_rate  # what Opacus samples at and counts
     assert charged == pytest.approx(trainer.loader.sample_rate)
+
+
+def test_trainer_uses_the_noise_another_process_recorded_first(
+    make_config, vocab_size, toy_classification, tmp_path
+):
+    """Two processes calibrated for different plans: the first to reserve fixes the ledger's noise,
+    and the other trains and is charged with that noise, not its own."""
+    cfg = make_config({"training": {"batch_size": 4, "local_steps": 2}, "privacy": {"accountant": "rdp"}})
+    path = tmp_path / "ledger.json"
+    mine = PrivacyLedger(path, 8.0, DELTA, "rdp")
+    mine.noise_multiplier = 1.0
+    trainer = LocalTrainer(
+        cfg, build_model(cfg.model, ("a", "b"), vocab_size).model, toy_classification(16), CPU, mine
+    )
+    theirs = PrivacyLedger(path, 8.0, DELTA, "rdp")
+    theirs.noise_multiplier = 1.5
+    theirs.reserve(1, 0.25, 2)
+    result = trainer.train_round(1)
+    assert result.noise_multiplier == trainer.optimizer.noise_multiplier == 1.5
+    assert internal_accountant(trainer.optimizer).history == [(1.5, 0.25, 2)]  # what Opacus counted
+    assert mine.history() == [(1.5, 0.25, 4)]
+    assert result.epsilon == pytest.approx(opacus_epsilon("rdp", [(1.5, 0.25, 4)]), rel=1e-9)
