@@ -13,7 +13,7 @@ from opacus.accountants import create_accountant
 
 from fedlora.client.ledger import LedgerEntry, PrivacyLedger, compose, merged_history
 from fedlora.client.trainer import LocalTrainer
-from fedlora.common.errors import BudgetExceeded, CheckpointError
+from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 from fedlora.common.model import build_model
 
 CPU = torch.device("cpu")
@@ -271,6 +271,46 @@ CORRUPT = {
         {"accountant": "rdp", "delta": DELTA, "noise_multiplier": 1.0, "entries": [{"round": 1}]}
     ),
     "empty": "",
+    "steps-not-a-number": json.dumps(
+        {
+            "accountant": "rdp",
+            "delta": DELTA,
+            "noise_multiplier": 1.0,
+            "entries": [
+                {
+                    "round": 1,
+                    "noise_multiplier": 1.0,
+                    "sample_rate": 0.25,
+                    "steps": "x",
+                    "epsilon": 1.0,
+                    "time": 0,
+                }
+            ],
+        }
+    ),
+    "noise-not-a-number": json.dumps(
+        {"accountant": "rdp", "delta": DELTA, "noise_multiplier": "a", "entries": []}
+    ),
+    "entries-not-a-list": json.dumps(
+        {"accountant": "rdp", "delta": DELTA, "noise_multiplier": 1.0, "entries": {}}
+    ),
+    "entry-noise-negative": json.dumps(
+        {
+            "accountant": "rdp",
+            "delta": DELTA,
+            "noise_multiplier": 1.0,
+            "entries": [
+                {
+                    "round": 1,
+                    "noise_multiplier": -1.0,
+                    "sample_rate": 0.25,
+                    "steps": 3,
+                    "epsilon": 1.0,
+                    "time": 0,
+                }
+            ],
+        }
+    ),
 }
 
 
@@ -368,3 +408,35 @@ def test_trainer_uses_the_noise_another_process_recorded_first(
     assert internal_accountant(trainer.optimizer).history == [(1.5, 0.25, 2)]  # what Opacus counted
     assert mine.history() == [(1.5, 0.25, 4)]
     assert result.epsilon == pytest.approx(opacus_epsilon("rdp", [(1.5, 0.25, 4)]), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("budget", "delta", "culprit"),
+    [
+        (float("inf"), DELTA, "privacy.epsilon"),
+        (float("nan"), DELTA, "privacy.epsilon"),
+        (0.0, DELTA, "privacy.epsilon"),
+        (-1.0, DELTA, "privacy.epsilon"),
+        (8.0, 0.0, "privacy.delta"),
+        (8.0, 1.0, "privacy.delta"),
+        (8.0, float("nan"), "privacy.delta"),
+    ],
+)
+def test_meaningless_budget_or_delta_is_refused(tmp_path, budget, delta, culprit):
+    with pytest.raises(ConfigError) as info:
+        PrivacyLedger(tmp_path / "l.json", budget, delta, "rdp")
+    assert str(info.value).startswith(culprit) and "\n" not in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_budget_below_any_noise_is_one_line_naming_what_is_needed(tmp_path, mechanism):
+    ledger = PrivacyLedger(tmp_path / "l.json", 0.001, DELTA, mechanism)
+    with pytest.raises(ConfigError) as info:
+        ledger.calibrate(0.25, 12)
+    message = str(info.value)
+    assert message.startswith("privacy.epsilon: 0.001") and "\n" not in message
+    needed = float(message.rsplit("at least about ", 1)[1])
+    # Independent: at the largest noise Opacus tries, the plan costs about what is said to be needed.
+    assert opacus_epsilon(mechanism, [(1e6, 0.25, 12)]) == pytest.approx(needed, rel=1e-2)
+    assert ledger.noise_multiplier is None
