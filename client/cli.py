@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,38 +21,47 @@ from fedlora.client.daemon import (
     run_supernode,
     supernode_command,
 )
-from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
 from fedlora.client.trainer import LocalTrainer, poisson_rate
-from fedlora.common.adapter import export_adapter
+from fedlora.common.adapter import export_adapter, shapes, validate_update
 from fedlora.common.cli_support import console, progress_bar, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.durable import write_durably
-from fedlora.common.errors import ConfigError, FedloraError
+from fedlora.common.errors import AdapterError, BudgetExceeded, ConfigError, FedloraError
 from fedlora.common.launch import STOP_GRACE_SECONDS
 from fedlora.common.model import device_for
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import prepare
 
+ADAPTER, METRICS = "adapter", "metrics.json"
 
-def open_ledger(cfg: FedloraConfig) -> PrivacyLedger:
-    p = cfg.privacy
-    return PrivacyLedger(p.ledger_path, p.epsilon, p.delta, p.accountant)
+
+MAX_REPORTED_POINTS = 10
+
+
+def reported_rounds(planned: int) -> list[int]:
+    """At most MAX_REPORTED_POINTS evenly spaced rounds and the last: each is one composition."""
+    step = max(1, planned // MAX_REPORTED_POINTS)
+    return sorted({*range(step, planned + 1, step), planned})
 
 
 def plan(cfg: FedloraConfig, rows: int) -> dict:
-    """What the budget buys: noise, and epsilon after each planned round, from the ledger's state."""
-    ledger = open_ledger(cfg)
+    """What the budget buys: noise, and epsilon after some planned rounds, from the ledger's state."""
+    require_meaningful_delta(cfg.privacy.delta, rows)
+    ledger = PrivacyLedger.from_config(cfg.privacy)
     sample_rate = poisson_rate(rows, cfg.training.batch_size)
     steps = cfg.training.local_steps
     noise = ledger.calibrate(sample_rate, cfg.planned_rounds * steps)
-    after = [ledger.projected(noise, sample_rate, steps * k) for k in range(1, cfg.planned_rounds + 1)]
+    after = {k: ledger.projected(noise, sample_rate, steps * k) for k in reported_rounds(cfg.planned_rounds)}
     return {
         "sample_rate": sample_rate,
         "noise_multiplier": noise,
         "steps_per_round": steps,
         "spent": ledger.spent,
         "epsilon_after_round": after,
-        "rounds_affordable": ledger.rounds_affordable(sample_rate, steps),
+        "rounds_affordable": ledger.rounds_affordable(
+            sample_rate, steps, limit=max(10_000, 2 * cfg.planned_rounds)
+        ),
     }
 
 
@@ -73,7 +84,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         table.add_row("spent so far", f"epsilon {p['spent']:.3f} of {cfg.privacy.epsilon:g}")
         table.add_row(
             "epsilon after round",
-            ", ".join(f"{i + 1}: {e:.2f}" for i, e in enumerate(p["epsilon_after_round"])),
+            ", ".join(f"{k}: {e:.2f}" for k, e in p["epsilon_after_round"].items()),
         )
         table.add_row("rounds affordable", str(p["rounds_affordable"]))
     else:
@@ -82,19 +93,70 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def usable_output(out: Path) -> Path:
+    """Checked before anything trains or spends: a round whose adapter cannot be written is lost."""
+    for path, folder in ((out, True), (out / ADAPTER, True), (out / METRICS, False)):
+        if path.exists() and path.is_dir() != folder:
+            kind = "a folder" if folder else "a file"
+            raise ConfigError(f"--out: {path} exists and is not {kind}; expected {kind} there")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out: cannot create {out} ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: {out} is not writable")
+    return out
+
+
+def export_round(trainer: LocalTrainer, out: Path, metadata: dict) -> None:
+    """Replace the exported adapter by this round's; a crash leaves the previous one or the new one."""
+    fresh, previous, target = out / f".{ADAPTER}.new", out / f".{ADAPTER}.old", out / ADAPTER
+    for stale in (fresh, previous):
+        shutil.rmtree(stale, ignore_errors=True)
+    export_adapter(trainer.model, fresh, metadata)
+    if target.exists():
+        target.rename(previous)
+    fresh.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def require_finite(trainer: LocalTrainer, round_id: int, kept: str) -> None:
+    state = trainer.adapter()
+    try:
+        validate_update(state, shapes(state))
+    except AdapterError as err:
+        raise AdapterError(
+            f"round {round_id} trained a non-finite adapter ({err}); not exported; lower "
+            f"training.learning_rate, privacy.max_grad_norm or model.lora_alpha; {kept}"
+        ) from None
+
+
 def cmd_train_local(args: argparse.Namespace) -> int:
     cfg = read_config(args.config, args.set, "institution")
-    out = Path(args.out)
+    rounds = cfg.planned_rounds if args.rounds is None else args.rounds
+    if rounds < 1:
+        raise ConfigError(f"--rounds: {rounds}; expected at least 1 round")
+    out = usable_output(Path(args.out))
     bench = prepare(cfg)
     device = device_for(cfg.training.device)
-    ledger = open_ledger(cfg) if cfg.privacy.enabled else None  # the institution's one ledger
+    ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
     trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, device, ledger)
-    rounds = args.rounds or cfg.planned_rounds
+    metadata = {"fingerprint": bench.built.fingerprint, "labels": list(bench.labels), "config": to_dict(cfg)}
     history = []
     start = time.perf_counter()
     with progress_bar("train-local", rounds * cfg.training.local_steps) as advance:
         for r in range(1, rounds + 1):
-            result = trainer.train_round(r, on_step=lambda _step, loss: advance(loss))
+            kept = (
+                f"the adapter of round {r - 1} is in {out / ADAPTER}" if history else "nothing was exported"
+            )
+            try:
+                result = trainer.train_round(r, on_step=lambda _step, loss: advance(loss))
+            except BudgetExceeded as err:
+                if not history:
+                    raise
+                raise BudgetExceeded(f"stopped before round {r} of {rounds}: {err}; {kept}") from None
+            require_finite(trainer, r, kept)
+            export_round(trainer, out, metadata)
             row = {
                 "round": r,
                 "loss": result.loss,
@@ -115,18 +177,16 @@ def cmd_train_local(args: argparse.Namespace) -> int:
                     }
                 )
             history.append(row)
-    metadata = {"fingerprint": bench.built.fingerprint, "labels": list(bench.labels), "config": to_dict(cfg)}
-    export_adapter(trainer.model, out / "adapter", metadata)
-    summary = {
-        "rounds": history,
-        "seconds": time.perf_counter() - start,
-        "noise_multiplier": trainer.noise_multiplier,
-        "sample_rate": trainer.sample_rate,
-    }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+            summary = {
+                "rounds": history,
+                "seconds": time.perf_counter() - start,
+                "noise_multiplier": trainer.noise_multiplier,
+                "sample_rate": trainer.sample_rate,
+            }
+            write_durably(out / METRICS, json.dumps(summary, indent=2).encode())
     last = history[-1]
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
-    report.print(f"adapter written to {out / 'adapter'}; final round: {shown}")
+    report.print(f"adapter written to {out / ADAPTER}; final round: {shown}")
     return 0
 
 

@@ -1,23 +1,32 @@
 """The institution's privacy ledger: every DP step it ever ran, composed by Opacus into epsilon.
 
-The file is the institution's own. It is written durably (temp file, fsync, rename) before an update
-leaves the trainer, so a crash can lose an update but never the record of what it cost. A round that
-would push the composed epsilon past the budget is refused before any example is touched.
+The file is the institution's own, and several processes may spend from it at once (``train-local``,
+a SuperNode's ClientApp, a simulation). A round's spend is therefore reserved before any of its
+steps runs: under an exclusive lock on a sidecar file, the ledger is re-read from disk, the round is
+composed with everything on disk, refused if it would cross the budget, and appended durably (temp
+file, fsync, rename) before the lock is released. Spend is on disk before anything trains or leaves;
+a crash can cost a round's budget but never lose its record, and no two processes can overspend.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
+from fedlora.common.config import PrivacyConfig
 from fedlora.common.durable import write_durably
-from fedlora.common.errors import BudgetExceeded, CheckpointError
+from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 
 LEDGER_VERSION = 1
 
@@ -48,27 +57,80 @@ def compose(accountant: str, history: list[tuple[float, float, int]], delta: flo
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
-    with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf at q = 1, masked out; not an error
+    # PRV takes log(1 - q): -inf at q = 1, masked out; at huge noise exp() overflows, also masked.
+    with np.errstate(divide="ignore", over="ignore"):
         return float(acc.get_epsilon(delta=delta))
+
+
+def require_meaningful_delta(delta: float, rows: int) -> None:
+    """delta >= 1/rows allows releasing a whole row outright: no privacy worth the name."""
+    if rows > 0 and delta >= 1 / rows:
+        raise ConfigError(
+            f"privacy.delta: {delta:g} is not below 1/rows = 1/{rows} = {1 / rows:.3g}; "
+            "a delta that large permits leaking a whole record (use well below 1/rows, e.g. 1e-5)"
+        )
+
+
+def _is_number(value: object, integer: bool = False) -> bool:
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _entry(raw: object) -> LedgerEntry:
+    names = [f.name for f in fields(LedgerEntry)]
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        raise ValueError(f"an entry must have exactly the fields {names}, got {raw!r}")
+    integers = {"round", "steps"}
+    bad = [n for n in names if not _is_number(raw[n], integer=n in integers)]
+    if bad:
+        raise ValueError(f"entry field {bad[0]!r} is {raw[bad[0]]!r}, expected a finite number")
+    if raw["noise_multiplier"] <= 0 or not 0 < raw["sample_rate"] <= 1 or raw["steps"] < 0:
+        raise ValueError(f"entry out of range: {raw!r}")
+    return LedgerEntry(**raw)
 
 
 class PrivacyLedger:
     def __init__(self, path: str | Path, budget: float, delta: float, accountant: str) -> None:
+        if not _is_number(budget) or budget <= 0:
+            raise ConfigError(f"privacy.epsilon: {budget!r}; expected a finite budget above 0")
+        if not _is_number(delta) or not 0 < delta < 1:
+            raise ConfigError(f"privacy.delta: {delta!r}; expected a number between 0 and 1")
         self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.budget = budget
         self.delta = delta
         self.accountant = accountant
         self.noise_multiplier: float | None = None
         self.entries: list[LedgerEntry] = []
-        if self.path.exists():
-            self._read()
+        self.refresh()
 
-    def _read(self) -> None:
+    @classmethod
+    def from_config(cls, privacy: PrivacyConfig) -> PrivacyLedger:
+        return cls(privacy.ledger_path, privacy.epsilon, privacy.delta, privacy.accountant)
+
+    def refresh(self) -> None:
+        """Adopt what is on disk. Writes are atomic renames, so reading needs no lock; a noise
+        calibrated here but not yet recorded is kept until the file has one."""
+        if not self.path.exists():
+            self.entries = []
+            return
         try:
             data = json.loads(self.path.read_text())
-            entries = [LedgerEntry(**e) for e in data["entries"]]
-            accountant, delta = data["accountant"], float(data["delta"])
-            noise = data["noise_multiplier"]
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            accountant, delta, noise, raw = (
+                data["accountant"],
+                data["delta"],
+                data["noise_multiplier"],
+                data["entries"],
+            )
+            if not isinstance(raw, list):
+                raise ValueError(f"'entries' is {type(raw).__name__}, expected a list")
+            entries = [_entry(e) for e in raw]
+            if not (noise is None and not entries) and not (_is_number(noise) and noise > 0):
+                raise ValueError(f"'noise_multiplier' is {noise!r}, expected a positive number")
+            if not _is_number(delta):
+                raise ValueError(f"'delta' is {delta!r}, expected a number")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(
                 f"{self.path}: privacy ledger is unreadable ({type(err).__name__}: {err}); "
@@ -79,7 +141,9 @@ class PrivacyLedger:
                 f"{self.path}: ledger was kept with accountant {accountant!r} and delta {delta}; "
                 f"the config says {self.accountant!r} and {self.delta}: spend is not comparable"
             )
-        self.entries, self.noise_multiplier = entries, noise
+        self.entries = entries
+        if noise is not None:
+            self.noise_multiplier = noise
 
     @property
     def spent(self) -> float:
@@ -95,16 +159,26 @@ class PrivacyLedger:
     def calibrate(self, sample_rate: float, planned_steps: int) -> float:
         """Noise for the plan, fixed at the ledger's first round and kept for its whole life."""
         if self.noise_multiplier is None:
-            with np.errstate(divide="ignore"):  # as in compose()
-                self.noise_multiplier = float(
-                    get_noise_multiplier(
-                        target_epsilon=self.budget,
-                        target_delta=self.delta,
-                        sample_rate=sample_rate,
-                        steps=planned_steps,
-                        accountant=self.accountant,
+            try:
+                with np.errstate(divide="ignore", over="ignore"):  # as in compose()
+                    self.noise_multiplier = float(
+                        get_noise_multiplier(
+                            target_epsilon=self.budget,
+                            target_delta=self.delta,
+                            sample_rate=sample_rate,
+                            steps=planned_steps,
+                            accountant=self.accountant,
+                        )
                     )
-                )
+            except ValueError as err:
+                if "too low" not in str(err):
+                    raise
+                floor = compose(self.accountant, [(MAX_SIGMA, sample_rate, planned_steps)], self.delta)
+                raise ConfigError(
+                    f"privacy.epsilon: {self.budget:g} is below what any noise can reach over the planned "
+                    f"{planned_steps} steps at sample rate {sample_rate:.4g} (delta {self.delta:g}); "
+                    f"the {self.accountant} accountant needs privacy.epsilon of at least about {floor:.3g}"
+                ) from None
         return self.noise_multiplier
 
     def rounds_affordable(self, sample_rate: float, steps: int, limit: int = 10_000) -> int:
@@ -127,36 +201,44 @@ class PrivacyLedger:
             low, high = (mid, high) if fits(mid) else (low, mid)
         return low
 
-    def check(self, sample_rate: float, steps: int) -> float:
-        """Epsilon after the round; raises BudgetExceeded (nothing trained) if it crosses the budget."""
-        if self.noise_multiplier is None:
-            raise BudgetExceeded(f"{self.path}: no noise calibrated yet; call calibrate() first")
-        after = self.projected(self.noise_multiplier, sample_rate, steps)
-        if after > self.budget:
-            raise BudgetExceeded(
-                f"privacy budget: spent epsilon {self.spent:.3f} of {self.budget:g} "
-                f"({self.budget - self.spent:.3f} left, delta {self.delta:g}); this round of {steps} steps "
-                f"would reach {after:.3f}; "
-                f"rounds the budget still affords: {self.rounds_affordable(sample_rate, steps)}"
-            )
-        return after
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
-    def commit(self, round_id: int, sample_rate: float, steps: int, epsilon: float) -> LedgerEntry:
-        """Record a round that ran, durably, before its update is released."""
-        if self.noise_multiplier is None:
-            raise BudgetExceeded(f"{self.path}: commit before calibrate")
-        entry = LedgerEntry(round_id, self.noise_multiplier, sample_rate, steps, epsilon, time.time())
-        self.entries.append(entry)
-        self._write()
+    def reserve(self, round_id: int, sample_rate: float, steps: int) -> LedgerEntry:
+        """Charge a round before it runs: under the lock, against what is on disk now. Raises
+        BudgetExceeded, writing nothing, if the round would cross the budget. The entry carries
+        the noise the round must use: the file's, once any process has recorded one."""
+        with self._locked():
+            self.refresh()
+            if self.noise_multiplier is None:
+                raise BudgetExceeded(f"{self.path}: no noise calibrated yet; call calibrate() first")
+            after = self.projected(self.noise_multiplier, sample_rate, steps)
+            if after > self.budget:
+                raise BudgetExceeded(
+                    f"privacy budget: spent epsilon {self.spent:.3f} of {self.budget:g} "
+                    f"({self.budget - self.spent:.3f} left, delta {self.delta:g}); this round of {steps} "
+                    f"steps would reach {after:.3f}; "
+                    f"rounds the budget still affords: {self.rounds_affordable(sample_rate, steps)}"
+                )
+            entry = LedgerEntry(round_id, self.noise_multiplier, sample_rate, steps, after, time.time())
+            self._write([*self.entries, entry])
+            self.entries.append(entry)
         return entry
 
-    def _write(self) -> None:
+    def _write(self, entries: list[LedgerEntry]) -> None:
         data = {
             "version": LEDGER_VERSION,
             "accountant": self.accountant,
             "delta": self.delta,
             "budget": self.budget,
             "noise_multiplier": self.noise_multiplier,
-            "entries": [asdict(e) for e in self.entries],
+            "entries": [asdict(e) for e in entries],
         }
         write_durably(self.path, json.dumps(data, indent=1).encode())

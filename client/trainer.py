@@ -1,8 +1,8 @@
 """Local fine-tuning of the LoRA parameters only, with DP-SGD (Opacus) or without (baselines).
 
 One trainer holds one model and, in DP mode, one Opacus wrapper for its whole life: Opacus refuses to
-wrap a module twice. The ledger is checked before a round and committed before the round's adapter
-is handed back, so no update leaves without its privacy cost on disk.
+wrap a module twice. A round's spend is reserved in the ledger before its first step, so no example
+is touched, and no update leaves, without its privacy cost on disk.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
 from fedlora.common.adapter import State, adapter_state, peft_module
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
@@ -74,6 +74,8 @@ class LocalTrainer:
             and (cfg.model.task != "classification")
         ):
             raise ConfigError("privacy.grad_sample_mode: 'ghost' is supported for classification only")
+        if cfg.privacy.enabled:
+            require_meaningful_delta(cfg.privacy.delta, len(train))
         self.cfg = cfg
         self.task = cfg.model.task
         self.device = device
@@ -181,10 +183,11 @@ class LocalTrainer:
         proximal_mu: float = 0.0,
         anchor: State | None = None,
     ) -> RoundResult:
-        """Run ``steps`` optimizer steps; in DP mode, refuse first if the budget can't pay for them."""
+        """Run ``steps`` optimizer steps; in DP mode, reserve their spend first (BudgetExceeded if the
+        budget can't pay for them: nothing trained)."""
         steps = self.cfg.training.local_steps if steps is None else steps
         spends = self.ledger is not None and steps > 0
-        epsilon = self.ledger.check(self.sample_rate, steps) if spends else None
+        epsilon = self._reserve(round_id, steps) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0
         for step in range(steps):
@@ -198,8 +201,6 @@ class LocalTrainer:
             if on_step is not None:
                 on_step(step + 1, loss if loss is not None else float("nan"))
         seconds = time.perf_counter() - start
-        if spends:
-            self.ledger.commit(round_id, self.sample_rate, steps, epsilon)
         return RoundResult(
             num_examples=len(self.train_set),
             steps=steps,
@@ -210,6 +211,13 @@ class LocalTrainer:
             seconds=seconds,
             examples_seen=seen,
         )
+
+    def _reserve(self, round_id: int, steps: int) -> float:
+        """The ledger's noise rules: another process may have recorded its calibration first."""
+        entry = self.ledger.reserve(round_id, self.sample_rate, steps)
+        if entry.noise_multiplier != self.noise_multiplier:
+            self.noise_multiplier = self.optimizer.noise_multiplier = entry.noise_multiplier
+        return entry.epsilon
 
     def adapter(self) -> State:
         return adapter_state(self.model)

@@ -36,6 +36,14 @@ ROWS = [
     ("Blisters after sun exposure", "derm"),
 ]
 BATCH, STEPS, ROUNDS, EPSILON = 4, 2, 2, 8.0
+WRONG_TYPED_LEDGER = {
+    "accountant": "rdp",
+    "delta": 1e-5,
+    "noise_multiplier": 1.0,
+    "entries": [
+        {"round": 1, "noise_multiplier": 1.0, "sample_rate": 0.3, "steps": "x", "epsilon": 1.0, "time": 0}
+    ],
+}
 
 CONFIG = f"""\
 name: hospital-a
@@ -72,7 +80,7 @@ def site(root: Path, name: str, config: str, csv_rows=ROWS) -> Path:
     return path
 
 
-def run_client(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_client(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -85,7 +93,7 @@ def run_client(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=timeout,
     )
 
 
@@ -117,6 +125,27 @@ BAD_INPUTS = {
         {},
         ["model.source", "/nonexistent"],
     ),
+    "delta-not-below-1/rows": (
+        CONFIG.replace("accountant: rdp", "accountant: rdp\n  delta: 0.5"),
+        {},
+        ["privacy.delta", "0.5", f"1/{len(ROWS)}"],
+    ),
+    "epsilon-below-any-noise": (
+        CONFIG.replace(f"epsilon: {EPSILON}", "epsilon: 0.01"),
+        {},
+        ["privacy.epsilon", "0.01", "at least about 0.103"],
+    ),
+    "ledger-wrong-types": (
+        CONFIG,
+        {"ledger.json": json.dumps(WRONG_TYPED_LEDGER)},
+        ["ledger.json", "'steps'", "'x'"],
+    ),
+}
+TRAIN_LOCAL_REFUSALS = {  # name -> (extra arguments, what the one error line must name)
+    "out-is-a-file": (["--out", "{root}/a-file"], ["--out", "a-file", "not a folder"]),
+    "rounds-negative": (["--rounds", "-1"], ["--rounds", "-1"]),
+    "rounds-zero": (["--rounds", "0"], ["--rounds", "0"]),
+    "delta-not-below-1/rows": (["--set", "privacy.delta=0.1"], ["privacy.delta", "0.1", f"1/{len(ROWS)}"]),
 }
 
 
@@ -131,14 +160,42 @@ def runs(tmp_path_factory) -> Iterator[dict[str, tuple[Path, Future]]]:
     out = root / "out"
     train = site(root, "train", CONFIG)
     jobs["train-local"] = (out, ["train-local", str(train), "--out", str(out), "--rounds", str(ROUNDS)])
+    # Planned for ROUNDS, asked for two more: the budget stops the run after round ROUNDS.
+    midrun = site(root, "midrun", CONFIG)
+    jobs["stops-mid-run"] = (midrun, ["train-local", str(midrun), "--out", str(root / "midrun-out")])
+    jobs["stops-mid-run"][1].extend(["--rounds", str(ROUNDS + 2)])
+    diverges = site(root, "diverges", CONFIG)
+    jobs["non-finite"] = (
+        diverges,
+        [
+            "train-local",
+            str(diverges),
+            "--out",
+            str(root / "diverges-out"),
+            "--set",
+            "training.learning_rate=1.0e+30",
+        ],
+    )
+    huge = site(root, "huge-plan", CONFIG)
+    jobs["huge-plan"] = (huge, ["check", str(huge), "--set", "privacy.planned_rounds=100000"])
+    (root / "a-file").write_text("not a folder")
+    for name, (extra, _) in TRAIN_LOCAL_REFUSALS.items():
+        path = site(root, f"refuse-{name.replace('/', '-')}", CONFIG)
+        extra = [a.format(root=root) for a in extra]
+        out = [] if "--out" in extra else ["--out", str(path.parent / "out")]
+        jobs[f"refuse-{name}"] = (path, ["train-local", str(path), *out, *extra])
     for name, (config, files, _) in BAD_INPUTS.items():
-        path = site(root, name, config)
+        path = site(root, name.replace("/", "-"), config)
         for file, text in files.items():
             (path.parent / file).write_text(text)
         jobs[name] = (path, ["check", str(path)])
     pool = ThreadPoolExecutor(max_workers=3)
-    # The two long runs are submitted first, so the short failures fill the gaps.
-    futures = {name: (where, pool.submit(run_client, args, cwd)) for name, (where, args) in jobs.items()}
+    # The long runs are submitted first, so the short failures fill the gaps. A check of a huge plan
+    # composes once per reported point, not per round: seconds, not hours.
+    futures = {
+        name: (where, pool.submit(run_client, args, cwd, 150 if name == "huge-plan" else 400))
+        for name, (where, args) in jobs.items()
+    }
     yield futures
     pool.shutdown(wait=True)
 
@@ -224,3 +281,59 @@ def test_bad_input_is_one_line_and_exit_2(runs, case):
     assert done.stdout.strip() == ""
     for culprit in BAD_INPUTS[case][2]:
         assert culprit in lines[0], lines[0]
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "train-local" not in line]
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_LOCAL_REFUSALS))
+def test_train_local_refuses_before_spending(runs, case):
+    config, done = result(runs, f"refuse-{case}")
+    line = one_error_line(done)
+    for culprit in TRAIN_LOCAL_REFUSALS[case][1]:
+        assert culprit in line, line
+    assert not (config.parent / "ledger.json").exists()  # nothing spent
+    assert not (config.parent / "out" / "adapter").exists()
+
+
+def test_train_local_out_of_budget_keeps_the_rounds_it_spent(runs):
+    config, done = result(runs, "stops-mid-run")
+    line = one_error_line(done)
+    assert f"stopped before round {ROUNDS + 1} of {ROUNDS + 2}" in line, line
+    assert f"adapter of round {ROUNDS}" in line and "affords: 0" in line, line
+    out = config.parent.parent / "midrun-out"
+    ledger = json.loads((config.parent / "ledger.json").read_text())
+    assert [e["round"] for e in ledger["entries"]] == list(range(1, ROUNDS + 1))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == list(range(1, ROUNDS + 1))
+    assert metrics["rounds"][-1]["epsilon"] == pytest.approx(ledger["entries"][-1]["epsilon"])
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.json"]  # no partial export
+
+
+def test_train_local_never_exports_a_non_finite_adapter(runs):
+    config, done = result(runs, "non-finite")
+    line = one_error_line(done)
+    assert "round 1 trained a non-finite adapter" in line and "not exported" in line, line
+    assert "training.learning_rate" in line and "nothing was exported" in line, line
+    out = config.parent.parent / "diverges-out"
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    # The round ran, so its cost stays on the ledger: spend is never forgotten.
+    assert [e["round"] for e in json.loads((config.parent / "ledger.json").read_text())["entries"]] == [1]
+
+
+def test_check_of_a_huge_plan_reports_a_few_points(runs):
+    config, done = result(runs, "huge-plan")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    points = [x.split(":") for x in field(output, "epsilon after round").split(",")]
+    rounds = [int(k) for k, _ in points]
+    assert len(rounds) <= 11 and rounds == sorted(rounds) and rounds[-1] == 100000
+    assert 0.9 * EPSILON <= float(points[-1][1]) <= EPSILON
+    assert 100000 <= int(field(output, "rounds affordable")) <= 101000  # calibrated to spend it all
+    assert not (config.parent / "ledger.json").exists()

@@ -13,7 +13,7 @@ from opacus.accountants import create_accountant
 
 from fedlora.client.ledger import LedgerEntry, PrivacyLedger, compose, merged_history
 from fedlora.client.trainer import LocalTrainer
-from fedlora.common.errors import BudgetExceeded, CheckpointError
+from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 from fedlora.common.model import build_model
 
 CPU = torch.device("cpu")
@@ -43,14 +43,12 @@ def internal_accountant(optimizer):
     return found[0]
 
 
-def ledger_with(tmp_path, rounds, sigma=1.1, rate=0.25, steps=3, budget=8.0, composed=True):
-    """A ledger on disk with ``rounds`` committed rounds, each's epsilon composed as the trainer does
-    (or a placeholder where the value does not matter)."""
+def ledger_with(tmp_path, rounds, sigma=1.1, rate=0.25, steps=3, budget=8.0):
+    """A ledger on disk with ``rounds`` reserved rounds."""
     ledger = PrivacyLedger(tmp_path / "l.json", budget, DELTA, "rdp")
     ledger.noise_multiplier = sigma
     for r in range(1, rounds + 1):
-        epsilon = ledger.projected(sigma, rate, steps) if composed else float(r)
-        ledger.commit(r, rate, steps, epsilon)
+        ledger.reserve(r, rate, steps)
     return ledger
 
 
@@ -81,12 +79,13 @@ def test_k_rounds_spend_matches_opacus_and_is_committed_each_round(
 
     for r in range(1, 4):
         result = trainer.train_round(r, on_step=on_step)
-        # Committed before train_round returned: the file already holds this round.
+        # Reserved before train_round returned: the file already holds this round.
         on_disk = json.loads(path.read_text())
         assert [e["round"] for e in on_disk["entries"]] == list(range(1, r + 1))
         assert on_disk["entries"][-1]["epsilon"] == pytest.approx(result.epsilon)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]  # no temp file left
-    assert seen_during_last_step == [0, 1, 2]  # ... and only after the round's steps ran
+        # No temp file left; the lock's sidecar stays (removing it would race another process).
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]
+    assert seen_during_last_step == [1, 2, 3]  # ... and already while the round's steps ran
 
     on_disk = json.loads(path.read_text())
     assert on_disk["accountant"] == "prv" and on_disk["delta"] == DELTA
@@ -243,8 +242,8 @@ def test_round_over_budget_is_refused_and_nothing_trained(
     assert [e.round for e in ledger.entries] == [1]
 
 
-def test_commit_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
-    ledger = ledger_with(tmp_path, rounds=1, composed=False)
+def test_reserve_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
+    ledger = ledger_with(tmp_path, rounds=1)
     before = ledger.path.read_bytes()
 
     def broken_replace(src, dst):
@@ -252,13 +251,15 @@ def test_commit_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr("fedlora.common.durable.os.replace", broken_replace)
     with pytest.raises(OSError):
-        ledger.commit(2, 0.25, 3, 9.9)
+        ledger.reserve(2, 0.25, 3)
     assert ledger.path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ledger.path.name]
+    assert [e.round for e in ledger.entries] == [1]  # memory agrees with the file
+    names = [ledger.path.name, ledger.lock_path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     monkeypatch.undo()
-    ledger.commit(3, 0.25, 3, 9.9)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ledger.path.name]
-    assert json.loads(ledger.path.read_text())["entries"][-1]["round"] == 3
+    ledger.reserve(3, 0.25, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert [e["round"] for e in json.loads(ledger.path.read_text())["entries"]] == [1, 3]
 
 
 CORRUPT = {
@@ -270,12 +271,52 @@ CORRUPT = {
         {"accountant": "rdp", "delta": DELTA, "noise_multiplier": 1.0, "entries": [{"round": 1}]}
     ),
     "empty": "",
+    "steps-not-a-number": json.dumps(
+        {
+            "accountant": "rdp",
+            "delta": DELTA,
+            "noise_multiplier": 1.0,
+            "entries": [
+                {
+                    "round": 1,
+                    "noise_multiplier": 1.0,
+                    "sample_rate": 0.25,
+                    "steps": "x",
+                    "epsilon": 1.0,
+                    "time": 0,
+                }
+            ],
+        }
+    ),
+    "noise-not-a-number": json.dumps(
+        {"accountant": "rdp", "delta": DELTA, "noise_multiplier": "a", "entries": []}
+    ),
+    "entries-not-a-list": json.dumps(
+        {"accountant": "rdp", "delta": DELTA, "noise_multiplier": 1.0, "entries": {}}
+    ),
+    "entry-noise-negative": json.dumps(
+        {
+            "accountant": "rdp",
+            "delta": DELTA,
+            "noise_multiplier": 1.0,
+            "entries": [
+                {
+                    "round": 1,
+                    "noise_multiplier": -1.0,
+                    "sample_rate": 0.25,
+                    "steps": 3,
+                    "epsilon": 1.0,
+                    "time": 0,
+                }
+            ],
+        }
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPT))
 def test_corrupt_ledger_is_refused_naming_the_file(tmp_path, case):
-    path = ledger_with(tmp_path, rounds=1, composed=False).path
+    path = ledger_with(tmp_path, rounds=1).path
     text = CORRUPT[case]
     path.write_text(path.read_text()[: len(path.read_text()) // 2] if text is None else text)
     with pytest.raises(CheckpointError) as info:
@@ -288,7 +329,7 @@ def test_corrupt_ledger_is_refused_naming_the_file(tmp_path, case):
     ("delta", "accountant", "culprit"), [(DELTA, "prv", "'rdp'"), (1e-6, "rdp", "1e-06")]
 )
 def test_ledger_kept_with_other_delta_or_accountant_is_refused(tmp_path, delta, accountant, culprit):
-    path = ledger_with(tmp_path, rounds=1, composed=False).path
+    path = ledger_with(tmp_path, rounds=1).path
     with pytest.raises(CheckpointError) as info:
         PrivacyLedger(path, 8.0, delta, accountant)
     assert str(path) in str(info.value)
@@ -318,18 +359,16 @@ def test_rounds_affordable_agrees_with_a_brute_force_loop(tmp_path):
     assert len(ledger.entries) == 2
 
 
-def test_uncalibrated_ledger_refuses_check_and_commit(tmp_path):
+def test_uncalibrated_ledger_refuses_to_reserve(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.json", 8.0, DELTA, "rdp")
     assert ledger.spent == 0.0 and ledger.rounds_affordable(0.1, 5) == 0
     with pytest.raises(BudgetExceeded):
-        ledger.check(0.1, 5)
-    with pytest.raises(BudgetExceeded):
-        ledger.commit(1, 0.1, 5, 1.0)
+        ledger.reserve(1, 0.1, 5)
     assert not ledger.path.exists()
 
 
 def test_noise_is_kept_for_the_life_of_the_ledger(tmp_path):
-    ledger = ledger_with(tmp_path, rounds=1, sigma=1.7, composed=False)
+    ledger = ledger_with(tmp_path, rounds=1, sigma=1.7)
     reread = PrivacyLedger(ledger.path, 8.0, DELTA, "rdp")
     # Calibrating again (another plan) does not change the noise the spend was computed with.
     assert reread.calibrate(0.5, 1000) == 1.7
@@ -347,3 +386,57 @@ def test_ledger_charges_the_rate_opacus_samples_at(make_config, vocab_size, toy_
     counted = internal_accountant(trainer.optimizer).history
     assert counted[-1][1] == trainer.loader.sample_rate  # what Opacus samples at and counts
     assert charged == pytest.approx(trainer.loader.sample_rate)
+
+
+def test_trainer_uses_the_noise_another_process_recorded_first(
+    make_config, vocab_size, toy_classification, tmp_path
+):
+    """Two processes calibrated for different plans: the first to reserve fixes the ledger's noise,
+    and the other trains and is charged with that noise, not its own."""
+    cfg = make_config({"training": {"batch_size": 4, "local_steps": 2}, "privacy": {"accountant": "rdp"}})
+    path = tmp_path / "ledger.json"
+    mine = PrivacyLedger(path, 8.0, DELTA, "rdp")
+    mine.noise_multiplier = 1.0
+    trainer = LocalTrainer(
+        cfg, build_model(cfg.model, ("a", "b"), vocab_size).model, toy_classification(16), CPU, mine
+    )
+    theirs = PrivacyLedger(path, 8.0, DELTA, "rdp")
+    theirs.noise_multiplier = 1.5
+    theirs.reserve(1, 0.25, 2)
+    result = trainer.train_round(1)
+    assert result.noise_multiplier == trainer.optimizer.noise_multiplier == 1.5
+    assert internal_accountant(trainer.optimizer).history == [(1.5, 0.25, 2)]  # what Opacus counted
+    assert mine.history() == [(1.5, 0.25, 4)]
+    assert result.epsilon == pytest.approx(opacus_epsilon("rdp", [(1.5, 0.25, 4)]), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("budget", "delta", "culprit"),
+    [
+        (float("inf"), DELTA, "privacy.epsilon"),
+        (float("nan"), DELTA, "privacy.epsilon"),
+        (0.0, DELTA, "privacy.epsilon"),
+        (-1.0, DELTA, "privacy.epsilon"),
+        (8.0, 0.0, "privacy.delta"),
+        (8.0, 1.0, "privacy.delta"),
+        (8.0, float("nan"), "privacy.delta"),
+    ],
+)
+def test_meaningless_budget_or_delta_is_refused(tmp_path, budget, delta, culprit):
+    with pytest.raises(ConfigError) as info:
+        PrivacyLedger(tmp_path / "l.json", budget, delta, "rdp")
+    assert str(info.value).startswith(culprit) and "\n" not in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_budget_below_any_noise_is_one_line_naming_what_is_needed(tmp_path, mechanism):
+    ledger = PrivacyLedger(tmp_path / "l.json", 0.001, DELTA, mechanism)
+    with pytest.raises(ConfigError) as info:
+        ledger.calibrate(0.25, 12)
+    message = str(info.value)
+    assert message.startswith("privacy.epsilon: 0.001") and "\n" not in message
+    needed = float(message.rsplit("at least about ", 1)[1])
+    # Independent: at the largest noise Opacus tries, the plan costs about what is said to be needed.
+    assert opacus_epsilon(mechanism, [(1e6, 0.25, 12)]) == pytest.approx(needed, rel=1e-2)
+    assert ledger.noise_multiplier is None

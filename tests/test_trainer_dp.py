@@ -325,3 +325,16 @@ def test_dp_sampling_is_unpredictable_but_baselines_follow_the_seed(
 
     assert draws(True, 0) != draws(True, 1)
     assert draws(False, 0) == draws(False, 1)
+
+
+@pytest.mark.parametrize("delta", [1 / 16, 0.5])
+def test_trainer_refuses_delta_not_below_one_over_rows(
+    make_config, vocab_size, toy_classification, tmp_path, delta
+):
+    cfg = make_config({"privacy": {"delta": delta, "accountant": "rdp"}})
+    model = build_model(cfg.model, ("a", "b"), vocab_size).model
+    with pytest.raises(ConfigError) as info:
+        LocalTrainer(cfg, model, toy_classification(n=16), CPU, preset_ledger(tmp_path / "l.json", cfg))
+    message = str(info.value)
+    assert message.startswith(f"privacy.delta: {delta:g}") and "1/16" in message and "\n" not in message
+    assert not any(tmp_path.iterdir())
