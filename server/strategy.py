@@ -268,6 +268,17 @@ class LoraFedAvgM(FedAvgM, LoraAverage):
 class LoraFedAdam(FedAdam, LoraAverage):
     """FedAdam over LoRA-aggregated adapters."""
 
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Adam's bias correction counts the federation's rounds; Flower restarts at 1 on resume, so
+        FedAdam gets the absolute round (and LoraAverage, below it, no offset to add again)."""
+        offset, self.round_offset = self.round_offset, 0
+        try:
+            return super().aggregate_train(server_round + offset, replies)
+        finally:
+            self.round_offset = offset
+
 
 class LoraFedYogi(FedYogi, LoraAverage):
     """FedYogi over LoRA-aggregated adapters."""
