@@ -344,3 +344,50 @@ def test_federation_survives_a_killed_client_and_a_killed_server(tmp_path, proce
     assert after[:1] == spent and len(after) == 2 and after[1].epsilon > spent[0].epsilon
     assert (fed.run_dir / "adapter" / "adapter_config.json").is_file()
     report_round_times(fed)
+
+
+@pytest.mark.integration
+def test_a_key_removed_from_the_config_is_revoked_on_restart(tmp_path, processes) -> None:
+    # The institutions plan their budget for 2 rounds; the coordinator first runs 1, then resumes for 2.
+    fed = make_federation(
+        tmp_path, {"rounds": 2, "min_clients": 2, "round_timeout": 120, "node_wait_timeout": 180}
+    )
+    coordinator = yaml.safe_load(fed.server_yaml.read_text())
+    coordinator["federation"]["rounds"] = 1
+    write_yaml(fed.server_yaml, coordinator)
+    ports = {name: str(free_port()) for name in ("a", "b")}
+    processes.start("server", fed.server_cmd())
+    processes.wait_log("server", "submitted", 120)
+    for name in ("a", "b"):
+        processes.start(name, fed.client_cmd(name, "--runtime-port", ports[name]))
+    assert processes.wait("server", 360) == 0, processes.tails()
+    nodes = admitted_nodes(processes.log("server"))
+    assert {c["node"] for c in history(fed)[0]["clients"]} == nodes and len(nodes) == 2
+    assert processes.terminate("a", 60) == 0 and processes.terminate("b", 60) == 0
+
+    # b is revoked: its key leaves the config, and the coordinator restarts on the same folder.
+    coordinator["security"]["node_public_keys"] = [str(tmp_path / "a" / "node.key.pub")]
+    coordinator["federation"].update({"rounds": 2, "min_clients": 1})
+    write_yaml(fed.server_yaml, coordinator)
+    processes.start("a-again", fed.client_cmd("a", "--runtime-port", ports["a"]))  # waits for the SuperLink
+    processes.start("server-again", fed.server_cmd())
+    processes.wait_log("server-again", "submitted", 120)
+    b_node = int(
+        next(
+            line for line in processes.log("server").splitlines() if "b/node.key.pub as node" in line
+        ).split()[-1]
+    )
+    assert f"revoked node {b_node}" in processes.log("server-again")
+    processes.start(
+        "b-again", fed.client_cmd("b", "--activation-patience", "0", "--runtime-port", ports["b"])
+    )
+    assert processes.wait("b-again", 120) == 2, processes.tails()
+    assert "Failed to activate SuperNode" in processes.log("b-again")
+    assert processes.wait("server-again", 360) == 0, processes.tails()
+
+    rounds = history(fed)
+    assert [e["round"] for e in rounds] == [1, 2]
+    assert {c["node"] for c in rounds[1]["clients"]} == nodes - {b_node}
+    assert [e.round for e in ledger(fed, "b").entries] == [1]
+    assert [e.round for e in ledger(fed, "a").entries] == [1, 2]
+    assert processes.terminate("a-again", 60) == 0
