@@ -237,8 +237,11 @@ class LoraAverage(FedAvg):
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Server-optimiser moments and aggregator state, for checkpoints."""
+        """Server-optimiser moments, aggregator state and each node's known layout (what it is sent
+        next round depends on it), for checkpoints."""
         out = {f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()}
+        for node, (rank, scale) in self.node_layouts.items():
+            out[f"{LAYOUT}/{node}"] = torch.tensor([rank, scale], dtype=torch.float64)
         for name in ("m_t", "v_t"):
             for k, v in (getattr(self, name, None) or {}).items():
                 out[f"{name}/{k}"] = torch.from_numpy(np.asarray(v).copy())
@@ -252,6 +255,9 @@ class LoraAverage(FedAvg):
             group, _, name = key.partition("/")
             groups.setdefault(group, {})[name] = value
         self.aggregator.load_state_dict(groups.get("aggregator", {}))
+        self.node_layouts = {
+            int(node): (int(value[0]), float(value[1])) for node, value in groups.get(LAYOUT, {}).items()
+        }
         for name in ("m_t", "v_t"):
             if name in groups:
                 setattr(self, name, {k: v.numpy() for k, v in groups[name].items()})
@@ -337,3 +343,6 @@ def aggregate_client_metrics(records: list[RecordDict], weight_key: str) -> Metr
                 out[key] = out.get(key, 0.0) + float(value) * weight / total
     out[weight_key] = total
     return MetricRecord(out)
+
+
+LAYOUT = "node_layout"  # state_tensors' group of node -> (rank, scale)

@@ -99,8 +99,9 @@ def run(cfg: FedloraConfig, run_dir: Path, crash_in_round: int | None = None) ->
         ],
         ["federation.strategy=fedavgm", "federation.aggregator=fedavg", "federation.server_momentum=0.9"],
         ["federation.strategy=fedavg", "federation.aggregator=exact", "federation.error_feedback=true"],
+        ["federation.strategy=fedavg", "federation.aggregator=exact", "simulation.client_ranks=[4, 8]"],
     ],
-    ids=["fedadam", "fedyogi", "fedavgm", "exact-error-feedback"],
+    ids=["fedadam", "fedyogi", "fedavgm", "exact-error-feedback", "exact-mixed-ranks"],
 )
 def test_resumed_round_is_bit_for_bit_the_uninterrupted_one(tmp_path, setting) -> None:
     cfg = load_config(overrides=[*BASE, *setting])
