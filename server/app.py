@@ -59,8 +59,10 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
     done = ckpt.round if ckpt is not None else 0
     history = ckpt.history if ckpt is not None else []
     initial = adapter_state(model)
-    if ckpt is not None:  # in the model's order, as Flower's FedAvgM pairs arrays by position
-        initial = {k: ckpt.adapter[k] for k in initial}
+    if ckpt is not None:
+        if ckpt.adapter.keys() != initial.keys():
+            raise CheckpointError(f"{ckpt_dir}: the checkpoint's adapter tensors are not this model's")
+        initial = {k: ckpt.adapter[k] for k in initial}  # the model's order: FedAvgM pairs by position
     if done:
         log.info("resuming after round %d from %s", done, ckpt_dir)
     strategy = build_strategy(cfg, fingerprint, settings.num_clients, round_offset=done)
