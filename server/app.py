@@ -58,7 +58,11 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
         )
     done = ckpt.round if ckpt is not None else 0
     history = ckpt.history if ckpt is not None else []
-    initial = ckpt.adapter if ckpt is not None else adapter_state(model)
+    initial = adapter_state(model)
+    if ckpt is not None:
+        if ckpt.adapter.keys() != initial.keys():
+            raise CheckpointError(f"{ckpt_dir}: the checkpoint's adapter tensors are not this model's")
+        initial = {k: ckpt.adapter[k] for k in initial}  # the model's order: FedAvgM pairs by position
     if done:
         log.info("resuming after round %d from %s", done, ckpt_dir)
     strategy = build_strategy(cfg, fingerprint, settings.num_clients, round_offset=done)
@@ -86,7 +90,7 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
             Checkpoint(
                 round=absolute,
                 fingerprint=fingerprint,
-                adapter=from_record(arrays),
+                adapter=arrays.to_torch_state_dict(),  # as Flower goes on with it (FedAdam: float64)
                 strategy=strategy.state_tensors(),
                 history=history,
             ),

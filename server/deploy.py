@@ -17,9 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_public_key
+
 import fedlora.server
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
+from fedlora.common.durable import write_durably
 from fedlora.common.errors import CheckpointError, ConfigError, FedloraError
 from fedlora.common.launch import (
     STOP_GRACE_SECONDS,
@@ -82,6 +86,10 @@ class RunFolder:
     @property
     def run_id_file(self) -> Path:
         return self.work / "run-id"
+
+    @property
+    def node_ids_file(self) -> Path:
+        return self.work / "node-ids.json"
 
     @property
     def checkpoint(self) -> Path:
@@ -211,17 +219,74 @@ def _failed(args: tuple[str, ...], answer: dict) -> FedloraError:
     return FedloraError(f"flwr {' '.join(args[:2])}: {message or 'failed'}")
 
 
+def key_identity(key: str) -> str:
+    """A public key as Flower compares it (type and value, without the file's comment)."""
+    try:
+        public = load_ssh_public_key(Path(key).read_bytes())
+    except (OSError, ValueError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"security.node_public_keys: {key} is not an OpenSSH public key ({err})") from None
+    return public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+
+
+def read_node_ids(folder: RunFolder) -> dict[str, int]:
+    """The node id the SuperLink gave each public key (``flwr supernode ls`` does not show keys)."""
+    if not folder.node_ids_file.exists():
+        return {}
+    try:
+        return {str(k): int(v) for k, v in json.loads(folder.node_ids_file.read_text()).items()}
+    except (ValueError, AttributeError) as err:
+        raise FedloraError(f"{folder.node_ids_file}: unreadable ({err}); move superlink/ aside") from None
+
+
+def registered_nodes(folder: RunFolder) -> dict[int, str]:
+    """Every node in the SuperLink's registry, with its status ("unregistered" once revoked)."""
+    args = ("supernode", "ls", CONNECTION)
+    answer = flwr(folder, *args)
+    if not answer.get("success"):
+        raise _failed(args, answer)
+    return {int(node["node-id"]): str(node["status"]) for node in answer.get("nodes", [])}
+
+
+def _admit(folder: RunFolder, key: str, known: dict[str, int], listed: dict[int, str], say: Say) -> int:
+    identity = key_identity(key)
+    args = ("supernode", "register", key, CONNECTION)
+    answer = flwr(folder, *args)
+    if answer.get("success"):
+        known[identity] = int(answer["node-id"])
+        write_durably(folder.node_ids_file, json.dumps(known, indent=1).encode())
+        say(f"admitted {key} as node {known[identity]}")
+        return known[identity]
+    if "already in use" not in str(answer.get("error-message", "")):
+        raise _failed(args, answer)
+    node = known.get(identity)
+    if node is None:
+        raise FedloraError(
+            f"{key}: registered with this SuperLink, but {folder.node_ids_file} does not say as which node, "
+            f"so a revoked key could not be told apart; move {folder.work / 'state.db'} aside to register "
+            "every key afresh"
+        )
+    if listed.get(node) == "unregistered":
+        raise FedloraError(
+            f"{key}: revoked earlier (node {node}), and Flower never admits a revoked key again; the "
+            "institution makes a new key pair (`fedlora-client keys`) and sends its .pub"
+        )
+    say(f"admitted {key} (node {node}, registered before)")
+    return node
+
+
 def register_nodes(folder: RunFolder, keys: list[str], say: Say) -> None:
-    """Admit each institution's public key; one admitted before (state database) stays admitted."""
-    for key in keys:
-        args = ("supernode", "register", key, CONNECTION)
+    """Make the SuperLink's persistent registry equal security.node_public_keys: admit each key,
+    and unregister every other node, so that a key removed from the config is revoked."""
+    known, listed = read_node_ids(folder), registered_nodes(folder)
+    admitted = {_admit(folder, key, known, listed, say) for key in keys}
+    for node, node_status in listed.items():
+        if node in admitted or node_status == "unregistered":
+            continue
+        args = ("supernode", "unregister", str(node), CONNECTION)
         answer = flwr(folder, *args)
-        if answer.get("success"):
-            say(f"admitted {key} as node {answer.get('node-id')}")
-        elif "already in use" in str(answer.get("error-message", "")):
-            say(f"admitted {key} (registered before)")
-        else:
+        if not answer.get("success"):
             raise _failed(args, answer)
+        say(f"revoked node {node}: its key is no longer in security.node_public_keys")
 
 
 def submit_run(folder: RunFolder, app: Path, config_path: Path) -> int:

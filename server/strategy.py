@@ -314,8 +314,11 @@ class LoraAverage(FedAvg):
         return bounded_weights(claims, self.max_examples, self.max_weight_share)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Server-optimiser moments and aggregator state, for checkpoints."""
+        """Server-optimiser moments, aggregator state and each node's known layout (what it is sent
+        next round depends on it), for checkpoints."""
         out = {f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()}
+        for node, (rank, scale) in self.node_layouts.items():
+            out[f"{LAYOUT}/{node}"] = torch.tensor([rank, scale], dtype=torch.float64)
         for name in ("m_t", "v_t"):
             for k, v in (getattr(self, name, None) or {}).items():
                 out[f"{name}/{k}"] = torch.from_numpy(np.asarray(v).copy())
@@ -329,6 +332,9 @@ class LoraAverage(FedAvg):
             group, _, name = key.partition("/")
             groups.setdefault(group, {})[name] = value
         self.aggregator.load_state_dict(groups.get("aggregator", {}))
+        self.node_layouts = {
+            int(node): (int(value[0]), float(value[1])) for node, value in groups.get(LAYOUT, {}).items()
+        }
         for name in ("m_t", "v_t"):
             if name in groups:
                 setattr(self, name, {k: v.numpy() for k, v in groups[name].items()})
@@ -344,6 +350,17 @@ class LoraFedAvgM(FedAvgM, LoraAverage):
 
 class LoraFedAdam(FedAdam, LoraAverage):
     """FedAdam over LoRA-aggregated adapters."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Adam's bias correction counts the federation's rounds; Flower restarts at 1 on resume, so
+        FedAdam gets the absolute round (and LoraAverage, below it, no offset to add again)."""
+        offset, self.round_offset = self.round_offset, 0
+        try:
+            return super().aggregate_train(server_round + offset, replies)
+        finally:
+            self.round_offset = offset
 
 
 class LoraFedYogi(FedYogi, LoraAverage):
@@ -399,3 +416,6 @@ def summarise_metrics(metrics: Sequence[Mapping[str, float]], weights: Sequence[
         else:
             out[key] = sum(value * w for value, w in carried) / sum(w for _, w in carried)
     return MetricRecord(out)
+
+
+LAYOUT = "node_layout"  # state_tensors' group of node -> (rank, scale)

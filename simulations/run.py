@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from functools import partial
@@ -12,7 +13,7 @@ from flwr.simulation import run_simulation
 
 from fedlora.client.app import build_client_app
 from fedlora.common.config import FedloraConfig, dump_yaml
-from fedlora.common.errors import ConfigError
+from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
 from fedlora.simulations.virtual_client import simulation_setup
 
@@ -61,4 +62,19 @@ def simulate(cfg: FedloraConfig, run_dir: Path, on_round: RoundCallback | None =
         client_app=client_app,
         num_supernodes=cfg.simulation.num_clients,
         backend_config=backend_config(cfg),
+    )
+    check_something_trained(run_dir)
+
+
+def check_something_trained(run_dir: Path) -> None:
+    """A run in which every reply of every round was dropped trained nothing: an error, not a result."""
+    path = run_dir / "history.json"
+    rounds = [entry for entry in json.loads(path.read_text()) if entry.get("round")]
+    if not rounds or any(entry.get("clients") for entry in rounds):
+        return
+    dropped = [d for entry in rounds for d in entry.get("dropped", [])]
+    first = f"; the first: node {dropped[0].get('node')}: {dropped[0].get('reason')}" if dropped else ""
+    raise FedloraError(
+        f"no round aggregated anything: all {len(dropped)} replies of the {len(rounds)} rounds were "
+        f"dropped, the adapter is untrained{first} (see {path})"
     )

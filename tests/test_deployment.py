@@ -219,6 +219,48 @@ def test_stop_and_status_without_a_superlink(tmp_path) -> None:
     assert report["SuperLink"] == "not running" and report["rounds done"] == "0 of 3"
 
 
+class FakeRegistry:
+    """What ``flwr supernode register/ls/unregister`` answer, kept in memory: keys are unique forever."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, tuple[str, str]] = {}  # node -> (key, status)
+
+    def __call__(self, _folder, command: str, verb: str, *args: str) -> dict:
+        assert command == "supernode"
+        if verb == "ls":
+            nodes = [{"node-id": str(n), "status": st} for n, (_, st) in self.nodes.items()]
+            return {"success": True, "nodes": nodes}
+        if verb == "unregister":
+            node = int(args[0])
+            self.nodes[node] = (self.nodes[node][0], "unregistered")
+            return {"success": True, "node-id": node}
+        key = deploy.key_identity(args[0])
+        if any(k == key for k, _ in self.nodes.values()):
+            return {"success": False, "error-message": "[code: 23] Public key already in use."}
+        self.nodes[len(self.nodes) + 1] = (key, "registered")
+        return {"success": True, "node-id": len(self.nodes)}
+
+
+def test_registry_follows_the_config_and_a_revoked_key_stays_out(tmp_path, monkeypatch) -> None:
+    fed = make_federation(tmp_path, {"rounds": 1})
+    a, b = (str(tmp_path / name / "node.key.pub") for name in ("a", "b"))
+    registry = FakeRegistry()
+    monkeypatch.setattr(deploy, "flwr", registry)
+    folder, said = deploy.RunFolder(fed.run_dir), []
+    deploy.register_nodes(folder, [a, b], said.append)
+    deploy.register_nodes(folder, [a], said.append)
+    assert [status for _, status in registry.nodes.values()] == ["registered", "unregistered"]
+    assert said[-1] == "revoked node 2: its key is no longer in security.node_public_keys"
+    with pytest.raises(FedloraError, match=r"revoked earlier \(node 2\).*fedlora-client keys"):
+        deploy.register_nodes(folder, [a, b], said.append)
+    folder.node_ids_file.unlink()
+    with pytest.raises(FedloraError, match="does not say as which node"):
+        deploy.register_nodes(folder, [a], said.append)
+    (tmp_path / "a" / "node.key.pub").write_text("not a key")
+    with pytest.raises(ConfigError, match="not an OpenSSH public key"):
+        deploy.register_nodes(folder, [a], said.append)
+
+
 # --- real processes -------------------------------------------------------------------------------
 
 
@@ -344,3 +386,55 @@ def test_federation_survives_a_killed_client_and_a_killed_server(tmp_path, proce
     assert after[:1] == spent and len(after) == 2 and after[1].epsilon > spent[0].epsilon
     assert (fed.run_dir / "adapter" / "adapter_config.json").is_file()
     report_round_times(fed)
+
+
+@pytest.mark.integration
+def test_a_key_removed_from_the_config_is_revoked_on_restart(tmp_path, processes) -> None:
+    # The institutions plan their budget for 2 rounds; the coordinator first runs 1, then resumes for 2.
+    fed = make_federation(
+        tmp_path, {"rounds": 2, "min_clients": 2, "round_timeout": 120, "node_wait_timeout": 180}
+    )
+    coordinator = yaml.safe_load(fed.server_yaml.read_text())
+    coordinator["federation"]["rounds"] = 1
+    write_yaml(fed.server_yaml, coordinator)
+    ports = {name: str(free_port()) for name in ("a", "b")}
+    processes.start("server", fed.server_cmd())
+    processes.wait_log("server", "submitted", 120)
+    for name in ("a", "b"):
+        processes.start(name, fed.client_cmd(name, "--runtime-port", ports[name]))
+    assert processes.wait("server", 360) == 0, processes.tails()
+    stopped = time.monotonic()
+    nodes = admitted_nodes(processes.log("server"))
+    assert {c["node"] for c in history(fed)[0]["clients"]} == nodes and len(nodes) == 2
+    assert processes.terminate("a", 60) == 0 and processes.terminate("b", 60) == 0
+
+    # b is revoked: its key leaves the config, and the coordinator restarts on the same folder, once
+    # the nodes' last sessions stopped counting as online (2 heartbeats of 30 s after the SuperLink
+    # stopped): a stale session would be refused, or sampled, whatever the registry says.
+    coordinator["security"]["node_public_keys"] = [str(tmp_path / "a" / "node.key.pub")]
+    coordinator["federation"].update({"rounds": 2, "min_clients": 1})
+    write_yaml(fed.server_yaml, coordinator)
+    time.sleep(max(0.0, stopped + 65 - time.monotonic()))
+    processes.start("server-again", fed.server_cmd())
+    processes.wait_log("server-again", "submitted", 120)
+    processes.start(
+        "b-again", fed.client_cmd("b", "--activation-patience", "0", "--runtime-port", ports["b"])
+    )
+    assert processes.wait("b-again", 120) == 2, processes.tails()
+    assert "Failed to activate SuperNode" in processes.log("b-again")
+    b_node = int(
+        next(
+            line for line in processes.log("server").splitlines() if "b/node.key.pub as node" in line
+        ).split()[-1]
+    )
+    registry = deploy.registered_nodes(deploy.RunFolder(fed.run_dir))
+    assert registry[b_node] == "unregistered" and set(registry) == nodes, registry
+    processes.start("a-again", fed.client_cmd("a", "--runtime-port", ports["a"]))
+    assert processes.wait("server-again", 360) == 0, processes.tails()
+
+    rounds = history(fed)
+    assert [e["round"] for e in rounds] == [1, 2]
+    assert {c["node"] for c in rounds[1]["clients"]} == nodes - {b_node}
+    assert [e.round for e in ledger(fed, "b").entries] == [1]
+    assert [e.round for e in ledger(fed, "a").entries] == [1, 2]
+    assert processes.terminate("a-again", 60) == 0

@@ -26,6 +26,7 @@ from fedlora.common.adapter import adapter_state, shapes
 from fedlora.common.config import load_config
 from fedlora.common.model import build_base_model, build_model
 from fedlora.server.checkpoint import load_checkpoint
+from fedlora.simulations import cli as sim_cli
 from fedlora.simulations import run as sim_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -169,3 +170,37 @@ def test_final_adapter_loads_with_peft(federation: Path) -> None:
     assert set(loaded) == set(ckpt.adapter)
     for key, value in ckpt.adapter.items():
         torch.testing.assert_close(loaded[key], value)
+
+
+@dataclass(frozen=True)
+class AlwaysFailing:
+    """Wraps the simulation's setup: every virtual client raises in every round."""
+
+    inner: object
+
+    def __call__(self, context: Context) -> ClientSetup:
+        self.inner(context)
+        raise RuntimeError("simulated crash in every round")
+
+
+def test_simulate_exits_non_zero_when_every_reply_was_dropped(tmp_path, monkeypatch, capsys) -> None:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    original = sim_run.build_client_app
+    monkeypatch.setattr(sim_run, "build_client_app", lambda setup: original(AlwaysFailing(setup)))
+    config = tmp_path / "all-dropped.yaml"
+    config.write_text("name: all-dropped\nmodel:\n  source: tiny-bert\n")
+    sets = [*OVERRIDES, "federation.rounds=1", "simulation.num_clients=2", "federation.central_eval=false"]
+    code = sim_cli.main(
+        [str(config), "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "all 2 replies of the 1 rounds were dropped" in " ".join(err.split())
+    assert json.loads((tmp_path / "run" / "history.json").read_text())[1]["clients"] == []
+
+
+def test_simulate_refuses_a_negative_round_count(tmp_path, capsys) -> None:
+    code = sim_cli.main(["--out", str(tmp_path / "run"), "--set", "federation.rounds=-1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "federation.rounds" in err and "-1" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -192,7 +192,7 @@ def test_server_optimiser_state_round_trips() -> None:
     got = from_record(arrays)
     assert any(not torch.allclose(got[k], plain_mean[k]) for k in SHAPES)  # Adam moved it differently
     saved = s.state_tensors()
-    assert {k.split("/")[0] for k in saved} == {"m_t", "v_t"}
+    assert {k.split("/")[0] for k in saved} == {"m_t", "v_t", "node_layout"}
     fresh = build_strategy(cfg, FP, num_clients=2)
     fresh.load_state_tensors(saved)
     for name in ("m_t", "v_t"):
