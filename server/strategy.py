@@ -62,6 +62,12 @@ TRANSPORT_ERRORS = (
 )
 
 
+def by_node(replies: Iterable[Message]) -> list[Message]:
+    """Replies in node order, not arrival order: float sums depend on order, and a resumed round
+    must be the same bits as one that never stopped."""
+    return sorted(replies, key=lambda msg: msg.metadata.src_node_id)
+
+
 def failure_reason(error: Error) -> str:
     """What the coordinator keeps of a client's failure: fedlora's fixed category, or Flower's own
     transport reason; any other text is withheld, as it may quote the institution's data (an older
@@ -257,7 +263,7 @@ class LoraAverage(FedAvg):
         self.rounds.append(record)
         rules = self._rules()
         accepted: list[tuple[ClientUpdate, TrainReply]] = []
-        for msg in replies:
+        for msg in by_node(replies):
             if msg.has_error():
                 self._drop(record.dropped, record.round, msg, failure_reason(msg.error), "train")
                 continue
@@ -298,7 +304,7 @@ class LoraAverage(FedAvg):
             self.rounds[-1].evaluate_dropped if self.rounds and self.rounds[-1].round == absolute else []
         )
         parsed = []
-        for msg in replies:
+        for msg in by_node(replies):
             try:
                 if msg.has_error():
                     raise AdapterError(failure_reason(msg.error))

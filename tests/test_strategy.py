@@ -158,6 +158,17 @@ def test_the_coordinator_keeps_only_a_fixed_category_of_a_failure(strategy, code
         assert "Jane Roe" not in dropped[0]["reason"]
 
 
+def test_replies_are_aggregated_in_node_order_not_arrival_order(strategy) -> None:
+    """Float sums depend on order: a resumed round must see the replies as an uninterrupted one did."""
+    replies = {n: reply(n, state(n, 0.1), 10 * n) for n in (1, 2, 3)}
+    first, _ = strategy.aggregate_train(1, [replies[3], replies[1], replies[2]])
+    second, _ = strategy.aggregate_train(1, [replies[2], replies[3], replies[1]])
+    assert [c["node"] for c in strategy.rounds[-2].clients] == [1, 2, 3]
+    assert [c["node"] for c in strategy.rounds[-1].clients] == [1, 2, 3]
+    a, b = from_record(first), from_record(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_norm_bound_drops_oversized_update() -> None:
     cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16", "federation.max_update_norm=1.0"])
     s = build_strategy(cfg, FP, num_clients=2)
