@@ -44,3 +44,26 @@ def test_a_client_process_holds_its_memory_flat_from_round_2_to_20(
     tensors = [figures[r]["live tensors"] for r in range(2, 21)]
     assert ratios["live tensors"] <= 1.10 and max(tensors) <= 1.10 * tensors[0], tensors
     assert ratios["process RSS"] <= 1.10, [figures[r]["process RSS"] for r in range(1, 21)]
+
+
+def test_clients_of_any_rank_in_one_process_share_one_base(make_config, vocab_size):
+    """Ranks 2, 8 and 16 in turn (as mixed-rank virtual clients reach one Ray actor): the base is
+    loaded once and its frozen weights are the same tensors in every client's model, not one load per
+    rank (a cache of two held three ranks by evicting and reloading the base for every message)."""
+    from fedlora.common.model import _base_template, build_model
+
+    _base_template.cache_clear()
+    labels = ("a", "b")
+    built = {}
+    for rank in (2, 8, 16, 2, 8, 16):
+        cfg = make_config({"model": {"lora_r": rank, "lora_alpha": 2.0 * rank}})
+        built[rank] = build_model(cfg.model, labels, vocab_size)
+
+    assert _base_template.cache_info().misses == 1
+    assert len({b.fingerprint for b in built.values()}) == 1
+    frozen = [
+        {name: p for name, p in b.model.named_parameters() if "base_layer.weight" in name}
+        for b in built.values()
+    ]
+    assert frozen[0] and all(f.keys() == frozen[0].keys() for f in frozen)
+    assert all(f[name] is frozen[0][name] for f in frozen for name in f)
