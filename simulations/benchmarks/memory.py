@@ -6,7 +6,8 @@ Two engines run the same ClientApp:
 - in-process: the ClientApp called here, for every client every round, with the train message the
   coordinator sends (the initial global adapter); after each round, this process's RSS and its live
   tensor bytes (every storage a Python tensor object still reaches, garbage that waits for the
-  collector included: memory the process holds all the same).
+  collector included: memory the process holds all the same). `simulate` sets glibc's
+  MALLOC_MMAP_THRESHOLD_ for its actors; for this process, set it before starting Python to match.
 Round 1 loads the model and data and warms the allocators, so the figure is the last round over
 round 2, per process; the target is at most 1.10.
 
