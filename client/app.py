@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -152,10 +153,11 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
         p = cfg.privacy
         ledger = PrivacyLedger(setup.ledger_path, p.epsilon, p.delta, p.accountant)
     seed = hash((cfg.training.seed, setup.client_id, server_round)) % (2**31)
-    trainer = LocalTrainer(cfg, built.model, train, device_for(cfg.training.device), ledger, seed=seed)
-    mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
-    result = trainer.train_round(server_round, proximal_mu=mu, anchor=start)
-    final = adapter_state(trainer.model)
+    device = device_for(cfg.training.device)
+    with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
+        mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
+        result = trainer.train_round(server_round, proximal_mu=mu, anchor=start)
+        final = adapter_state(trainer.model)
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
     diverged = sorted(k for k, v in update.items() if not torch.isfinite(v).all())

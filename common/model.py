@@ -9,6 +9,7 @@ label set or layout is refused instead of silently corrupting the global adapter
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -319,6 +320,16 @@ def lora_config(cfg: ModelConfig, targets: list[str]) -> LoraConfig:
     )
 
 
+# What neither the frozen base nor the fingerprint depends on: virtual clients of any rank in one process
+# share one template (keyed on these, three ranks would evict each other and reload the base per message).
+_ADAPTER_ONLY_FIELDS = ("lora_r", "lora_alpha", "use_rslora", "lora_dropout", "fold_remainder")
+
+
+def _template_key(cfg: ModelConfig) -> ModelConfig:
+    defaults = ModelConfig()
+    return dataclasses.replace(cfg, **{name: getattr(defaults, name) for name in _ADAPTER_ONLY_FIELDS})
+
+
 @lru_cache(maxsize=2)
 def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> tuple[nn.Module, str]:
     """The loaded base and its fingerprint, once per process: read-only, so safe to share between
@@ -329,7 +340,7 @@ def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -
 
 def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:
     """Base model + LoRA, identically initialised for every party that shares ``cfg``."""
-    template, fp = _base_template(cfg, tuple(labels), vocab_size)
+    template, fp = _base_template(_template_key(cfg), tuple(labels), vocab_size)
     # The frozen base weights are never written (no merging, no dtype casts), so every copy shares
     # them: no 90 MB clone per message. The head is trained, so it is copied.
     frozen = {id(p): p for name, p in template.named_parameters() if not name.startswith(f"{HEAD}.")}

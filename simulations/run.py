@@ -56,6 +56,10 @@ def simulate(cfg: FedloraConfig, run_dir: Path, on_round: RoundCallback | None =
     server_app = build_server_app(lambda _context: settings, on_round)
     client_app = build_client_app(partial(simulation_setup, cfg, run_dir))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's actors inherit this: glibc then returns every freed tensor buffer of 128 KiB or more to the
+    # OS; by default it raises the threshold after the first free and keeps round peaks on its heap
+    # (measured, MiniLM: RSS ~1.5 GB against 0.78 GB, growing with every larger Poisson batch).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
         server_app=server_app,

@@ -183,3 +183,12 @@ def test_the_lora_baseline_sends_back_what_it_loaded_in_fedloras_shapes():
     back = load_and_send(spec, ArrayRecord(sent)).to_torch_state_dict()
     assert back.keys() == sent.keys()
     assert all(torch.equal(back[k], sent[k]) for k in sent)
+
+
+def test_memory_benchmark_ratio_is_last_round_over_round_2_and_too_few_rounds_are_refused(capsys):
+    from fedlora.simulations.benchmarks import memory
+
+    figures = {1: {"actor 7": 900.0}, 2: {"actor 7": 1000.0}, 3: {"actor 7": 1040.0, "actor 8": 5.0}}
+    assert memory.growth(figures) == {"actor 7": pytest.approx(1.04)}
+    assert memory.main(["--rounds", "2", "--model", "tiny-bert"]) == 2
+    assert "--rounds: 2; at least 3" in capsys.readouterr().err
