@@ -4,6 +4,8 @@ coordinator's and both free of the researcher's."""
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,36 @@ def test_the_rule_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from fedlora.server.strategy import build_strategy\n")
     assert "fedlora.server.strategy" in imported_modules(module)
+
+
+def dotted_names(text: str) -> set[str]:
+    return set(re.findall(r"\bfedlora(?:\.[A-Za-z_]\w*)+", text))
+
+
+def resolves(name: str) -> bool:
+    """Whether ``name`` is a module, or an attribute path inside the longest importable module."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                target = getattr(target, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_every_name_the_architecture_map_gives_exists() -> None:
+    names = dotted_names((ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8"))
+    assert len(names) > 20
+    missing = sorted(name for name in names if not resolves(name))
+    assert not missing, f"ARCHITECTURE.md names what the code does not have: {', '.join(missing)}"
+
+
+def test_the_name_check_catches_a_stale_name() -> None:
+    assert resolves("fedlora.client.ledger.PrivacyLedger.reserve")
+    assert not resolves("fedlora.client.ledger.PrivacyLedger.commit")
