@@ -18,6 +18,8 @@ from flwr.app import Context, Message
 
 from fedlora.client.failures import failure_reply, reason_for
 from fedlora.common import protocol as P
+from fedlora.common.codec import check_outgoing
+from fedlora.common.errors import AdapterError
 
 log = logging.getLogger("fedlora.client")
 Next = Callable[[Message, Context], Message]
@@ -58,11 +60,18 @@ def received(msg: Message) -> dict:
 
 def audit_mod(path_for: Callable[[Context], Path | None]) -> Callable[[Message, Context, Next], Message]:
     """A mod appending one JSON line per outgoing message to the file ``path_for(context)`` names. A
-    reply the audit log cannot record does not leave: an error reply goes instead."""
+    reply that is not exactly what the codec builds, or that the audit log cannot record, does not
+    leave: an error reply goes instead."""
 
     def mod(msg: Message, context: Context, call_next: Next) -> Message:
         path = path_for(context)
         reply = call_next(msg, context)
+        if not reply.has_error():
+            try:
+                check_outgoing(reply.content, reply.metadata.message_type)
+            except AdapterError as err:
+                log.error("refusing to send a reply the codec does not build: %s", err)
+                reply = failure_reply(msg, err)
         if path is None:
             return reply
         line = describe(reply)

@@ -121,14 +121,10 @@ def evaluate_reply(metrics: EvaluateMetrics) -> RecordDict:
 
 def parse_train_reply(content: RecordDict, rules: ReplyRules) -> TrainReply:
     """A train reply checked against ``rules``, or AdapterError naming the first thing wrong."""
-    _check_records(content, {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.CONFIG: ConfigRecord})
-    config = content[P.CONFIG]
-    if set(config) != {P.FINGERPRINT}:
-        raise AdapterError(f"config record: keys {sorted(config)}, expected exactly [{P.FINGERPRINT!r}]")
-    theirs = config[P.FINGERPRINT]
+    metrics = _train_structure(content)
+    theirs = content[P.CONFIG][P.FINGERPRINT]
     if theirs != rules.fingerprint:
         raise AdapterError(f"fingerprint {theirs!r} is not the federation's {rules.fingerprint}")
-    metrics = _train_metrics(content[P.METRICS])
     _check_layout(metrics, rules)
     shapes = {
         key: tuple(metrics.lora_r if dim is None else dim for dim in shape)
@@ -141,6 +137,20 @@ def parse_evaluate_reply(content: RecordDict) -> EvaluateMetrics:
     """An evaluate reply's metrics, or AdapterError naming the first thing wrong."""
     _check_records(content, {P.METRICS: MetricRecord})
     return _evaluate_metrics(content[P.METRICS])
+
+
+def check_outgoing(content: RecordDict, message_type: str) -> None:
+    """What a client is about to send is exactly a codec reply (records, config, metrics, dtypes); the
+    audit mod calls this, so no other code path can make anything else leave the institution."""
+    if message_type == "evaluate":
+        parse_evaluate_reply(content)
+        return
+    if message_type != "train":
+        raise AdapterError(f"a {message_type!r} reply: clients send only train and evaluate replies")
+    _train_structure(content)
+    for key, array in content[P.ARRAYS].items():
+        if array.dtype not in P.REPLY_DTYPES:
+            raise AdapterError(f"{key!r}: dtype {array.dtype!r}, expected one of {', '.join(P.REPLY_DTYPES)}")
 
 
 def decode_arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> State:
@@ -180,6 +190,15 @@ def _decode(key: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
         raise AdapterError(f"{key!r}: {len(data) - buffer.tell()} payload bytes, expected {expected}")
     values = np.frombuffer(data, dtype=dtype, offset=buffer.tell()).reshape(shape)
     return torch.from_numpy(values.astype(np.float32))
+
+
+def _train_structure(content: RecordDict) -> TrainMetrics:
+    """A train reply's records, its config record (the fingerprint alone) and its metrics."""
+    _check_records(content, {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.CONFIG: ConfigRecord})
+    config = content[P.CONFIG]
+    if set(config) != {P.FINGERPRINT}:
+        raise AdapterError(f"config record: keys {sorted(config)}, expected exactly [{P.FINGERPRINT!r}]")
+    return _train_metrics(content[P.METRICS])
 
 
 def _check_records(content: RecordDict, expected: Mapping[str, type]) -> None:

@@ -194,3 +194,42 @@ def test_a_reply_the_audit_log_cannot_record_does_not_leave(institution) -> None
     setup.audit_path.mkdir()  # a folder where the audit file should be: appending fails
     reply = send(setup, server_message(setup, kind="evaluate"))
     assert reply.has_error() and (reply.error.code, reply.error.reason) == (100, "internal error")
+
+
+def tampered(kind: str) -> tuple[str, RecordDict]:
+    """A reply some future code path might build: an honest codec reply plus something more."""
+    from flwr.app import ArrayRecord, MetricRecord
+
+    from fedlora.common.codec import TrainMetrics, train_reply
+
+    content = train_reply({"w": torch.zeros(2)}, TrainMetrics(10, 0.5, 4, 4.0, 2, 1.0), "fp")
+    if kind == "honest":
+        return "train", content
+    if kind == "per-example-gradients":
+        content["gradients"] = ArrayRecord({"w": torch.ones(10, 2)})
+    elif kind == "extra-metric":
+        content[P.METRICS] = MetricRecord({**dict(content[P.METRICS]), "mean-label": 0.4})
+    elif kind == "unknown-type":
+        return "query", content
+    return "train", content
+
+
+@pytest.mark.parametrize("kind", ["honest", "per-example-gradients", "extra-metric", "unknown-type"])
+def test_only_what_the_codec_builds_leaves(tmp_path, kind) -> None:
+    """The audit mod is the gate: a reply that is not exactly a codec reply never leaves, whatever
+    code path built it; an error reply goes instead, and the audit log says so."""
+    from fedlora.client.audit import audit_mod
+
+    message_type, content = tampered(kind)
+    meta = metadata(0, 1)
+    meta.message_type = message_type
+    msg = Message(content=RecordDict(), metadata=meta)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    log = tmp_path / "audit.jsonl"
+    reply = audit_mod(lambda _context: log)(msg, context, lambda m, _c: Message(content=content, reply_to=m))
+    line = json.loads(log.read_text())
+    if kind == "honest":
+        assert not reply.has_error() and "error" not in line
+    else:
+        assert reply.has_error() and (reply.error.code, reply.error.reason) == (104, "adapter error")
+        assert line["error"] == {"code": 104, "category": "adapter error"}
