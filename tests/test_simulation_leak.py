@@ -139,7 +139,7 @@ def test_no_part_of_a_row_reaches_any_file_or_log_of_the_coordinator(federation)
     assert any(p.parent.name.startswith("round-") for p in files)  # the checkpoint
     leaking = [p for p in files if MARKER.encode() in p.read_bytes()]
     assert not leaking
-    assert "dropped reply" in logged and MARKER not in logged
+    assert "dropped train reply" in logged and MARKER not in logged
 
 
 def test_each_failure_reaches_the_coordinator_as_its_category(federation) -> None:
