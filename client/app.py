@@ -37,6 +37,7 @@ from fedlora.common.adapter import (
     fold_into_base,
     from_record,
     load_adapter_state,
+    non_finite,
 )
 from fedlora.common.codec import EvaluateMetrics, TrainMetrics, evaluate_reply, train_reply
 from fedlora.common.config import FedloraConfig, load_config
@@ -160,7 +161,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
         final = adapter_state(trainer.model)
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
-    diverged = sorted(k for k, v in update.items() if not torch.isfinite(v).all())
+    diverged = non_finite(update)
     if diverged:
         raise TrainingDiverged(
             f"round {server_round}: {len(diverged)} adapter tensors are not finite (first: {diverged[0]}); "

@@ -23,7 +23,7 @@ from fedlora.client.daemon import (
 )
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
 from fedlora.client.trainer import LocalTrainer, poisson_rate
-from fedlora.common.adapter import export_adapter, shapes, validate_update
+from fedlora.common.adapter import export_adapter, non_finite
 from fedlora.common.cli_support import console, progress_bar, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.durable import write_durably
@@ -121,14 +121,12 @@ def export_round(trainer: LocalTrainer, out: Path, metadata: dict) -> None:
 
 
 def require_finite(trainer: LocalTrainer, round_id: int, kept: str) -> None:
-    state = trainer.adapter()
-    try:
-        validate_update(state, shapes(state))
-    except AdapterError as err:
+    bad = non_finite(trainer.adapter())
+    if bad:
         raise AdapterError(
-            f"round {round_id} trained a non-finite adapter ({err}); not exported; lower "
-            f"training.learning_rate, privacy.max_grad_norm or model.lora_alpha; {kept}"
-        ) from None
+            f"round {round_id} trained a non-finite adapter ({len(bad)} tensors, first {bad[0]!r}); not "
+            f"exported; lower training.learning_rate, privacy.max_grad_norm or model.lora_alpha; {kept}"
+        )
 
 
 def cmd_train_local(args: argparse.Namespace) -> int:

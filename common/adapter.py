@@ -107,29 +107,9 @@ def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
 
 
-def validate_update(
-    update: Mapping[str, torch.Tensor],
-    expected: Mapping[str, tuple[int, ...]],
-    max_norm: float | None = None,
-) -> None:
-    """Reject an update whose keys, shapes, values or norm are not what this round expects."""
-    missing = sorted(set(expected) - set(update))
-    if missing:
-        raise AdapterError(f"missing key {missing[0]!r} ({len(missing)} missing)")
-    extra = sorted(set(update) - set(expected))
-    if extra:
-        raise AdapterError(f"unexpected key {extra[0]!r} ({len(extra)} unexpected)")
-    for key, tensor in update.items():
-        if not tensor.is_floating_point():
-            raise AdapterError(f"{key!r}: dtype {tensor.dtype}, expected a floating type")
-        if tuple(tensor.shape) != tuple(expected[key]):
-            raise AdapterError(f"{key!r}: shape {tuple(tensor.shape)}, expected {tuple(expected[key])}")
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"{key!r}: non-finite values (NaN or inf)")
-    if max_norm is not None:
-        norm = l2_norm(update)
-        if norm > max_norm:
-            raise AdapterError(f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys whose tensors hold NaN or inf, sorted: such an adapter is never sent or exported."""
+    return sorted(key for key, tensor in state.items() if not torch.isfinite(tensor).all())
 
 
 def shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from numpy.lib import format as npy
 
 from fedlora.common import protocol as P
-from fedlora.common.adapter import State, to_record
+from fedlora.common.adapter import State, non_finite, to_record
 from fedlora.common.errors import AdapterError
 
 Shape = tuple[int | None, ...]
@@ -100,9 +100,9 @@ def train_reply(
     if metrics.loss is not None and math.isnan(metrics.loss):
         metrics = replace(metrics, loss=None)
     _train_metrics(MetricRecord(metrics.values()))
-    for key, tensor in update.items():
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"update {key!r}: non-finite values (NaN or inf); nothing is sent")
+    bad = non_finite(update)
+    if bad:
+        raise AdapterError(f"update {bad[0]!r}: non-finite values (NaN or inf); nothing is sent")
     return RecordDict(
         {
             P.ARRAYS: to_record(update, wire_dtype),
@@ -162,9 +162,9 @@ def decode_arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) ->
     if extra:
         raise AdapterError(f"unexpected key {extra[0]!r} ({len(extra)} unexpected)")
     state = {key: _decode(key, record[key], shapes[key]) for key in shapes}
-    for key, tensor in state.items():
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"{key!r}: non-finite values (NaN or inf)")
+    bad = non_finite(state)
+    if bad:
+        raise AdapterError(f"{bad[0]!r}: non-finite values (NaN or inf)")
     return state
 
 
