@@ -98,11 +98,6 @@ def delta(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> S
     return {k: new[k] - old[k] for k in new}
 
 
-def apply_delta(base: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> State:
-    """``base + update`` on the keys of ``update``; other keys of ``base`` pass through."""
-    return {k: base[k] + update[k] if k in update else base[k].clone() for k in base}
-
-
 def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
 

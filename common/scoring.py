@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.common.adapter import peft_module
-from fedlora.common.data import TokenizedDataset
+from fedlora.common.data import IGNORE_INDEX, TokenizedDataset
 
 
 def trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -26,10 +26,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     token = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
-        ignore_index=-100,
+        ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shift_labels.shape)
-    counted = (shift_labels != -100).sum(1).clamp(min=1)
+    counted = (shift_labels != IGNORE_INDEX).sum(1).clamp(min=1)
     return (token.sum(1) / counted).mean()
 
 
