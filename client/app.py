@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
-from fedlora.client.failures import FingerprintMismatch, TrainingDiverged, failure_mod
+from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common import protocol as P
@@ -37,7 +37,6 @@ from fedlora.common.adapter import (
     fold_into_base,
     from_record,
     load_adapter_state,
-    non_finite,
 )
 from fedlora.common.codec import EvaluateMetrics, TrainMetrics, evaluate_reply, train_reply
 from fedlora.common.config import FedloraConfig, load_config
@@ -161,12 +160,6 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
         final = adapter_state(trainer.model)
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
-    diverged = non_finite(update)
-    if diverged:
-        raise TrainingDiverged(
-            f"round {server_round}: {len(diverged)} adapter tensors are not finite (first: {diverged[0]}); "
-            "nothing is sent (lower training.learning_rate, model.lora_alpha or privacy.max_grad_norm)"
-        )
     log.info(
         "round %d: trained %d steps, training loss %.4f (kept here)", server_round, result.steps, result.loss
     )

@@ -27,7 +27,7 @@ from fedlora.common.adapter import export_adapter, non_finite
 from fedlora.common.cli_support import console, progress_bar, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.durable import write_durably
-from fedlora.common.errors import AdapterError, BudgetExceeded, ConfigError, FedloraError
+from fedlora.common.errors import BudgetExceeded, ConfigError, FedloraError, TrainingDiverged
 from fedlora.common.launch import STOP_GRACE_SECONDS
 from fedlora.common.model import device_for
 from fedlora.common.scoring import evaluate
@@ -123,7 +123,7 @@ def export_round(trainer: LocalTrainer, out: Path, metadata: dict) -> None:
 def require_finite(trainer: LocalTrainer, round_id: int, kept: str) -> None:
     bad = non_finite(trainer.adapter())
     if bad:
-        raise AdapterError(
+        raise TrainingDiverged(
             f"round {round_id} trained a non-finite adapter ({len(bad)} tensors, first {bad[0]!r}); not "
             f"exported; lower training.learning_rate, privacy.max_grad_norm or model.lora_alpha; {kept}"
         )

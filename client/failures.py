@@ -24,6 +24,7 @@ from fedlora.common.errors import (
     ConfigError,
     DataError,
     ModelError,
+    TrainingDiverged,
 )
 
 log = logging.getLogger("fedlora.client")
@@ -32,10 +33,6 @@ Next = Callable[[Message, Context], Message]
 
 class FingerprintMismatch(AdapterError):
     """The global adapter is for another base model, label set or LoRA layout."""
-
-
-class TrainingDiverged(AdapterError):
-    """Local training produced non-finite values: the adapter is not sent."""
 
 
 INTERNAL = 100

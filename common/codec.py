@@ -21,7 +21,7 @@ from numpy.lib import format as npy
 
 from fedlora.common import protocol as P
 from fedlora.common.adapter import State, non_finite, to_record
-from fedlora.common.errors import AdapterError
+from fedlora.common.errors import AdapterError, TrainingDiverged
 
 Shape = tuple[int | None, ...]
 """A tensor's expected shape; None where the replying client's own LoRA rank goes."""
@@ -94,7 +94,8 @@ class TrainReply:
 def train_reply(
     update: Mapping[str, torch.Tensor], metrics: TrainMetrics, fingerprint: str, wire_dtype: str = "fp32"
 ) -> RecordDict:
-    """The content of a train reply; AdapterError if it holds what a coordinator must refuse.
+    """The content of a train reply; AdapterError if it holds what a coordinator must refuse
+    (TrainingDiverged for a non-finite update).
 
     A loss that is NaN (no step produced one) is left out, as an absent statistic."""
     if metrics.loss is not None and math.isnan(metrics.loss):
@@ -102,7 +103,10 @@ def train_reply(
     _train_metrics(MetricRecord(metrics.values()))
     bad = non_finite(update)
     if bad:
-        raise AdapterError(f"update {bad[0]!r}: non-finite values (NaN or inf); nothing is sent")
+        raise TrainingDiverged(
+            f"{len(bad)} adapter tensors are not finite (first {bad[0]!r}: non-finite values, NaN or inf); "
+            "nothing is sent (lower training.learning_rate, model.lora_alpha or privacy.max_grad_norm)"
+        )
     return RecordDict(
         {
             P.ARRAYS: to_record(update, wire_dtype),

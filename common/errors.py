@@ -25,5 +25,9 @@ class BudgetExceeded(FedloraError):
     """Training would spend more privacy than the institution's budget allows."""
 
 
+class TrainingDiverged(AdapterError):
+    """Local training produced non-finite values: the adapter is neither sent nor exported."""
+
+
 class CheckpointError(FedloraError):
     """A checkpoint is missing a part or cannot be read."""

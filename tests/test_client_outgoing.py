@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from helpers_messages import metadata
 
 from fedlora.client.app import ClientSetup, build_client_app, shared_data
-from fedlora.client.failures import FingerprintMismatch, TrainingDiverged, classify
+from fedlora.client.failures import FingerprintMismatch, classify
 from fedlora.common import protocol as P
 from fedlora.common.adapter import adapter_state, to_record
 from fedlora.common.errors import (
@@ -24,6 +24,7 @@ from fedlora.common.errors import (
     ConfigError,
     DataError,
     ModelError,
+    TrainingDiverged,
 )
 from fedlora.common.model import build_model, lora_scale
 
