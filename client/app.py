@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlora.client.audit import audit_mod
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
-from fedlora.client.trainer import LocalTrainer
+from fedlora.client.trainer import LocalTrainer, derive_seed
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
     adapter_state,
@@ -152,7 +152,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     if cfg.privacy.enabled:
         p = cfg.privacy
         ledger = PrivacyLedger(setup.ledger_path, p.epsilon, p.delta, p.accountant)
-    seed = hash((cfg.training.seed, setup.client_id, server_round)) % (2**31)
+    seed = derive_seed(cfg.simulation.seed, cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))

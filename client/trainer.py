@@ -7,6 +7,7 @@ is touched, and no update leaves, without its privacy cost on disk.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -14,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import AbstractGradSampleModule
@@ -59,6 +61,20 @@ def _endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
         yield from loader
 
 
+def derive_seed(*parts: int) -> int:
+    """One seed from several integers: numpy's SeedSequence mixes them, so that neighbouring inputs
+    (client 1 and 2, round 3 and 4) give unrelated streams."""
+    return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def _seeded_torch(seed: int) -> Iterator[None]:
+    """Torch's global RNG seeded inside, restored after: the caller's stream is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
 def poisson_rate(rows: int, batch_size: int) -> float:
     """The rate Opacus samples at: one over the number of batches an epoch has."""
     return 1.0 / math.ceil(rows / batch_size)
@@ -91,11 +107,11 @@ class LocalTrainer:
         self.train_set = train
         self.sample_rate = poisson_rate(len(train), cfg.training.batch_size)
         # DP: Poisson sampling must be unpredictable (privacy amplification assumes it), so it draws
-        # from torch's unseeded RNG; only non-private baselines shuffle reproducibly.
+        # from torch's unseeded RNG; only non-private baselines shuffle reproducibly, and research
+        # simulations with simulation.reproducible seed each round (_round_rng).
         private = cfg.privacy.enabled
-        self.generator = (
-            None if private else torch.Generator().manual_seed(cfg.training.seed if seed is None else seed)
-        )
+        self.seed = cfg.training.seed if seed is None else seed
+        self.generator = None if private else torch.Generator().manual_seed(self.seed)
         self.model = model.to(device)
         self.model.train()
         # Parameter -> PEFT state-dict key (PEFT drops the adapter name from its keys).
@@ -194,16 +210,17 @@ class LocalTrainer:
         epsilon = self._reserve(round_id, steps) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0
-        for step in range(steps):
-            batch = next(self._batches)
-            seen += len(batch[0])
-            loss = self._step(batch)
-            if proximal_mu > 0 and anchor is not None:
-                self._proximal_pull(proximal_mu, anchor)
-            if loss is not None:
-                losses.append(loss)
-            if on_step is not None:
-                on_step(step + 1, loss if loss is not None else float("nan"))
+        with self._round_rng(round_id):
+            for step in range(steps):
+                batch = next(self._batches)
+                seen += len(batch[0])
+                loss = self._step(batch)
+                if proximal_mu > 0 and anchor is not None:
+                    self._proximal_pull(proximal_mu, anchor)
+                if loss is not None:
+                    losses.append(loss)
+                if on_step is not None:
+                    on_step(step + 1, loss if loss is not None else float("nan"))
         seconds = time.perf_counter() - start
         return RoundResult(
             num_examples=len(self.train_set),
@@ -215,6 +232,14 @@ class LocalTrainer:
             seconds=seconds,
             examples_seen=seen,
         )
+
+    def _round_rng(self, round_id: int) -> contextlib.AbstractContextManager[None]:
+        """simulation.reproducible (research only): all a round draws from torch's RNG, Poisson
+        sampling, Opacus' noise and dropout alike, comes from a stream seeded by this trainer's seed and
+        the round. Else nothing changes: DP draws from the unseeded RNG."""
+        if not self.cfg.simulation.reproducible:
+            return contextlib.nullcontext()
+        return _seeded_torch(derive_seed(self.seed, round_id))
 
     def _reserve(self, round_id: int, steps: int) -> float:
         """The ledger's noise rules: another process may have recorded its calibration first."""

@@ -140,7 +140,9 @@ class TrainingConfig:
     )
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
     seed: int = _f(
-        0, "Seed of shuffling in non-private runs; DP sampling and noise are never seeded (privacy)."
+        0,
+        "Seed of shuffling in non-private runs; DP sampling and noise are never seeded (privacy), but in "
+        "a research simulation with simulation.reproducible.",
     )
     device: str = _f("auto", "'auto' picks CUDA when present.", choices=("auto", "cpu", "cuda"))
     eval_batch_size: int = _f(64, "Batch size of evaluation.", ge=1)
@@ -269,11 +271,20 @@ class SimulationConfig:
     partition: str = _f("dirichlet", "How the data is split.", choices=("iid", "dirichlet", "column"))
     dirichlet_alpha: float = _f(0.5, "Dirichlet label-skew concentration (smaller: more skew).", gt=0)
     partition_column: str | None = _f(None, "'column' partition: the column naming the institution.")
-    seed: int = _f(0, "Seed of the partition.")
+    seed: int = _f(0, "Seed of the partition (and, with reproducible, of the DP noise and sampling).")
     client_cpus: float = _f(1.0, "CPUs per virtual client (Ray).", gt=0)
     client_gpus: float = _f(0.0, "GPU share per virtual client (Ray); 0 on CPU machines.", ge=0)
     client_ranks: tuple[int, ...] | None = _f(
         None, "LoRA rank of each virtual client (mixed ranks; needs federation.aggregator: exact)."
+    )
+    reproducible: bool = _f(
+        False,
+        "Research only: seed each virtual client's DP noise, Poisson sampling and dropout from "
+        "simulation.seed, training.seed, its partition and the round, so two runs with the same seeds "
+        "give the same adapter bit for bit (settings compared on the same seeds: paired). Noise an "
+        "observer can replay protects nothing: never for production.",
+        refused="seeded DP noise and sampling are for research simulations only (replayable noise "
+        "protects nothing)",
     )
 
 
@@ -519,10 +530,24 @@ def _paths_of(cls: type) -> list[str]:
     return paths
 
 
+def _refusal(path: str) -> str | None:
+    """A key's own reason to be refused outside its persona (its field's ``refused`` metadata)."""
+    section, _, key = path.rpartition(".")
+    hints = typing.get_type_hints(FedloraConfig)
+    cls = hints.get(section) if section else FedloraConfig
+    if not dataclasses.is_dataclass(cls):
+        return None
+    f = next((x for x in dataclasses.fields(cls) if x.name == key), None)
+    return f.metadata.get("refused") if f is not None else None
+
+
 def _check_persona(data: Mapping[str, Any], persona: Persona) -> None:
     for path in _set_paths(data):
         if path not in persona.keys:
             who = f"{'an' if persona.name[0] in 'aeiou' else 'a'} {persona.name}"
+            why = _refusal(path)
+            if why:
+                raise ConfigError(f"{path}: not {who} setting: {why}")
             raise ConfigError(f"{path}: not {who} setting ({persona.name} configs set: {_summary(persona)})")
 
 

@@ -1,0 +1,91 @@
+"""simulation.reproducible: seeded DP noise and sampling for research comparisons, never in production.
+
+The ClientApp's own handler trains from the same global adapter twice: the same seeds must give the
+same delta bit for bit (Poisson sampling, Opacus' noise and LoRA dropout all seeded), another round or
+another simulation.seed a different one; without the mode the noise stays unseeded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from helpers_messages import metadata
+
+from fedlora.client.app import ClientSetup, handle_train, shared_data
+from fedlora.common import protocol as P
+from fedlora.common.adapter import adapter_state, from_record, to_record
+from fedlora.common.config import config_from_dict
+from fedlora.common.errors import ConfigError
+from fedlora.common.model import build_model, lora_scale
+
+SETTINGS = {
+    "model": {"source": "tiny-bert", "lora_dropout": 0.2},
+    "data": {"max_length": 32},
+    "training": {"device": "cpu", "batch_size": 16, "local_steps": 3},
+    "privacy": {"accountant": "rdp", "epsilon": 8.0},
+    "federation": {"rounds": 2},
+    "simulation": {"num_clients": 2, "reproducible": True},
+}
+
+
+def simulation_config(**sections: dict):
+    data = {key: {**value, **sections.get(key, {})} for key, value in SETTINGS.items()}
+    return config_from_dict(data, source="<test>", persona="simulation")
+
+
+def delta_of_one_round(cfg, folder, round_id: int = 1) -> dict[str, torch.Tensor]:
+    """handle_train, as the simulation's ClientApp calls it, for virtual institution 0 with a fresh
+    ledger: the delta it sends."""
+    tokenizer, bundle = shared_data(cfg)
+    built = build_model(cfg.model, bundle.labels, len(tokenizer))
+    config = ConfigRecord(
+        {
+            P.FINGERPRINT: built.fingerprint,
+            P.LORA_R: cfg.model.lora_r,
+            P.LORA_SCALE: lora_scale(cfg.model),
+            P.ROUND: round_id,
+        }
+    )
+    msg = Message(
+        content=RecordDict({P.ARRAYS: to_record(adapter_state(built.model)), P.CONFIG: config}),
+        metadata=metadata(0, 1),
+    )
+    folder.mkdir(parents=True)
+    setup = ClientSetup(cfg, client_id=0, ledger_path=folder / "ledger.json", partition=0)
+    reply = handle_train(msg, setup)
+    assert reply.content[P.METRICS]["epsilon"] > 0
+    return from_record(reply.content[P.ARRAYS])
+
+
+def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_same_seeds_give_the_same_delta_bit_for_bit_and_other_seeds_another(tmp_path):
+    cfg = simulation_config()
+    first = delta_of_one_round(cfg, tmp_path / "first")
+    torch.rand(7)  # whatever else the process drew in between changes nothing
+    again = delta_of_one_round(cfg, tmp_path / "again")
+    assert same_bits(first, again)
+    assert any(v.abs().max() > 0 for v in first.values())
+
+    later_round = delta_of_one_round(cfg, tmp_path / "round-2", round_id=2)
+    other_seed = delta_of_one_round(simulation_config(simulation={"seed": 1}), tmp_path / "seed-1")
+    assert not same_bits(first, later_round)
+    assert not same_bits(first, other_seed)
+
+
+def test_without_the_mode_dp_noise_stays_unseeded(tmp_path):
+    cfg = simulation_config(simulation={"reproducible": False})
+    assert not same_bits(delta_of_one_round(cfg, tmp_path / "a"), delta_of_one_round(cfg, tmp_path / "b"))
+
+
+@pytest.mark.parametrize("persona", ["institution", "coordinator"])
+def test_an_institution_or_coordinator_config_that_seeds_noise_is_refused(persona):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"simulation": {"reproducible": True}}, source="site.yaml", persona=persona)
+    message = str(err.value)
+    assert message.startswith(f"site.yaml: simulation.reproducible: not a{'n' * (persona[0] == 'i')} {persona}")
+    assert "research simulations only" in message
+    assert "\n" not in message
