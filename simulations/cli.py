@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedlora.common.cli_support import console, read_config, run_cli
 from fedlora.simulations.compare import compare
-from fedlora.simulations.report import write_all, write_report
+from fedlora.simulations.report import SEEDED, write_all, write_report
 from fedlora.simulations.run import simulate
 
 DEFAULT_CONFIG = "hospitals.yaml"
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         f"[bold]{cfg.name}[/]: {cfg.simulation.num_clients} clients, {cfg.federation.rounds} rounds, "
         f"{cfg.model.source} ({cfg.model.task}), aggregator {cfg.federation.aggregator}, "
         f"DP {'epsilon ' + format(cfg.privacy.epsilon, 'g') if cfg.privacy.enabled else 'off'} -> {out}"
+        + (f" [bold red]({SEEDED})[/]" if cfg.simulation.reproducible else "")
     )
     columns = (
         TextColumn("round"),

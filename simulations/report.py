@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedlora.simulations.run import CONFIG_FILE
+
+SEEDED = "seeded noise, not for production"
 CLIENT_FIELDS = ("loss", "epsilon", "num-examples", "steps", "train-seconds", "update_norm", "bytes")
 
 
@@ -89,6 +93,13 @@ def plot_rounds(run_dir: Path, history: list[dict]) -> list[Path]:
     return out
 
 
+def seeded_noise(run_dir: Path) -> bool:
+    """Whether the run's saved config seeded its DP noise and sampling (simulation.reproducible)."""
+    path = run_dir / CONFIG_FILE
+    saved = yaml.safe_load(path.read_text()) if path.exists() else None
+    return bool(((saved or {}).get("simulation") or {}).get("reproducible"))
+
+
 def write_report(run_dir: Path, history: list[dict], title: str, extra: str = "") -> Path:
     last = next((e for e in reversed(history) if e.get("central")), {})
     first = history[0].get("central", {}) if history else {}
@@ -97,6 +108,11 @@ def write_report(run_dir: Path, history: list[dict], title: str, extra: str = ""
     lines = [
         f"# {title}",
         "",
+        *(
+            [f"**DP noise and sampling seeded (simulation.reproducible): {SEEDED}.**", ""]
+            if seeded_noise(run_dir)
+            else []
+        ),
         f"- rounds: {max((e['round'] for e in history), default=0)}",
         f"- clients: {len(client_names(history))}",
         f"- global held-out accuracy: {first.get('accuracy', float('nan')):.4f} before, "

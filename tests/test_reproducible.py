@@ -18,6 +18,8 @@ from fedlora.common.adapter import adapter_state, from_record, to_record
 from fedlora.common.config import config_from_dict
 from fedlora.common.errors import ConfigError
 from fedlora.common.model import build_model, lora_scale
+from fedlora.simulations.report import write_report
+from fedlora.simulations.run import prepare_run_dir
 
 SETTINGS = {
     "model": {"source": "tiny-bert", "lora_dropout": 0.2},
@@ -90,3 +92,11 @@ def test_an_institution_or_coordinator_config_that_seeds_noise_is_refused(person
     assert message.startswith(f"site.yaml: simulation.reproducible: not {article} {persona} setting: ")
     assert "research simulations only" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_the_report_of_a_seeded_run_says_it_is_not_for_production(tmp_path, reproducible):
+    prepare_run_dir(simulation_config(simulation={"reproducible": reproducible}), tmp_path)
+    history = [{"round": 0, "central": {"loss": 1.0, "accuracy": 0.5}}]
+    text = write_report(tmp_path, history, "run").read_text()
+    assert ("seeded noise, not for production" in text) is reproducible

@@ -32,7 +32,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.table import Table
-from scipy import stats
 
 from fedlora.common.cli_support import console, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig
@@ -40,6 +39,7 @@ from fedlora.common.errors import ConfigError
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.report import write_all
 from fedlora.simulations.run import simulate
+from fedlora.simulations.stats import welch_difference
 
 
 @dataclass(frozen=True)
@@ -155,15 +155,10 @@ def _finals(r: dict) -> str:
 
 
 def difference(baseline: dict, other: dict, key: str) -> tuple[float, float, float]:
-    """``other`` minus ``baseline`` in the mean of a per-run figure, with Welch's 95% interval: runs
-    differ by DP noise, so a gap is only worth reading next to its interval. NaN bounds with fewer
-    than two runs a side, or no spread at all."""
-    ours, theirs = [r[key] for r in other["runs"]], [r[key] for r in baseline["runs"]]
-    gap = statistics.mean(ours) - statistics.mean(theirs)
-    if min(len(ours), len(theirs)) < 2 or statistics.variance(ours) + statistics.variance(theirs) == 0:
-        return gap, math.nan, math.nan
-    interval = stats.ttest_ind(ours, theirs, equal_var=False).confidence_interval(0.95)
-    return gap, float(interval.low), float(interval.high)
+    """``other`` minus ``baseline`` in the mean of a per-run figure, with Welch's 95% interval (runs
+    here are unseeded; the seeds benchmark pairs seeded ones)."""
+    gap = welch_difference([r[key] for r in baseline["runs"]], [r[key] for r in other["runs"]])
+    return gap.mean, gap.low, gap.high
 
 
 def _versus(baseline: dict, r: dict, key: str) -> str:
