@@ -142,7 +142,7 @@ class TrainingConfig:
     seed: int = _f(
         0,
         "Seed of shuffling in non-private runs; DP sampling and noise are never seeded (privacy), but in "
-        "a research simulation with simulation.reproducible.",
+        "a simulation's reproducible research mode.",
     )
     device: str = _f("auto", "'auto' picks CUDA when present.", choices=("auto", "cpu", "cuda"))
     eval_batch_size: int = _f(64, "Batch size of evaluation.", ge=1)
