@@ -152,7 +152,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     if cfg.privacy.enabled:
         p = cfg.privacy
         ledger = PrivacyLedger(setup.ledger_path, p.epsilon, p.delta, p.accountant)
-    seed = derive_seed(cfg.simulation.seed, cfg.training.seed, setup.client_id, server_round)
+    seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))

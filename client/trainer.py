@@ -235,11 +235,12 @@ class LocalTrainer:
 
     def _round_rng(self, round_id: int) -> contextlib.AbstractContextManager[None]:
         """simulation.reproducible (research only): all a round draws from torch's RNG, Poisson
-        sampling, Opacus' noise and dropout alike, comes from a stream seeded by this trainer's seed and
-        the round. Else nothing changes: DP draws from the unseeded RNG."""
+        sampling, Opacus' noise and dropout alike, comes from a stream seeded by simulation.seed, this
+        trainer's seed (the ClientApp's: training.seed, client and round) and the round. Else nothing
+        changes: DP draws from the unseeded RNG."""
         if not self.cfg.simulation.reproducible:
             return contextlib.nullcontext()
-        return _seeded_torch(derive_seed(self.seed, round_id))
+        return _seeded_torch(derive_seed(self.cfg.simulation.seed, self.seed, round_id))
 
     def _reserve(self, round_id: int, steps: int) -> float:
         """The ledger's noise rules: another process may have recorded its calibration first."""

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedlora.common.cli_support import console, read_config, run_cli
 from fedlora.simulations.compare import compare
-from fedlora.simulations.report import SEEDED, write_all, write_report
+from fedlora.simulations.report import SEEDED, federated_result, write_all, write_report
 from fedlora.simulations.run import simulate
 
 DEFAULT_CONFIG = "hospitals.yaml"
@@ -64,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n")
     final = next((e["central"] for e in reversed(history) if e.get("central")), {})
     if args.compare:
-        federated = {**final, "rows": float(sum(c["num-examples"] for c in history[-1].get("clients", [])))}
-        federated["epsilon"] = max((c["epsilon"] for c in history[-1].get("clients", [])), default=0.0)
-        summary = compare(cfg, out, federated)
+        summary = compare(cfg, out, federated_result(history))
         lines = [
             "## Compare: federated DP vs alone (DP) vs centralised (no DP)",
             "",

@@ -93,6 +93,18 @@ def plot_rounds(run_dir: Path, history: list[dict]) -> list[Path]:
     return out
 
 
+def federated_result(history: list[dict]) -> dict[str, float]:
+    """The federation's last central scores, with its rows and largest epsilon: what compare() puts
+    beside each institution alone and centralised."""
+    final = next((e["central"] for e in reversed(history) if e.get("central")), {})
+    clients = history[-1].get("clients", []) if history else []
+    return {
+        **final,
+        "rows": float(sum(c["num-examples"] for c in clients)),
+        "epsilon": max((c["epsilon"] for c in clients), default=0.0),
+    }
+
+
 def seeded_noise(run_dir: Path) -> bool:
     """Whether the run's saved config seeded its DP noise and sampling (simulation.reproducible)."""
     path = run_dir / CONFIG_FILE
