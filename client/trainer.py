@@ -7,7 +7,6 @@ is touched, and no update leaves, without its privacy cost on disk.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -67,14 +66,6 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
-@contextlib.contextmanager
-def _seeded_torch(seed: int) -> Iterator[None]:
-    """Torch's global RNG seeded inside, restored after: the caller's stream is left as it was."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        yield
-
-
 def poisson_rate(rows: int, batch_size: int) -> float:
     """The rate Opacus samples at: one over the number of batches an epoch has."""
     return 1.0 / math.ceil(rows / batch_size)
@@ -108,7 +99,7 @@ class LocalTrainer:
         self.sample_rate = poisson_rate(len(train), cfg.training.batch_size)
         # DP: Poisson sampling must be unpredictable (privacy amplification assumes it), so it draws
         # from torch's unseeded RNG; only non-private baselines shuffle reproducibly, and research
-        # simulations with simulation.reproducible seed each round (_round_rng).
+        # simulations with simulation.reproducible seed each round (round_seed).
         private = cfg.privacy.enabled
         self.seed = cfg.training.seed if seed is None else seed
         self.generator = None if private else torch.Generator().manual_seed(self.seed)
@@ -210,17 +201,18 @@ class LocalTrainer:
         epsilon = self._reserve(round_id, steps) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0
-        with self._round_rng(round_id):
-            for step in range(steps):
-                batch = next(self._batches)
-                seen += len(batch[0])
-                loss = self._step(batch)
-                if proximal_mu > 0 and anchor is not None:
-                    self._proximal_pull(proximal_mu, anchor)
-                if loss is not None:
-                    losses.append(loss)
-                if on_step is not None:
-                    on_step(step + 1, loss if loss is not None else float("nan"))
+        if self.cfg.simulation.reproducible:
+            torch.manual_seed(self.round_seed(round_id))
+        for step in range(steps):
+            batch = next(self._batches)
+            seen += len(batch[0])
+            loss = self._step(batch)
+            if proximal_mu > 0 and anchor is not None:
+                self._proximal_pull(proximal_mu, anchor)
+            if loss is not None:
+                losses.append(loss)
+            if on_step is not None:
+                on_step(step + 1, loss if loss is not None else float("nan"))
         seconds = time.perf_counter() - start
         return RoundResult(
             num_examples=len(self.train_set),
@@ -233,14 +225,12 @@ class LocalTrainer:
             examples_seen=seen,
         )
 
-    def _round_rng(self, round_id: int) -> contextlib.AbstractContextManager[None]:
-        """simulation.reproducible (research only): all a round draws from torch's RNG, Poisson
-        sampling, Opacus' noise and dropout alike, comes from a stream seeded by simulation.seed, this
-        trainer's seed (the ClientApp's: training.seed, client and round) and the round. Else nothing
-        changes: DP draws from the unseeded RNG."""
-        if not self.cfg.simulation.reproducible:
-            return contextlib.nullcontext()
-        return _seeded_torch(derive_seed(self.cfg.simulation.seed, self.seed, round_id))
+    def round_seed(self, round_id: int) -> int:
+        """simulation.reproducible (research only) seeds torch's RNG with this before a round, so all
+        the round draws from it, Poisson sampling, Opacus' noise and dropout alike, is replayed by a
+        run with the same simulation.seed and trainer seed (the ClientApp's: training.seed, client and
+        round). Without it nothing is seeded: DP draws from the unseeded RNG."""
+        return derive_seed(self.cfg.simulation.seed, self.seed, round_id)
 
     def _reserve(self, round_id: int, steps: int) -> float:
         """The ledger's noise rules: another process may have recorded its calibration first."""

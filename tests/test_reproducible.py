@@ -67,7 +67,7 @@ def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_the_same_seeds_give_the_same_delta_bit_for_bit_and_other_seeds_another(tmp_path):
     cfg = simulation_config()
     first = delta_of_one_round(cfg, tmp_path / "first")
-    torch.rand(7)  # whatever else the process drew in between changes nothing
+    torch.rand(7)  # whatever the process drew in between changes nothing
     again = delta_of_one_round(cfg, tmp_path / "again")
     assert same_bits(first, again)
     assert any(v.abs().max() > 0 for v in first.values())
