@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fedlora.common.errors import ConfigError
-from fedlora.simulations.benchmarks.seeds import Setting, accuracies, main, parse_setting, summarise
+from fedlora.simulations.benchmarks.seeds import Setting, main, parse_setting, scores, summarise
 
 
 def test_a_setting_is_a_name_an_optional_config_and_overrides():
@@ -23,17 +23,18 @@ def test_a_setting_is_a_name_an_optional_config_and_overrides():
 
 def test_every_result_compare_returns_is_read_whatever_its_key():
     summary = {
-        "federated_dp": {"accuracy": 0.8, "rows": 10.0},
-        "alone_dp": [{"accuracy": 0.5}, {"accuracy": 0.7}],
+        "federated_dp": {"accuracy": 0.8, "loss": 0.5, "rows": 10.0},
+        "alone_dp": [{"accuracy": 0.5, "loss": 1.0}, {"accuracy": 0.7, "loss": 0.8}],
         "linear_probe": {"accuracy": 0.75},
         "notes": {"rows": 3.0},
         "labels": ["a", "b"],
     }
-    assert accuracies(summary) == {
+    assert scores(summary, "accuracy") == {
         "federated_dp": 0.8,
         "alone_dp (mean)": pytest.approx(0.6),
         "linear_probe": 0.75,
     }
+    assert scores(summary, "loss") == {"federated_dp": 0.5, "alone_dp (mean)": pytest.approx(0.9)}
 
 
 def test_rows_pair_each_setting_with_the_first_seed_by_seed():

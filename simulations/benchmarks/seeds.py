@@ -1,22 +1,26 @@
-"""Settings compared on the same seeds: each one's mean held-out accuracy with its 95% interval, and
-its paired difference from the first setting with its interval.
+"""Settings compared on the same seeds: each one's mean held-out accuracy (or loss) with its 95%
+interval, and its paired difference from the first setting with its interval.
 
 Run: ``python -m fedlora.simulations.benchmarks.seeds [CONFIG] --setting NAME [CONFIG] [KEY=VALUE ...]
-[--setting ...] [--seeds N] [--set KEY=VALUE ...] [--compare] [--unseeded] [--out DIR]``
+[--setting ...] [--seeds N] [--set KEY=VALUE ...] [--metric accuracy|loss] [--compare] [--unseeded]
+[--out DIR]``
 
 A setting is a name, optionally its own simulation YAML (else CONFIG, else the packaged hospital
 simulation), and its overrides; ``--set`` applies to every setting. Seed s = 0..N-1 sets
 simulation.seed=s for every setting: the same partition and, in reproducible mode (on unless
 ``--unseeded``), the same streams of Poisson sampling, DP noise and dropout for each client and round.
-Two settings' runs on one seed then differ by the setting alone, and the interval of their paired
-difference (Student's t over seeds) is far narrower than one between unpaired, unseeded runs. Seeded
-noise is for research only, never for production.
+Two settings' runs on one seed then differ by the setting alone, so the interval of their paired
+difference (Student's t over seeds) leaves out the run-to-run spread they share, which an unpaired
+comparison of unseeded runs cannot. Seeded noise is for research only, never for production.
 
 ``--compare`` also runs `fedlora.simulations.compare.compare` after every federation (each institution
-alone, centralised, and whatever else it reports): every result it returns with an accuracy, or a list
-of them (their mean), gets its own rows. Runs go to ``--out``/<setting>/seed-<s>; an existing one is
-resumed, so an interrupted comparison goes on where it stopped. Seed by seed across all settings, so a
-comparison cut short stays paired; ``seeds.json``, ``seeds.png`` and ``report.md`` are rewritten after
+alone, centralised, and whatever else it reports): every result it returns with the metric, or a list
+of them (their mean), gets its own rows. The held-out loss moves with every row's confidence, not only
+the rows that flip: steadier where few test rows decide the accuracy.
+
+Runs go to ``--out``/<setting>/seed-<s>; an existing one is resumed (a finished one only re-read), so
+an interrupted comparison goes on where it stopped; they run seed by seed across all settings, so a
+comparison cut short stays paired. ``seeds.json``, ``seeds.png`` and ``report.md`` are rewritten after
 every seed.
 """
 
@@ -72,21 +76,21 @@ def parse_setting(tokens: list[str]) -> Setting:
     return Setting(name, configs[0] if configs else None, tuple(t for t in rest if "=" in t))
 
 
-def accuracies(summary: dict) -> dict[str, float]:
-    """Each of compare()'s results by its key: one with an accuracy, or a list of them (their mean).
+def scores(summary: dict, metric: str) -> dict[str, float]:
+    """Each of compare()'s results by its key: one with the metric, or a list of them (their mean).
     Anything else it returns is not a result and is left out."""
     out = {}
     for key, value in summary.items():
-        if isinstance(value, dict) and "accuracy" in value:
-            out[key] = float(value["accuracy"])
-        elif (
-            isinstance(value, list) and value and all(isinstance(v, dict) and "accuracy" in v for v in value)
-        ):
-            out[f"{key} (mean)"] = statistics.fmean(float(v["accuracy"]) for v in value)
+        if isinstance(value, dict) and metric in value:
+            out[key] = float(value[metric])
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and metric in v for v in value):
+            out[f"{key} (mean)"] = statistics.fmean(float(v[metric]) for v in value)
     return out
 
 
-def run_once(setting: Setting, cfg: FedloraConfig, folder: Path, with_compare: bool) -> dict[str, float]:
+def run_once(
+    setting: Setting, cfg: FedloraConfig, folder: Path, metric: str, with_compare: bool
+) -> dict[str, float]:
     """One federation (resumed if the folder holds one), and compare() after it if asked."""
     label = f"{setting.name}, seed {cfg.simulation.seed}"
     start = time.perf_counter()
@@ -101,14 +105,15 @@ def run_once(setting: Setting, cfg: FedloraConfig, folder: Path, with_compare: b
         )
     history = write_all(folder, f"{cfg.name}: {setting.name}, seed {cfg.simulation.seed}")
     federated = federated_result(history)
-    scores = (
-        accuracies(compare(cfg, folder, federated))
+    found = (
+        scores(compare(cfg, folder, federated), metric)
         if with_compare
-        else {FEDERATED: float(federated.get("accuracy", math.nan))}
+        else {FEDERATED: float(federated.get(metric, math.nan))}
     )
     seconds = time.perf_counter() - start
-    console.print(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" ({seconds:.0f} s)")
-    return {**scores, "seconds": seconds}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in found.items())
+    console.print(f"{label}: {metric} {shown} ({seconds:.0f} s)")
+    return {**found, "seconds": seconds}
 
 
 def summarise(runs: dict[str, list[dict[str, float]]]) -> list[dict]:
@@ -146,21 +151,21 @@ def cells(row: dict, baseline: str) -> list[str]:
     ]
 
 
-def columns(baseline: str) -> tuple[str, ...]:
-    return ("setting", "result", "seeds", "accuracy: mean ± 95% CI", "each seed", f"paired Δ vs {baseline}")
+def columns(baseline: str, metric: str) -> tuple[str, ...]:
+    return ("setting", "result", "seeds", f"{metric}: mean ± 95% CI", "each seed", f"paired Δ vs {baseline}")
 
 
-def table(rows: list[dict], baseline: str, seeded: bool) -> Table:
+def table(rows: list[dict], baseline: str, metric: str, seeded: bool) -> Table:
     note = f" ({SEEDED})" if seeded else " (unseeded noise: pairs share only the partition)"
     t = Table(title=f"Settings on the same seeds{note}")
-    for column in columns(baseline):
+    for column in columns(baseline, metric):
         t.add_column(column, justify="left" if column in ("setting", "result") else "right")
     for row in rows:
         t.add_row(*cells(row, baseline))
     return t
 
 
-def plot(rows: list[dict], baseline: str, path: Path) -> None:
+def plot(rows: list[dict], baseline: str, metric: str, path: Path) -> None:
     """Left: each setting's mean with its interval; right: its paired difference from the baseline."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     labels = [f"{r['setting']}\n{r['result']}" for r in rows]
@@ -174,24 +179,26 @@ def plot(rows: list[dict], baseline: str, path: Path) -> None:
         ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
 
     bars(left, [r["mean"] for r in rows])
-    left.set(ylabel="held-out accuracy", title="Mean over seeds, 95% interval")
+    left.set(ylabel=f"held-out {metric}", title="Mean over seeds, 95% interval")
     bars(right, [r.get("difference") for r in rows])
     right.axhline(0.0, color="gray", linewidth=0.8)
-    right.set(ylabel="accuracy difference", title=f"Paired difference vs {baseline}, 95% interval")
+    right.set(ylabel=f"{metric} difference", title=f"Paired difference vs {baseline}, 95% interval")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(rows: list[dict], baseline: str, seeded: bool, seconds: float, out: Path) -> None:
-    head = columns(baseline)
+def write_report(
+    rows: list[dict], baseline: str, metric: str, seeded: bool, seconds: float, out: Path
+) -> None:
+    head = columns(baseline, metric)
     lines = [
         "# Settings compared on the same seeds",
         "",
         f"**{SEEDED}** (simulation.reproducible)." if seeded else "DP noise unseeded (--unseeded).",
         "",
-        "Accuracy: mean over seeds with Student's t 95% interval. Paired Δ: the mean over seeds of the "
-        f"setting's result minus {baseline}'s on the same seed, with its 95% interval.",
+        f"Held-out {metric}: mean over seeds with Student's t 95% interval. Paired Δ: the mean over "
+        f"seeds of the setting's result minus {baseline}'s on the same seed, with its 95% interval.",
         f"Wall time: {seconds:.0f} s.",
         "",
         "| " + " | ".join(head) + " |",
@@ -224,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every setting"
     )
+    ap.add_argument(
+        "--metric", choices=("accuracy", "loss"), default="accuracy", help="held-out figure compared"
+    )
     ap.add_argument("--compare", action="store_true", help="also each institution alone and centralised")
     ap.add_argument(
         "--unseeded", action="store_true", help="keep DP noise unseeded (pairs share the partition)"
@@ -255,18 +265,22 @@ def compare_on_seeds(args: argparse.Namespace) -> int:
                 f"simulation.reproducible={seeded}",
             ]
             cfg = read_config(s.config or args.config or default_config(), overrides, "simulation")
-            runs[s.name].append(run_once(s, cfg, args.out / s.folder / f"seed-{seed}", args.compare))
+            folder = args.out / s.folder / f"seed-{seed}"
+            runs[s.name].append(run_once(s, cfg, folder, args.metric, args.compare))
         rows = summarise(runs)
         seconds = time.perf_counter() - start
         saved = [
             {**r, "mean": _estimate(r["mean"]), "difference": _estimate(r.get("difference"))} for r in rows
         ]
         (args.out / "seeds.json").write_text(
-            json.dumps({"seeded": seeded, "baseline": baseline, "runs": runs, "rows": saved}, indent=1)
+            json.dumps(
+                {"seeded": seeded, "metric": args.metric, "baseline": baseline, "runs": runs, "rows": saved},
+                indent=1,
+            )
         )
-        plot(rows, baseline, args.out / "seeds.png")
-        write_report(rows, baseline, seeded, seconds, args.out)
-    report.print(table(rows, baseline, seeded))
+        plot(rows, baseline, args.metric, args.out / "seeds.png")
+        write_report(rows, baseline, args.metric, seeded, seconds, args.out)
+    report.print(table(rows, baseline, args.metric, seeded))
     return 0
 
 
