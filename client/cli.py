@@ -23,7 +23,7 @@ from fedlora.client.daemon import (
 )
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
 from fedlora.client.trainer import LocalTrainer, poisson_rate
-from fedlora.common.adapter import export_adapter, non_finite
+from fedlora.common.adapter import adapter_state, export_adapter, non_finite
 from fedlora.common.cli_support import console, progress_bar, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.durable import write_durably
@@ -121,7 +121,7 @@ def export_round(trainer: LocalTrainer, out: Path, metadata: dict) -> None:
 
 
 def require_finite(trainer: LocalTrainer, round_id: int, kept: str) -> None:
-    bad = non_finite(trainer.adapter())
+    bad = non_finite(adapter_state(trainer.model))
     if bad:
         raise TrainingDiverged(
             f"round {round_id} trained a non-finite adapter ({len(bad)} tensors, first {bad[0]!r}); not "

@@ -199,7 +199,7 @@ def test_config_from_dict_prefixes_its_source():
         config_from_dict({"privacy": {"epsilon": 0}}, source="somewhere.yaml")
 
 
-# --- Persona roots: each file is checked as what it is for (issue 13). ---
+# --- Persona roots: each file is checked as what it is for. ---
 
 COORDINATOR = "name: coordinator\nfederation:\n  rounds: 3\n  min_clients: 6\n"
 

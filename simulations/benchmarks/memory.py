@@ -1,4 +1,4 @@
-"""Memory per round: does a long simulation hold each client process's memory flat? (issue 13)
+"""Memory per round: does a long simulation hold each client process's memory flat?
 
 Two engines run the same ClientApp:
 - ray (default): the real simulation, fedlora's ServerApp and ClientApp on Flower's Ray backend;

@@ -65,7 +65,7 @@ KEYS = {
     "init": "model.head_init",
 }
 
-# The recipes the previous search settled on: a non-private one and a private one.
+# The settled recipes (README, "Measured"): a non-private one and a private one.
 DEFAULT_RECIPES = (
     "lr=5e-3,hlr=2e-2,bs=32,steps=9,rounds=8,clip=1.0,len=128",
     "lr=1e-3,hlr=5e-2,bs=128,steps=10,rounds=2,clip=1.0,len=128",
