@@ -19,9 +19,16 @@ console = Console(stderr=True)  # progress and errors
 report = Console()  # results a person may redirect to a file
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, persona: str, default: str | None = None) -> None:
-    """The same CONFIG and --set on every command: CONFIG may be left out where a default exists (the
-    persona's packaged preset, or the built-in defaults)."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, persona: str, default: str | None = None, *, as_is: str | None = None
+) -> None:
+    """CONFIG and --set, the same on every command. CONFIG may be left out (the persona's packaged
+    preset, or the built-in defaults), except where the file itself is what counts (``as_is`` says
+    why: Flower's processes read it, or it names a running deployment): there it is required, and
+    --set, which would not reach those processes, is not offered."""
+    if as_is is not None:
+        parser.add_argument("config", help=f"the {persona}'s YAML config ({as_is})")
+        return
     parser.add_argument(
         "config", nargs="?", help=f"the {persona}'s YAML config (default: {default or 'built-in defaults'})"
     )

@@ -384,7 +384,7 @@ def test_every_command_reads_its_file_as_its_persona(tmp_path, capsys):
     from fedlora.simulations import cli as sim_cli
 
     coordinator = write_config(tmp_path, COORDINATOR, "coordinator.yaml")
-    assert server_cli.main(["status", str(coordinator), "--run-dir", str(tmp_path / "run")]) == 0
+    assert server_cli.main(["status", str(coordinator), "--out", str(tmp_path / "run")]) == 0
     assert "0 of 3" in "".join(capsys.readouterr())
     settings = settings_from_run_config(SimpleNamespace(run_config={"config": str(coordinator)}))
     assert settings.num_clients == 6
