@@ -29,22 +29,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = read_config(args.config, args.set, "coordinator")
     host, port = deploy.split_address(cfg.federation.superlink_address)
     folder = model_dir(cfg.model.source)
-    table = Table(title=f"{cfg.name}: {args.config or 'defaults'}", show_header=False)
-    table.add_row("SuperLink", f"{host}:{port}")
-    table.add_row(
-        "federation",
-        f"{cfg.federation.rounds} rounds, at least {cfg.federation.min_clients} institutions, strategy "
-        f"{cfg.federation.strategy}, aggregator {cfg.federation.aggregator}",
-    )
-    table.add_row("model", cfg.model.source + (f" ({folder})" if folder else " (built from a config)"))
+    found = {
+        "config": args.config or "defaults",
+        "SuperLink": f"{host}:{port}",
+        "federation": f"{cfg.federation.rounds} rounds, at least {cfg.federation.min_clients} institutions, "
+        f"strategy {cfg.federation.strategy}, aggregator {cfg.federation.aggregator}",
+        "model": cfg.model.source + (f" ({folder})" if folder else " (built from a config)"),
+    }
     if args.insecure:
-        table.add_row("security", "--insecure: no TLS, no node authentication (tests only)")
+        found["security"] = "--insecure: no TLS, no node authentication (tests only)"
     else:
         command = deploy.superlink_command(cfg, deploy.RunFolder(Path(".")), insecure=False)
-        tls = [command[i + 1] for i, arg in enumerate(command) if arg.startswith("--ssl-")]
-        table.add_row("TLS", ", ".join(tls))
-        table.add_row("admitted keys", ", ".join(deploy.admitted_keys(cfg)))
-    report.print(table)
+        found["TLS"] = ", ".join(command[i + 1] for i, arg in enumerate(command) if arg.startswith("--ssl-"))
+        found["admitted keys"] = ", ".join(deploy.admitted_keys(cfg))
+    for key, value in found.items():
+        report.print(f"{key}: {value}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from importlib.resources import files
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from fedlora.common.cli_support import (
     add_config_arguments,
@@ -94,13 +93,16 @@ def check(args: argparse.Namespace) -> int:
     cfg = read_config(args.config or default_config(), args.set, "simulation")
     backend = backend_config(cfg)
     folder = model_dir(cfg.model.source)
-    table = Table(title=f"{cfg.name}: {args.config or default_config()}", show_header=False)
-    table.add_row("federation", describe(cfg))
-    table.add_row("model", f"{cfg.model.source}" + (f" ({folder})" if folder else " (built from a config)"))
-    table.add_row("data", cfg.data.path or f"the packaged drug reviews ({cfg.data.demo_task})")
-    table.add_row("partition", cfg.simulation.partition)
-    table.add_row("per client", f"{backend['client_resources']['num_cpus']} CPU")
-    report.print(table)
+    found = {
+        "config": args.config or default_config(),
+        "federation": describe(cfg),
+        "model": cfg.model.source + (f" ({folder})" if folder else " (built from a config)"),
+        "data": cfg.data.path or f"the packaged drug reviews ({cfg.data.demo_task})",
+        "partition": cfg.simulation.partition,
+        "per client": f"{backend['client_resources']['num_cpus']:g} CPU",
+    }
+    for key, value in found.items():
+        report.print(f"{key}: {value}", highlight=False, soft_wrap=True)
     return 0
 
 
