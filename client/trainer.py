@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import AbstractGradSampleModule
-from peft import get_peft_model_state_dict
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
-from fedlora.common.adapter import State, peft_module
+from fedlora.common.adapter import State, peft_state
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import ConfigError
@@ -114,9 +113,8 @@ class LocalTrainer:
         )
         self.model = model.to(device)
         self.model.train()
-        # Parameter -> its key in PEFT's own adapter state dict, whose tensors share the parameters'
-        # storage (whatever the adapter is named).
-        keys = {t.data_ptr(): k for k, t in get_peft_model_state_dict(peft_module(self.model)).items()}
+        # Parameter -> its key in PEFT's own adapter state dict (whose tensors share its storage).
+        keys = {t.data_ptr(): k for k, t in peft_state(self.model).items()}
         trained = [p for p in self.model.parameters() if p.requires_grad and p.data_ptr() in keys]
         self._state_keys = {id(p): keys[p.data_ptr()] for p in trained}
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.training.weight_decay)

@@ -13,6 +13,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from peft import get_peft_model
 
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
@@ -20,7 +21,7 @@ from fedlora.common.adapter import adapter_state, peft_module
 from fedlora.common.config import DataConfig
 from fedlora.common.data import IGNORE_INDEX, tokenize_causal_lm
 from fedlora.common.errors import ConfigError
-from fedlora.common.model import build_model
+from fedlora.common.model import build_base_model, build_model, lora_config, target_modules
 from fedlora.common.scoring import causal_lm_loss, evaluate, forward_loss, trim
 
 CPU = torch.device("cpu")
@@ -341,9 +342,13 @@ def test_trainer_refuses_delta_not_below_one_over_rows(
     assert not any(tmp_path.iterdir())
 
 
-def test_proximal_pull_reaches_every_adapter_tensor(make_config, vocab_size, toy_classification):
+@pytest.mark.parametrize("adapter_name", ["default", "local"])
+def test_proximal_pull_reaches_every_adapter_tensor(
+    make_config, vocab_size, toy_classification, adapter_name
+):
     """FedProx's pull, with learning rate x mu = 1, puts every trained tensor (LoRA and the head)
-    exactly on the anchor: the trainer finds each parameter's key in PEFT's own state dict."""
+    exactly on the anchor: the trainer finds each parameter's key in PEFT's own state dict, whatever
+    the adapter is named."""
     lr = 0.01
     cfg = make_config(
         {
@@ -351,7 +356,11 @@ def test_proximal_pull_reaches_every_adapter_tensor(make_config, vocab_size, toy
             "privacy": {"enabled": False},
         }
     )
-    model = build_model(cfg.model, ("a", "b"), vocab_size).model
+    base = build_base_model(cfg.model, ("a", "b"), vocab_size)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    layout = lora_config(cfg.model, target_modules(cfg.model, base))
+    model = get_peft_model(base, layout, adapter_name=adapter_name)
     trainer = LocalTrainer(cfg, model, toy_classification(n=16), CPU)
     anchor = {k: torch.full_like(v, 0.5) for k, v in adapter_state(trainer.model).items()}
     assert any("classifier" in k for k in anchor) and any("lora_A" in k for k in anchor)
