@@ -89,7 +89,7 @@ def round_progress(rounds: int) -> Iterator[Callable[[dict], None]]:
 
 
 def check(args: argparse.Namespace) -> int:
-    """Everything a run would refuse before its first round, without starting one."""
+    """What a run would refuse in its config, its resources and its base model, without starting one."""
     cfg = read_config(args.config or default_config(), args.set, "simulation")
     backend = backend_config(cfg)
     folder = model_dir(cfg.model.source)
