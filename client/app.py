@@ -148,10 +148,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     built = build_model(cfg.model, bundle.labels, len(tokenizer))
     start = load_global(msg, cfg, built)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
-    ledger = None
-    if cfg.privacy.enabled:
-        p = cfg.privacy
-        ledger = PrivacyLedger(setup.ledger_path, p.epsilon, p.delta, p.accountant)
+    ledger = PrivacyLedger.from_config(cfg.privacy, setup.ledger_path) if cfg.privacy.enabled else None
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:

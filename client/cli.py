@@ -22,9 +22,18 @@ from fedlora.client.daemon import (
     supernode_command,
 )
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
-from fedlora.client.trainer import LocalTrainer, poisson_rate
-from fedlora.common.adapter import export_adapter, non_finite
-from fedlora.common.cli_support import console, progress_bar, read_config, report, run_cli
+from fedlora.client.trainer import LocalTrainer, poisson_rate, private_engine
+from fedlora.common.adapter import adapter_state, export_adapter, non_finite
+from fedlora.common.cli_support import (
+    add_config_arguments,
+    add_out_argument,
+    console,
+    progress_bar,
+    read_config,
+    report,
+    run_cli,
+    run_folder,
+)
 from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, ConfigError, FedloraError, TrainingDiverged
@@ -87,6 +96,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             ", ".join(f"{k}: {e:.2f}" for k, e in p["epsilon_after_round"].items()),
         )
         table.add_row("rounds affordable", str(p["rounds_affordable"]))
+        if cfg.privacy.secure_mode:
+            private_engine(cfg.privacy.accountant, secure_mode=True)  # one line if it cannot be had
+        table.add_row("secure mode", "on" if cfg.privacy.secure_mode else "off (experiments only)")
     else:
         table.add_row("privacy", "OFF (non-private baseline)")
     report.print(table)
@@ -121,7 +133,7 @@ def export_round(trainer: LocalTrainer, out: Path, metadata: dict) -> None:
 
 
 def require_finite(trainer: LocalTrainer, round_id: int, kept: str) -> None:
-    bad = non_finite(trainer.adapter())
+    bad = non_finite(adapter_state(trainer.model))
     if bad:
         raise TrainingDiverged(
             f"round {round_id} trained a non-finite adapter ({len(bad)} tensors, first {bad[0]!r}); not "
@@ -134,7 +146,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     rounds = cfg.planned_rounds if args.rounds is None else args.rounds
     if rounds < 1:
         raise ConfigError(f"--rounds: {rounds}; expected at least 1 round")
-    out = usable_output(Path(args.out))
+    out = usable_output(run_folder(args.out, cfg.name))
     bench = prepare(cfg)
     device = device_for(cfg.training.device)
     ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
@@ -190,9 +202,11 @@ def cmd_train_local(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """The node's ECDSA P-384 key pair (OpenSSH format, as Flower expects); never overwrites one."""
-    cfg = read_config(args.config, persona="institution")
+    cfg = read_config(args.config, args.set, "institution")
     if not cfg.security.node_private_key:
-        raise ConfigError(f"{args.config}: security.node_private_key: set where the node's key is kept")
+        raise ConfigError(
+            f"{args.config or 'defaults'}: security.node_private_key: set where the node's key is kept"
+        )
     private = Path(cfg.security.node_private_key)
     public = private.with_name(private.name + ".pub")
     for path in (private, public):
@@ -211,12 +225,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         + b"\n",
     )
     public.chmod(0o644)
-    console.print(f"node key written to {private}; give the coordinator {public}", soft_wrap=True)
+    report.print(f"node key written to {private}; give the coordinator {public}", soft_wrap=True)
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    """No --set here: the ClientApp reads the YAML file itself, so it alone must say everything."""
     cfg = read_config(args.config, persona="institution")
     options = SuperNodeOptions(args.insecure, args.runtime_port, args.max_wait_time)
     cmd = supernode_command(cfg, Path(args.config), options)
@@ -234,7 +247,7 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config and data; print the privacy plan")
     check.set_defaults(handler=cmd_check)
     local = sub.add_parser("train-local", help="fine-tune locally only and export the adapter")
-    local.add_argument("--out", required=True, help="output folder (adapter, metrics, ledger)")
+    add_out_argument(local, "adapter and metrics")
     local.add_argument("--rounds", type=int, help="rounds of local_steps (default: planned rounds)")
     local.set_defaults(handler=cmd_train_local)
     keys = sub.add_parser("keys", help="create the node's key pair at security.node_private_key (+ .pub)")
@@ -263,17 +276,9 @@ def parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=STOP_GRACE_SECONDS, help="seconds to let the SuperNode stop"
     )
     start.set_defaults(handler=cmd_start)
-    for p in (keys, start):
-        p.add_argument("config", help="the institution's YAML config")
-    for p in (check, local):
-        p.add_argument("config", nargs="?", help="the institution's YAML config (default: built-in)")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. privacy.epsilon=4",
-        )
+    for p in (check, local, keys):
+        add_config_arguments(p, "institution")
+    add_config_arguments(start, "institution", as_is="read as it is by the SuperNode's ClientApp processes")
     return ap
 
 

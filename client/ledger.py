@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -52,13 +53,21 @@ def merged_history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]
     return history
 
 
+@contextmanager
+def _accounting() -> Iterator[None]:
+    """PRV takes log(1 - q): -inf at q = 1, masked out; at huge noise exp() overflows, also masked.
+    RDP notes when its best order is at the end of its range: its epsilon then errs high, which is safe."""
+    with np.errstate(divide="ignore", over="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        yield
+
+
 def compose(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
-    # PRV takes log(1 - q): -inf at q = 1, masked out; at huge noise exp() overflows, also masked.
-    with np.errstate(divide="ignore", over="ignore"):
+    with _accounting():
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -105,8 +114,9 @@ class PrivacyLedger:
         self.refresh()
 
     @classmethod
-    def from_config(cls, privacy: PrivacyConfig) -> PrivacyLedger:
-        return cls(privacy.ledger_path, privacy.epsilon, privacy.delta, privacy.accountant)
+    def from_config(cls, privacy: PrivacyConfig, path: str | Path | None = None) -> PrivacyLedger:
+        """The ledger at ``privacy.ledger_path``, or at ``path`` (a virtual institution's, a benchmark's)."""
+        return cls(path or privacy.ledger_path, privacy.epsilon, privacy.delta, privacy.accountant)
 
     def refresh(self) -> None:
         """Adopt what is on disk. Writes are atomic renames, so reading needs no lock; a noise
@@ -160,7 +170,7 @@ class PrivacyLedger:
         """Noise for the plan, fixed at the ledger's first round and kept for its whole life."""
         if self.noise_multiplier is None:
             try:
-                with np.errstate(divide="ignore", over="ignore"):  # as in compose()
+                with _accounting():
                     self.noise_multiplier = float(
                         get_noise_multiplier(
                             target_epsilon=self.budget,

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
-from fedlora.common.adapter import State, adapter_state, peft_module
+from fedlora.common.adapter import State, peft_state
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import ConfigError
@@ -31,10 +31,11 @@ from fedlora.common.scoring import forward_loss, trim
 
 StepCallback = Callable[[int, float], None]
 
-# Known, understood notices: Opacus' secure-RNG advice, its RDP alpha-range note (PRV is used), and
-# torch's remark that frozen inputs fire full backward hooks (Opacus relies on exactly that).
-for _message in ("Secure RNG turned off", "Optimal order is the", "Full backward hook is firing"):
-    warnings.filterwarnings("ignore", message=_message)
+# Known, understood notices, silenced only around the calls that raise them: Opacus' secure-RNG
+# advice (privacy.secure_mode decides, see the README) and torch's remark that frozen inputs fire
+# full backward hooks (Opacus relies on exactly that).
+_SECURE_RNG_OFF = "Secure RNG turned off"
+_FULL_BACKWARD_HOOK = "Full backward hook is firing"
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,20 @@ def poisson_rate(rows: int, batch_size: int) -> float:
     return 1.0 / math.ceil(rows / batch_size)
 
 
+def private_engine(accountant: str, secure_mode: bool) -> PrivacyEngine:
+    """Opacus' engine; ``secure_mode`` draws noise and Poisson samples from a cryptographically
+    secure generator (torchcsprng), as production should."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SECURE_RNG_OFF)
+        try:
+            return PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
+        except ImportError:
+            raise ConfigError(
+                "privacy.secure_mode: true needs the torchcsprng package, which is not installed; install "
+                "it or set privacy.secure_mode: false (experiments only)"
+            ) from None
+
+
 class LocalTrainer:
     def __init__(
         self,
@@ -105,12 +120,10 @@ class LocalTrainer:
         self.generator = None if private else torch.Generator().manual_seed(self.seed)
         self.model = model.to(device)
         self.model.train()
-        # Parameter -> PEFT state-dict key (PEFT drops the adapter name from its keys).
-        self._state_keys = {
-            id(param): name.replace(".modules_to_save.default", "").replace(".default", "")
-            for name, param in peft_module(model).named_parameters()
-            if param.requires_grad
-        }
+        # Parameter -> its key in PEFT's own adapter state dict (whose tensors share its storage).
+        keys = {t.data_ptr(): k for k, t in peft_state(self.model).items()}
+        trained = [p for p in self.model.parameters() if p.requires_grad and p.data_ptr() in keys]
+        self._state_keys = {id(p): keys[p.data_ptr()] for p in trained}
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.training.weight_decay)
         loader = DataLoader(train, batch_size=cfg.training.batch_size, shuffle=True, generator=self.generator)
         self.criterion: nn.Module | None = None
@@ -136,7 +149,7 @@ class LocalTrainer:
         privacy = self.cfg.privacy
         planned = self.cfg.planned_rounds * self.cfg.training.local_steps
         self.noise_multiplier = self.ledger.calibrate(self.sample_rate, planned)
-        engine = PrivacyEngine(accountant=privacy.accountant)
+        engine = private_engine(privacy.accountant, privacy.secure_mode)
         mode = privacy.grad_sample_mode
         kwargs = {"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}
         wrapped = engine.make_private(
@@ -172,7 +185,9 @@ class LocalTrainer:
             loss = self.criterion(logits, batch[2])
         else:
             loss, _ = forward_loss(self.model, self.task, batch)
-        loss.backward()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_FULL_BACKWARD_HOOK)
+            loss.backward()
         self.optimizer.step()
         return float(loss.detach())
 
@@ -242,14 +257,7 @@ class LocalTrainer:
     def close(self) -> None:
         """Remove Opacus' hooks: they are bound methods of its wrapper, stored on the wrapped modules,
         a reference cycle that would keep this trainer's model, optimizer state and per-sample
-        gradients until Python's next full garbage collection (rare in a big process: issue 13, RSS
-        grew every round in simulations, where the ClientApp makes a trainer per message)."""
+        gradients until Python's next full garbage collection (rare in a big process; in simulations,
+        where the ClientApp makes a trainer per message, memory would grow every round)."""
         if isinstance(self.model, AbstractGradSampleModule):
             self.model.to_standard_module()
-
-    def adapter(self) -> State:
-        return adapter_state(self.model)
-
-    @property
-    def peft_model(self) -> nn.Module:
-        return peft_module(self.model)

@@ -30,9 +30,16 @@ def peft_module(model: nn.Module) -> PeftModel:
     return model
 
 
+def peft_state(model: nn.Module) -> State:
+    """PEFT's own state dict of the active adapter, whatever its name: keys without the name, tensors
+    sharing the parameters' storage."""
+    inner = peft_module(model)
+    return get_peft_model_state_dict(inner, adapter_name=inner.active_adapter)
+
+
 def adapter_state(model: nn.Module, keys: Iterable[str] | None = None) -> State:
     """A detached fp32 copy of the adapter's tensors (optionally only ``keys``)."""
-    state = get_peft_model_state_dict(peft_module(model))
+    state = peft_state(model)
     wanted = set(keys) if keys is not None else None
     return {
         k: v.detach().to("cpu", torch.float32).clone()
@@ -44,7 +51,7 @@ def adapter_state(model: nn.Module, keys: Iterable[str] | None = None) -> State:
 def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors (a full or partial set of the model's keys) into the model."""
     inner = peft_module(model)
-    current = get_peft_model_state_dict(inner)
+    current = peft_state(inner)
     unknown = sorted(set(state) - set(current))
     if unknown:
         raise AdapterError(f"adapter key {unknown[0]!r} does not exist in this model")
@@ -54,7 +61,7 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> N
             raise AdapterError(
                 f"adapter key {key!r}: shape {tuple(tensor.shape)}, expected {tuple(current[key].shape)}"
             )
-    set_peft_model_state_dict(inner, merged)
+    set_peft_model_state_dict(inner, merged, adapter_name=inner.active_adapter)
 
 
 def fold_into_base(model: nn.Module, changes: Mapping[str, torch.Tensor]) -> None:

@@ -1,8 +1,11 @@
-"""What every fedlora command does the same way: one-line errors, config loading, progress bars."""
+"""What every fedlora command does the same way: its config arguments, its run folder, one-line
+errors, quiet libraries, results on stdout and diagnostics on stderr, progress bars."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import argparse
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,10 +19,61 @@ console = Console(stderr=True)  # progress and errors
 report = Console()  # results a person may redirect to a file
 
 
+def add_config_arguments(
+    parser: argparse.ArgumentParser, persona: str, default: str | None = None, *, as_is: str | None = None
+) -> None:
+    """CONFIG and --set, the same on every command. CONFIG may be left out (the persona's packaged
+    preset, or the built-in defaults), except where the file itself is what counts (``as_is`` says
+    why: Flower's processes read it, or it names a running deployment): there it is required, and
+    --set, which would not reach those processes, is not offered."""
+    if as_is is not None:
+        parser.add_argument("config", help=f"the {persona}'s YAML config ({as_is})")
+        return
+    parser.add_argument(
+        "config", nargs="?", help=f"the {persona}'s YAML config (default: {default or 'built-in defaults'})"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. privacy.epsilon=4 (repeatable)",
+    )
+
+
+def add_out_argument(parser: argparse.ArgumentParser, holds: str) -> None:
+    parser.add_argument(
+        "--out", type=Path, help=f"the run folder: {holds} (default: runs/<config name>-<time>)"
+    )
+
+
+def run_folder(out: Path | None, name: str) -> Path:
+    """``--out``, or a fresh ``runs/<name>-<time>`` under the current folder."""
+    return out if out is not None else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """For the length of a command: Transformers' advice and loading bars off (fedlora loads local
+    models only, and says what matters itself); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def run_cli(handler: Callable[[], int | None]) -> int:
     """Run a command; a FedloraError becomes ``error: <one line>`` and exit code 2, no traceback."""
     try:
-        return handler() or 0
+        with quiet_libraries():
+            return handler() or 0
     except FedloraError as err:
         console.print(f"error: {err}", highlight=False, soft_wrap=True, markup=False)
         return 2

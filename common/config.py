@@ -165,6 +165,11 @@ class PrivacyConfig:
         "Opacus per-sample gradient mode; hooks is fastest for LoRA (see benchmarks).",
         choices=("hooks", "ghost"),
     )
+    secure_mode: bool = _f(
+        False,
+        "Opacus' secure mode: noise and Poisson sampling from a cryptographically secure generator, noise "
+        "robust to floating-point attacks. Production should set it (needs the torchcsprng package).",
+    )
     ledger_path: str = _f("privacy-ledger.json", "The institution's privacy ledger file.")
     audit_log: str | None = _f(
         None, "JSON-lines log of every outgoing message's array names, shapes and sizes (no values)."

@@ -41,8 +41,10 @@ def flower_program(name: str) -> str:
 
 
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """The environment of a Flower child: never install app dependencies at run time."""
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    """The environment of a Flower child: never install app dependencies at run time; Transformers'
+    advice and loading bars (our apps load only local models) off unless the caller chose otherwise."""
+    env = {"TRANSFORMERS_VERBOSITY": "error", **os.environ}
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

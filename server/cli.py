@@ -8,9 +8,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fedlora.common.cli_support import console, read_config, run_cli
+from fedlora.common.cli_support import add_config_arguments, console, read_config, report, run_cli
 from fedlora.common.devcerts import make_dev_certs
 from fedlora.common.launch import STOP_GRACE_SECONDS
+from fedlora.common.model import model_dir
 from fedlora.server import deploy
 
 
@@ -19,11 +20,34 @@ def say(text: str) -> None:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    return Path(args.run_dir) if args.run_dir else deploy.default_run_dir(Path(args.config))
+    return args.out if args.out else deploy.default_run_dir(Path(args.config))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """What `start` would refuse before starting anything: the config, the address, the TLS files, the
+    admitted keys, the base model."""
+    cfg = read_config(args.config, args.set, "coordinator")
+    host, port = deploy.split_address(cfg.federation.superlink_address)
+    folder = model_dir(cfg.model.source)
+    found = {
+        "config": args.config or "defaults",
+        "SuperLink": f"{host}:{port}",
+        "federation": f"{cfg.federation.rounds} rounds, at least {cfg.federation.min_clients} institutions, "
+        f"strategy {cfg.federation.strategy}, aggregator {cfg.federation.aggregator}",
+        "model": cfg.model.source + (f" ({folder})" if folder else " (built from a config)"),
+    }
+    if args.insecure:
+        found["security"] = "--insecure: no TLS, no node authentication (tests only)"
+    else:
+        command = deploy.superlink_command(cfg, deploy.RunFolder(Path(".")), insecure=False)
+        found["TLS"] = ", ".join(command[i + 1] for i, arg in enumerate(command) if arg.startswith("--ssl-"))
+        found["admitted keys"] = ", ".join(deploy.admitted_keys(cfg))
+    for key, value in found.items():
+        report.print(f"{key}: {value}", highlight=False, soft_wrap=True)
+    return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    """No --set here: the ServerApp reads the YAML file itself, so it alone must say everything."""
     cfg = read_config(args.config, persona="coordinator")
     app = deploy.find_app_dir(Path(args.app) if args.app else None)
     if args.insecure:
@@ -36,26 +60,29 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    report = deploy.status(read_config(args.config, persona="coordinator"), _run_dir(args))
+    state = deploy.status(read_config(args.config, persona="coordinator"), _run_dir(args))
     table = Table(show_header=False)
-    for key, value in report.items():
+    for key, value in state.items():
         table.add_row(key, value)
-    console.print(table)
+    report.print(table)
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     pid = deploy.stop(_run_dir(args), args.grace)
-    say(f"SuperLink (pid {pid}) stopped" if pid is not None else "no SuperLink was running for this run")
+    stopped = f"SuperLink (pid {pid}) stopped" if pid is not None else "no SuperLink was running for this run"
+    report.print(stopped, highlight=False, soft_wrap=True)
     return 0
 
 
 def cmd_dev_certs(args: argparse.Namespace) -> int:
     certs = make_dev_certs(args.out_dir)
-    say(
+    report.print(
         f"development CA and server certificate for localhost written to {args.out_dir}; in the "
         f"coordinator's YAML: security.ca_cert: {certs.ca_cert}, server_cert: {certs.server_cert}, "
-        f"server_key: {certs.server_key}; give institutions {certs.ca_cert} only"
+        f"server_key: {certs.server_key}; give institutions {certs.ca_cert} only",
+        highlight=False,
+        soft_wrap=True,
     )
     return 0
 
@@ -63,6 +90,10 @@ def cmd_dev_certs(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedlora-server", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate the config, certificates and admitted keys; start nothing")
+    add_config_arguments(check, "coordinator")
+    check.add_argument("--insecure", action="store_true", help="check as `start --insecure` would run")
+    check.set_defaults(handler=cmd_check)
     start = sub.add_parser("start", help="start the SuperLink, admit the institutions, run the federation")
     start.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: tests only")
     start.add_argument("--app", help="the Flower App folder (fedlora's pyproject.toml; default: found)")
@@ -73,8 +104,13 @@ def parser() -> argparse.ArgumentParser:
     stop.add_argument("--grace", type=float, default=STOP_GRACE_SECONDS, help="seconds to let it stop")
     stop.set_defaults(handler=cmd_stop)
     for p in (start, status, stop):
-        p.add_argument("config", help="the coordinator's YAML config")
-        p.add_argument("--run-dir", help="the run folder (default: run/ beside the config)")
+        add_config_arguments(p, "coordinator", as_is="read as it is by the ServerApp; it names the run")
+        p.add_argument(
+            "--out",
+            type=Path,
+            help="the run folder: checkpoints, adapter, history, the SuperLink's state (default: run/ beside "
+            "the config)",
+        )
     certs = sub.add_parser("dev-certs", help="a local CA and server certificate, to try TLS on one machine")
     certs.add_argument("out_dir", help="folder for ca.crt, server.pem, server.key")
     certs.set_defaults(handler=cmd_dev_certs)

@@ -1,19 +1,32 @@
-"""``fedlora-simulate``: many virtual institutions fine-tune one shared adapter on this machine."""
+"""``fedlora-simulate``: many virtual institutions fine-tune one shared adapter on this machine.
+
+``fedlora-simulate check [CONFIG]`` validates the config without starting anything."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.resources import files
-from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedlora.common.cli_support import console, read_config, run_cli
+from fedlora.common.cli_support import (
+    add_config_arguments,
+    add_out_argument,
+    console,
+    read_config,
+    report,
+    run_cli,
+    run_folder,
+)
+from fedlora.common.config import FedloraConfig
+from fedlora.common.model import model_dir
 from fedlora.simulations.compare import compare
 from fedlora.simulations.report import SEEDED, federated_result, write_all, write_report
-from fedlora.simulations.run import simulate
+from fedlora.simulations.run import backend_config, simulate
 
 DEFAULT_CONFIG = "hospitals.yaml"
 
@@ -35,16 +48,31 @@ def _progress_fields(entry: dict) -> dict[str, str]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    path = args.config or default_config()
-    cfg = read_config(path, args.set, "simulation")
-    out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    console.print(
-        f"[bold]{cfg.name}[/]: {cfg.simulation.num_clients} clients, {cfg.federation.rounds} rounds, "
-        f"{cfg.model.source} ({cfg.model.task}), aggregator {cfg.federation.aggregator}, "
-        f"DP {'epsilon ' + format(cfg.privacy.epsilon, 'g') if cfg.privacy.enabled else 'off'} -> {out}"
-        + (f" [bold red]({SEEDED})[/]" if cfg.simulation.reproducible else "")
+def describe(cfg: FedloraConfig) -> str:
+    dp = f"epsilon {cfg.privacy.epsilon:g}" if cfg.privacy.enabled else "off"
+    return (
+        f"{cfg.simulation.num_clients} clients, {cfg.federation.rounds} rounds, {cfg.model.source} "
+        f"({cfg.model.task}), aggregator {cfg.federation.aggregator}, DP {dp}"
     )
+
+
+@contextmanager
+def round_progress(rounds: int) -> Iterator[Callable[[dict], None]]:
+    """A live bar on a terminal; elsewhere (a log file, a batch job) one plain line per round."""
+    if not console.is_terminal:
+        start = time.perf_counter()
+
+        def line(entry: dict) -> None:
+            fields = _progress_fields(entry)
+            console.print(
+                f"round {entry['round']}/{rounds}: {fields['clients']}, held-out loss {fields['loss']}, "
+                f"acc {fields['acc']}, eps {fields['eps']}, {time.perf_counter() - start:.0f} s",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        yield line
+        return
     columns = (
         TextColumn("round"),
         BarColumn(),
@@ -55,10 +83,37 @@ def run(args: argparse.Namespace) -> int:
         TextColumn("eps {task.fields[eps]}"),
         TimeElapsedColumn(),
     )
-    start = time.perf_counter()
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("rounds", total=cfg.federation.rounds, clients="-", loss="-", acc="-", eps="-")
-        simulate(cfg, out, on_round=lambda e: bar.update(task, completed=e["round"], **_progress_fields(e)))
+        task = bar.add_task("rounds", total=rounds, clients="-", loss="-", acc="-", eps="-")
+        yield lambda e: bar.update(task, completed=e["round"], **_progress_fields(e))
+
+
+def check(args: argparse.Namespace) -> int:
+    """What a run would refuse in its config, its resources and its base model, without starting one."""
+    cfg = read_config(args.config or default_config(), args.set, "simulation")
+    backend = backend_config(cfg)
+    folder = model_dir(cfg.model.source)
+    found = {
+        "config": args.config or default_config(),
+        "federation": describe(cfg),
+        "model": cfg.model.source + (f" ({folder})" if folder else " (built from a config)"),
+        "data": cfg.data.path or f"the packaged drug reviews ({cfg.data.demo_task})",
+        "partition": cfg.simulation.partition,
+        "per client": f"{backend['client_resources']['num_cpus']:g} CPU",
+    }
+    for key, value in found.items():
+        report.print(f"{key}: {value}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = read_config(args.config or default_config(), args.set, "simulation")
+    out = run_folder(args.out, cfg.name)
+    seeded = f" [bold red]({SEEDED})[/]" if cfg.simulation.reproducible else ""
+    console.print(f"[bold]{cfg.name}[/]: {describe(cfg)} -> {out}{seeded}", soft_wrap=True)
+    start = time.perf_counter()
+    with round_progress(cfg.federation.rounds) as on_round:
+        simulate(cfg, out, on_round=on_round)
     seconds = time.perf_counter() - start
     title = f"{cfg.name}: federated simulation"
     history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n")
@@ -83,15 +138,22 @@ def run(args: argparse.Namespace) -> int:
         lines += ["", "![compare](compare/compare.png)"]
         write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n\n" + "\n".join(lines))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "examples")
-    console.print(f"done in {seconds:.0f} s: {shown}; report at {out / 'report.md'}")
+    report.print(f"done in {seconds:.0f} s: {shown}; report at {out / 'report.md'}", soft_wrap=True)
     return 0
 
 
+def check_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedlora-simulate check", description=check.__doc__)
+    add_config_arguments(ap, "simulation", f"the packaged {DEFAULT_CONFIG}")
+    return ap
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fedlora-simulate", description=__doc__)
-    ap.add_argument("config", nargs="?", help=f"simulation YAML (default: the packaged {DEFAULT_CONFIG})")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    ap.add_argument("--out", help="run folder (default: runs/<name>-<time>); an existing one is resumed")
+    ap = argparse.ArgumentParser(
+        prog="fedlora-simulate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_arguments(ap, "simulation", f"the packaged {DEFAULT_CONFIG}")
+    add_out_argument(ap, "config, checkpoints, metrics, report; an existing one is resumed")
     ap.add_argument(
         "--compare",
         action="store_true",
@@ -101,6 +163,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        args = check_parser().parse_args(argv[1:])
+        return run_cli(lambda: check(args))
     args = parser().parse_args(argv)
     return run_cli(lambda: run(args))
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +21,14 @@ from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
 from fedlora.simulations.virtual_client import simulation_setup
 
 CONFIG_FILE = "config.yaml"
+# What Flower and Ray say at the start of every simulation that is no news to a fedlora user:
+# - run_simulation's deprecation. Kept on purpose: flwr 1.41 has no non-deprecated in-process entry
+#   point; its replacement, `flwr run`, starts a SuperLink and loads the apps by reference in other
+#   processes, where the round callback (progress, benchmarks' measurements) cannot reach.
+# - fraction_evaluate 0: the default simulation evaluates centrally (federation.central_eval).
+FLOWER_NOTICES = ("The `run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
+# Ray's notice that it will stop hiding GPUs from actors with num_gpus 0: about a future version.
+RAY_NOTICE = "Tip: In future versions of Ray, Ray will no longer override accelerator"
 
 
 def backend_config(cfg: FedloraConfig) -> dict:
@@ -49,24 +60,52 @@ def prepare_run_dir(cfg: FedloraConfig, run_dir: Path) -> None:
     saved.write_text(text)
 
 
+class _Drop(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(notice in text for notice in FLOWER_NOTICES)
+
+
+@contextmanager
+def quiet_simulation() -> Iterator[None]:
+    """For one simulation: Flower's warnings and errors once (Opacus gives the root logger a handler on
+    import, which printed each of Flower's records a second time), without the notices above; glibc
+    returns freed tensor buffers of 128 KiB or more to the OS in the Ray actors started meanwhile
+    (by default it raises that threshold after the first free and keeps each round's peak on its heap:
+    README, "Memory per round"). Everything is restored afterwards."""
+    flwr, drop = logging.getLogger("flwr"), _Drop()
+    level, propagate = flwr.level, flwr.propagate
+    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    flwr.setLevel(logging.WARNING)
+    flwr.propagate = False
+    flwr.addFilter(drop)
+    if malloc is None:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=RAY_NOTICE, category=FutureWarning)
+            yield
+    finally:
+        flwr.removeFilter(drop)
+        flwr.setLevel(level)
+        flwr.propagate = propagate
+        if malloc is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+
+
 def simulate(cfg: FedloraConfig, run_dir: Path, on_round: RoundCallback | None = None) -> None:
     """Run (or resume) a simulation into ``run_dir``."""
     prepare_run_dir(cfg, run_dir)
     settings = ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients)
     server_app = build_server_app(lambda _context: settings, on_round)
     client_app = build_client_app(partial(simulation_setup, cfg, run_dir))
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray's actors inherit this: glibc then returns every freed tensor buffer of 128 KiB or more to the
-    # OS; by default it raises the threshold after the first free and keeps round peaks on its heap
-    # (measured, MiniLM: RSS ~1.5 GB against 0.78 GB, growing with every larger Poisson batch).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.simulation.num_clients,
-        backend_config=backend_config(cfg),
-    )
+    with quiet_simulation():
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.simulation.num_clients,
+            backend_config=backend_config(cfg),
+        )
     check_something_trained(run_dir)
 
 

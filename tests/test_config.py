@@ -199,7 +199,7 @@ def test_config_from_dict_prefixes_its_source():
         config_from_dict({"privacy": {"epsilon": 0}}, source="somewhere.yaml")
 
 
-# --- Persona roots: each file is checked as what it is for (issue 13). ---
+# --- Persona roots: each file is checked as what it is for. ---
 
 COORDINATOR = "name: coordinator\nfederation:\n  rounds: 3\n  min_clients: 6\n"
 
@@ -384,7 +384,7 @@ def test_every_command_reads_its_file_as_its_persona(tmp_path, capsys):
     from fedlora.simulations import cli as sim_cli
 
     coordinator = write_config(tmp_path, COORDINATOR, "coordinator.yaml")
-    assert server_cli.main(["status", str(coordinator), "--run-dir", str(tmp_path / "run")]) == 0
+    assert server_cli.main(["status", str(coordinator), "--out", str(tmp_path / "run")]) == 0
     assert "0 of 3" in "".join(capsys.readouterr())
     settings = settings_from_run_config(SimpleNamespace(run_config={"config": str(coordinator)}))
     assert settings.num_clients == 6

@@ -401,7 +401,7 @@ def test_dataset_works_with_a_data_loader(tokenizer):
 
 
 def test_a_csv_with_an_unquoted_comma_in_every_row_is_refused_not_shifted(tmp_path):
-    """pandas took the first field as the index: the text became ' severe' (issue 13)."""
+    """pandas would take the first field as the index: the text would become ' severe'."""
     path = tmp_path / "notes.csv"
     path.write_text("text,label\nmild pain, not severe,low\nchest pain, severe,high\n")
     with pytest.raises(DataError) as info:

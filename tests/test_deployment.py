@@ -323,7 +323,7 @@ def test_secured_federation_admits_only_registered_tls_nodes(tmp_path, processes
         text=True,
         timeout=120,
     )
-    assert status.returncode == 0 and "running (pid" in status.stderr, status.stderr
+    assert status.returncode == 0 and "running (pid" in status.stdout, status.stderr
     assert processes.wait("server", 360) == 0, processes.tails()
 
     rounds = history(fed)

@@ -13,6 +13,7 @@ from opacus.accountants import create_accountant
 
 from fedlora.client.ledger import LedgerEntry, PrivacyLedger, compose, merged_history
 from fedlora.client.trainer import LocalTrainer
+from fedlora.common.adapter import adapter_state, peft_module
 from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 from fedlora.common.model import build_model
 
@@ -218,8 +219,8 @@ def test_round_over_budget_is_refused_and_nothing_trained(
     assert ledger.spent == pytest.approx(one, rel=1e-9)
 
     before_bytes = path.read_bytes()
-    before_adapter = trainer.adapter()
-    before_params = {n: p.detach().clone() for n, p in trainer.peft_model.named_parameters()}
+    before_adapter = adapter_state(trainer.model)
+    before_params = {n: p.detach().clone() for n, p in peft_module(trainer.model).named_parameters()}
     before_steps = [float(s["step"]) for s in trainer.optimizer.original_optimizer.state.values()]
     assert before_steps and all(n == steps for n in before_steps)
     calls = []
@@ -234,10 +235,10 @@ def test_round_over_budget_is_refused_and_nothing_trained(
         assert "affords: 0" in message  # what is left: no round
     assert calls == []
     assert path.read_bytes() == before_bytes
-    after = trainer.adapter()
+    after = adapter_state(trainer.model)
     assert after.keys() == before_adapter.keys()
     assert all(torch.equal(after[k], before_adapter[k]) for k in after)
-    assert all(torch.equal(p, before_params[n]) for n, p in trainer.peft_model.named_parameters())
+    assert all(torch.equal(p, before_params[n]) for n, p in peft_module(trainer.model).named_parameters())
     assert [float(s["step"]) for s in trainer.optimizer.original_optimizer.state.values()] == before_steps
     assert [e.round for e in ledger.entries] == [1]
 

@@ -24,6 +24,7 @@ from fedlora.common.adapter import (
     l2_norm,
     load_adapter_state,
     non_finite,
+    peft_module,
     to_record,
 )
 from fedlora.common.config import DataConfig, ModelConfig
@@ -158,7 +159,8 @@ def test_builds_share_the_frozen_base_and_training_one_leaves_the_others_alone(
     third = build_model(cfg.model, labels, vocab_size).model
     assert_same_state(adapter_state(third), adapter_state(second))
     # Not vacuous: the trained copy did move.
-    assert (logits_of(trainer.peft_model, data.input_ids, data.attention_mask) - before).abs().max() > 1e-3
+    trained = logits_of(peft_module(trainer.model), data.input_ids, data.attention_mask)
+    assert (trained - before).abs().max() > 1e-3
 
 
 def test_ffa_freezes_a(vocab_size):
@@ -194,7 +196,7 @@ def test_exported_tiny_bert_adapter_reloads_with_peft(make_config, vocab_size, t
 
     reloaded = PeftModel.from_pretrained(build_base_model(cfg.model, labels, vocab_size), out)
     ids, mask = data.input_ids, data.attention_mask
-    trained = logits_of(trainer.peft_model, ids, mask)
+    trained = logits_of(peft_module(trainer.model), ids, mask)
     torch.testing.assert_close(logits_of(reloaded, ids, mask), trained, atol=1e-6, rtol=1e-5)
     # Not vacuous: training moved the logits away from the untrained model's (zero head).
     fresh = logits_of(build_model(cfg.model, labels, vocab_size).model, ids, mask)
@@ -217,7 +219,7 @@ def test_exported_tiny_llama_adapter_reloads_with_peft(make_config, vocab_size, 
     out = export_adapter(trainer.model, tmp_path / "adapter", {})
     reloaded = PeftModel.from_pretrained(build_base_model(cfg.model, (), vocab_size), out)
     ids, mask = data.input_ids, data.attention_mask
-    trained = logits_of(trainer.peft_model, ids, mask, causal=True)
+    trained = logits_of(peft_module(trainer.model), ids, mask, causal=True)
     torch.testing.assert_close(logits_of(reloaded, ids, mask, causal=True), trained, atol=1e-5, rtol=1e-5)
     fresh = logits_of(build_model(cfg.model, (), vocab_size).model, ids, mask, causal=True)
     assert (trained - fresh).abs().max() > 1e-4

@@ -7,18 +7,21 @@ computes must equal a per-example loop (forward alone, backward, clip the whole 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 
 import pandas as pd
 import pytest
 import torch
+from peft import get_peft_model
 
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
+from fedlora.common.adapter import adapter_state, peft_module
 from fedlora.common.config import DataConfig
 from fedlora.common.data import IGNORE_INDEX, tokenize_causal_lm
 from fedlora.common.errors import ConfigError
-from fedlora.common.model import build_model
+from fedlora.common.model import build_base_model, build_model, lora_config, target_modules
 from fedlora.common.scoring import causal_lm_loss, evaluate, forward_loss, trim
 
 CPU = torch.device("cpu")
@@ -42,7 +45,7 @@ def trainable(model):
 
 
 def names_by_id(trainer):
-    return {id(p): name for name, p in trainer.peft_model.named_parameters()}
+    return {id(p): name for name, p in peft_module(trainer.model).named_parameters()}
 
 
 def per_example_grads(model, batch, task="classification"):
@@ -63,8 +66,7 @@ def norm_of(grads: dict) -> float:
 def preset_ledger(path, cfg, sigma=1.0):
     """A ledger whose noise is already fixed, as when read from an earlier round: calibration (a
     search over many compositions, ~10 s on a busy 2-core machine) is irrelevant to these tests."""
-    p = cfg.privacy
-    ledger = PrivacyLedger(path, p.epsilon, p.delta, p.accountant)
+    ledger = PrivacyLedger.from_config(cfg.privacy, path)
     ledger.noise_multiplier = sigma
     return ledger
 
@@ -200,11 +202,11 @@ def test_empty_poisson_batches_step_and_count(make_config, vocab_size, toy_class
     data = toy_classification(n=4)
     ledger = preset_ledger(tmp_path / "ledger.json", cfg, sigma=2.0)
     trainer = LocalTrainer(cfg, build_model(cfg.model, ("a", "b"), vocab_size).model, data, CPU, ledger)
-    snapshots, losses = [trainer.adapter()], []
+    snapshots, losses = [adapter_state(trainer.model)], []
 
     def on_step(_step, loss):
         losses.append(loss)
-        snapshots.append(trainer.adapter())
+        snapshots.append(adapter_state(trainer.model))
 
     result = trainer.train_round(1, on_step=on_step)
     empty = [i for i, loss in enumerate(losses) if math.isnan(loss)]
@@ -338,3 +340,43 @@ def test_trainer_refuses_delta_not_below_one_over_rows(
     message = str(info.value)
     assert message.startswith(f"privacy.delta: {delta:g}") and "1/16" in message and "\n" not in message
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("adapter_name", ["default", "local"])
+def test_proximal_pull_reaches_every_adapter_tensor(
+    make_config, vocab_size, toy_classification, adapter_name
+):
+    """FedProx's pull, with learning rate x mu = 1, puts every trained tensor (LoRA and the head)
+    exactly on the anchor: the trainer finds each parameter's key in PEFT's own state dict, whatever
+    the adapter is named."""
+    lr = 0.01
+    cfg = make_config(
+        {
+            "training": {"batch_size": 8, "learning_rate": lr, "head_learning_rate": lr, "local_steps": 2},
+            "privacy": {"enabled": False},
+        }
+    )
+    base = build_base_model(cfg.model, ("a", "b"), vocab_size)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    layout = lora_config(cfg.model, target_modules(cfg.model, base))
+    model = get_peft_model(base, layout, adapter_name=adapter_name)
+    trainer = LocalTrainer(cfg, model, toy_classification(n=16), CPU)
+    anchor = {k: torch.full_like(v, 0.5) for k, v in adapter_state(trainer.model).items()}
+    assert any("classifier" in k for k in anchor) and any("lora_A" in k for k in anchor)
+    trainer.train_round(1, proximal_mu=1 / lr, anchor=anchor)
+    after = adapter_state(trainer.model)
+    assert after.keys() == anchor.keys()
+    for key, tensor in after.items():
+        torch.testing.assert_close(tensor, anchor[key], msg=key)
+
+
+def test_secure_mode_without_torchcsprng_is_one_line(make_config, vocab_size, toy_classification, tmp_path):
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here: secure mode works")
+    cfg = make_config({"privacy": {"secure_mode": True}})
+    data = toy_classification(n=16)
+    model = build_model(cfg.model, ("a", "b"), vocab_size).model
+    with pytest.raises(ConfigError, match=r"^privacy\.secure_mode: true needs the torchcsprng") as err:
+        LocalTrainer(cfg, model, data, CPU, preset_ledger(tmp_path / "ledger.json", cfg))
+    assert "\n" not in str(err.value)

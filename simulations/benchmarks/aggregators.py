@@ -1,6 +1,6 @@
 """fedavg vs exact vs ffa (and mixed ranks) on one simulation config, in one comparison run.
 
-Run: ``python -m fedlora.simulations.benchmarks.aggregators [CONFIG] [--out DIR] [--repeats N]
+Run: ``python -m fedlora.simulations.benchmarks aggregators [CONFIG] [--set K=V] [--out DIR] [--repeats N]
 [--only SETTING ...] [--baseline SETTING]``
 
 Every setting is a full simulation of the same config (default: the hospital simulation) into its own
@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.table import Table
 
-from fedlora.common.cli_support import console, read_config, report, run_cli
+from fedlora.common.cli_support import (
+    add_config_arguments,
+    add_out_argument,
+    console,
+    read_config,
+    report,
+    run_cli,
+    run_folder,
+)
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ConfigError
+from fedlora.simulations.benchmarks import PROG
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.report import write_all
 from fedlora.simulations.run import simulate
@@ -243,12 +251,9 @@ def write_report(results: list[dict], baseline: dict, out: Path) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="?", help="simulation YAML (default: the packaged hospital simulation)")
-    ap.add_argument("--out", type=Path, default=Path("runs/aggregators"), help="comparison folder")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every setting"
-    )
+    ap = argparse.ArgumentParser(prog=f"{PROG} aggregators", description=__doc__)
+    add_config_arguments(ap, "simulation", "the packaged hospital simulation")
+    add_out_argument(ap, "one sub-folder per setting and repeat, the table, plot and report")
     ap.add_argument("--ranks", type=int, nargs="*", default=[4, 8, 16, 8, 4], help="mixed client ranks")
     ap.add_argument("--no-dp-off", action="store_true", help="skip the settings without DP")
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting (DP noise is unseeded)")
@@ -266,7 +271,6 @@ def compare_aggregators(args: argparse.Namespace) -> int:
     are rewritten after every repeat."""
     config = args.config or default_config()
     base = read_config(config, args.set, "simulation")
-    args.out.mkdir(parents=True, exist_ok=True)
     chosen = settings(
         base.privacy.enabled, args.ranks, not args.no_dp_off, base.model.lora_r, base.model.lora_alpha
     )
@@ -283,6 +287,8 @@ def compare_aggregators(args: argparse.Namespace) -> int:
     if args.baseline and args.baseline not in [s.name for s in chosen]:
         raise ConfigError(f"--baseline: {args.baseline!r} is not among the settings --only chose")
     baseline = args.baseline or chosen[0].name
+    args.out = run_folder(args.out, f"{base.name}-aggregators")
+    args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {s.name: [] for s in chosen}
     for k in range(1, args.repeats + 1):
         for s in chosen:
@@ -300,7 +306,3 @@ def compare_aggregators(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return run_cli(lambda: compare_aggregators(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,7 +44,9 @@ class LoraSpec:
 @lru_cache(maxsize=1)
 def lora_model(spec: LoraSpec) -> torch.nn.Module:
     """One model per process, as a minimal app would keep it."""
-    base = AutoModelForSequenceClassification.from_pretrained(spec.folder, num_labels=spec.num_labels)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        spec.folder, num_labels=spec.num_labels, local_files_only=True
+    )
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets), modules_to_save=["classifier"]
     )

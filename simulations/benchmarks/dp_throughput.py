@@ -1,6 +1,6 @@
 """Throughput of local LoRA training: non-private vs DP-SGD with Opacus hooks vs ghost clipping.
 
-Run: ``python -m fedlora.simulations.benchmarks.dp_throughput [--steps 10 --repeats 3 ...]``
+Run: ``python -m fedlora.simulations.benchmarks dp_throughput [CONFIG] [--set K=V] [--steps 10 ...]``
 
 The default config (pretrained MiniLM, LoRA, drug-review triage) is trained by `LocalTrainer` three
 ways in one process. Each mode gets its own model (Opacus wraps a module once) and a warm-up round;
@@ -15,24 +15,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
-from fedlora.common.config import FedloraConfig, load_config
+from fedlora.common.cli_support import add_config_arguments, console, read_config, report, run_cli
+from fedlora.common.config import FedloraConfig
+from fedlora.common.errors import ConfigError
 from fedlora.common.model import build_model, device_for
 from fedlora.common.workbench import prepare
+from fedlora.simulations.benchmarks import PROG
 
 MODES = ("non-private", "dp-hooks", "dp-ghost")
-log = Console(stderr=True)
 
 
 @dataclass
@@ -57,7 +57,7 @@ def mode_config(mode: str, args: argparse.Namespace, planned_rounds: int) -> Fed
         overrides.append("privacy.enabled=false")
     else:
         overrides += ["privacy.enabled=true", f"privacy.grad_sample_mode={mode.removeprefix('dp-')}"]
-    return load_config(None, overrides=overrides)
+    return read_config(args.config, [*args.set, *overrides], "institution")
 
 
 def build_trainers(args: argparse.Namespace, folder: Path) -> dict[str, LocalTrainer]:
@@ -72,8 +72,7 @@ def build_trainers(args: argparse.Namespace, folder: Path) -> dict[str, LocalTra
         built = build_model(cfg.model, bench.labels, len(bench.tokenizer))
         ledger = None
         if cfg.privacy.enabled:
-            p = cfg.privacy
-            ledger = PrivacyLedger(folder / f"{mode}-ledger.json", p.epsilon, p.delta, p.accountant)
+            ledger = PrivacyLedger.from_config(cfg.privacy, folder / f"{mode}-ledger.json")
         trainers[mode] = LocalTrainer(cfg, built.model, bench.data.train, device, ledger)
     return trainers
 
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Samples]:
             results[mode].noise_multiplier = trainer.noise_multiplier
             start = time.perf_counter()
             trainer.train_round(0, steps=args.warmup_steps)
-            log.print(f"warm-up {mode}: {args.warmup_steps} steps in {time.perf_counter() - start:.1f}s")
+            console.print(f"warm-up {mode}: {args.warmup_steps} steps in {time.perf_counter() - start:.1f}s")
         round_id = 0
         for rep in range(args.repeats):
             order = MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]
@@ -106,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Samples]:
                 s.examples += seen[mode]
                 s.seconds += seconds[mode]
                 s.steps += args.steps
-                log.print(
+                console.print(
                     f"rep {rep + 1}/{args.repeats} {mode:11s} {seen[mode]:4d} examples "
                     f"in {seconds[mode]:6.1f}s = {s.rates[-1]:6.2f} samples/s"
                 )
@@ -141,7 +140,8 @@ def table(results: dict[str, Samples], args: argparse.Namespace) -> Table:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=f"{PROG} dp_throughput", description=__doc__)
+    add_config_arguments(ap, "institution")
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per mode and repetition")
     ap.add_argument("--repeats", type=int, default=3, help="repetitions (modes interleaved)")
     ap.add_argument("--batch-size", type=int, default=32, help="expected batch size")
@@ -151,16 +151,19 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def measure(args: argparse.Namespace) -> int:
     if args.warmup_steps > args.steps:
-        parser().error("--warmup-steps must not exceed --steps (the privacy plan covers that much)")
+        raise ConfigError(
+            f"--warmup-steps: {args.warmup_steps} exceeds --steps {args.steps}; the privacy plan covers "
+            "only --steps"
+        )
     start = time.perf_counter()
     results = run(args)
-    Console(width=150).print(table(results, args))
-    log.print(f"total wall time {time.perf_counter() - start:.0f}s")
+    report.print(table(results, args), width=150)
+    console.print(f"total wall time {time.perf_counter() - start:.0f}s")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run_cli(lambda: measure(args))

@@ -1,4 +1,4 @@
-"""Memory per round: does a long simulation hold each client process's memory flat? (issue 13)
+"""Memory per round: does a long simulation hold each client process's memory flat?
 
 Two engines run the same ClientApp:
 - ray (default): the real simulation, fedlora's ServerApp and ClientApp on Flower's Ray backend;
@@ -11,7 +11,7 @@ Two engines run the same ClientApp:
 Round 1 loads the model and data and warms the allocators, so the figure is the last round over
 round 2, per process; the target is at most 1.10.
 
-    python -m fedlora.simulations.benchmarks.memory [--model minilm] [--clients 4] [--rounds 20]
+    python -m fedlora.simulations.benchmarks memory [--model minilm] [--clients 4] [--rounds 20]
         [--steps 3] [--engine ray|in-process] [--set KEY=VALUE ...]
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -34,10 +33,19 @@ from rich.table import Table
 from fedlora.client.app import build_client_app, shared_data
 from fedlora.common import protocol as P
 from fedlora.common.adapter import adapter_state, to_record
-from fedlora.common.cli_support import console, read_config, report, run_cli
+from fedlora.common.cli_support import (
+    add_config_arguments,
+    add_out_argument,
+    console,
+    read_config,
+    report,
+    run_cli,
+    run_folder,
+)
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import FedloraError
 from fedlora.common.model import BuiltModel, build_model, lora_scale
+from fedlora.simulations.benchmarks import PROG
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.run import prepare_run_dir, simulate
 from fedlora.simulations.virtual_client import simulation_setup
@@ -170,15 +178,14 @@ def config(args: argparse.Namespace) -> FedloraConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="?", help="simulation YAML (default: the packaged hospitals.yaml)")
+    ap = argparse.ArgumentParser(prog=f"{PROG} memory", description=__doc__)
+    add_config_arguments(ap, "simulation", "the packaged hospitals.yaml")
     ap.add_argument("--model", default="minilm", help="model.source (default minilm)")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=3, help="training.local_steps")
     ap.add_argument("--engine", choices=("ray", "in-process"), default="ray")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    ap.add_argument("--out", help="run folder (default: a temporary one)")
+    add_out_argument(ap, "the simulation's run folder")
     return ap
 
 
@@ -188,10 +195,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config(args)
     engine = with_ray if args.engine == "ray" else in_process
     columns = (TextColumn("round"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[mb]}"))
-    with (
-        tempfile.TemporaryDirectory(prefix="fedlora-memory-") as tmp,
-        Progress(*columns, TimeElapsedColumn(), console=console) as bar,
-    ):
+    with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("rounds", total=args.rounds, mb="-")
 
         def show(server_round: int, row: dict[str, float]) -> None:
@@ -199,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
             bar.console.print(f"round {server_round}: {shown}")
             bar.update(task, completed=server_round, mb=shown)
 
-        figures = engine(cfg, Path(args.out or tmp), show)
+        figures = engine(cfg, run_folder(args.out, f"{cfg.name}-memory"), show)
     title = (
         f"{args.engine}: {cfg.model.source}, {args.clients} clients x {args.rounds} rounds, "
         f"{args.steps} steps, DP {'on' if cfg.privacy.enabled else 'off'}"
@@ -213,7 +217,3 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return run_cli(lambda: run(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,13 +11,13 @@ The echo baseline prices everything a LoRA client has to do (import torch, load 
 baseline isolates what fedlora adds on top. Run alternately and repeated; prints each wall time and
 the median ratios.
 
-    python -m fedlora.simulations.benchmarks.overhead [--clients 5] [--rounds 3] [--repeats 2]
+    python -m fedlora.simulations.benchmarks overhead [CONFIG] [--set K=V] [--clients 5] [--rounds 3]
+        [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import tempfile
 import time
@@ -31,13 +31,15 @@ from flwr.simulation import run_simulation
 from rich.table import Table
 
 from fedlora.common.adapter import adapter_state
-from fedlora.common.cli_support import console
-from fedlora.common.config import FedloraConfig, load_config
+from fedlora.common.cli_support import add_config_arguments, read_config, report, run_cli
+from fedlora.common.config import FedloraConfig
+from fedlora.common.errors import ModelError
 from fedlora.common.model import model_dir, target_modules
 from fedlora.common.workbench import Workbench, prepare
+from fedlora.simulations.benchmarks import PROG
 from fedlora.simulations.benchmarks.bare_flower import LoraSpec, echo_app, initial_adapter, lora_app
 from fedlora.simulations.cli import default_config
-from fedlora.simulations.run import backend_config, simulate
+from fedlora.simulations.run import backend_config, quiet_simulation, simulate
 
 
 def bare_flower(cfg: FedloraConfig, client: ClientApp, arrays: ArrayRecord) -> float:
@@ -51,9 +53,10 @@ def bare_flower(cfg: FedloraConfig, client: ClientApp, arrays: ArrayRecord) -> f
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.federation.rounds)
 
     start = time.perf_counter()
-    run_simulation(
-        server, client, num_supernodes=cfg.simulation.num_clients, backend_config=backend_config(cfg)
-    )
+    with quiet_simulation():
+        run_simulation(
+            server, client, num_supernodes=cfg.simulation.num_clients, backend_config=backend_config(cfg)
+        )
     return time.perf_counter() - start
 
 
@@ -75,12 +78,16 @@ def fedlora_run(cfg: FedloraConfig) -> float:
         return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{PROG} overhead", description=__doc__)
+    add_config_arguments(ap, "simulation", "the packaged hospitals.yaml")
     ap.add_argument("--clients", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def measure(args: argparse.Namespace) -> int:
     overrides = [
         "training.local_steps=0",
         "privacy.enabled=false",
@@ -91,14 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         "federation.central_eval=false",
         "federation.aggregator=fedavg",  # like for like with Flower's FedAvg on the bare side
     ]
-    cfg = load_config(default_config(), overrides, "simulation")
+    cfg = read_config(args.config or default_config(), [*args.set, *overrides], "simulation")
     work = prepare(cfg)
     arrays = ArrayRecord(adapter_state(work.built.model))
     lora = lora_spec(cfg, work)
     lora_arrays = initial_adapter(lora)
     if sorted(a.shape for a in lora_arrays.values()) != sorted(a.shape for a in arrays.values()):
-        raise SystemExit("the LoRA baseline's adapter does not match fedlora's tensor for tensor")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+        raise ModelError("the LoRA baseline's adapter does not match fedlora's tensor for tensor")
     runs = {
         "bare Flower, echo": lambda: bare_flower(cfg, echo_app(), arrays),
         "bare Flower, LoRA": lambda: bare_flower(cfg, lora_app(lora), lora_arrays),
@@ -116,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in times.items():
         median = statistics.median(values)
         table.add_row(name, ", ".join(f"{v:.1f}" for v in values), f"{median:.1f}", f"{ours / median:.2f}x")
-    console.print(table)
-    console.print("target: fedlora / bare Flower <= 1.3x")
+    report.print(table)
+    report.print("target: fedlora / bare Flower <= 1.3x")
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run_cli(lambda: measure(args))

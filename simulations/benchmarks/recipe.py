@@ -1,7 +1,8 @@
 """Held-out accuracy of local LoRA training on the drug-review triage task, private and not,
 against the linear-probe floor.
 
-Run: ``python -m fedlora.simulations.benchmarks.recipe [--recipe SPEC ...] [--modes nondp dp]``
+Run: ``python -m fedlora.simulations.benchmarks recipe [CONFIG] [--set K=V] [--recipe SPEC ...]
+[--modes nondp dp]``
 
 A recipe is a comma-separated list of ``key=value`` pairs (any key left out keeps the config
 default):
@@ -27,28 +28,28 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
-from fedlora.common.config import FedloraConfig, load_config
+from fedlora.common.cli_support import add_config_arguments, console, read_config, report, run_cli
+from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
+from fedlora.common.errors import ConfigError
 from fedlora.common.model import PooledClassifier, build_base_model, build_model, device_for
 from fedlora.common.scoring import evaluate, trim
 from fedlora.common.workbench import Workbench, prepare
-
-log = Console(stderr=True)
+from fedlora.simulations.benchmarks import PROG
 
 KEYS = {
     "lr": "training.learning_rate",
@@ -65,7 +66,7 @@ KEYS = {
     "init": "model.head_init",
 }
 
-# The recipes the previous search settled on: a non-private one and a private one.
+# The settled recipes (README, "Measured"): a non-private one and a private one.
 DEFAULT_RECIPES = (
     "lr=5e-3,hlr=2e-2,bs=32,steps=9,rounds=8,clip=1.0,len=128",
     "lr=1e-3,hlr=5e-2,bs=128,steps=10,rounds=2,clip=1.0,len=128",
@@ -90,7 +91,7 @@ def parse_recipe(spec: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key not in KEYS:
-            raise SystemExit(f"recipe {spec!r}: {item!r} is not key=value with key in {', '.join(KEYS)}")
+            raise ConfigError(f"--recipe {spec!r}: {item!r} is not key=value with key in {', '.join(KEYS)}")
         values[key] = value
     return values
 
@@ -104,12 +105,15 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-def recipe_config(spec: str, private: bool, epsilon: float) -> tuple[FedloraConfig, int]:
+def recipe_config(
+    spec: str, private: bool, epsilon: float, config: str | None = None, sets: Sequence[str] = ()
+) -> tuple[FedloraConfig, int]:
+    """The recipe over ``config`` and its ``--set`` overrides (the built-in defaults if none)."""
     values = parse_recipe(spec)
     # Numbers go through Python: YAML 1.1 reads '5e-3' as a string.
     overrides = [f"{KEYS[k]}={_number(v)}" for k, v in values.items()]
     overrides += [f"privacy.enabled={'true' if private else 'false'}", f"privacy.epsilon={epsilon}"]
-    cfg = load_config(None, overrides=overrides)
+    cfg = read_config(config, [*sets, *overrides], "institution")
     return cfg, cfg.planned_rounds
 
 
@@ -166,9 +170,16 @@ def linear_probe(cfg: FedloraConfig, bench: Workbench) -> dict[str, float]:
 
 
 def train_once(
-    spec: str, private: bool, epsilon: float, benches: dict[int, Workbench], folder: Path, curve: bool
+    spec: str,
+    private: bool,
+    epsilon: float,
+    benches: dict[int, Workbench],
+    folder: Path,
+    curve: bool,
+    config: str | None = None,
+    sets: Sequence[str] = (),
 ) -> Outcome:
-    cfg, rounds = recipe_config(spec, private, epsilon)
+    cfg, rounds = recipe_config(spec, private, epsilon, config, sets)
     if cfg.data.max_length not in benches:
         benches[cfg.data.max_length] = prepare(cfg)
     bench = benches[cfg.data.max_length]
@@ -176,9 +187,8 @@ def train_once(
     built = build_model(cfg.model, bench.labels, len(bench.tokenizer))
     ledger = None
     if private:
-        p = cfg.privacy
         path = folder / f"ledger-{abs(hash((spec, time.time())))}.json"
-        ledger = PrivacyLedger(path, p.epsilon, p.delta, p.accountant)
+        ledger = PrivacyLedger.from_config(cfg.privacy, path)
     start = time.perf_counter()
     trainer = LocalTrainer(cfg, built.model, bench.data.train, device, ledger)
     seen, accuracies, loss = 0, [], math.nan
@@ -190,7 +200,7 @@ def train_once(
             metrics = evaluate(trainer.model, cfg.model.task, bench.data.eval, device, 64)
             accuracies.append(metrics["accuracy"])
             loss = metrics["loss"]
-            log.print(
+            console.print(
                 f"  {mode:5s} round {r}/{rounds}: train loss {result.loss:.3f}, "
                 f"held-out acc {metrics['accuracy']:.3f}, loss {metrics['loss']:.3f}"
                 + (f", epsilon {result.epsilon:.2f}" if result.epsilon is not None else "")
@@ -208,7 +218,7 @@ def train_once(
     )
 
 
-def report(outcomes: list[Outcome], probe: dict[int, dict[str, float]], epsilon: float) -> Table:
+def table(outcomes: list[Outcome], probe: dict[int, dict[str, float]], epsilon: float) -> Table:
     t = Table(title=f"Triage (266 train / 169 held-out, 8 labels): LoRA recipes, DP at epsilon {epsilon:g}")
     for name in ("recipe", "epochs", "non-DP acc", "DP acc", "epsilon spent", "noise", "wall s"):
         t.add_column(name, justify="left" if name == "recipe" else "right")
@@ -242,7 +252,8 @@ def report(outcomes: list[Outcome], probe: dict[int, dict[str, float]], epsilon:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=f"{PROG} recipe", description=__doc__)
+    add_config_arguments(ap, "institution")
     ap.add_argument(
         "--recipe",
         action="append",
@@ -264,8 +275,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def measure(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     recipes = args.recipe or list(DEFAULT_RECIPES)
     for spec in recipes:
@@ -274,26 +284,31 @@ def main(argv: list[str] | None = None) -> int:
     benches: dict[int, Workbench] = {}
     probe = {}
     for length in args.probe_lengths:
-        cfg = load_config(None, overrides=[f"data.max_length={length}", "privacy.enabled=false"])
+        cfg = read_config(
+            args.config, [*args.set, f"data.max_length={length}", "privacy.enabled=false"], "institution"
+        )
         benches.setdefault(length, prepare(cfg))
         t0 = time.perf_counter()
         probe[length] = linear_probe(cfg, benches[length])
-        log.print(f"linear probe len={length}: {probe[length]} ({time.perf_counter() - t0:.0f}s)")
+        console.print(f"linear probe len={length}: {probe[length]} ({time.perf_counter() - t0:.0f}s)")
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
         for spec in recipes:
             for mode in args.modes:
-                log.print(f"[bold]{spec}[/] {mode}")
-                o = train_once(spec, mode == "dp", args.epsilon, benches, Path(tmp), args.curve)
-                log.print(f"  -> acc {o.accuracy:.3f} in {o.seconds:.0f}s")
+                console.print(f"[bold]{spec}[/] {mode}")
+                o = train_once(
+                    spec, mode == "dp", args.epsilon, benches, Path(tmp), args.curve, args.config, args.set
+                )
+                console.print(f"  -> acc {o.accuracy:.3f} in {o.seconds:.0f}s")
                 outcomes.append(o)
                 if args.json:
                     with args.json.open("a") as f:
                         f.write(json.dumps(asdict(o)) + "\n")
-    Console(width=160).print(report(outcomes, probe, args.epsilon))
-    log.print(f"total wall time {time.perf_counter() - start:.0f}s")
+    report.print(table(outcomes, probe, args.epsilon), width=160)
+    console.print(f"total wall time {time.perf_counter() - start:.0f}s")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run_cli(lambda: measure(args))

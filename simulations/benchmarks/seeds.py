@@ -1,7 +1,7 @@
 """Settings compared on the same seeds: each one's mean held-out accuracy (or loss) with its 95%
 interval, and its paired difference from the first setting with its interval.
 
-Run: ``python -m fedlora.simulations.benchmarks.seeds [CONFIG] --setting NAME [CONFIG] [KEY=VALUE ...]
+Run: ``python -m fedlora.simulations.benchmarks seeds [CONFIG] --setting NAME [CONFIG] [KEY=VALUE ...]
 [--setting ...] [--seeds N] [--set KEY=VALUE ...] [--metric accuracy|loss] [--compare] [--unseeded]
 [--out DIR]``
 
@@ -31,7 +31,6 @@ import json
 import math
 import re
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,7 +286,3 @@ def compare_on_seeds(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return run_cli(lambda: compare_on_seeds(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
