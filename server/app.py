@@ -168,6 +168,7 @@ def run_rounds(
     aggregate, evaluate on the nodes, then the after-round step. Returns the last global adapter."""
     arrays = start.arrays
     if start.done < after_round.rounds:
+        strategy.summary()
         after_round.before_first(arrays)
     for server_round in range(start.done + 1, after_round.rounds + 1):
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)

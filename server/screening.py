@@ -6,6 +6,7 @@ never reaches an aggregator; a failure keeps only a fixed category, never the cl
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fedlora.common.errors import AdapterError, ConfigError
 from fedlora.server.aggregators import Aggregator, ClientUpdate, weight_change_norm
 from fedlora.server.global_adapter import GlobalAdapter, Layout
 
+log = logging.getLogger("fedlora.server")
 # Flower's own transport failures (the values of its Error codes on the wire: message unavailable,
 # reply message unavailable, node unavailable): the SuperLink writes their reasons, no client text
 TRANSPORT_ERRORS = (3, 4, 5)
@@ -34,6 +36,12 @@ def by_node(replies: Iterable[Message]) -> list[Message]:
     """Replies in node order, not arrival order: float sums depend on order, and a resumed round
     must be the same bits as one that never stopped."""
     return sorted(replies, key=lambda msg: msg.metadata.src_node_id)
+
+
+def drop(dropped: list[dict], server_round: int, msg: Message, reason: str, what: str) -> None:
+    node = msg.metadata.src_node_id
+    log.warning("round %d: dropped %s reply from node %d: %s", server_round, what, node, reason)
+    dropped.append({"node": node, "reason": reason})
 
 
 def failure_reason(error: Error) -> str:
@@ -57,6 +65,17 @@ class Screened:
     norm: float
     """The L2 norm of its change to the weights (`weight_change_norm`)."""
     bytes: int
+
+    def entry(self, weight: float) -> dict:
+        """Its line in the round's history, with its share of the round's weight."""
+        values = {k: float(v) for k, v in self.metrics.values().items()}
+        return {
+            "node": self.update.node_id,
+            **values,
+            "update_norm": self.norm,
+            "bytes": self.bytes,
+            "weight": weight,
+        }
 
 
 class ReplyScreen:
@@ -103,6 +122,36 @@ class ReplyScreen:
             scales=scales,
             hint=f" (federation.aggregator {agg.name} needs {rank_rule} and {scale_rule})",
         )
+
+    def train_replies(
+        self,
+        replies: Iterable[Message],
+        global_adapter: GlobalAdapter,
+        server_round: int,
+        dropped: list[dict],
+    ) -> list[Screened]:
+        """The accepted replies in node order; each refused one logged and added to ``dropped``."""
+        rules = self.rules(global_adapter)
+        accepted = []
+        for msg in by_node(replies):
+            try:
+                accepted.append(self.train(msg, global_adapter, rules))
+            except AdapterError as err:
+                drop(dropped, server_round, msg, str(err), "train")
+        return accepted
+
+    def evaluate_replies(
+        self, replies: Iterable[Message], server_round: int, dropped: list[dict]
+    ) -> list[EvaluateMetrics]:
+        """The accepted evaluate replies' metrics in node order; each refused one logged and added to
+        ``dropped``."""
+        accepted = []
+        for msg in by_node(replies):
+            try:
+                accepted.append(self.evaluate(msg))
+            except AdapterError as err:
+                drop(dropped, server_round, msg, str(err), "evaluate")
+        return accepted
 
     def train(self, msg: Message, global_adapter: GlobalAdapter, rules: ReplyRules) -> Screened:
         """The accepted reply, or AdapterError saying why it is refused."""

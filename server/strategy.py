@@ -29,7 +29,7 @@ from fedlora.server.aggregators import Aggregator, bounded_weights, create_aggre
 from fedlora.server.global_adapter import GlobalAdapter, Layout
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
-from fedlora.server.screening import ReplyScreen, Screened, by_node
+from fedlora.server.screening import ReplyScreen
 
 log = logging.getLogger("fedlora.server")
 NODE_POLL_SECONDS = 1.0
@@ -174,28 +174,15 @@ class LoraStrategy(Strategy):
         """Screen, weigh, aggregate, step; None when no reply was usable (the global stays)."""
         record = RoundLog(round=server_round)
         self.rounds.append(record)
-        rules = self.screen.rules(self.global_adapter)
-        accepted: list[Screened] = []
-        for msg in by_node(replies):
-            try:
-                accepted.append(self.screen.train(msg, self.global_adapter, rules))
-            except AdapterError as err:
-                drop(record.dropped, server_round, msg, str(err), "train")
+        accepted = self.screen.train_replies(replies, self.global_adapter, server_round, record.dropped)
         if not accepted:
             log.warning("round %d: no usable reply; the global adapter stays as it was", server_round)
             return None, None
         weights = self.weighting([s.metrics.num_examples for s in accepted])
-        for s, weight in zip(accepted, weights, strict=True):
-            record.clients.append(
-                {
-                    "node": s.update.node_id,
-                    **{k: float(v) for k, v in s.metrics.values().items()},
-                    "update_norm": s.norm,
-                    "bytes": s.bytes,
-                    "weight": weight / sum(weights),
-                }
-            )
-            self.node_layouts[s.update.node_id] = (s.metrics.lora_r, s.metrics.lora_scale)
+        record.clients = [s.entry(w / sum(weights)) for s, w in zip(accepted, weights, strict=True)]
+        self.node_layouts.update(
+            {s.update.node_id: (s.metrics.lora_r, s.metrics.lora_scale) for s in accepted}
+        )
         updates = [replace(s.update, num_examples=w) for s, w in zip(accepted, weights, strict=True)]
         result = self.aggregator.aggregate(self.global_adapter.state, updates)
         record.aggregation = result.metrics
@@ -209,17 +196,11 @@ class LoraStrategy(Strategy):
         """Client evaluation metrics through the codec: a malformed reply is dropped, not fatal."""
         this_round = self.rounds[-1] if self.rounds and self.rounds[-1].round == server_round else None
         dropped = this_round.evaluate_dropped if this_round is not None else []
-        parsed = []
-        for msg in by_node(replies):
-            try:
-                parsed.append(self.screen.evaluate(msg))
-            except AdapterError as err:
-                drop(dropped, server_round, msg, str(err), "evaluate")
+        parsed = self.screen.evaluate_replies(replies, server_round, dropped)
         if not parsed:
             return None
-        return summarise_metrics(
-            [m.values() for m in parsed], self.weighting([m.num_examples for m in parsed])
-        )
+        weights = self.weighting([m.num_examples for m in parsed])
+        return summarise_metrics([m.values() for m in parsed], weights)
 
     # --- for checkpoints ---
 
@@ -247,12 +228,6 @@ class LoraStrategy(Strategy):
             raise CheckpointError(str(err)) from None
         self.node_layouts = {int(n): (int(v[0]), float(v[1])) for n, v in mine[LAYOUT].items()}
         self.optimiser.load_state_dict(rest)
-
-
-def drop(dropped: list[dict], server_round: int, msg: Message, reason: str, what: str) -> None:
-    node = msg.metadata.src_node_id
-    log.warning("round %d: dropped %s reply from node %d: %s", server_round, what, node, reason)
-    dropped.append({"node": node, "reason": reason})
 
 
 def build_strategy(cfg: FedloraConfig, fingerprint: str, num_clients: int) -> LoraStrategy:
