@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedlora.common.cli_support import console, read_config, run_cli
+from fedlora.server.history import summarise_round
 from fedlora.simulations.compare import compare
 from fedlora.simulations.report import write_all, write_report
 from fedlora.simulations.run import simulate
@@ -24,14 +25,13 @@ def default_config() -> str:
 
 def _progress_fields(entry: dict) -> dict[str, str]:
     """Loss and accuracy of the central evaluation: clients send no loss unless they opt in."""
-    clients = entry.get("clients", [])
-    central = entry.get("central", {})
-    loss, acc = central.get("loss"), central.get("accuracy")
+    summary = summarise_round(entry)
+    loss, acc = summary.central.get("loss"), summary.central.get("accuracy")
     return {
-        "clients": f"{len(clients)} ok, {len(entry.get('dropped', []))} dropped",
+        "clients": f"{summary.replies} ok, {summary.dropped} dropped",
         "loss": f"{loss:.4f}" if loss is not None else "-",
         "acc": f"{acc:.4f}" if acc is not None else "-",
-        "eps": f"{max((c['epsilon'] for c in clients), default=0.0):.2f}",
+        "eps": f"{summary.epsilon:.2f}",
     }
 
 

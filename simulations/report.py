@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedlora.server.history import summarise_round
+
 CLIENT_FIELDS = ("loss", "epsilon", "num-examples", "steps", "train-seconds", "update_norm", "bytes")
 
 
@@ -92,19 +94,18 @@ def plot_rounds(run_dir: Path, history: list[dict]) -> list[Path]:
 def write_report(run_dir: Path, history: list[dict], title: str, extra: str = "") -> Path:
     last = next((e for e in reversed(history) if e.get("central")), {})
     first = history[0].get("central", {}) if history else {}
-    eps = [c["epsilon"] for e in history for c in e.get("clients", [])]
-    dropped = sum(len(e.get("dropped", [])) for e in history)
+    rounds = [summarise_round(e) for e in history]
     lines = [
         f"# {title}",
         "",
-        f"- rounds: {max((e['round'] for e in history), default=0)}",
+        f"- rounds: {max((r.round for r in rounds), default=0)}",
         f"- clients: {len(client_names(history))}",
         f"- global held-out accuracy: {first.get('accuracy', float('nan')):.4f} before, "
         f"{last.get('central', {}).get('accuracy', float('nan')):.4f} after",
         f"- global held-out loss: {first.get('loss', float('nan')):.4f} before, "
         f"{last.get('central', {}).get('loss', float('nan')):.4f} after",
-        f"- largest epsilon spent by a client: {max(eps, default=0.0):.3f}",
-        f"- replies dropped: {dropped}",
+        f"- largest epsilon spent by a client: {max((r.epsilon for r in rounds), default=0.0):.3f}",
+        f"- replies dropped: {sum(r.dropped for r in rounds)}",
         "",
         "![accuracy and loss](accuracy_loss.png)",
         "",
