@@ -8,7 +8,7 @@ METRICS = "metrics"
 FOLD = "fold"
 
 # server -> client (ConfigRecord)
-ROUND = "fedlora-round"  # absolute round; Flower's own "server-round" restarts on resume
+ROUND = "fedlora-round"  # the federation's absolute round, which a resumed run continues
 FINGERPRINT = "fingerprint"
 WIRE_DTYPE = "wire-dtype"
 PROXIMAL_MU = "proximal-mu"

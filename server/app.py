@@ -1,4 +1,5 @@
-"""The Flower ServerApp: restore, run the rounds, evaluate centrally, checkpoint, export."""
+"""The Flower ServerApp: restore, run the rounds (each followed by central evaluation and a
+checkpoint), export."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.common import protocol as P
-from fedlora.common.adapter import adapter_state, export_adapter, from_record, load_adapter_state
+from fedlora.common.adapter import State, adapter_state, export_adapter, from_record, load_adapter_state
 from fedlora.common.config import FedloraConfig, load_config, to_dict
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import CheckpointError, ConfigError
-from fedlora.common.model import device_for
+from fedlora.common.model import BuiltModel, device_for
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import Workbench, prepare
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedlora.server.strategy import build_strategy
+from fedlora.server.history import summarise_round
+from fedlora.server.strategy import LoraStrategy, build_strategy
 
 log = logging.getLogger("fedlora.server")
 RoundCallback = Callable[[dict], None]
@@ -43,88 +46,160 @@ def server_workbench(cfg: FedloraConfig) -> tuple[Workbench, TokenizedDataset | 
 
 
 def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | None = None) -> list[dict]:
-    """Run (or resume) the federation; returns the per-round history."""
+    """Run (or resume) the federation: restore, run the remaining rounds, export; returns the
+    per-round history."""
     cfg, run_dir = settings.cfg, settings.run_dir
     bench, eval_set = server_workbench(cfg)
-    eval_set = eval_set if cfg.federation.central_eval else None
-    model, fingerprint = bench.built.model, bench.built.fingerprint
-    device = device_for(cfg.training.device)
-    ckpt_dir = run_dir / "checkpoint"
+    strategy = build_strategy(cfg, bench.built.fingerprint, settings.num_clients)
+    start = restore(run_dir / "checkpoint", bench.built, strategy)
+    after_round = AfterRound(
+        checkpoint=run_dir / "checkpoint",
+        fingerprint=bench.built.fingerprint,
+        rounds=cfg.federation.rounds,
+        strategy=strategy,
+        score=central_evaluation(cfg, bench.built.model, eval_set),
+        history=start.history,
+        on_round=on_round,
+    )
+    final = run_rounds(grid, strategy, start, after_round, cfg.federation.round_timeout)
+    export(run_dir, cfg, bench, final, after_round.history)
+    return after_round.history
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the federation stands: rounds done, the global adapter, the history so far."""
+
+    done: int
+    arrays: ArrayRecord
+    history: list[dict]
+
+
+def restore(ckpt_dir: Path, built: BuiltModel, strategy: LoraStrategy) -> Start:
+    """The last checkpointed round, its adapter and the strategy's state loaded, or round 0 with
+    the model's fresh adapter; CheckpointError for a checkpoint of another model or strategy."""
+    initial = adapter_state(built.model)
     ckpt = load_checkpoint(ckpt_dir)
-    if ckpt is not None and ckpt.fingerprint != fingerprint:
+    if ckpt is None:
+        return Start(done=0, arrays=as_record(initial), history=[])
+    if ckpt.fingerprint != built.fingerprint:
         raise CheckpointError(
             f"{ckpt_dir}: checkpoint is for fingerprint {ckpt.fingerprint}, this config gives "
-            f"{fingerprint}: another base model or layout"
+            f"{built.fingerprint}: another base model or layout"
         )
-    done = ckpt.round if ckpt is not None else 0
-    history = ckpt.history if ckpt is not None else []
-    initial = adapter_state(model)
-    if ckpt is not None:
-        if ckpt.adapter.keys() != initial.keys():
-            raise CheckpointError(f"{ckpt_dir}: the checkpoint's adapter tensors are not this model's")
-        initial = {k: ckpt.adapter[k] for k in initial}  # the model's order: FedAvgM pairs by position
-    if done:
-        log.info("resuming after round %d from %s", done, ckpt_dir)
-    strategy = build_strategy(cfg, fingerprint, settings.num_clients, round_offset=done)
-    if ckpt is not None:
+    if ckpt.adapter.keys() != initial.keys():
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint's adapter tensors are not this model's")
+    try:
         strategy.load_state_tensors(ckpt.strategy)
+    except CheckpointError as err:
+        raise CheckpointError(f"{ckpt_dir}: {err}") from None
+    log.info("resuming after round %d from %s", ckpt.round, ckpt_dir)
+    return Start(
+        done=ckpt.round, arrays=as_record({k: ckpt.adapter[k] for k in initial}), history=ckpt.history
+    )
 
-    def central(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by Flower after every round: evaluate, then checkpoint the complete round."""
-        absolute = server_round + done
+
+def as_record(state: State) -> ArrayRecord:
+    return ArrayRecord({k: v.contiguous() for k, v in state.items()})
+
+
+Scorer = Callable[[ArrayRecord], dict[str, float]]
+
+
+def central_evaluation(
+    cfg: FedloraConfig, model: torch.nn.Module, eval_set: TokenizedDataset | None
+) -> Scorer:
+    """The coordinator's held-out scores of a global adapter; none without central data."""
+    if eval_set is None or not cfg.federation.central_eval:
+        return lambda _arrays: {}
+    device = device_for(cfg.training.device)
+
+    def score(arrays: ArrayRecord) -> dict[str, float]:
         load_adapter_state(model, from_record(arrays))
-        scores = {}
-        if eval_set is not None:
-            scores = evaluate(
-                model.to(device), cfg.model.task, eval_set, device, cfg.training.eval_batch_size
-            )
-        if server_round == 0:
-            if not history:
-                history.append({"round": 0, "central": scores, "time": time.time()})
-            return MetricRecord(scores) if scores else None
-        entry = asdict(strategy.rounds[-1]) if strategy.rounds else {"round": absolute}
-        entry.update({"central": scores, "time": time.time()})
-        history.append(entry)
+        return evaluate(model.to(device), cfg.model.task, eval_set, device, cfg.training.eval_batch_size)
+
+    return score
+
+
+@dataclass
+class AfterRound:
+    """What follows every round, in order: central scores, the history entry, the checkpoint (the
+    complete round, atomically), then the caller's callback."""
+
+    checkpoint: Path
+    fingerprint: str
+    rounds: int
+    strategy: LoraStrategy
+    score: Scorer
+    history: list[dict]
+    on_round: RoundCallback | None = None
+
+    def before_first(self, arrays: ArrayRecord) -> None:
+        """Round 0 of a new federation: the scores of the adapter nobody has trained yet."""
+        if not self.history:
+            self.history.append({"round": 0, "central": self.score(arrays), "time": time.time()})
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+        logged = self.strategy.rounds[-1] if self.strategy.rounds else None
+        entry = (
+            asdict(logged) if logged is not None and logged.round == server_round else {"round": server_round}
+        )
+        entry.update({"central": self.score(arrays), "time": time.time()})
+        self.history.append(entry)
         save_checkpoint(
-            ckpt_dir,
+            self.checkpoint,
             Checkpoint(
-                round=absolute,
-                fingerprint=fingerprint,
-                adapter=arrays.to_torch_state_dict(),  # as Flower goes on with it (FedAdam: float64)
-                strategy=strategy.state_tensors(),
-                history=history,
+                round=server_round,
+                fingerprint=self.fingerprint,
+                adapter=arrays.to_torch_state_dict(),  # as the next round starts from it (FedAdam: float64)
+                strategy=self.strategy.state_tensors(),
+                history=self.history,
             ),
         )
-        if on_round is not None:
-            on_round(entry)
-        return MetricRecord(scores) if scores else None
+        log.info("%s", summarise_round(entry).line(self.rounds))
+        if self.on_round is not None:
+            self.on_round(entry)
 
-    remaining = cfg.federation.rounds - done
-    final = ArrayRecord({k: v.contiguous() for k, v in initial.items()})
-    if remaining > 0:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=final,
-            num_rounds=remaining,
-            timeout=cfg.federation.round_timeout,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=central,
+
+def run_rounds(
+    grid: Grid, strategy: LoraStrategy, start: Start, after_round: AfterRound, timeout: float
+) -> ArrayRecord:
+    """The remaining rounds, numbered as the federation counts them: train on the nodes and
+    aggregate, evaluate on the nodes, then the after-round step. Returns the last global adapter."""
+    arrays = start.arrays
+    if start.done < after_round.rounds:
+        strategy.summary()
+        after_round.before_first(arrays)
+    for server_round in range(start.done + 1, after_round.rounds + 1):
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        aggregated, _ = strategy.aggregate_train(
+            server_round, grid.send_and_receive(messages, timeout=timeout)
         )
-        final = result.arrays if result.arrays is not None else final
+        arrays = aggregated if aggregated is not None else arrays
+        messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        if messages:
+            strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+        after_round(server_round, arrays)
+    return arrays
+
+
+def export(
+    run_dir: Path, cfg: FedloraConfig, bench: Workbench, final: ArrayRecord, history: list[dict]
+) -> None:
+    """The final adapter as a standard PEFT folder, and the history beside it."""
+    model = bench.built.model
     load_adapter_state(model, from_record(final))
     export_adapter(
         model,
         run_dir / "adapter",
         {
-            "fingerprint": fingerprint,
+            "fingerprint": bench.built.fingerprint,
             "labels": list(bench.labels),
             "rounds": cfg.federation.rounds,
             "config": to_dict(cfg),
         },
     )
     (run_dir / "history.json").write_text(json.dumps(history, indent=1, default=float))
-    return history
 
 
 def settings_from_run_config(context: Context) -> ServerSettings:

@@ -41,6 +41,7 @@ from fedlora.common.launch import (
     write_number,
 )
 from fedlora.server.checkpoint import POINTER, load_checkpoint
+from fedlora.server.history import summarise_round
 
 CONNECTION = "fedlora"
 SUPERLINK = "flower-superlink"
@@ -341,16 +342,6 @@ def history(folder: RunFolder) -> list[dict]:
     return [entry for entry in ckpt.history if entry.get("round")] if ckpt is not None else []
 
 
-def describe_round(entry: dict, rounds: int) -> str:
-    clients = entry.get("clients", [])
-    text = f"round {entry['round']}/{rounds}: {len(clients)} replies, {len(entry.get('dropped', []))} dropped"
-    if clients:
-        loss = sum(c.get("loss", 0.0) for c in clients) / len(clients)
-        text += f", loss {loss:.4f}, epsilon {max(c.get('epsilon', 0.0) for c in clients):.3f}"
-    central = entry.get("central") or {}
-    return text + "".join(f", central {k} {v:.4g}" for k, v in central.items())
-
-
 def follow(folder: RunFolder, run_id: int, superlink: subprocess.Popen, rounds: int, say: Say) -> str:
     """Report rounds as the checkpoint gains them until the run finishes; its final status."""
     logs = start_child(
@@ -373,7 +364,7 @@ def follow(folder: RunFolder, run_id: int, superlink: subprocess.Popen, rounds: 
         for entry in entries:
             if entry["round"] > seen:
                 seen = entry["round"]
-                say(describe_round(entry, rounds))
+                say(summarise_round(entry).line(rounds))
 
     next_status = 0.0
     try:
@@ -436,7 +427,7 @@ def status(cfg: FedloraConfig, run_dir: Path) -> dict[str, str]:
         "adapter": str(folder.root / "adapter") if (folder.root / "adapter").is_dir() else "not yet",
     }
     if done:
-        report["last round"] = describe_round(done[-1], cfg.federation.rounds)
+        report["last round"] = summarise_round(done[-1]).line(cfg.federation.rounds)
     run_id = read_number(folder.run_id_file)
     if run_id is not None:
         report["run"] = str(run_id) if pid is None else f"{run_id}, {run_status(folder, run_id)}"

@@ -24,6 +24,7 @@ from fedlora.common.cli_support import (
 )
 from fedlora.common.config import FedloraConfig
 from fedlora.common.model import model_dir
+from fedlora.server.history import summarise_round
 from fedlora.simulations.compare import compare
 from fedlora.simulations.report import SEEDED, federated_result, write_all, write_report
 from fedlora.simulations.run import backend_config, simulate
@@ -37,14 +38,13 @@ def default_config() -> str:
 
 def _progress_fields(entry: dict) -> dict[str, str]:
     """Loss and accuracy of the central evaluation: clients send no loss unless they opt in."""
-    clients = entry.get("clients", [])
-    central = entry.get("central", {})
-    loss, acc = central.get("loss"), central.get("accuracy")
+    summary = summarise_round(entry)
+    loss, acc = summary.central.get("loss"), summary.central.get("accuracy")
     return {
-        "clients": f"{len(clients)} ok, {len(entry.get('dropped', []))} dropped",
+        "clients": f"{summary.replies} ok, {summary.dropped} dropped",
         "loss": f"{loss:.4f}" if loss is not None else "-",
         "acc": f"{acc:.4f}" if acc is not None else "-",
-        "eps": f"{max((c['epsilon'] for c in clients), default=0.0):.2f}",
+        "eps": f"{summary.epsilon:.2f}",
     }
 
 
@@ -63,10 +63,8 @@ def round_progress(rounds: int) -> Iterator[Callable[[dict], None]]:
         start = time.perf_counter()
 
         def line(entry: dict) -> None:
-            fields = _progress_fields(entry)
             console.print(
-                f"round {entry['round']}/{rounds}: {fields['clients']}, held-out loss {fields['loss']}, "
-                f"acc {fields['acc']}, eps {fields['eps']}, {time.perf_counter() - start:.0f} s",
+                f"{summarise_round(entry).line(rounds)}, {time.perf_counter() - start:.0f} s",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -12,6 +12,7 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedlora.server.history import summarise_round
 from fedlora.simulations.run import CONFIG_FILE
 
 SEEDED = "seeded noise, not for production"
@@ -97,12 +98,8 @@ def federated_result(history: list[dict]) -> dict[str, float]:
     """The federation's last central scores, with its rows and largest epsilon: what compare() puts
     beside each institution alone and centralised."""
     final = next((e["central"] for e in reversed(history) if e.get("central")), {})
-    clients = history[-1].get("clients", []) if history else []
-    return {
-        **final,
-        "rows": float(sum(c["num-examples"] for c in clients)),
-        "epsilon": max((c["epsilon"] for c in clients), default=0.0),
-    }
+    last = summarise_round(history[-1]) if history else None
+    return {**final, "rows": last.examples if last else 0.0, "epsilon": last.epsilon if last else 0.0}
 
 
 def seeded_noise(run_dir: Path) -> bool:
@@ -115,8 +112,7 @@ def seeded_noise(run_dir: Path) -> bool:
 def write_report(run_dir: Path, history: list[dict], title: str, extra: str = "") -> Path:
     last = next((e for e in reversed(history) if e.get("central")), {})
     first = history[0].get("central", {}) if history else {}
-    eps = [c["epsilon"] for e in history for c in e.get("clients", [])]
-    dropped = sum(len(e.get("dropped", [])) for e in history)
+    rounds = [summarise_round(e) for e in history]
     lines = [
         f"# {title}",
         "",
@@ -125,14 +121,14 @@ def write_report(run_dir: Path, history: list[dict], title: str, extra: str = ""
             if seeded_noise(run_dir)
             else []
         ),
-        f"- rounds: {max((e['round'] for e in history), default=0)}",
+        f"- rounds: {max((r.round for r in rounds), default=0)}",
         f"- clients: {len(client_names(history))}",
         f"- global held-out accuracy: {first.get('accuracy', float('nan')):.4f} before, "
         f"{last.get('central', {}).get('accuracy', float('nan')):.4f} after",
         f"- global held-out loss: {first.get('loss', float('nan')):.4f} before, "
         f"{last.get('central', {}).get('loss', float('nan')):.4f} after",
-        f"- largest epsilon spent by a client: {max(eps, default=0.0):.3f}",
-        f"- replies dropped: {dropped}",
+        f"- largest epsilon spent by a client: {max((r.epsilon for r in rounds), default=0.0):.3f}",
+        f"- replies dropped: {sum(r.dropped for r in rounds)}",
         "",
         "![accuracy and loss](accuracy_loss.png)",
         "",

@@ -54,7 +54,7 @@ def test_a_rank_2_client_trains_its_own_rank_and_with_fold_sees_the_global_model
     global_rank8, make_config, vocab_size, toy_classification, fold, sender
 ):
     """Either the client gets the rank-8 global adapter (the server does not know its rank yet), or
-    the server sends the rank-2 truncation and what it drops (P.FOLD), as strategy._per_node does."""
+    the server sends the rank-2 truncation and what it drops (P.FOLD), as the strategy's _messages does."""
     cfg, server_model, state = global_rank8
     scale = cfg.model.lora_alpha / cfg.model.lora_r
     low = make_config({"model": {"lora_r": 2, "fold_remainder": fold}})

@@ -20,8 +20,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlora.client.app import handle_train
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig, load_config
+from fedlora.common.errors import CheckpointError
 from fedlora.server.app import ServerSettings, run_server
-from fedlora.server.checkpoint import load_checkpoint
+from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.simulations.virtual_client import simulation_setup
 
 pytestmark = pytest.mark.slow
@@ -121,3 +122,21 @@ def test_resumed_round_is_bit_for_bit_the_uninterrupted_one(tmp_path, setting) -
     assert straight.strategy and straight.strategy.keys() == resumed.strategy.keys()
     for key, value in straight.strategy.items():
         assert torch.equal(value, resumed.strategy[key]), key
+
+
+def test_a_checkpoint_with_state_the_optimiser_does_not_keep_is_refused_in_one_line(tmp_path) -> None:
+    """FedAvgM's momentum as fedlora kept it before issue 18 (by position, not by adapter key)."""
+    cfg = load_config(overrides=[*BASE, "federation.strategy=fedavgm", "federation.aggregator=fedavg"])
+    with pytest.raises(Crash):
+        run(cfg, tmp_path, crash_in_round=2)
+    ckpt = load_checkpoint(tmp_path / "checkpoint")
+    momentum = [k for k in ckpt.strategy if k.startswith("momentum/")]
+    assert momentum
+    for i, key in enumerate(momentum):
+        ckpt.strategy[f"momentum_vector/{i:06d}"] = ckpt.strategy.pop(key)
+    save_checkpoint(tmp_path / "checkpoint", ckpt)
+    with pytest.raises(CheckpointError) as err:
+        run(cfg, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "checkpoint") in message
+    assert "'momentum_vector' is not kept by federation.strategy fedavgm" in message

@@ -19,7 +19,8 @@ from fedlora.common.config import load_config
 from fedlora.common.errors import FedloraError
 from fedlora.common.lora_math import layer_products
 from fedlora.common.model import lora_scale
-from fedlora.server.strategy import LoraFedAdam, build_strategy
+from fedlora.server.optimisers import FedAdam
+from fedlora.server.strategy import build_strategy
 
 FP = "f1ngerpr1nt"
 A, B, HEAD = (
@@ -72,11 +73,18 @@ def error_reply(node: int, reason: str, code: int = 2) -> Message:
     return Message(error=Error(code=code, reason=reason), metadata=md)
 
 
+def begin(s, adapter: dict[str, torch.Tensor]) -> None:
+    """The strategy as configure_train leaves it: ``adapter`` sent as the round's global adapter."""
+    arrays = ArrayRecord({k: v.contiguous() for k, v in adapter.items()})
+    s.set_global(arrays)
+    s.sent = {k: a.numpy() for k, a in arrays.items()}
+
+
 @pytest.fixture
 def strategy():
     cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16", "federation.min_clients=2"])
     s = build_strategy(cfg, FP, num_clients=3)
-    s.global_state = state(0)
+    begin(s, state(0))
     return s
 
 
@@ -87,9 +95,9 @@ def test_fedavg_of_deltas_is_the_weighted_mean(strategy) -> None:
     )
     got = from_record(arrays)
     for key in SHAPES:
-        hand = strategy.global_state[key] + sum(n * d[key] for d, n in zip(deltas, nums, strict=True)) / sum(
-            nums
-        )
+        hand = strategy.global_adapter.state[key] + sum(
+            n * d[key] for d, n in zip(deltas, nums, strict=True)
+        ) / sum(nums)
         torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
     assert metrics[P.NUM_EXAMPLES] == 90
     assert strategy.rounds[-1].dropped == []
@@ -132,7 +140,7 @@ def test_bad_reply_is_dropped_and_round_completes(strategy, bad, reason) -> None
     assert reason in dropped[0]["reason"]
     got = from_record(arrays)
     for key in SHAPES:
-        hand = strategy.global_state[key] + (good[0][key] + good[1][key]) / 2
+        hand = strategy.global_adapter.state[key] + (good[0][key] + good[1][key]) / 2
         torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
 
 
@@ -172,7 +180,7 @@ def test_replies_are_aggregated_in_node_order_not_arrival_order(strategy) -> Non
 def test_norm_bound_drops_oversized_update() -> None:
     cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16", "federation.max_update_norm=1.0"])
     s = build_strategy(cfg, FP, num_clients=2)
-    s.global_state = state(0)
+    begin(s, state(0))
     s.aggregate_train(1, [reply(1, state(1, 0.01), 10), reply(2, state(2, 10.0), 10)])
     assert [d["node"] for d in s.rounds[-1].dropped] == [2]
     assert "exceeds the bound" in s.rounds[-1].dropped[0]["reason"]
@@ -195,11 +203,10 @@ def test_epsilon_reports_the_largest_spend(strategy) -> None:
 def test_server_optimiser_state_round_trips() -> None:
     cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16", "federation.strategy=fedadam"])
     s = build_strategy(cfg, FP, num_clients=2)
-    assert isinstance(s, LoraFedAdam)
-    s.global_state = state(0)
-    s.current_arrays = {k: v.numpy() for k, v in s.global_state.items()}
+    assert isinstance(s.optimiser, FedAdam)
+    begin(s, state(0))
     arrays, _ = s.aggregate_train(1, [reply(1, state(1, 0.1), 10), reply(2, state(2, 0.1), 10)])
-    plain_mean = {k: s.global_state[k] + (state(1, 0.1)[k] + state(2, 0.1)[k]) / 2 for k in SHAPES}
+    plain_mean = {k: s.global_adapter.state[k] + (state(1, 0.1)[k] + state(2, 0.1)[k]) / 2 for k in SHAPES}
     got = from_record(arrays)
     assert any(not torch.allclose(got[k], plain_mean[k]) for k in SHAPES)  # Adam moved it differently
     saved = s.state_tensors()
@@ -207,15 +214,8 @@ def test_server_optimiser_state_round_trips() -> None:
     fresh = build_strategy(cfg, FP, num_clients=2)
     fresh.load_state_tensors(saved)
     for name in ("m_t", "v_t"):
-        for k, v in getattr(s, name).items():
-            assert (getattr(fresh, name)[k] == v).all()
-
-
-def test_round_config_carries_absolute_round_and_fingerprint() -> None:
-    cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16"])
-    s = build_strategy(cfg, FP, num_clients=2, round_offset=2)
-    config = s._round_config(1, ConfigRecord())
-    assert config[P.ROUND] == 3 and config[P.FINGERPRINT] == FP and config[P.LORA_R] == 4
+        for k, v in s.optimiser.moments[name].items():
+            assert (fresh.optimiser.moments[name][k] == v).all()
 
 
 class Nodes:
@@ -228,6 +228,22 @@ class Nodes:
         return list(self.ids)
 
 
+@pytest.mark.parametrize("optimiser", ["fedavg", "fedprox"])
+def test_train_messages_carry_the_absolute_round_the_layout_and_the_optimisers_config(
+    optimiser: str, monkeypatch
+) -> None:
+    for field in ("_task_id", "_run_id", "_node_id"):  # what a ServerApp process would have set
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16", f"federation.strategy={optimiser}"])
+    s = build_strategy(cfg, FP, num_clients=2)
+    arrays = ArrayRecord({k: v.contiguous() for k, v in state(0).items()})
+    messages = list(s.configure_train(7, arrays, ConfigRecord(), Nodes(1, 2)))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    config = messages[0].content[P.CONFIG]
+    assert (config[P.ROUND], config[P.FINGERPRINT], config[P.LORA_R], config[P.LORA_SCALE]) == (7, FP, 4, 4.0)
+    assert config.get(P.PROXIMAL_MU) == (cfg.federation.proximal_mu if optimiser == "fedprox" else None)
+
+
 def test_lower_rank_nodes_evaluate_the_new_global_truncated_once_per_rank(monkeypatch) -> None:
     """After aggregation the evaluate messages carry the new global adapter, at each known node's
     rank with its fold; the SVD is done once per rank and adapter, not once per node."""
@@ -237,8 +253,8 @@ def test_lower_rank_nodes_evaluate_the_new_global_truncated_once_per_rank(monkey
         monkeypatch.setattr(TaskIdentity, field, 1)
     s.node_layouts = {1: (2, 8.0), 2: (2, 8.0), 3: (4, 4.0)}
     old, new = state(0), state(5)
-    s._set_global(ArrayRecord({k: v.contiguous() for k, v in old.items()}))
-    s._own(2, 8.0)
+    begin(s, old)
+    s.global_adapter.own(2, 8.0)
     calls = []
     truncate = s.aggregator.for_client
     monkeypatch.setattr(s.aggregator, "for_client", lambda *a: calls.append(a[1:]) or truncate(*a))
@@ -276,13 +292,13 @@ def federation(aggregator: str, *overrides: str):
         ]
     )
     s = build_strategy(cfg, FP, num_clients=4)
-    s.global_state = state(0)
+    begin(s, state(0))
     return s
 
 
 def wire(s, update: dict) -> dict:
     """What a client of this federation sends: under ffa, no A."""
-    return {k: update[k] for k in s.aggregator.wire_keys(s.global_state)}
+    return {k: update[k] for k in s.aggregator.wire_keys(s.global_adapter.state)}
 
 
 def honest(s, node: int, num: float = 20, **metrics) -> Message:
@@ -467,8 +483,8 @@ def test_exact_converts_another_lora_alpha_exactly() -> None:
     """The same trained weights sent at scale 2 instead of 4 give the same next global adapter."""
     _, at_four, _ = round_of("exact", lambda s: [honest(s, 1), honest(s, 2)])
     s = federation("exact")
-    start_two = s.aggregator.for_client(s.global_state, 4, 2.0)
-    final = {k: s.global_state[k] + state(2, 0.01)[k] for k in SHAPES}
+    start_two = s.aggregator.for_client(s.global_adapter.state, 4, 2.0)
+    final = {k: s.global_adapter.state[k] + state(2, 0.01)[k] for k in SHAPES}
     final[B] = final[B] * 2  # 2 * (2B) @ A == 4 * B @ A
     delta = {k: final[k] - start_two[k] for k in SHAPES}
     arrays, _ = s.aggregate_train(1, [honest(s, 1), reply(2, delta, 20, lora_scale=2.0)])
@@ -518,8 +534,8 @@ def test_default_bounds_keep_the_benchmarks_mixed_rank_settings_valid() -> None:
     for setting in mixed:
         cfg = load_config(default_config(), setting.overrides)
         s = build_strategy(cfg, FP, num_clients=cfg.simulation.num_clients)
-        s.global_state = state(0, rank=cfg.model.lora_r)
-        rules = s._rules()
+        begin(s, state(0, rank=cfg.model.lora_r))
+        rules = s.screen.rules(s.global_adapter)
         for rank in cfg.simulation.client_ranks:
             scale = lora_scale(dataclasses.replace(cfg.model, lora_r=rank))
             assert rules.ranks[0] <= rank <= rules.ranks[1], setting.name

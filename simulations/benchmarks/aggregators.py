@@ -43,6 +43,7 @@ from fedlora.common.cli_support import (
 )
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ConfigError
+from fedlora.server.history import summarise_round
 from fedlora.simulations.benchmarks import PROG
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.report import write_all
@@ -111,9 +112,7 @@ def summarise(history: list[dict]) -> dict:
         "late_accuracy": statistics.mean(accuracy[len(accuracy) // 2 + 1 :] or accuracy[-1:]),
         "bytes_per_client_round": statistics.mean(sent) if sent else 0.0,
         "aggregation_ms_per_round": 1000 * statistics.mean(aggregation) if aggregation else 0.0,
-        "max_epsilon": max(
-            (c.get("epsilon", 0.0) for e in rounds for c in e.get("clients", [])), default=0.0
-        ),
+        "max_epsilon": max((summarise_round(e).epsilon for e in rounds), default=0.0),
     }
 
 
@@ -125,8 +124,7 @@ def run_once(config: str, extra: list[str], setting: Setting, folder: Path) -> d
             cfg,
             folder,
             on_round=lambda e: status.update(
-                f"{setting.name} ({folder.name}): round {e['round']}/{cfg.federation.rounds}, "
-                f"acc {e.get('central', {}).get('accuracy', float('nan')):.3f}"
+                f"{setting.name} ({folder.name}): {summarise_round(e).line(cfg.federation.rounds)}"
             ),
         )
     history = write_all(folder, f"{cfg.name}: {setting.name}")

@@ -1,0 +1,63 @@
+"""The record of one round, and the one summary of it that every report shows.
+
+A history entry is a `RoundLog` as a dict plus the central scores and a time; it is kept in the
+checkpoint and `history.json`. The coordinator's status, the simulation's progress and report, and
+the benchmarks all read entries through `summarise_round`, so they count replies, drops and privacy
+spend the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fedlora.common import protocol as P
+
+
+@dataclass
+class RoundLog:
+    """What one round saw, per client: kept in the checkpoint and written to metrics files."""
+
+    round: int
+    clients: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+    aggregation: dict[str, float] = field(default_factory=dict)
+    evaluate_dropped: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One history entry in the figures people read."""
+
+    round: int
+    replies: int
+    dropped: int
+    examples: float
+    epsilon: float
+    """The largest privacy spend of any client that replied (0 without DP or without replies)."""
+    client_loss: float | None
+    """The mean training loss of the clients that released one (privacy.release_metrics), else None."""
+    central: Mapping[str, float]
+
+    def line(self, rounds: int) -> str:
+        """The round in one line, e.g. for a log file or a terminal that is not interactive."""
+        text = f"round {self.round}/{rounds}: {self.replies} replies, {self.dropped} dropped"
+        if self.replies:
+            if self.client_loss is not None:
+                text += f", loss {self.client_loss:.4f}"
+            text += f", epsilon {self.epsilon:.3f}"
+        return text + "".join(f", central {k} {v:.4g}" for k, v in self.central.items())
+
+
+def summarise_round(entry: Mapping) -> RoundSummary:
+    clients = entry.get("clients", [])
+    losses = [float(c[P.LOSS]) for c in clients if P.LOSS in c]
+    return RoundSummary(
+        round=int(entry["round"]),
+        replies=len(clients),
+        dropped=len(entry.get("dropped", [])),
+        examples=float(sum(c.get(P.NUM_EXAMPLES, 0.0) for c in clients)),
+        epsilon=max((float(c.get(P.EPSILON, 0.0)) for c in clients), default=0.0),
+        client_loss=sum(losses) / len(losses) if losses else None,
+        central=dict(entry.get("central") or {}),
+    )

@@ -1,0 +1,186 @@
+"""Which replies reach aggregation: each is parsed by common.codec (structure, metric keys and ranges,
+fingerprint, rank and scale within what the coordinator allows, tensor keys, shapes, dtypes, finite
+values) and its change to the weights bounded. A bad one is refused with a reason that names it, so it
+never reaches an aggregator; a failure keeps only a fixed category, never the client's text.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Error, Message
+
+from fedlora.common import protocol as P
+from fedlora.common.codec import (
+    EvaluateMetrics,
+    ReplyRules,
+    TrainMetrics,
+    parse_evaluate_reply,
+    parse_train_reply,
+)
+from fedlora.common.errors import AdapterError, ConfigError
+from fedlora.server.aggregators import Aggregator, ClientUpdate, weight_change_norm
+from fedlora.server.global_adapter import GlobalAdapter, Layout
+
+log = logging.getLogger("fedlora.server")
+# Flower's own transport failures (the values of its Error codes on the wire: message unavailable,
+# reply message unavailable, node unavailable): the SuperLink writes their reasons, no client text
+TRANSPORT_ERRORS = (3, 4, 5)
+
+
+def by_node(replies: Iterable[Message]) -> list[Message]:
+    """Replies in node order, not arrival order: float sums depend on order, and a resumed round
+    must be the same bits as one that never stopped."""
+    return sorted(replies, key=lambda msg: msg.metadata.src_node_id)
+
+
+def drop(dropped: list[dict], server_round: int, msg: Message, reason: str, what: str) -> None:
+    node = msg.metadata.src_node_id
+    log.warning("round %d: dropped %s reply from node %d: %s", server_round, what, node, reason)
+    dropped.append({"node": node, "reason": reason})
+
+
+def failure_reason(error: Error) -> str:
+    """What the coordinator keeps of a client's failure: fedlora's fixed category, or Flower's own
+    transport reason; any other text is withheld, as it may quote the institution's data (an older
+    client, or an exception that escaped fedlora's failure mod)."""
+    if error.code in P.FAILURES and error.reason == P.FAILURES[error.code]:
+        return error.reason
+    if error.code in TRANSPORT_ERRORS:
+        lines = [line.strip() for line in error.reason.splitlines() if line.strip()]
+        return (lines[-1] if lines else f"transport error {error.code}")[:300]
+    return f"client failure (error code {error.code}); its text is withheld: it may quote the client's data"
+
+
+@dataclass(frozen=True)
+class Screened:
+    """An accepted train reply: the client's adapter after training, what it said, what it did."""
+
+    update: ClientUpdate
+    metrics: TrainMetrics
+    norm: float
+    """The L2 norm of its change to the weights (`weight_change_norm`)."""
+    bytes: int
+
+    def entry(self, weight: float) -> dict:
+        """Its line in the round's history, with its share of the round's weight."""
+        values = {k: float(v) for k, v in self.metrics.values().items()}
+        return {
+            "node": self.update.node_id,
+            **values,
+            "update_norm": self.norm,
+            "bytes": self.bytes,
+            "weight": weight,
+        }
+
+
+class ReplyScreen:
+    """The coordinator's rules for replies, from its adapter layout and the aggregator's needs."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        aggregator: Aggregator,
+        max_rank: int,
+        max_scale_ratio: float,
+        max_update_norm: float | None,
+    ) -> None:
+        if aggregator.mixed_ranks and max_rank < layout.lora_r:
+            raise ConfigError(
+                f"federation.max_rank: {max_rank} is below the coordinator's model.lora_r {layout.lora_r}"
+            )
+        self.layout, self.aggregator = layout, aggregator
+        self.max_rank = max_rank if aggregator.mixed_ranks else layout.lora_r
+        self.max_scale_ratio = max_scale_ratio
+        self.max_update_norm = max_update_norm
+
+    def rules(self, global_adapter: GlobalAdapter) -> ReplyRules:
+        """What a train reply may hold this round: the coordinator's fingerprint and tensor layout,
+        ranks up to max_rank (exact) or only the global one, scales per the aggregator."""
+        agg, ratio, scale = self.aggregator, self.max_scale_ratio, self.layout.lora_scale
+        if agg.mixed_scales:
+            scales = (scale / ratio, scale * ratio)
+            scale_rule = f"a lora-scale within federation.max_scale_ratio {ratio:g} of {scale:g}"
+        else:
+            scales = (scale, scale)
+            scale_rule = (
+                f"lora-scale {scale:g} (lora_alpha / lora_r, or / sqrt(lora_r) with use_rslora), "
+                "as it averages the factors"
+            )
+        if agg.mixed_ranks:
+            rank_rule = f"lora_r up to federation.max_rank {self.max_rank}"
+        else:
+            rank_rule = f"lora_r {self.layout.lora_r}"
+        return ReplyRules(
+            fingerprint=self.layout.fingerprint,
+            shapes=agg.reply_shapes(global_adapter.state),
+            ranks=(1 if agg.mixed_ranks else self.layout.lora_r, self.max_rank),
+            scales=scales,
+            hint=f" (federation.aggregator {agg.name} needs {rank_rule} and {scale_rule})",
+        )
+
+    def train_replies(
+        self,
+        replies: Iterable[Message],
+        global_adapter: GlobalAdapter,
+        server_round: int,
+        dropped: list[dict],
+    ) -> list[Screened]:
+        """The accepted replies in node order; each refused one logged and added to ``dropped``."""
+        rules = self.rules(global_adapter)
+        accepted = []
+        for msg in by_node(replies):
+            try:
+                accepted.append(self.train(msg, global_adapter, rules))
+            except AdapterError as err:
+                drop(dropped, server_round, msg, str(err), "train")
+        return accepted
+
+    def evaluate_replies(
+        self, replies: Iterable[Message], server_round: int, dropped: list[dict]
+    ) -> list[EvaluateMetrics]:
+        """The accepted evaluate replies' metrics in node order; each refused one logged and added to
+        ``dropped``."""
+        accepted = []
+        for msg in by_node(replies):
+            try:
+                accepted.append(self.evaluate(msg))
+            except AdapterError as err:
+                drop(dropped, server_round, msg, str(err), "evaluate")
+        return accepted
+
+    def train(self, msg: Message, global_adapter: GlobalAdapter, rules: ReplyRules) -> Screened:
+        """The accepted reply, or AdapterError saying why it is refused."""
+        if msg.has_error():
+            raise AdapterError(failure_reason(msg.error))
+        reply = parse_train_reply(msg.content, rules)
+        rank, scale = reply.metrics.lora_r, reply.metrics.lora_scale
+        start = global_adapter.own(rank, scale)
+        after = {**start, **{k: start[k] + v for k, v in reply.update.items()}}
+        norm = weight_change_norm(start, after, scale)
+        if self.max_update_norm is not None and norm > self.max_update_norm:
+            raise AdapterError(
+                f"weight change norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g} "
+                "(federation.max_update_norm)"
+            )
+        update = ClientUpdate(
+            node_id=msg.metadata.src_node_id,
+            state={k: after[k] for k in reply.update},
+            num_examples=reply.metrics.num_examples,
+            scale=scale,
+            start={k: start[k] for k in reply.update},
+        )
+        arrays = msg.content[P.ARRAYS].values()
+        size = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
+        return Screened(update=update, metrics=reply.metrics, norm=norm, bytes=size)
+
+    @staticmethod
+    def evaluate(msg: Message) -> EvaluateMetrics:
+        """An evaluate reply's metrics, or AdapterError saying why it is refused."""
+        if msg.has_error():
+            raise AdapterError(failure_reason(msg.error))
+        return parse_evaluate_reply(msg.content)
