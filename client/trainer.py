@@ -29,6 +29,7 @@ from fedlora.common.model import HEAD
 from fedlora.common.scoring import forward_loss, trim
 
 StepCallback = Callable[[int, float], None]
+GradientHook = Callable[[dict[str, nn.Parameter]], None]
 
 # Known, understood notices: Opacus' secure-RNG advice, its RDP alpha-range note (PRV is used), and
 # torch's remark that frozen inputs fire full backward hooks (Opacus relies on exactly that).
@@ -57,6 +58,15 @@ def _endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
     does not hold the trainer in a reference cycle."""
     for _ in itertools.count():
         yield from loader
+
+
+def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters training changes, by adapter key (PEFT drops the adapter name from its keys)."""
+    return {
+        name.replace(".modules_to_save.default", "").replace(".default", ""): param
+        for name, param in peft_module(model).named_parameters()
+        if param.requires_grad
+    }
 
 
 def poisson_rate(rows: int, batch_size: int) -> float:
@@ -98,12 +108,9 @@ class LocalTrainer:
         )
         self.model = model.to(device)
         self.model.train()
-        # Parameter -> PEFT state-dict key (PEFT drops the adapter name from its keys).
-        self._state_keys = {
-            id(param): name.replace(".modules_to_save.default", "").replace(".default", "")
-            for name, param in peft_module(model).named_parameters()
-            if param.requires_grad
-        }
+        self._state_keys = {id(param): key for key, param in trained_parameters(model).items()}
+        # The privacy audit's white-box canaries (client.canaries): called on the batch's gradients.
+        self.gradient_hook: GradientHook | None = None
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.training.weight_decay)
         loader = DataLoader(train, batch_size=cfg.training.batch_size, shuffle=True, generator=self.generator)
         self.criterion: nn.Module | None = None
@@ -157,7 +164,7 @@ class LocalTrainer:
                     param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
                 else:
                     param.grad = torch.zeros_like(param)
-            self.optimizer.step()
+            self._optimizer_step()
             return None
         batch = tuple(t.to(self.device) for t in trim(batch))
         if self.criterion is not None:
@@ -166,8 +173,13 @@ class LocalTrainer:
         else:
             loss, _ = forward_loss(self.model, self.task, batch)
         loss.backward()
-        self.optimizer.step()
+        self._optimizer_step()
         return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        if self.gradient_hook is not None:
+            self.gradient_hook(trained_parameters(self.model))
+        self.optimizer.step()
 
     def _proximal_pull(self, mu: float, anchor: State) -> None:
         """FedProx's term as a step toward the round's start after each DP step: it touches no
