@@ -115,19 +115,25 @@ def new_spec(
     )
 
 
+@dataclass(frozen=True)
+class CanaryPlan:
+    """A simulated institution audited inside a federation: where its canary file lives, how many."""
+
+    path: Path
+    white_box: int = WHITE_BOX_CANARIES
+    black_box: int = BLACK_BOX_CANARIES
+
+
 def spec_for_client(
-    path: Path,
-    cfg: FedloraConfig,
-    model: nn.Module,
-    vocab_size: int,
-    num_labels: int,
-    counts: tuple[int, int],
+    plan: CanaryPlan, cfg: FedloraConfig, model: nn.Module, vocab_size: int, num_labels: int
 ) -> CanarySpec:
-    """A simulated institution's canaries: made at its first message, then read back every round."""
-    if path.exists():
-        return CanarySpec.load(path)
-    spec = new_spec(cfg, model, vocab_size, num_labels, *counts)
-    spec.save(path)
+    """The institution's canaries: made at its first message, then read back every round (the
+    ClientApp makes a trainer per message)."""
+    if plan.path.exists():
+        return CanarySpec.load(plan.path)
+    spec = new_spec(cfg, model, vocab_size, num_labels, plan.white_box, plan.black_box)
+    plan.path.parent.mkdir(parents=True, exist_ok=True)
+    spec.save(plan.path)
     return spec
 
 

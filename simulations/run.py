@@ -49,12 +49,20 @@ def prepare_run_dir(cfg: FedloraConfig, run_dir: Path) -> None:
     saved.write_text(text)
 
 
-def simulate(cfg: FedloraConfig, run_dir: Path, on_round: RoundCallback | None = None) -> None:
-    """Run (or resume) a simulation into ``run_dir``."""
+def simulate(
+    cfg: FedloraConfig,
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    canaries: tuple[int, int] | None = None,
+) -> None:
+    """Run (or resume) a simulation into ``run_dir``; with ``canaries`` (white-box, black-box counts)
+    every virtual institution inserts privacy-audit canaries in its own trainer."""
+    if canaries and cfg.simulation.client_ranks:
+        raise ConfigError("--audit: simulation.client_ranks is set; the audit needs one rank for all clients")
     prepare_run_dir(cfg, run_dir)
     settings = ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients)
     server_app = build_server_app(lambda _context: settings, on_round)
-    client_app = build_client_app(partial(simulation_setup, cfg, run_dir))
+    client_app = build_client_app(partial(simulation_setup, cfg, run_dir, canaries=canaries))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray's actors inherit this: glibc then returns every freed tensor buffer of 128 KiB or more to the
     # OS; by default it raises the threshold after the first free and keeps round peaks on its heap

@@ -8,12 +8,15 @@ about 5 times, and missed altogether about 1 time in 240.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.client import privacy_audit
+from fedlora.client.app import handle_train
 from fedlora.client.canaries import (
     CanarySpec,
     GradientCanaries,
@@ -26,8 +29,15 @@ from fedlora.client.cli import main as client_main
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.privacy_audit import AUDIT_LEDGER, LEAK_MESSAGE, RESULT_FILE, run_local_audit
 from fedlora.client.trainer import LocalTrainer, trained_parameters
+from fedlora.common import protocol as P
+from fedlora.common.config import load_config
 from fedlora.common.errors import ConfigError
 from fedlora.common.workbench import prepare
+from fedlora.server.app import ServerSettings, run_server
+from fedlora.simulations.federated_audit import RESULT_FILE as FEDERATED_RESULT
+from fedlora.simulations.federated_audit import audit_federation
+from fedlora.simulations.report import audit_section
+from fedlora.simulations.virtual_client import simulation_setup
 
 WORDS = {
     "cardio": "chest heart pain palpitations pressure stairs ankles",
@@ -166,3 +176,62 @@ def test_ghost_clipping_is_refused(make_config, rows_csv, tmp_path):
     cfg = make_config(settings(rows_csv, tmp_path, grad_sample_mode="ghost"))
     with pytest.raises(ConfigError, match="grad_sample_mode"):
         run_local_audit(cfg, tmp_path / "audit", WHITE, 0)
+
+
+class InProcessGrid:
+    """The federation's clients run here, in node order: client.app.handle_train as in a simulation."""
+
+    def __init__(self, cfg, run_dir, canaries):
+        self.setups = {
+            node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}), canaries)
+            for i, node in enumerate(NODES)
+        }
+
+    def get_node_ids(self):
+        return list(NODES)
+
+    def send_and_receive(self, messages, timeout=None):
+        ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        return [handle_train(msg, self.setups[msg.metadata.dst_node_id]) for msg in ordered]
+
+
+NODES = (101, 202)
+
+
+def test_federated_audit_scores_each_institution_on_the_global_adapter(rows_csv, tmp_path, monkeypatch):
+    """Each institution's canaries, re-made from its stored seed by a trainer per message, in every
+    round; scored on the global adapter's change. Without noise they separate (bound well above 0);
+    the report's Audit section lists both institutions."""
+    for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    cfg = load_config(
+        overrides=[
+            "model.source=tiny-bert",
+            "model.lora_r=64",
+            f"data.path={rows_csv}",
+            "data.max_length=32",
+            "training.local_steps=10",
+            "training.batch_size=8",
+            "training.learning_rate=0.01",
+            "privacy.enabled=false",
+            "federation.rounds=3",
+            "federation.min_clients=2",
+            "federation.fraction_evaluate=0",
+            "federation.central_eval=false",
+            "simulation.num_clients=2",
+            "simulation.partition=iid",
+        ]
+    )
+    run_dir = tmp_path / "run"
+    run_server(InProcessGrid(cfg, run_dir, (WHITE, 10)), ServerSettings(cfg, run_dir, len(NODES)))
+    audits = audit_federation(cfg, run_dir)
+    assert [a.client for a in audits] == [0, 1]
+    for audit in audits:
+        assert audit.result.claimed_epsilon is None
+        assert audit.result.white_box.canaries == WHITE and audit.result.black_box.canaries == 10
+        assert audit.result.white_box.epsilon > 2, audit
+    seeds = {json.loads((run_dir / "canaries" / f"client-{i}.json").read_text())["seed"] for i in (0, 1)}
+    assert len(seeds) == 2
+    section = audit_section(audits)
+    assert section.startswith("## Audit") and "client-0" in section and "client-1" in section
+    assert json.loads((run_dir / FEDERATED_RESULT).read_text())[1]["client"] == 1
