@@ -104,7 +104,7 @@ def new_spec(
             "per-example gradients, which needs 'hooks'"
         )
     space = tuple((key, tuple(p.shape)) for key, p in sorted(trained_parameters(model).items()))
-    return CanarySpec(
+    spec = CanarySpec(
         seed=secrets.randbits(62),
         white_box=white_box,
         black_box=black_box,
@@ -113,6 +113,13 @@ def new_spec(
         vocab_size=vocab_size,
         num_labels=num_labels,
     )
+    if spec.dimension < 2 * white_box:
+        raise ConfigError(
+            f"canaries: {white_box} white-box canaries in a space of {spec.dimension} trained parameters; "
+            f"use at most {spec.dimension // 2} (or a larger model.lora_r): their scores are decorrelated "
+            "by least squares, which needs far fewer canaries than dimensions"
+        )
+    return spec
 
 
 @dataclass(frozen=True)
@@ -199,11 +206,6 @@ def white_box_scores(spec: CanarySpec, change: State) -> np.ndarray:
     directions decorrelated: least squares of the change on all of them, so that the other canaries'
     overlap with a direction (about sqrt(m / dimension)) does not blur its score. Any function of the
     released adapter is a valid score; this one separates best when the space is small."""
-    if spec.dimension < 2 * spec.white_box:
-        raise ConfigError(
-            f"audit: {spec.white_box} white-box canaries in a space of {spec.dimension} trained parameters; "
-            f"use at most {spec.dimension // 2} (or a larger model.lora_r)"
-        )
     flat = -flatten(spec, change)
     directions = torch.stack([direction(spec, i) for i in range(spec.white_box)])
     gram = (directions @ directions.T).double()

@@ -172,10 +172,14 @@ def test_included_canary_is_clipped_like_a_row(make_config, rows_csv, tmp_path):
     trainer.close()
 
 
-def test_ghost_clipping_is_refused(make_config, rows_csv, tmp_path):
+def test_what_the_audit_cannot_do_is_refused_before_training(make_config, rows_csv, tmp_path):
     cfg = make_config(settings(rows_csv, tmp_path, grad_sample_mode="ghost"))
     with pytest.raises(ConfigError, match="grad_sample_mode"):
-        run_local_audit(cfg, tmp_path / "audit", WHITE, 0)
+        run_local_audit(cfg, tmp_path / "ghost", WHITE, 0)
+    small = make_config({**settings(rows_csv, tmp_path), "model": {"source": "tiny-bert", "lora_r": 2}})
+    with pytest.raises(ConfigError, match="white-box canaries in a space of"):
+        run_local_audit(small, tmp_path / "small", WHITE, 0)
+    assert not (tmp_path / "small" / AUDIT_LEDGER).exists()
 
 
 class InProcessGrid:
