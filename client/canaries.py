@@ -174,7 +174,6 @@ class GradientCanaries:
         self.weight = cfg.privacy.max_grad_norm / cfg.training.batch_size
         self.members = np.flatnonzero(spec.white_box_included)
         self._directions: torch.Tensor | None = None
-        self.drawn = 0
 
     def directions(self) -> torch.Tensor:
         """The included canaries' directions, one row each (made once per trainer)."""
@@ -185,7 +184,6 @@ class GradientCanaries:
 
     def __call__(self, params: dict[str, nn.Parameter]) -> None:
         drawn = torch.rand(len(self.members)) < self.sample_rate
-        self.drawn += int(drawn.sum())
         if not drawn.any():
             return
         rows = self.directions()[drawn]
