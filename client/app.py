@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
+from fedlora.client.canaries import CanaryPlan, GradientCanaries, spec_for_client, with_input_canaries
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer, derive_seed
@@ -58,6 +59,8 @@ class ClientSetup:
     ledger_path: Path
     partition: int | None = None
     audit_path: Path | None = None
+    canaries: CanaryPlan | None = None
+    """Simulation --audit only: this client's privacy-audit canaries (client.canaries)."""
 
     @property
     def error_log(self) -> Path:
@@ -148,10 +151,16 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     built = build_model(cfg.model, bundle.labels, len(tokenizer))
     start = load_global(msg, cfg, built)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
+    spec = None
+    if setup.canaries is not None:
+        spec = spec_for_client(setup.canaries, cfg, built.model, len(tokenizer), len(bundle.labels))
+        train = with_input_canaries(train, spec)
     ledger = PrivacyLedger.from_config(cfg.privacy, setup.ledger_path) if cfg.privacy.enabled else None
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
+        if spec is not None:
+            trainer.gradient_hook = GradientCanaries(spec, cfg, trainer.sample_rate)
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
         result = trainer.train_round(server_round, proximal_mu=mu, anchor=start)
         final = adapter_state(trainer.model)

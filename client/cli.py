@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from rich.table import Table
 
+from fedlora.client.canaries import BLACK_BOX_CANARIES, WHITE_BOX_CANARIES
 from fedlora.client.daemon import (
     ACTIVATION_PATIENCE,
     RUNTIME_PORT,
@@ -22,6 +23,7 @@ from fedlora.client.daemon import (
     supernode_command,
 )
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
+from fedlora.client.privacy_audit import AuditResult, require_no_leak, run_local_audit
 from fedlora.client.trainer import LocalTrainer, poisson_rate, private_engine
 from fedlora.common.adapter import adapter_state, export_adapter, non_finite
 from fedlora.common.cli_support import (
@@ -200,6 +202,40 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def audit_table(title: str, result: AuditResult) -> Table:
+    table = Table(title=title)
+    for column in ("canaries", "kind", "epsilon lower bound", "ceiling", "guesses (k+, k-)", "correct"):
+        table.add_column(column)
+    for kind, bound in (("white-box", result.white_box), ("black-box", result.black_box)):
+        if bound is not None:
+            table.add_row(
+                str(bound.canaries),
+                kind,
+                f"{bound.epsilon:.3f}",
+                f"{bound.ceiling:.3f}",
+                f"{bound.guesses} ({bound.k_plus}, {bound.k_minus})",
+                str(bound.correct),
+            )
+    return table
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Train the planned rounds with canaries on this institution's own setup and data, against a
+    ledger of the audit's own in --out; fails when the measured bound exceeds the claim."""
+    cfg = read_config(args.config, args.set, "institution")
+    out = run_folder(args.out, f"{cfg.name}-audit")
+    with progress_bar("audit", cfg.planned_rounds * cfg.training.local_steps) as advance:
+        result = run_local_audit(
+            cfg, out, args.white_box_canaries, args.black_box_canaries, lambda _step, loss: advance(loss)
+        )
+    claim = "none (privacy off)" if result.claimed_epsilon is None else f"{result.claimed_epsilon:.3f}"
+    title = f"privacy audit: claimed epsilon {claim} (delta {result.delta:g}), {result.seconds:.0f} s"
+    report.print(audit_table(title, result))
+    report.print(f"lower bounds at {result.white_box.confidence:.0%} confidence; written to {out}")
+    require_no_leak(result, out)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """The node's ECDSA P-384 key pair (OpenSSH format, as Flower expects); never overwrites one."""
     cfg = read_config(args.config, args.set, "institution")
@@ -250,6 +286,23 @@ def parser() -> argparse.ArgumentParser:
     add_out_argument(local, "adapter and metrics")
     local.add_argument("--rounds", type=int, help="rounds of local_steps (default: planned rounds)")
     local.set_defaults(handler=cmd_train_local)
+    audit = sub.add_parser(
+        "audit", help="measure an epsilon lower bound with canaries on this setup (its own ledger)"
+    )
+    add_out_argument(audit, "the audit's own ledger, canaries and result")
+    audit.add_argument(
+        "--white-box-canaries",
+        type=int,
+        default=WHITE_BOX_CANARIES,
+        help="gradient canaries (audit the implementation; at most half the trained parameters)",
+    )
+    audit.add_argument(
+        "--black-box-canaries",
+        type=int,
+        default=BLACK_BOX_CANARIES,
+        help="input canaries (what the model alone reveals); they join the training rows; 0 for none",
+    )
+    audit.set_defaults(handler=cmd_audit)
     keys = sub.add_parser("keys", help="create the node's key pair at security.node_private_key (+ .pub)")
     keys.set_defaults(handler=cmd_keys)
     start = sub.add_parser("start", help="join the federation: run the SuperNode until stopped")
@@ -276,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=STOP_GRACE_SECONDS, help="seconds to let the SuperNode stop"
     )
     start.set_defaults(handler=cmd_start)
-    for p in (check, local, keys):
+    for p in (check, local, keys, audit):
         add_config_arguments(p, "institution")
     add_config_arguments(start, "institution", as_is="read as it is by the SuperNode's ClientApp processes")
     return ap

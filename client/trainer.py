@@ -30,6 +30,7 @@ from fedlora.common.model import HEAD
 from fedlora.common.scoring import forward_loss, trim
 
 StepCallback = Callable[[int, float], None]
+GradientHook = Callable[[dict[str, nn.Parameter]], None]
 
 # Known, understood notices, silenced only around the calls that raise them: Opacus' secure-RNG
 # advice (privacy.secure_mode decides, see the README) and torch's remark that frozen inputs fire
@@ -65,6 +66,13 @@ def derive_seed(*parts: int) -> int:
     """One seed from several integers: numpy's SeedSequence mixes them, so that neighbouring inputs
     (client 1 and 2, round 3 and 4) give unrelated streams."""
     return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters training changes, by their key in PEFT's own adapter state dict (whose tensors
+    share their storage)."""
+    keys = {t.data_ptr(): k for k, t in peft_state(model).items()}
+    return {keys[p.data_ptr()]: p for p in model.parameters() if p.requires_grad and p.data_ptr() in keys}
 
 
 def poisson_rate(rows: int, batch_size: int) -> float:
@@ -120,10 +128,10 @@ class LocalTrainer:
         self.generator = None if private else torch.Generator().manual_seed(self.seed)
         self.model = model.to(device)
         self.model.train()
-        # Parameter -> its key in PEFT's own adapter state dict (whose tensors share its storage).
-        keys = {t.data_ptr(): k for k, t in peft_state(self.model).items()}
-        trained = [p for p in self.model.parameters() if p.requires_grad and p.data_ptr() in keys]
-        self._state_keys = {id(p): keys[p.data_ptr()] for p in trained}
+        self._trained = trained_parameters(self.model)
+        self._state_keys = {id(param): key for key, param in self._trained.items()}
+        # The privacy audit's white-box canaries (client.canaries): called on the batch's gradients.
+        self.gradient_hook: GradientHook | None = None
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.training.weight_decay)
         loader = DataLoader(train, batch_size=cfg.training.batch_size, shuffle=True, generator=self.generator)
         self.criterion: nn.Module | None = None
@@ -177,7 +185,7 @@ class LocalTrainer:
                     param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
                 else:
                     param.grad = torch.zeros_like(param)
-            self.optimizer.step()
+            self._optimizer_step()
             return None
         batch = tuple(t.to(self.device) for t in trim(batch))
         if self.criterion is not None:
@@ -188,8 +196,13 @@ class LocalTrainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FULL_BACKWARD_HOOK)
             loss.backward()
-        self.optimizer.step()
+        self._optimizer_step()
         return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        if self.gradient_hook is not None:
+            self.gradient_hook(self._trained)
+        self.optimizer.step()
 
     def _proximal_pull(self, mu: float, anchor: State) -> None:
         """FedProx's term as a step toward the round's start after each DP step: it touches no

@@ -13,6 +13,8 @@ from importlib.resources import files
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedlora.client.canaries import BLACK_BOX_CANARIES, WHITE_BOX_CANARIES
+from fedlora.client.privacy_audit import require_no_leak
 from fedlora.common.cli_support import (
     add_config_arguments,
     add_out_argument,
@@ -26,7 +28,8 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.model import model_dir
 from fedlora.server.history import summarise_round
 from fedlora.simulations.compare import compare
-from fedlora.simulations.report import SEEDED, federated_result, write_all, write_report
+from fedlora.simulations.federated_audit import RESULT_FILE, audit_federation
+from fedlora.simulations.report import SEEDED, audit_section, federated_result, write_all, write_report
 from fedlora.simulations.run import backend_config, simulate
 
 DEFAULT_CONFIG = "hospitals.yaml"
@@ -111,10 +114,13 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[bold]{cfg.name}[/]: {describe(cfg)} -> {out}{seeded}", soft_wrap=True)
     start = time.perf_counter()
     with round_progress(cfg.federation.rounds) as on_round:
-        simulate(cfg, out, on_round=on_round)
+        canaries = (args.white_box_canaries, args.black_box_canaries) if args.audit else None
+        simulate(cfg, out, on_round=on_round, canaries=canaries)
+    audits = audit_federation(cfg, out) if args.audit else []
     seconds = time.perf_counter() - start
     title = f"{cfg.name}: federated simulation"
-    history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n")
+    audited = "\n" + audit_section(audits) if args.audit else ""
+    history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n{audited}")
     final = next((e["central"] for e in reversed(history) if e.get("central")), {})
     if args.compare:
         summary = compare(cfg, out, federated_result(history))
@@ -134,9 +140,11 @@ def run(args: argparse.Namespace) -> int:
             for n, m in rows
         ]
         lines += ["", "![compare](compare/compare.png)"]
-        write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n\n" + "\n".join(lines))
+        write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n{audited}\n" + "\n".join(lines))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "examples")
     report.print(f"done in {seconds:.0f} s: {shown}; report at {out / 'report.md'}", soft_wrap=True)
+    for audit in audits:
+        require_no_leak(audit.result, out / RESULT_FILE)
     return 0
 
 
@@ -156,6 +164,21 @@ def parser() -> argparse.ArgumentParser:
         "--compare",
         action="store_true",
         help="also train each institution alone (DP) and centrally (no DP) on the same data",
+    )
+    ap.add_argument(
+        "--audit",
+        action="store_true",
+        help="every institution inserts canaries in its own trainer; the report gets measured epsilon "
+        "lower bounds beside the claimed epsilon (exit non-zero if a white-box bound exceeds a claim)",
+    )
+    ap.add_argument(
+        "--white-box-canaries", type=int, default=WHITE_BOX_CANARIES, help="--audit: gradient canaries"
+    )
+    ap.add_argument(
+        "--black-box-canaries",
+        type=int,
+        default=BLACK_BOX_CANARIES,
+        help="--audit: input canaries (they join each institution's training rows); 0 for none",
     )
     return ap
 

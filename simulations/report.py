@@ -141,6 +141,34 @@ def write_report(run_dir: Path, history: list[dict], title: str, extra: str = ""
     return path
 
 
+def audit_section(audits: list) -> str:
+    """The report's "Audit" section: per institution, the ledger's claim beside the measured lower
+    bounds and what the canaries could prove at most (ceiling)."""
+    lines = [
+        "## Audit",
+        "",
+        "Epsilon lower bounds measured with canaries on the global adapter (one-run audit of Steinke, "
+        "Nasr and Jagielski 2023); ceiling: the bound had every guess been right.",
+        "",
+        "| institution | claimed epsilon | kind | canaries | guesses (k+, k-) | correct | lower bound "
+        "| ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for audit in audits:
+        result = audit.result
+        claim = "none (no DP)" if result.claimed_epsilon is None else f"{result.claimed_epsilon:.3f}"
+        for kind, bound in (("white-box", result.white_box), ("black-box", result.black_box)):
+            if bound is not None:
+                lines.append(
+                    f"| client-{audit.client} | {claim} | {kind} | {bound.canaries} | {bound.guesses} "
+                    f"({bound.k_plus}, {bound.k_minus}) | {bound.correct} | {bound.epsilon:.3f} | "
+                    f"{bound.ceiling:.3f} |"
+                )
+    confidence = audits[0].result.white_box.confidence if audits else 0.95
+    lines += ["", f"Lower bounds at {confidence:.0%} confidence.", ""]
+    return "\n".join(lines)
+
+
 def write_all(run_dir: Path, title: str, extra: str = "") -> list[dict]:
     history = json.loads((run_dir / "history.json").read_text())
     write_metrics(run_dir, history)

@@ -93,12 +93,20 @@ def quiet_simulation() -> Iterator[None]:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
 
 
-def simulate(cfg: FedloraConfig, run_dir: Path, on_round: RoundCallback | None = None) -> None:
-    """Run (or resume) a simulation into ``run_dir``."""
+def simulate(
+    cfg: FedloraConfig,
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    canaries: tuple[int, int] | None = None,
+) -> None:
+    """Run (or resume) a simulation into ``run_dir``; with ``canaries`` (white-box, black-box counts)
+    every virtual institution inserts privacy-audit canaries in its own trainer."""
+    if canaries and cfg.simulation.client_ranks:
+        raise ConfigError("--audit: simulation.client_ranks is set; the audit needs one rank for all clients")
     prepare_run_dir(cfg, run_dir)
     settings = ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients)
     server_app = build_server_app(lambda _context: settings, on_round)
-    client_app = build_client_app(partial(simulation_setup, cfg, run_dir))
+    client_app = build_client_app(partial(simulation_setup, cfg, run_dir, canaries=canaries))
     with quiet_simulation():
         run_simulation(
             server_app=server_app,

@@ -11,19 +11,32 @@ from pathlib import Path
 from flwr.app import Context
 
 from fedlora.client.app import ClientSetup, with_rank
+from fedlora.client.canaries import CanaryPlan
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
 
 
-def simulation_setup(cfg: FedloraConfig, run_dir: Path, context: Context) -> ClientSetup:
-    """Virtual institution ``partition-id``: its slice of the data, its rank, its own ledger."""
+def canary_file(run_dir: Path, pid: int) -> Path:
+    return run_dir / "canaries" / f"client-{pid}.json"
+
+
+def ledger_file(run_dir: Path, pid: int) -> Path:
+    return run_dir / "ledgers" / f"client-{pid}.json"
+
+
+def simulation_setup(
+    cfg: FedloraConfig, run_dir: Path, context: Context, canaries: tuple[int, int] | None = None
+) -> ClientSetup:
+    """Virtual institution ``partition-id``: its slice of the data, its rank, its own ledger; with
+    ``canaries`` (white-box, black-box counts), its own privacy-audit canaries."""
     pid = int(context.node_config[P.PARTITION_ID])
     ranks = cfg.simulation.client_ranks
     own = with_rank(cfg, ranks[pid]) if ranks else cfg
     return ClientSetup(
         cfg=own,
         client_id=pid,
-        ledger_path=run_dir / "ledgers" / f"client-{pid}.json",
+        ledger_path=ledger_file(run_dir, pid),
         partition=pid,
         audit_path=run_dir / "audit" / f"client-{pid}.jsonl",
+        canaries=CanaryPlan(canary_file(run_dir, pid), *canaries) if canaries else None,
     )

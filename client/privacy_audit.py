@@ -1,0 +1,147 @@
+"""The empirical privacy audit: a measured epsilon lower bound next to the ledger's claim.
+
+An institution audits its own setup (``fedlora-client audit``): its config, its data plus canaries
+(client.canaries), trained for the planned rounds exactly as ``train-local`` would, against a ledger
+of the audit's own in the audit's folder; the institution's real ledger is never read or charged.
+Not to be confused with client.audit, the log of outgoing messages.
+
+A white-box bound above the claim means the implementation leaks more than it accounts for (the
+bound holds at 95% confidence, so an honest implementation shows one at most 1 time in 20).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlora.client.canaries import (
+    CanarySpec,
+    GradientCanaries,
+    canary_losses,
+    input_canaries,
+    new_spec,
+    white_box_scores,
+    with_input_canaries,
+)
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.trainer import LocalTrainer, StepCallback
+from fedlora.common.adapter import State, adapter_state, delta, load_adapter_state
+from fedlora.common.audit_bound import CONFIDENCE, AuditBound, audit_bound
+from fedlora.common.config import FedloraConfig
+from fedlora.common.durable import write_durably
+from fedlora.common.errors import ConfigError, FedloraError
+from fedlora.common.model import device_for
+from fedlora.common.workbench import prepare
+
+AUDIT_LEDGER, CANARY_FILE, RESULT_FILE = "audit-ledger.json", "canaries.json", "privacy-audit.json"
+LEAK_MESSAGE = "the implementation leaks more than it accounts for"
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    claimed_epsilon: float | None
+    """The ledger's epsilon for the audited run; None without DP (nothing is claimed)."""
+    delta: float
+    white_box: AuditBound
+    black_box: AuditBound | None
+    seconds: float = 0.0
+
+    @property
+    def leaks(self) -> bool:
+        return self.claimed_epsilon is not None and self.white_box.epsilon > self.claimed_epsilon
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_canaries(
+    spec: CanarySpec,
+    change: State,
+    losses: tuple[np.ndarray, np.ndarray] | None,
+    claimed: float | None,
+    dp_delta: float,
+) -> AuditResult:
+    """Bounds from the adapter's change (white-box) and each input canary's loss before and after."""
+    white = audit_bound(white_box_scores(spec, change), spec.white_box_included, dp_delta, CONFIDENCE)
+    black = None
+    if spec.black_box and losses is not None:
+        before, after = losses
+        black = audit_bound(before - after, spec.black_box_included, dp_delta, CONFIDENCE)
+    return AuditResult(claimed, dp_delta, white, black)
+
+
+def losses_at(model: nn.Module, state: State, spec: CanarySpec, device: torch.device) -> np.ndarray:
+    """The input canaries' losses with ``model``'s adapter set to ``state``."""
+    load_adapter_state(model, state)
+    return canary_losses(model, spec.task, input_canaries(spec), device)
+
+
+def audit_folder(out: Path) -> Path:
+    """A folder for this audit alone: its ledger must count this run's steps and nothing else."""
+    for name in (AUDIT_LEDGER, RESULT_FILE):
+        if (out / name).exists():
+            raise ConfigError(f"--out: {out / name} exists; an audit needs a new folder (its own ledger)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out: cannot create {out} ({err.strerror or err})") from None
+    return out
+
+
+def run_local_audit(
+    cfg: FedloraConfig,
+    out: Path,
+    white_box: int,
+    black_box: int,
+    on_step: StepCallback | None = None,
+) -> AuditResult:
+    """Train ``cfg``'s planned rounds with canaries, against a ledger in ``out``; write the result there."""
+    out = audit_folder(out)
+    started = time.perf_counter()
+    ledger_path = out / AUDIT_LEDGER
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, ledger_path=str(ledger_path)))
+    bench = prepare(cfg)
+    device = device_for(cfg.training.device)
+    model = bench.built.model
+    spec = new_spec(cfg, model, len(bench.tokenizer), len(bench.labels), white_box, black_box)
+    spec.save(out / CANARY_FILE)
+    train = with_input_canaries(bench.data.train, spec)
+    start = adapter_state(model)
+    before = losses_at(model, start, spec, device) if spec.black_box else None
+    ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
+    trainer = LocalTrainer(cfg, model, train, device, ledger)
+    trainer.gradient_hook = GradientCanaries(spec, cfg, trainer.sample_rate)
+    try:
+        for r in range(1, cfg.planned_rounds + 1):
+            trainer.train_round(r, on_step=on_step)
+        final = trainer.adapter()
+    finally:
+        trainer.close()
+    after = losses_at(model, final, spec, device) if spec.black_box else None
+    claimed = ledger.spent if ledger is not None else None
+    result = score_canaries(
+        spec,
+        delta(final, start),
+        (before, after) if before is not None else None,
+        claimed,
+        cfg.privacy.delta,
+    )
+    result = dataclasses.replace(result, seconds=time.perf_counter() - started)
+    write_durably(out / RESULT_FILE, json.dumps(result.to_dict(), indent=1).encode())
+    return result
+
+
+def require_no_leak(result: AuditResult, where: Path) -> None:
+    """The audit's verdict as an error a command exits on."""
+    if result.leaks:
+        raise FedloraError(
+            f"privacy audit: {LEAK_MESSAGE}: white-box lower bound epsilon {result.white_box.epsilon:.3f} > "
+            f"claimed {result.claimed_epsilon:.3f} ({result.white_box.confidence:.0%} confidence; {where})"
+        )

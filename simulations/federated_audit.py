@@ -1,0 +1,64 @@
+"""``fedlora-simulate --audit``: each virtual institution's privacy audit, after the federation.
+
+Every institution inserted its canaries in its own trainer in every round (client.canaries) and kept
+their seed in its own file. The simulation is one machine, so the driver reads those files, the
+institutions' ledgers (the claim) and the global adapter before and after the run, and scores each
+institution's canaries on the global adapter's change: what anyone holding the final model could
+measure. In deployment an institution audits itself with ``fedlora-client audit``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fedlora.client.canaries import CanarySpec
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.privacy_audit import AuditResult, losses_at, score_canaries
+from fedlora.common.adapter import adapter_state, delta
+from fedlora.common.config import FedloraConfig
+from fedlora.common.errors import FedloraError
+from fedlora.common.model import device_for
+from fedlora.common.workbench import prepare
+from fedlora.server.checkpoint import load_checkpoint
+from fedlora.simulations.virtual_client import canary_file, ledger_file
+
+RESULT_FILE = "privacy-audit.json"
+
+
+@dataclass(frozen=True)
+class InstitutionAudit:
+    client: int
+    """The partition id (client-<id> in the run folder's ledgers/ and canaries/)."""
+    result: AuditResult
+
+
+def audit_federation(cfg: FedloraConfig, run_dir: Path) -> list[InstitutionAudit]:
+    """Score every institution's canaries on the global adapter's change; write RESULT_FILE."""
+    ckpt = load_checkpoint(run_dir / "checkpoint")
+    if ckpt is None:
+        raise FedloraError(f"{run_dir / 'checkpoint'}: no round completed; nothing to audit")
+    bench = prepare(cfg)
+    model, device = bench.built.model, device_for(cfg.training.device)
+    initial = adapter_state(model)
+    final = {k: ckpt.adapter[k].to(torch.float32) for k in initial}
+    change = delta(final, initial)
+    audits = []
+    for pid in range(cfg.simulation.num_clients):
+        path = canary_file(run_dir, pid)
+        if not path.exists():
+            continue  # never trained (not sampled, or failed before its first step)
+        spec = CanarySpec.load(path)
+        losses = None
+        if spec.black_box:
+            losses = (losses_at(model, initial, spec, device), losses_at(model, final, spec, device))
+        claimed = None
+        if cfg.privacy.enabled:
+            p = cfg.privacy
+            claimed = PrivacyLedger(ledger_file(run_dir, pid), p.epsilon, p.delta, p.accountant).spent
+        audits.append(InstitutionAudit(pid, score_canaries(spec, change, losses, claimed, cfg.privacy.delta)))
+    (run_dir / RESULT_FILE).write_text(json.dumps([asdict(a) for a in audits], indent=1))
+    return audits
