@@ -121,7 +121,7 @@ def run_local_audit(
     try:
         for r in range(1, cfg.planned_rounds + 1):
             trainer.train_round(r, on_step=on_step)
-        final = trainer.adapter()
+        final = adapter_state(trainer.model)
     finally:
         trainer.close()
     after = losses_at(model, final, spec, device) if spec.black_box else None
