@@ -95,7 +95,9 @@ def reported_spends(history: Sequence[Mapping[str, Any]]) -> list[Spend]:
 
 
 def _figure(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a count, such as the examples evaluated
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
@@ -250,7 +252,7 @@ def _not_covered(rec: Records) -> list[str]:
         if rec.released:
             lines.append(f"- statistics sent in the clear, outside the guarantee: {', '.join(rec.released)}.")
         else:
-            lines.append("- no training statistic was sent in the clear (privacy.release_metrics off).")
+            lines.append("- training statistics in the clear: none (privacy.release_metrics off).")
         lines.append(
             "- evaluation metrics sent by institutions that set privacy.release_metrics (local loss and "
             "accuracy, without noise)."
