@@ -81,7 +81,8 @@ def read_metadata(adapter_dir: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise AdapterError(f"{path}: unreadable fedlora metadata ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config", {}).get("model"), dict):
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise AdapterError(f"{path}: no 'config' with a 'model' section (not written by fedlora?)")
     if "fingerprint" not in data:
         raise AdapterError(f"{path}: no 'fingerprint' (not written by fedlora?)")

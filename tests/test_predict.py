@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from helpers_trained import train_and_export
 from fedlora.client import cli
 from fedlora.client.predict import Decoding, adapter_folder, classify, generate, load_trained, prompt_ids
 from fedlora.common.data import read_table, tokenize_classification
+from fedlora.common.errors import AdapterError
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,16 @@ def test_a_table_without_the_text_column_is_one_line(classifier, tmp_path, capsy
     bad.write_text("note\nchest pain\n")
     err = one_error_line(capsys, ["predict", str(out), "--input", str(bad)])
     assert str(bad) in err and "missing column 'text'" in err and "note" in err
+
+
+def test_an_adapter_whose_base_changed_is_refused(classifier, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(classifier[3] / "adapter", adapter)
+    meta = json.loads((adapter / "fedlora.json").read_text())
+    (adapter / "fedlora.json").write_text(json.dumps({**meta, "fingerprint": "0000000000000000"}))
+    with pytest.raises(AdapterError, match="fingerprint 0000000000000000") as err:
+        load_trained(adapter)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_decoding_options_are_one_line(classifier, tmp_path, capsys):
