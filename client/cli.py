@@ -22,7 +22,17 @@ from fedlora.client.daemon import (
     run_supernode,
     supernode_command,
 )
+from fedlora.client.export_merged import export_merged
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
+from fedlora.client.predict import (
+    Decoding,
+    inputs,
+    load_trained,
+    predict_frame,
+    prediction_lines,
+    recorded,
+    write_predictions,
+)
 from fedlora.client.privacy_audit import AuditResult, require_no_leak, run_local_audit
 from fedlora.client.trainer import LocalTrainer, poisson_rate, private_engine
 from fedlora.common.adapter import adapter_state, export_adapter, non_finite
@@ -37,10 +47,12 @@ from fedlora.common.cli_support import (
     run_folder,
 )
 from fedlora.common.config import FedloraConfig, to_dict
+from fedlora.common.data import read_table
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, ConfigError, FedloraError, TrainingDiverged
 from fedlora.common.launch import STOP_GRACE_SECONDS
 from fedlora.common.model import device_for
+from fedlora.common.model_card import write_model_card
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import prepare
 
@@ -196,6 +208,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
                 "sample_rate": trainer.sample_rate,
             }
             write_durably(out / METRICS, json.dumps(summary, indent=2).encode())
+            write_model_card(out)
     last = history[-1]
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
     report.print(f"adapter written to {out / ADAPTER}; final round: {shown}")
@@ -233,6 +246,38 @@ def cmd_audit(args: argparse.Namespace) -> int:
     report.print(audit_table(title, result))
     report.print(f"lower bounds at {result.white_box.confidence:.0%} confidence; written to {out}")
     require_no_leak(result, out)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predictions for a table of new rows, with the adapter a run (or train-local) exported."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: {args.batch_size}; expected at least 1")
+    decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    frame = read_table(args.input, args.format)
+    inputs(frame, recorded(args.run)[2], str(args.input), args.column)  # refused before the model loads
+    trained = load_trained(args.run, args.device)
+    with progress_bar("predict", len(frame), loss=False) as advance:
+        result = predict_frame(
+            trained,
+            frame,
+            str(args.input),
+            args.column,
+            args.batch_size,
+            decoding,
+            on_batch=lambda rows: advance(steps=rows),
+        )
+    if args.out is None:
+        sys.stdout.write("".join(line + "\n" for line in prediction_lines(trained, result)))
+    else:
+        write_predictions(result, args.out)
+        console.print(f"{len(result)} predictions written to {args.out}", soft_wrap=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = export_merged(args.run, args.merged)
+    console.print(f"merged model written to {out}", soft_wrap=True)
     return 0
 
 
@@ -329,10 +374,40 @@ def parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=STOP_GRACE_SECONDS, help="seconds to let the SuperNode stop"
     )
     start.set_defaults(handler=cmd_start)
+    add_use_commands(sub)
     for p in (check, local, keys, audit):
         add_config_arguments(p, "institution")
     add_config_arguments(start, "institution", as_is="read as it is by the SuperNode's ClientApp processes")
     return ap
+
+
+def add_use_commands(sub: argparse._SubParsersAction) -> None:
+    """``predict`` and ``export``: use what a run trained (its folder, train-local's, or an adapter)."""
+    what = "a run folder, train-local's --out folder, or an adapter folder"
+    predict = sub.add_parser("predict", help="predict labels or generate responses for a table of rows")
+    predict.add_argument("run", metavar="RUN_OR_ADAPTER", help=what)
+    predict.add_argument("--input", required=True, help="CSV, JSONL or Parquet file of rows")
+    predict.add_argument("--format", default="auto", help="input format (default: by suffix)")
+    predict.add_argument(
+        "--out",
+        type=Path,
+        help="write the rows with predictions here (.csv/.jsonl/.parquet); "
+        "default: one JSON line per row on stdout",
+    )
+    predict.add_argument("--column", help="input column (default: the text or prompt column of training)")
+    predict.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--max-new-tokens", type=int, default=Decoding.max_new_tokens, help="causal LM")
+    predict.add_argument(
+        "--temperature", type=float, default=Decoding.temperature, help="causal LM; 0 decodes greedily"
+    )
+    predict.add_argument("--top-p", type=float, default=Decoding.top_p, help="causal LM, with sampling")
+    predict.add_argument("--seed", type=int, default=Decoding.seed, help="causal LM, with sampling")
+    predict.set_defaults(handler=cmd_predict)
+    export = sub.add_parser("export", help="write the base with the adapter merged in, for serving")
+    export.add_argument("run", metavar="RUN_OR_ADAPTER", help=what)
+    export.add_argument("--merged", required=True, help="new folder for the merged Hugging Face model")
+    export.set_defaults(handler=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

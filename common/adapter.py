@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -14,10 +15,13 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from fedlora.common.errors import AdapterError
+from fedlora.common.model import base_reference
 
 State = dict[str, torch.Tensor]
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 METADATA_FILE = "fedlora.json"
+CARD_FILE = "README.md"
+PEFT_CONFIG_FILE = "adapter_config.json"
 
 
 def peft_module(model: nn.Module) -> PeftModel:
@@ -118,11 +122,26 @@ def shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def export_adapter(model: nn.Module, out_dir: str | Path, metadata: Mapping[str, object]) -> Path:
+def export_adapter(model: nn.Module, out_dir: str | Path, metadata: Mapping[str, Any]) -> Path:
     """A standard PEFT folder (adapter_config.json + adapter_model.safetensors) that
-    ``PeftModel.from_pretrained(base, out_dir)`` loads, plus what fedlora needs to rebuild the base."""
+    ``PeftModel.from_pretrained(base, out_dir)`` loads, plus what fedlora needs to rebuild the base
+    (``metadata``: the ``config`` and ``fingerprint``). With a config, the adapter names its base model.
+    PEFT's empty README template is dropped: the model card is written from the run's records
+    (common.model_card), so a placeholder never stands in for it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     peft_module(model).save_pretrained(out, safe_serialization=True)
-    (out / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, default=str))
+    (out / CARD_FILE).unlink(missing_ok=True)
+    recorded = dict(metadata)
+    source = metadata.get("config", {}).get("model", {}).get("source")
+    if source is not None:
+        # Written into the file only: on the live model, PEFT would look the name up at every
+        # get_peft_model_state_dict (a hub query, or a warning offline).
+        base = base_reference(str(source))
+        config_path = out / PEFT_CONFIG_FILE
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        recorded["base_model"] = {"name_or_path": base, "fingerprint": metadata.get("fingerprint")}
+    (out / METADATA_FILE).write_text(json.dumps(recorded, indent=2, default=str))
     return out

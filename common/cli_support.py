@@ -4,6 +4,7 @@ errors, quiet libraries, results on stdout and diagnostics on stderr, progress b
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -90,19 +91,20 @@ def read_config(path: str | None, overrides: Sequence[str] = (), persona: str | 
 
 
 @contextmanager
-def progress_bar(description: str, total: int):
-    """A rich progress bar on stderr; yields ``advance(loss)``."""
+def progress_bar(description: str, total: int, loss: bool = True):
+    """A rich progress bar on stderr; yields ``advance(loss, steps=1)`` (no loss column for a job
+    without a loss, such as predictions)."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
+        *((TextColumn("loss {task.fields[loss]}"),) if loss else ()),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total, loss="-")
 
-        def advance(loss: float) -> None:
-            bar.update(task, advance=1, loss=f"{loss:.4f}" if loss == loss else "-")
+        def advance(loss: float = math.nan, steps: int = 1) -> None:
+            bar.update(task, advance=steps, loss=f"{loss:.4f}" if loss == loss else "-")
 
         yield advance

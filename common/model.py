@@ -42,6 +42,11 @@ from fedlora.common.errors import ModelError
 
 TINY_SEED = 1234
 BUILTIN_SOURCES = ("minilm", "tiny-bert", "tiny-llama", "smollm2")
+# The Hugging Face ids of the pretrained built-ins (their packages ship these models' weights).
+HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 HEAD = "classifier"
 # What PEFT's LoRA can wrap (peft.tuners.lora.model dispatches on these).
 LORA_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
@@ -155,6 +160,16 @@ def model_dir(source: str) -> Path | None:
     if source == "smollm2":
         return smollm2_dir()
     return _local_dir(source)
+
+
+def base_reference(source: str) -> str:
+    """What an exported adapter names as its base: the Hugging Face id of a pretrained built-in, the
+    absolute path of a local folder, or the name of a tiny model built from a config."""
+    if source in HUB_IDS:
+        return HUB_IDS[source]
+    if source in BUILTIN_SOURCES:
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

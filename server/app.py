@@ -20,6 +20,7 @@ from fedlora.common.config import FedloraConfig, load_config, to_dict
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import CheckpointError, ConfigError
 from fedlora.common.model import BuiltModel, device_for
+from fedlora.common.model_card import write_model_card
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import Workbench, prepare
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -200,6 +201,7 @@ def export(
         },
     )
     (run_dir / "history.json").write_text(json.dumps(history, indent=1, default=float))
+    write_model_card(run_dir)
 
 
 def settings_from_run_config(context: Context) -> ServerSettings:

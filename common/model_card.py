@@ -1,0 +1,329 @@
+"""The adapter's README.md: what the model is and what its privacy guarantee covers, written from the
+run's own records (the adapter's fedlora.json and adapter_config.json, the round history or
+train-local's metrics, the institutions' privacy ledgers), never from hand-written text.
+
+The server writes it at export for a federation or a simulation (``<run>/history.json``, the ledgers in
+``<run>/ledgers/`` when the institutions are virtual), train-local for its own output folder
+(``metrics.json`` and the institution's ledger). Without ledgers (a deployment: the coordinator never
+sees them) each institution's epsilon is the one it reported from its ledger in its last reply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.common import protocol as P
+from fedlora.common.adapter import CARD_FILE, METADATA_FILE, PEFT_CONFIG_FILE
+from fedlora.common.errors import CheckpointError
+from fedlora.common.model import HUB_IDS
+
+ADAPTER_DIR = "adapter"
+HISTORY_FILE = "history.json"
+LOCAL_METRICS_FILE = "metrics.json"
+LEDGERS_DIR = "ledgers"
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One institution's privacy spend, as its ledger (or its last reply) states it."""
+
+    name: str
+    epsilon: float
+    source: str
+    delta: float | None = None
+    accountant: str | None = None
+    noise_multipliers: tuple[float, ...] = ()
+    sample_rates: tuple[float, ...] = ()
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Records:
+    """What a card is written from."""
+
+    meta: dict[str, Any]
+    peft: dict[str, Any]
+    rounds: int
+    institutions: int
+    aggregation: str
+    evaluation: list[tuple[str, str, str]]  # metric, before, after
+    evaluated_on: str  # a sentence: where the figures come from, or why there are none
+    spends: list[Spend]
+    released: list[str]  # statistics that left an institution in the clear
+    local: bool
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable for the model card ({err})") from None
+
+
+def ledger_spend(path: Path, name: str) -> Spend:
+    """Epsilon after the last recorded round, and the mechanism of every round, from a ledger file
+    (client.ledger writes it; each entry's epsilon composes every step before it)."""
+    data = _json(path)
+    try:
+        entries = list(data["entries"])
+        return Spend(
+            name=name,
+            epsilon=float(entries[-1]["epsilon"]) if entries else 0.0,
+            source=f"ledger {path.name}",
+            delta=float(data["delta"]),
+            accountant=str(data["accountant"]),
+            noise_multipliers=tuple(sorted({float(e["noise_multiplier"]) for e in entries})),
+            sample_rates=tuple(sorted({float(e["sample_rate"]) for e in entries})),
+            steps=sum(int(e["steps"]) for e in entries),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a privacy ledger ({type(err).__name__}: {err})") from None
+
+
+def reported_spends(history: Sequence[Mapping[str, Any]]) -> list[Spend]:
+    """Each node's epsilon from its last accepted reply (computed by its ledger before it replied)."""
+    last: dict[int, float] = {}
+    for entry in history:
+        for client in entry.get("clients", []):
+            last[int(client["node"])] = float(client[P.EPSILON])
+    return [Spend(f"node {node}", eps, "its last reply") for node, eps in sorted(last.items())]
+
+
+def _figure(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a count, such as the examples evaluated
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
+    meta = _json(adapter_dir / METADATA_FILE)
+    history = _json(run_dir / HISTORY_FILE)
+    rounds = max((int(e.get("round", 0)) for e in history), default=0)
+    nodes = {int(c["node"]) for e in history for c in [*e.get("clients", []), *e.get("dropped", [])]}
+    ledgers = sorted((run_dir / LEDGERS_DIR).glob("*.json"))
+    spends = [ledger_spend(p, p.stem) for p in ledgers] or reported_spends(history)
+    scored = [e for e in history if e.get("central")]
+    evaluation = []
+    if scored:
+        first, final = scored[0], scored[-1]
+        for key in final["central"]:
+            before = first["central"].get(key, "-") if first is not final else "-"
+            evaluation.append((key, _figure(before), _figure(final["central"][key])))
+    fed = meta["config"]["federation"]
+    released = sorted({k for e in history for c in e.get("clients", []) for k in c if k in P.TRAIN_OPTIONAL})
+    return Records(
+        meta=meta,
+        peft=_json(adapter_dir / PEFT_CONFIG_FILE),
+        rounds=rounds,
+        institutions=max(len(nodes), len(ledgers)),
+        aggregation=f"{fed['aggregator']} (LoRA aggregator) under the {fed['strategy']} strategy",
+        evaluation=evaluation,
+        evaluated_on=(
+            f"Measured on the coordinator's held-out set, before round 1 (round {scored[0]['round']}) and "
+            f"after round {scored[-1]['round']}."
+            if scored
+            else "Not evaluated: no central evaluation ran (federation.central_eval off, or no held-out set)."
+        ),
+        spends=spends,
+        released=[f"training {k} (privacy.release_metrics)" for k in released],
+        local=False,
+    )
+
+
+def _local_records(out_dir: Path, adapter_dir: Path) -> Records:
+    meta = _json(adapter_dir / METADATA_FILE)
+    metrics = _json(out_dir / LOCAL_METRICS_FILE)
+    rows = metrics.get("rounds", [])
+    privacy = meta["config"]["privacy"]
+    ledger = Path(privacy["ledger_path"])
+    name = meta["config"].get("name", "this institution")
+    spends = [ledger_spend(ledger, name)] if privacy["enabled"] else []
+    final = rows[-1] if rows else {}
+    evaluation = [(k.removeprefix("eval_"), "-", _figure(v)) for k, v in final.items() if k[:5] == "eval_"]
+    return Records(
+        meta=meta,
+        peft=_json(adapter_dir / PEFT_CONFIG_FILE),
+        rounds=len(rows),
+        institutions=1,
+        aggregation="none: trained by one institution alone (fedlora-client train-local)",
+        evaluation=evaluation,
+        evaluated_on=(
+            f"Measured on the institution's held-out set (data.eval_path) after round {final.get('round')}."
+            if evaluation
+            else "Not evaluated: no held-out set was given (data.eval_path)."
+        ),
+        spends=spends,
+        released=[],
+        local=True,
+    )
+
+
+def _task_lines(meta: Mapping[str, Any]) -> list[str]:
+    model, data = meta["config"]["model"], meta["config"]["data"]
+    if model["task"] == "classification":
+        labels = meta.get("labels") or []
+        return [
+            f"- task: text classification into {len(labels)} labels: {', '.join(labels)}",
+            f"- input: the text column `{data['text_column']}`, truncated to {data['max_length']} tokens",
+            f"- head: {model['pooling']} pooling{', L2-normalised' if model['normalize'] else ''}, "
+            f"a linear layer trained with the adapter (started from {model['head_init']})",
+        ]
+    return [
+        "- task: causal language modelling (instruction -> response)",
+        f"- input: `[bos] <{data['prompt_column']}>`; the model continues with the response "
+        f"(`{data['response_column']}` in training, loss on the response only), up to {data['max_length']} "
+        "tokens in all",
+    ]
+
+
+def _lora_lines(peft: Mapping[str, Any]) -> list[str]:
+    scale = peft["lora_alpha"] / (math.sqrt(peft["r"]) if peft.get("use_rslora") else peft["r"])
+    targets = peft.get("target_modules") or []
+    targets = sorted(targets) if isinstance(targets, list) else [str(targets)]
+    lines = [
+        f"- LoRA rank {peft['r']}, alpha {peft['lora_alpha']:g} (scale {scale:g}"
+        f"{', rank-stabilised' if peft.get('use_rslora') else ''}) on {', '.join(targets)}",
+    ]
+    if peft.get("modules_to_save"):
+        lines.append(f"- trained in full and saved with the adapter: {', '.join(peft['modules_to_save'])}")
+    return lines
+
+
+def _rates(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.4g}" for v in values) or "none (no step ran)"
+
+
+def _privacy_lines(rec: Records) -> list[str]:
+    privacy = rec.meta["config"]["privacy"]
+    from_ledgers = any(s.delta is not None for s in rec.spends)
+    spent = any(s.epsilon > 0 for s in rec.spends)
+    if not from_ledgers and not spent:
+        return [
+            "**No differential privacy.** No privacy spend is recorded (epsilon 0): the adapter was trained "
+            "without DP-SGD and carries no formal guarantee about the rows it was trained on.",
+        ]
+    lines = [
+        "- privacy unit: one row (example) of an institution's data. A person with k rows in one "
+        "institution's data is protected at about k times that institution's epsilon (group privacy).",
+        "- mechanism: DP-SGD with Opacus (Poisson sampling, per-example gradient clipping, Gaussian noise "
+        "on the sum), run by each institution on its own data before its update leaves.",
+    ]
+    if from_ledgers:
+        lines.append(f"- per-example gradient clipping norm: {privacy['max_grad_norm']:g}")
+        accountants = sorted({s.accountant for s in rec.spends if s.accountant})
+        lines.append(
+            f"- accountant: Opacus {', '.join(accountants).upper()}, composing every step recorded in the "
+            "institution's ledger (rounds of earlier runs on the same ledger included)"
+        )
+    else:
+        lines.append(
+            "- delta, accountant, clipping norm, noise and sample rate are each institution's own settings "
+            "(its privacy section and ledger); the coordinator receives only the epsilon below."
+        )
+    lines += [
+        "",
+        "| institution | epsilon | delta | noise multipliers | sample rates | steps | from |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in rec.spends:
+        delta = f"{s.delta:g}" if s.delta is not None else "its own"
+        noise = _rates(s.noise_multipliers) if s.delta is not None else "its own"
+        rates = _rates(s.sample_rates) if s.delta is not None else "its own"
+        steps = str(s.steps) if s.steps is not None else "its own"
+        lines.append(f"| {s.name} | {s.epsilon:.4f} | {delta} | {noise} | {rates} | {steps} | {s.source} |")
+    return lines
+
+
+def _not_covered(rec: Records) -> list[str]:
+    if rec.local:
+        lines = ["- nothing left the institution during training: train-local sends nothing."]
+        if rec.evaluation:
+            lines.append("- this card's evaluation figures: computed on the institution's held-out rows.")
+    else:
+        lines = [
+            f"- what every reply carries in the clear: {', '.join(P.TRAIN_REQUIRED)} (counts and settings, "
+            "not computed from the rows' content beyond their number).",
+        ]
+        if rec.released:
+            lines.append(f"- statistics sent in the clear, outside the guarantee: {', '.join(rec.released)}.")
+        else:
+            lines.append("- training statistics in the clear: none (privacy.release_metrics off).")
+        lines.append(
+            "- evaluation metrics sent by institutions that set privacy.release_metrics (local loss and "
+            "accuracy, without noise)."
+        )
+    lines += [
+        "- the base model and its pretraining data, the label names and the initial head (public).",
+        "- a person with rows at several institutions: each institution's epsilon covers its own rows.",
+    ]
+    return lines
+
+
+def render(rec: Records) -> str:
+    meta = rec.meta
+    cfg = meta["config"]
+    source = cfg["model"]["source"]
+    base = meta.get("base_model", {}).get("name_or_path", source)
+    front = ["---", "library_name: peft"]
+    if source in HUB_IDS:
+        front.append(f"base_model: {HUB_IDS[source]}")
+    front += ["tags:", "- fedlora", "- lora", "- differential-privacy", "- federated-learning", "---", ""]
+    lines = [
+        *front,
+        f"# {cfg['name']}: a LoRA adapter trained with fedlora",
+        "",
+        "## Model",
+        f"- base model: {base} (model.source `{source}`); fingerprint `{meta['fingerprint']}`",
+        *_task_lines(meta),
+        *_lora_lines(rec.peft),
+        "",
+        "## Training",
+        f"- rounds: {rec.rounds}",
+        f"- institutions: {rec.institutions}",
+        f"- aggregation: {rec.aggregation}",
+        "",
+        "## Evaluation",
+        rec.evaluated_on,
+        "",
+    ]
+    if rec.evaluation:
+        lines += ["| metric | before | after |", "|---|---|---|"]
+        lines += [f"| {name} | {before} | {after} |" for name, before, after in rec.evaluation]
+        lines.append("")
+    lines += [
+        "## Privacy",
+        *_privacy_lines(rec),
+        "",
+        "Not covered by the guarantee:",
+        *_not_covered(rec),
+        "",
+        "## Use",
+        "With ADAPTER the path of this folder:",
+        "- predictions: `fedlora-client predict ADAPTER --input rows.csv --out predictions.csv`",
+        "- without fedlora: `fedlora-client export ADAPTER --merged merged-model` writes the base with "
+        "this adapter merged in, a Hugging Face folder for the Auto classes"
+        + (" (`trust_remote_code=True`)" if cfg["model"]["task"] == "classification" else ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str | Path) -> Path:
+    """``<folder>/adapter/README.md`` for a run folder (history.json) or a train-local folder
+    (metrics.json)."""
+    root = Path(folder)
+    adapter_dir = root / ADAPTER_DIR
+    if (root / HISTORY_FILE).exists():
+        records = _run_records(root, adapter_dir)
+    elif (root / LOCAL_METRICS_FILE).exists():
+        records = _local_records(root, adapter_dir)
+    else:
+        raise CheckpointError(f"{root}: neither {HISTORY_FILE} nor {LOCAL_METRICS_FILE}: no run to describe")
+    path = adapter_dir / CARD_FILE
+    path.write_text(render(records))
+    return path

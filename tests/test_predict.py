@@ -1,0 +1,156 @@
+"""``predict``: an exported adapter, loaded onto its rebuilt base, answers as the trained model did.
+
+The models are trained for real (tiny-bert classifier, tiny-llama causal LM, a few steps, so the
+adapter is far from its start), exported with the production exporter, then read back by
+``load_trained`` (Python) and by ``fedlora-client predict`` (a fresh process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers_trained import train_and_export
+
+from fedlora.client import cli
+from fedlora.client.predict import Decoding, adapter_folder, classify, generate, load_trained, prompt_ids
+from fedlora.common.data import read_table, tokenize_classification
+from fedlora.common.errors import AdapterError
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    return train_and_export(tmp_path_factory.mktemp("cls"), "classification")
+
+
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory):
+    return train_and_export(tmp_path_factory.mktemp("lm"), "causal-lm")
+
+
+def in_memory_probabilities(classifier) -> torch.Tensor:
+    cfg, bench, model, _, data = classifier
+    rows = tokenize_classification(read_table(data), cfg.data, bench.tokenizer, bench.labels, "rows")
+    with torch.no_grad():
+        return torch.softmax(model(input_ids=rows.input_ids, attention_mask=rows.attention_mask), dim=-1)
+
+
+def test_loaded_adapter_gives_the_trained_models_probabilities(classifier):
+    _, bench, _, out, data = classifier
+    trained = load_trained(out)
+    assert trained.labels == bench.labels
+    assert trained.adapter_dir == out / "adapter"
+    expected = in_memory_probabilities(classifier)
+    texts = read_table(data)["text"].tolist()
+    got = classify(trained, texts, batch_size=5)  # other batches than the reference: padding must not matter
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert len(set(got.argmax(-1).tolist())) > 1  # the trained head separates the rows
+
+
+def test_cli_predict_writes_the_trained_models_labels_and_probabilities(classifier, tmp_path):
+    _, bench, _, out, data = classifier
+    preds = tmp_path / "predictions.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedlora.client.cli",
+            "predict",
+            str(out),
+            "--input",
+            str(data),
+            "--out",
+            str(preds),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "predict" in done.stderr and "24/24" in done.stderr  # the progress bar ran through every row
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    expected = in_memory_probabilities(classifier)
+    assert [r["prediction"] for r in rows] == [bench.labels[i] for i in expected.argmax(-1).tolist()]
+    got = torch.tensor([[r[f"probability_{label}"] for label in bench.labels] for r in rows])
+    torch.testing.assert_close(got, expected.float(), atol=1e-6, rtol=0)
+    assert [r["probability"] for r in rows] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-6)
+    assert rows[0]["text"] == read_table(data)["text"][0]  # the input columns are kept
+
+
+def test_generate_answers_as_the_trained_causal_lm(causal_lm):
+    _, bench, model, out, data = causal_lm
+    trained = load_trained(out)
+    prompts = read_table(data)["prompt"].tolist()[:4]
+    got = generate(trained, prompts, Decoding(max_new_tokens=6), batch_size=3)
+    expected = []
+    for ids in prompt_ids(trained, prompts):
+        with torch.no_grad():
+            tokens = model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=bench.tokenizer.pad_token_id,
+                eos_token_id=bench.tokenizer.sep_token_id,
+            )
+        expected.append(bench.tokenizer.decode(tokens[0, len(ids) :], skip_special_tokens=True))
+    assert got == expected
+    assert all(isinstance(text, str) for text in got) and any(got)
+
+
+def test_sampling_follows_its_seed(causal_lm):
+    out = causal_lm[3]
+    trained = load_trained(out)
+    prompts = ["Which department? fever"]
+    first = generate(trained, prompts, Decoding(max_new_tokens=8, temperature=1.5, seed=3))
+    assert generate(trained, prompts, Decoding(max_new_tokens=8, temperature=1.5, seed=3)) == first
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_a_folder_that_is_no_run_or_adapter_is_one_line(tmp_path, capsys):
+    (tmp_path / "rows.csv").write_text("text\nhello\n")
+    err = one_error_line(capsys, ["predict", str(tmp_path), "--input", str(tmp_path / "rows.csv")])
+    assert str(tmp_path) in err and "not a fedlora run or adapter folder" in err
+    err = one_error_line(capsys, ["export", str(tmp_path / "nowhere"), "--merged", str(tmp_path / "m")])
+    assert "nowhere" in err and "not a folder" in err
+    with pytest.raises(Exception, match="not a fedlora run or adapter folder"):
+        adapter_folder(tmp_path)
+
+
+def test_a_table_without_the_text_column_is_one_line(classifier, tmp_path, capsys):
+    out = classifier[3]
+    bad = tmp_path / "notes.csv"
+    bad.write_text("note\nchest pain\n")
+    err = one_error_line(capsys, ["predict", str(out), "--input", str(bad)])
+    assert str(bad) in err and "missing column 'text'" in err and "note" in err
+
+
+def test_an_adapter_whose_base_changed_is_refused(classifier, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(classifier[3] / "adapter", adapter)
+    meta = json.loads((adapter / "fedlora.json").read_text())
+    (adapter / "fedlora.json").write_text(json.dumps({**meta, "fingerprint": "0000000000000000"}))
+    with pytest.raises(AdapterError, match="fingerprint 0000000000000000") as err:
+        load_trained(adapter)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_decoding_options_are_one_line(classifier, tmp_path, capsys):
+    _, _, _, out, data = classifier
+    err = one_error_line(capsys, ["predict", str(out), "--input", str(data), "--top-p", "0"])
+    assert "top_p" in err
+    err = one_error_line(capsys, ["predict", str(out), "--input", str(data), "--batch-size", "0"])
+    assert "--batch-size" in err
