@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedlora.common.cli_support import console, read_config, run_cli
-from fedlora.simulations.compare import compare
+from fedlora.simulations.compare import compare, markdown
 from fedlora.simulations.report import write_all, write_report
 from fedlora.simulations.run import simulate
 
@@ -66,23 +66,7 @@ def run(args: argparse.Namespace) -> int:
         federated = {**final, "rows": float(sum(c["num-examples"] for c in history[-1].get("clients", [])))}
         federated["epsilon"] = max((c["epsilon"] for c in history[-1].get("clients", [])), default=0.0)
         summary = compare(cfg, out, federated)
-        lines = [
-            "## Compare: federated DP vs alone (DP) vs centralised (no DP)",
-            "",
-            "| setting | rows | accuracy | epsilon |",
-            "|---|---|---|---|",
-        ]
-        rows = [
-            ("federated (DP)", summary["federated_dp"]),
-            *[(f"client-{i + 1} alone (DP)", m) for i, m in enumerate(summary["alone_dp"])],
-            ("centralised (no DP)", summary["centralised"]),
-        ]
-        lines += [
-            f"| {n} | {m['rows']:.0f} | {m.get('accuracy', float('nan')):.4f} | {m['epsilon']:.2f} |"
-            for n, m in rows
-        ]
-        lines += ["", "![compare](compare/compare.png)"]
-        write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n\n" + "\n".join(lines))
+        write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n\n" + markdown(summary))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "examples")
     console.print(f"done in {seconds:.0f} s: {shown}; report at {out / 'report.md'}")
     return 0
@@ -96,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--compare",
         action="store_true",
-        help="also train each institution alone (DP) and centrally (no DP) on the same data",
+        help="also score a linear probe on the frozen base (the floor), and train each institution alone "
+        "(DP) and centrally (DP and not) on the same data",
     )
     return ap
 
