@@ -129,10 +129,13 @@ class DataConfig:
     max_length: int = _f(128, "Tokens per example after truncation.", ge=8)
     demo_task: str = _f(
         "triage",
-        "Demo data only: 'triage' routes a review to its condition, 'rating' predicts the 3-class rating.",
+        "data.dataset drug-reviews only: 'triage' routes a review to its condition, 'rating' predicts "
+        "the 3-class rating.",
         choices=("triage", "rating"),
     )
-    demo_top_conditions: int = _f(8, "Demo triage: keep the N most frequent conditions.", ge=2)
+    demo_top_conditions: int = _f(
+        8, "data.dataset drug-reviews, triage: keep the N most frequent conditions.", ge=2
+    )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Held-out accuracy of local LoRA training on the drug-review triage task, private and not,
-against the linear-probe floor.
+"""Held-out accuracy of local LoRA training on a packaged task (the drug-review triage by default),
+private and not, against the linear-probe floor.
 
-Run: ``python -m fedlora.simulations.benchmarks.recipe [--recipe SPEC ...] [--modes nondp dp]``
+Run: ``python -m fedlora.simulations.benchmarks.recipe [--recipe SPEC ...] [--modes nondp dp]
+[--dataset medmcqa-subjects]``
 
 A recipe is a comma-separated list of ``key=value`` pairs (any key left out keeps the config
 default):
@@ -15,9 +16,9 @@ default):
     init    model.head_init (label-names | zero)
 
 Each recipe is trained from the same initial adapter once without DP and once with DP-SGD at
-``--epsilon`` (delta from the config), on the 266 training rows, then scored on the 169 held-out
-rows. The floor is the linear probe of ``fedlora.simulations.probe`` (frozen MiniLM, mean-pooled token
-states, logistic regression), here at C = 0.1, 1 and 10.
+``--epsilon`` (delta from the config), on the training rows (266 for the triage), then scored on the
+held-out rows (169). The floor is the linear probe of ``fedlora.simulations.probe`` (frozen MiniLM,
+mean-pooled token states, logistic regression), here at C = 0.1, 1 and 10.
 """
 
 from __future__ import annotations
@@ -99,11 +100,15 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-def recipe_config(spec: str, private: bool, epsilon: float) -> tuple[FedloraConfig, int]:
+def recipe_config(spec: str, private: bool, epsilon: float, dataset: str) -> tuple[FedloraConfig, int]:
     values = parse_recipe(spec)
     # Numbers go through Python: YAML 1.1 reads '5e-3' as a string.
     overrides = [f"{KEYS[k]}={_number(v)}" for k, v in values.items()]
-    overrides += [f"privacy.enabled={'true' if private else 'false'}", f"privacy.epsilon={epsilon}"]
+    overrides += [
+        f"privacy.enabled={'true' if private else 'false'}",
+        f"privacy.epsilon={epsilon}",
+        f"data.dataset={dataset}",
+    ]
     cfg = load_config(None, overrides=overrides)
     return cfg, cfg.planned_rounds
 
@@ -130,9 +135,15 @@ def linear_probe(cfg: FedloraConfig, bench: Workbench) -> dict[str, float]:
 
 
 def train_once(
-    spec: str, private: bool, epsilon: float, benches: dict[int, Workbench], folder: Path, curve: bool
+    spec: str,
+    private: bool,
+    epsilon: float,
+    dataset: str,
+    benches: dict[int, Workbench],
+    folder: Path,
+    curve: bool,
 ) -> Outcome:
-    cfg, rounds = recipe_config(spec, private, epsilon)
+    cfg, rounds = recipe_config(spec, private, epsilon, dataset)
     if cfg.data.max_length not in benches:
         benches[cfg.data.max_length] = prepare(cfg)
     bench = benches[cfg.data.max_length]
@@ -172,8 +183,14 @@ def train_once(
     )
 
 
-def report(outcomes: list[Outcome], probe: dict[int, dict[str, float]], epsilon: float) -> Table:
-    t = Table(title=f"Triage (266 train / 169 held-out, 8 labels): LoRA recipes, DP at epsilon {epsilon:g}")
+def report(
+    outcomes: list[Outcome], probe: dict[int, dict[str, float]], epsilon: float, bench: Workbench
+) -> Table:
+    rows = len(bench.data.train)
+    t = Table(
+        title=f"{rows} train / {len(bench.data.eval)} held-out, {len(bench.labels)} labels: LoRA recipes, "
+        f"DP at epsilon {epsilon:g}"
+    )
     for name in ("recipe", "epochs", "non-DP acc", "DP acc", "epsilon spent", "noise", "wall s"):
         t.add_column(name, justify="left" if name == "recipe" else "right")
     by_recipe: dict[str, dict[str, Outcome]] = {}
@@ -184,7 +201,7 @@ def report(outcomes: list[Outcome], probe: dict[int, dict[str, float]], epsilon:
         any_run = nondp or dp
         t.add_row(
             spec,
-            f"{any_run.examples_seen / 266:.1f}",
+            f"{any_run.examples_seen / rows:.1f}",
             f"{nondp.accuracy:.1%}" if nondp else "-",
             f"{dp.accuracy:.1%}" if dp else "-",
             f"{dp.epsilon:.2f}" if dp else "-",
@@ -223,6 +240,9 @@ def parser() -> argparse.ArgumentParser:
         default=[128],
         help="max_length values at which to compute the linear probe (none: skip it)",
     )
+    ap.add_argument(
+        "--dataset", default="drug-reviews", choices=["drug-reviews", "medmcqa-subjects"], help="data.dataset"
+    )
     ap.add_argument("--curve", action="store_true", help="evaluate after every round, not only the last")
     ap.add_argument("--json", type=Path, help="append the outcomes to this JSON-lines file")
     return ap
@@ -238,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     benches: dict[int, Workbench] = {}
     probe = {}
     for length in args.probe_lengths:
-        cfg = load_config(None, overrides=[f"data.max_length={length}", "privacy.enabled=false"])
+        sets = [f"data.max_length={length}", "privacy.enabled=false", f"data.dataset={args.dataset}"]
+        cfg = load_config(None, overrides=sets)
         benches.setdefault(length, prepare(cfg))
         t0 = time.perf_counter()
         probe[length] = linear_probe(cfg, benches[length])
@@ -248,13 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         for spec in recipes:
             for mode in args.modes:
                 log.print(f"[bold]{spec}[/] {mode}")
-                o = train_once(spec, mode == "dp", args.epsilon, benches, Path(tmp), args.curve)
+                o = train_once(spec, mode == "dp", args.epsilon, args.dataset, benches, Path(tmp), args.curve)
                 log.print(f"  -> acc {o.accuracy:.3f} in {o.seconds:.0f}s")
                 outcomes.append(o)
                 if args.json:
                     with args.json.open("a") as f:
                         f.write(json.dumps(asdict(o)) + "\n")
-    Console(width=160).print(report(outcomes, probe, args.epsilon))
+    if benches:
+        Console(width=160).print(report(outcomes, probe, args.epsilon, next(iter(benches.values()))))
     log.print(f"total wall time {time.perf_counter() - start:.0f}s")
     return 0
 
