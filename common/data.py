@@ -1,4 +1,4 @@
-"""An institution's table in, a tokenized dataset for the task out; plus demo data and partitioners.
+"""An institution's table in, a tokenized dataset for the task out; plus packaged data and partitioners.
 
 Every failure a person can cause (a missing file, a column, a stray label) raises a one-line
 DataError naming the file, the culprit and what was expected, because the CLIs print it as is.
@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from fedlora.common.config import DataConfig, FedloraConfig, SimulationConfig
 from fedlora.common.errors import DataError
+from fedlora.common.medmcqa import medmcqa_tables
 
 IGNORE_INDEX = -100
 """Label of tokens without loss (prompt and padding); the value Hugging Face losses skip."""
@@ -205,15 +206,24 @@ def demo_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return frames[0][order], frames[1][order]
 
 
+PACKAGED = {"drug-reviews": "drug-review demo", "medmcqa-subjects": "MedMCQA subjects"}
+"""data.dataset -> how its sources are named in errors."""
+
+
 def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """The train and (optional) eval frames: the institution's files, or the demo data."""
+    """The train and (optional) eval frames: the institution's files, or the packaged data set."""
     if data.path is None:
         if data.eval_path is not None:
             raise DataError(
                 f"data.eval_path is '{data.eval_path}' but data.path is not set (set data.path, "
-                "or unset data.eval_path to use the demo data)"
+                "or unset data.eval_path to use the packaged data)"
             )
-        return demo_tables(data)
+        return medmcqa_tables() if data.dataset == "medmcqa-subjects" else demo_tables(data)
+    if data.dataset != "drug-reviews":
+        raise DataError(
+            f"data.dataset is '{data.dataset}' but data.path is '{data.path}' (a packaged data set "
+            "replaces the files: unset one of them)"
+        )
     train = read_table(data.path, data.format)
     held_out = read_table(data.eval_path, data.format) if data.eval_path is not None else None
     return train, held_out
@@ -356,8 +366,8 @@ def build_data(cfg: FedloraConfig, tokenizer: Any) -> DataBundle:
     """Read, check and tokenize the configured data for the configured task."""
     data = cfg.data
     train_frame, eval_frame = load_tables(data)
-    train_source = data.path or "drug-review demo (train)"
-    eval_source = data.eval_path or "drug-review demo (test)"
+    train_source = data.path or f"{PACKAGED[data.dataset]} (train)"
+    eval_source = data.eval_path or f"{PACKAGED[data.dataset]} (test)"
     if cfg.model.task == "classification":
         labels = resolve_labels(data, train_frame, train_source)
         train = tokenize_classification(train_frame, data, tokenizer, labels, train_source)

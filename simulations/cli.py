@@ -27,7 +27,7 @@ from fedlora.common.cli_support import (
 from fedlora.common.config import FedloraConfig
 from fedlora.common.model import model_dir
 from fedlora.server.history import summarise_round
-from fedlora.simulations.compare import compare
+from fedlora.simulations.compare import compare, markdown
 from fedlora.simulations.federated_audit import RESULT_FILE, audit_federation
 from fedlora.simulations.report import SEEDED, audit_section, federated_result, write_all, write_report
 from fedlora.simulations.run import backend_config, simulate
@@ -124,23 +124,7 @@ def run(args: argparse.Namespace) -> int:
     final = next((e["central"] for e in reversed(history) if e.get("central")), {})
     if args.compare:
         summary = compare(cfg, out, federated_result(history))
-        lines = [
-            "## Compare: federated DP vs alone (DP) vs centralised (no DP)",
-            "",
-            "| setting | rows | accuracy | epsilon |",
-            "|---|---|---|---|",
-        ]
-        rows = [
-            ("federated (DP)", summary["federated_dp"]),
-            *[(f"client-{i + 1} alone (DP)", m) for i, m in enumerate(summary["alone_dp"])],
-            ("centralised (no DP)", summary["centralised"]),
-        ]
-        lines += [
-            f"| {n} | {m['rows']:.0f} | {m.get('accuracy', float('nan')):.4f} | {m['epsilon']:.2f} |"
-            for n, m in rows
-        ]
-        lines += ["", "![compare](compare/compare.png)"]
-        write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n{audited}\n" + "\n".join(lines))
+        write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n{audited}\n" + markdown(summary))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "examples")
     report.print(f"done in {seconds:.0f} s: {shown}; report at {out / 'report.md'}", soft_wrap=True)
     for audit in audits:
@@ -163,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--compare",
         action="store_true",
-        help="also train each institution alone (DP) and centrally (no DP) on the same data",
+        help="also score a linear probe on the frozen base (the floor), and train each institution alone "
+        "(DP) and centrally (DP and not) on the same data",
     )
     ap.add_argument(
         "--audit",
