@@ -14,7 +14,7 @@ from rich.table import Table
 
 from fedlora.client.app import ClientSetup, client_data, shared_data
 from fedlora.client.ledger import PrivacyLedger
-from fedlora.client.trainer import LocalTrainer
+from fedlora.client.trainer import LocalTrainer, derive_seed
 from fedlora.common.cli_support import console, progress_bar
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
@@ -24,15 +24,20 @@ from fedlora.simulations.probe import linear_probe
 
 
 def train_alone(
-    cfg: FedloraConfig, train: TokenizedDataset, test: TokenizedDataset, ledger: Path | None, label: str
+    cfg: FedloraConfig,
+    train: TokenizedDataset,
+    test: TokenizedDataset,
+    ledger: Path | None,
+    label: str,
+    party: int,
 ) -> dict[str, float]:
-    """One party trains rounds x local_steps on its own data, then is scored on the shared test set."""
+    """One party trains rounds x local_steps on its own data, then is scored on the shared test set.
+    Each party has its own seed, so that in reproducible mode no two draw the same noise."""
     tokenizer, bundle = shared_data(cfg)
     model = build_model(cfg.model, bundle.labels, len(tokenizer)).model
     device = device_for(cfg.training.device)
-    p = cfg.privacy
-    book = PrivacyLedger(ledger, p.epsilon, p.delta, p.accountant) if p.enabled and ledger else None
-    trainer = LocalTrainer(cfg, model, train, device, book)
+    book = PrivacyLedger.from_config(cfg.privacy, ledger) if cfg.privacy.enabled and ledger else None
+    trainer = LocalTrainer(cfg, model, train, device, book, seed=derive_seed(cfg.training.seed, party))
     epsilon = 0.0
     with progress_bar(label, cfg.federation.rounds * cfg.training.local_steps) as advance:
         for r in range(1, cfg.federation.rounds + 1):
@@ -62,7 +67,9 @@ def compare(cfg: FedloraConfig, run_dir: Path, federated: dict[str, float]) -> d
         }
     summary["federated_dp"] = federated
     summary["alone_dp"] = [
-        train_alone(cfg, client_data(s)[0], test, s.ledger_path, f"client-{s.client_id + 1} alone (DP)")
+        train_alone(
+            cfg, client_data(s)[0], test, s.ledger_path, f"client-{s.client_id + 1} alone (DP)", s.client_id
+        )
         for s in setups
     ]
     summary["alone_dp_mean"] = {
@@ -72,10 +79,12 @@ def compare(cfg: FedloraConfig, run_dir: Path, federated: dict[str, float]) -> d
     } | {"epsilon": max(m["epsilon"] for m in summary["alone_dp"])}
     if cfg.privacy.enabled:
         summary["centralised_dp"] = train_alone(
-            cfg, everything, test, out / "ledger-centralised.json", "centralised (DP)"
+            cfg, everything, test, out / "ledger-centralised.json", "centralised (DP)", len(setups)
         )
     central_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False))
-    summary["centralised"] = train_alone(central_cfg, everything, test, None, "centralised (non-private)")
+    summary["centralised"] = train_alone(
+        central_cfg, everything, test, None, "centralised (non-private)", len(setups) + 1
+    )
     (out / "compare.json").write_text(json.dumps(summary, indent=1))
     _plot(out / "compare.png", summary)
     console.print(_rich_table(summary))
