@@ -8,7 +8,6 @@ is touched, and no update leaves, without its privacy cost on disk.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,7 +19,9 @@ from opacus.grad_sample import AbstractGradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedlora.client.head_start import head_rows, start_head
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
+from fedlora.client.recipe import Recipe, applied, facts, plan, poisson_rate
 from fedlora.common.adapter import State, adapter_state, peft_module
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
@@ -59,11 +60,6 @@ def _endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
         yield from loader
 
 
-def poisson_rate(rows: int, batch_size: int) -> float:
-    """The rate Opacus samples at: one over the number of batches an epoch has."""
-    return 1.0 / math.ceil(rows / batch_size)
-
-
 class LocalTrainer:
     def __init__(
         self,
@@ -84,6 +80,9 @@ class LocalTrainer:
             raise ConfigError("privacy.grad_sample_mode: 'ghost' is supported for classification only")
         if cfg.privacy.enabled:
             require_meaningful_delta(cfg.privacy.delta, len(train))
+        # The planner fills what the config leaves unset, from counts this institution holds.
+        self.recipe: Recipe = plan(facts(cfg, len(train), head_rows(model)), cfg)
+        cfg = applied(cfg, self.recipe)
         self.cfg = cfg
         self.task = cfg.model.task
         self.device = device
@@ -128,7 +127,9 @@ class LocalTrainer:
     def _make_private(self, loader: DataLoader) -> None:
         privacy = self.cfg.privacy
         planned = self.cfg.planned_rounds * self.cfg.training.local_steps
-        self.noise_multiplier = self.ledger.calibrate(self.sample_rate, planned)
+        self.noise_multiplier = self.ledger.calibrate(
+            self.sample_rate, planned, also=self.recipe.head_start_history()
+        )
         engine = PrivacyEngine(accountant=privacy.accountant)
         mode = privacy.grad_sample_mode
         kwargs = {"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}
@@ -191,6 +192,17 @@ class LocalTrainer:
         budget can't pay for them: nothing trained)."""
         steps = self.cfg.training.local_steps if steps is None else steps
         spends = self.ledger is not None and steps > 0
+        if spends and self.cfg.training.head_start == "dp" and not self.ledger.entries:
+            # The institution's first round: its DP head start, charged before a row is read.
+            start_head(
+                self.model,
+                self.train_set,
+                self.ledger,
+                self.recipe.head_start_noise.value,
+                self.cfg.model.head_scale,
+                self.device,
+                self.cfg.training.eval_batch_size,
+            )
         epsilon = self._reserve(round_id, steps) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0
