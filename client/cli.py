@@ -50,12 +50,12 @@ def reported_rounds(planned: int) -> list[int]:
 def plan(cfg: FedloraConfig, rows: int, labels: int) -> tuple[Recipe, dict | None]:
     """The recipe for this institution's counts, and with DP what the budget buys from the ledger's
     state: noise, and epsilon after some planned rounds (a head start still to come included)."""
-    recipe = plan_recipe(facts(cfg, rows, labels), cfg)
     if not cfg.privacy.enabled:
-        return recipe, None
-    cfg = applied(cfg, recipe)
+        return plan_recipe(facts(cfg, rows, labels), cfg), None
     require_meaningful_delta(cfg.privacy.delta, rows)
     ledger = PrivacyLedger.from_config(cfg.privacy)
+    recipe = plan_recipe(facts(cfg, rows, labels), cfg, ledger.noise_multiplier)
+    cfg = applied(cfg, recipe)
     sample_rate = recipe.sample_rate.value
     steps = cfg.training.local_steps
     # As the trainer does: a head start runs only on a fresh ledger, composed before the rounds.
@@ -100,8 +100,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, choice in recipe.items():
         table.add_row(name.replace("_", " "), f"{_shown(choice.value)}: {choice.reason}")
     if p is not None:
-        if p["noise_multiplier"] != recipe.noise_multiplier.value:
-            table.add_row("noise in use", f"{p['noise_multiplier']:.4g}: fixed by the ledger's first round")
         table.add_row("spent so far", f"epsilon {p['spent']:.3f} of {cfg.privacy.epsilon:g}")
         table.add_row(
             "epsilon after round",

@@ -31,6 +31,7 @@ from typing import Any
 
 from fedlora.client.ledger import calibrate_noise
 from fedlora.common.config import FedloraConfig
+from fedlora.common.errors import ConfigError
 
 MIN_STEPS = 3
 MAX_STEPS = 10
@@ -98,7 +99,7 @@ def poisson_rate(rows: int, batch_size: int) -> float:
 
 
 def _kept(value: Any, manual: bool) -> Choice:
-    return Choice(value, f"{SET} (recipe manual)" if manual else SET)
+    return Choice(value, "recipe manual: the config's value or its manual default" if manual else SET)
 
 
 def head_start_noise(inst: Institution) -> float:
@@ -113,8 +114,16 @@ def _head_start(inst: Institution, asked: str, manual: bool) -> tuple[Choice, Ch
     if not inst.private:
         return Choice("shared", "privacy off: no budget to release class means from"), none
     if asked == "shared" or (asked == "auto" and manual):
-        return Choice("shared", f"{SET}: the head every party built (model.head_init)"), none
-    sigma = head_start_noise(inst)
+        who = SET if asked == "shared" else "recipe manual"
+        return Choice("shared", f"{who}: the head every party built (model.head_init)"), none
+    try:
+        sigma = head_start_noise(inst)
+    except ConfigError as err:
+        if asked == "dp":
+            raise ConfigError(
+                f"training.head_start: 'dp' on {HEAD_START_SHARE:.0%} of the budget: {err}"
+            ) from None
+        return Choice("shared", f"{HEAD_START_SHARE:.0%} of epsilon buys no release at all"), none
     noise = sigma * HEAD_START_SENSITIVITY
     per_class = inst.rows / inst.labels
     signal = ASSUMED_GAP * per_class
@@ -140,8 +149,9 @@ def _head_start(inst: Institution, asked: str, manual: bool) -> tuple[Choice, Ch
     return Choice("shared", reason), none
 
 
-def plan(inst: Institution, cfg: FedloraConfig) -> Recipe:
-    """The recipe for ``inst``; a value ``cfg`` sets (every one under recipe manual) is kept."""
+def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = None) -> Recipe:
+    """The recipe for ``inst``; a value ``cfg`` sets (every one under recipe manual) is kept, and so is
+    the noise a ledger fixed at its first round (``ledger_noise``)."""
     training, privacy = cfg.training, cfg.privacy
     manual = training.recipe == "manual"
     budget = inst.examples_per_round
@@ -167,7 +177,9 @@ def plan(inst: Institution, cfg: FedloraConfig) -> Recipe:
     expected = rate * inst.rows
     rate_choice = Choice(rate, f"Poisson sampling, 1 / ceil(rows / batch): expected batch {expected:.0f}")
     head, head_noise = _head_start(inst, training.head_start, manual)
-    if inst.private and steps.value > 0:
+    if inst.private and ledger_noise is not None:
+        noise = Choice(ledger_noise, "fixed by the privacy ledger's first round, kept for its whole life")
+    elif inst.private and steps.value > 0:
         history = ((head_noise.value, 1.0, 1),) if head.value == "dp" else ()
         planned = inst.rounds * steps.value
         sigma = calibrate_noise(inst.epsilon, inst.delta, inst.accountant, rate, planned, history)

@@ -81,7 +81,8 @@ class LocalTrainer:
         if cfg.privacy.enabled:
             require_meaningful_delta(cfg.privacy.delta, len(train))
         # The planner fills what the config leaves unset, from counts this institution holds.
-        self.recipe: Recipe = plan(facts(cfg, len(train), head_rows(model)), cfg)
+        fixed = ledger.noise_multiplier if ledger is not None else None
+        self.recipe: Recipe = plan(facts(cfg, len(train), head_rows(model)), cfg, fixed)
         cfg = applied(cfg, self.recipe)
         self.cfg = cfg
         self.task = cfg.model.task

@@ -169,3 +169,18 @@ def test_check_prints_every_planned_value_with_its_reason(tmp_path: Path, capsys
         )
         assert shown[name.replace("_", " ")] == f"{value}: {choice.reason}"
     assert not (tmp_path / "ledger.json").exists()  # a check spends nothing
+
+
+def test_a_ledger_s_noise_is_kept_not_replanned():
+    cfg = config_from_dict({"privacy": {"accountant": "rdp"}})
+    recipe = R.plan(R.facts(cfg, 1150, 3), cfg, ledger_noise=1.234)
+    assert recipe.noise_multiplier.value == 1.234 and "ledger" in recipe.noise_multiplier.reason
+
+
+def test_a_budget_too_small_for_a_head_start_plans_none_and_refuses_an_explicit_one():
+    # A quarter of epsilon 0.3 is below what one release at sample rate 1 can reach; the rounds are not.
+    recipe, _ = planned(1150, 3, 0.3)
+    assert recipe.head_start.value == "shared" and "no release" in recipe.head_start.reason
+    assert recipe.noise_multiplier.value > 0
+    with pytest.raises(ConfigError, match=r"training\.head_start: 'dp' on 25% of the budget"):
+        planned(1150, 3, 0.3, head_start="dp")
