@@ -160,7 +160,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
         if spec is not None:
-            trainer.gradient_hook = GradientCanaries(spec, cfg, trainer.sample_rate)
+            trainer.gradient_hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate)
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
         result = trainer.train_round(server_round, proximal_mu=mu, anchor=start)
         final = adapter_state(trainer.model)

@@ -34,7 +34,9 @@ from fedlora.client.predict import (
     write_predictions,
 )
 from fedlora.client.privacy_audit import AuditResult, require_no_leak, run_local_audit
-from fedlora.client.trainer import LocalTrainer, poisson_rate, private_engine
+from fedlora.client.recipe import Recipe, applied, facts
+from fedlora.client.recipe import plan as plan_recipe
+from fedlora.client.trainer import LocalTrainer, private_engine
 from fedlora.common.adapter import adapter_state, export_adapter, non_finite
 from fedlora.common.cli_support import (
     add_config_arguments,
@@ -68,24 +70,40 @@ def reported_rounds(planned: int) -> list[int]:
     return sorted({*range(step, planned + 1, step), planned})
 
 
-def plan(cfg: FedloraConfig, rows: int) -> dict:
-    """What the budget buys: noise, and epsilon after some planned rounds, from the ledger's state."""
+def plan(cfg: FedloraConfig, rows: int, labels: int) -> tuple[Recipe, dict | None]:
+    """The recipe for this institution's counts, and with DP what the budget buys from the ledger's
+    state: noise, and epsilon after some planned rounds (a head start still to come included)."""
+    if not cfg.privacy.enabled:
+        return plan_recipe(facts(cfg, rows, labels), cfg), None
     require_meaningful_delta(cfg.privacy.delta, rows)
     ledger = PrivacyLedger.from_config(cfg.privacy)
-    sample_rate = poisson_rate(rows, cfg.training.batch_size)
+    recipe = plan_recipe(facts(cfg, rows, labels), cfg, ledger.noise_multiplier)
+    cfg = applied(cfg, recipe)
+    sample_rate = recipe.sample_rate.value
     steps = cfg.training.local_steps
-    noise = ledger.calibrate(sample_rate, cfg.planned_rounds * steps)
-    after = {k: ledger.projected(noise, sample_rate, steps * k) for k in reported_rounds(cfg.planned_rounds)}
-    return {
+    # As the trainer does: a head start runs only on a fresh ledger, composed before the rounds.
+    first = recipe.head_start_history() if not ledger.entries else ()
+    noise = ledger.calibrate(sample_rate, cfg.planned_rounds * steps, also=recipe.head_start_history())
+    after = {
+        k: ledger.projected(noise, sample_rate, steps * k, first) for k in reported_rounds(cfg.planned_rounds)
+    }
+    budget = {
         "sample_rate": sample_rate,
         "noise_multiplier": noise,
         "steps_per_round": steps,
         "spent": ledger.spent,
         "epsilon_after_round": after,
         "rounds_affordable": ledger.rounds_affordable(
-            sample_rate, steps, limit=max(10_000, 2 * cfg.planned_rounds)
+            sample_rate, steps, limit=max(10_000, 2 * cfg.planned_rounds), also=first
         ),
     }
+    return recipe, budget
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -100,10 +118,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         counts = {label: int((data.train_label_ids == i).sum()) for i, label in enumerate(data.labels)}
         table.add_row("labels", ", ".join(f"{k} ({v})" for k, v in counts.items()))
     table.add_row("fingerprint", bench.built.fingerprint)
-    if cfg.privacy.enabled:
-        p = plan(cfg, len(data.train))
-        table.add_row("sample rate", f"{p['sample_rate']:.4f}")
-        table.add_row("noise multiplier", f"{p['noise_multiplier']:.4f}")
+    recipe, p = plan(cfg, len(data.train), len(data.labels))
+    table.add_row("recipe", cfg.training.recipe)
+    for name, choice in recipe.items():
+        table.add_row(name.replace("_", " "), f"{_shown(choice.value)}: {choice.reason}")
+    if p is not None:
         table.add_row("spent so far", f"epsilon {p['spent']:.3f} of {cfg.privacy.epsilon:g}")
         table.add_row(
             "epsilon after round",
@@ -165,10 +184,14 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     device = device_for(cfg.training.device)
     ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
     trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, device, ledger)
-    metadata = {"fingerprint": bench.built.fingerprint, "labels": list(bench.labels), "config": to_dict(cfg)}
+    metadata = {
+        "fingerprint": bench.built.fingerprint,
+        "labels": list(bench.labels),
+        "config": to_dict(trainer.cfg),
+    }
     history = []
     start = time.perf_counter()
-    with progress_bar("train-local", rounds * cfg.training.local_steps) as advance:
+    with progress_bar("train-local", rounds * trainer.cfg.training.local_steps) as advance:
         for r in range(1, rounds + 1):
             kept = (
                 f"the adapter of round {r - 1} is in {out / ADAPTER}" if history else "nothing was exported"
@@ -205,6 +228,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
                 "rounds": history,
                 "seconds": time.perf_counter() - start,
                 "noise_multiplier": trainer.noise_multiplier,
+                "recipe": {name: choice.value for name, choice in trainer.recipe.items()},
                 "sample_rate": trainer.sample_rate,
             }
             write_durably(out / METRICS, json.dumps(summary, indent=2).encode())
@@ -237,7 +261,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     ledger of the audit's own in --out; fails when the measured bound exceeds the claim."""
     cfg = read_config(args.config, args.set, "institution")
     out = run_folder(args.out, f"{cfg.name}-audit")
-    with progress_bar("audit", cfg.planned_rounds * cfg.training.local_steps) as advance:
+    steps = cfg.training.local_steps  # None: the recipe plans it from the rows
+    with progress_bar("audit", cfg.planned_rounds * steps if steps is not None else None) as advance:
         result = run_local_audit(
             cfg, out, args.white_box_canaries, args.black_box_canaries, lambda _step, loss: advance(loss)
         )

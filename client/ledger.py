@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,12 @@ from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 
 LEDGER_VERSION = 1
+# The ledger entry of the DP head start (client.head_start), which runs before round 1 of the
+# institution: one Gaussian mechanism of L2 sensitivity S and noise std sigma * S is exactly one
+# DP-SGD step at sample rate 1 and noise multiplier sigma, so Opacus composes it with the rounds.
+HEAD_START_ROUND = 0
+# How close below the budget a calibration lands (Opacus' get_noise_multiplier uses the same).
+EPSILON_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,71 @@ def compose(accountant: str, history: list[tuple[float, float, int]], delta: flo
     acc.history = list(history)
     with _accounting():
         return float(acc.get_epsilon(delta=delta))
+
+
+def _too_little_budget(
+    budget: float, delta: float, accountant: str, sample_rate: float, steps: int, also: tuple
+) -> ConfigError:
+    floor = compose(accountant, [*also, (MAX_SIGMA, sample_rate, steps)], delta)
+    head = f" after the {len(also)} release(s) planned before them" if also else ""
+    return ConfigError(
+        f"privacy.epsilon: {budget:g} is below what any noise can reach over the planned "
+        f"{steps} steps at sample rate {sample_rate:.4g}{head} (delta {delta:g}); "
+        f"the {accountant} accountant needs privacy.epsilon of at least about {floor:.3g}"
+    )
+
+
+@lru_cache(maxsize=64)
+def calibrate_noise(
+    budget: float,
+    delta: float,
+    accountant: str,
+    sample_rate: float,
+    steps: int,
+    also: tuple[tuple[float, float, int], ...] = (),
+) -> float:
+    """The noise multiplier at which ``steps`` DP-SGD steps at ``sample_rate``, composed after the
+    mechanisms ``also`` (Opacus history entries, e.g. the head start), spend ``budget``. Pure, so
+    cached: the planner and the ledger ask the same question once per process."""
+    if not also:
+        try:
+            with _accounting():
+                return float(
+                    get_noise_multiplier(
+                        target_epsilon=budget,
+                        target_delta=delta,
+                        sample_rate=sample_rate,
+                        steps=steps,
+                        accountant=accountant,
+                    )
+                )
+        except ValueError as err:
+            if "too low" not in str(err):
+                raise
+            raise _too_little_budget(budget, delta, accountant, sample_rate, steps, also) from None
+
+    def spent(sigma: float) -> float:
+        return compose(accountant, [*also, (sigma, sample_rate, steps)], delta)
+
+    if compose(accountant, list(also), delta) >= budget:
+        raise _too_little_budget(budget, delta, accountant, sample_rate, steps, also)
+    # The steps alone at the whole budget need less noise than after ``also``: a bracket's low end.
+    low = calibrate_noise(budget, delta, accountant, sample_rate, steps)
+    high = 1.25 * low
+    while spent(high) > budget:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise _too_little_budget(budget, delta, accountant, sample_rate, steps, also)
+    while high - low > 1e-6:
+        sigma = (low + high) / 2
+        eps = spent(sigma)
+        if eps > budget:
+            low = sigma
+        elif eps < budget - EPSILON_TOLERANCE:
+            high = sigma
+        else:
+            return sigma
+    return high
 
 
 def require_meaningful_delta(delta: float, rows: int) -> None:
@@ -162,43 +234,49 @@ class PrivacyLedger:
     def history(self) -> list[tuple[float, float, int]]:
         return merged_history(self.entries)
 
-    def projected(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        probe = LedgerEntry(0, noise_multiplier, sample_rate, steps, 0.0, 0.0)
-        return compose(self.accountant, merged_history([*self.entries, probe]), self.delta)
+    def projected(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        also: tuple[tuple[float, float, int], ...] = (),
+    ) -> float:
+        """Epsilon after what is on disk, the mechanisms ``also`` (a planned head start), then these steps."""
+        planned = [
+            LedgerEntry(-1, *mechanism, 0.0, 0.0)
+            for mechanism in (*also, (noise_multiplier, sample_rate, steps))
+        ]
+        return compose(self.accountant, merged_history([*self.entries, *planned]), self.delta)
 
-    def calibrate(self, sample_rate: float, planned_steps: int) -> float:
-        """Noise for the plan, fixed at the ledger's first round and kept for its whole life."""
+    def calibrate(
+        self, sample_rate: float, planned_steps: int, also: tuple[tuple[float, float, int], ...] = ()
+    ) -> float:
+        """Noise for the plan, fixed at the ledger's first round and kept for its whole life; the
+        mechanisms ``also`` (the head start) are composed first, so that they and every planned
+        step together spend the budget."""
         if self.noise_multiplier is None:
-            try:
-                with _accounting():
-                    self.noise_multiplier = float(
-                        get_noise_multiplier(
-                            target_epsilon=self.budget,
-                            target_delta=self.delta,
-                            sample_rate=sample_rate,
-                            steps=planned_steps,
-                            accountant=self.accountant,
-                        )
-                    )
-            except ValueError as err:
-                if "too low" not in str(err):
-                    raise
-                floor = compose(self.accountant, [(MAX_SIGMA, sample_rate, planned_steps)], self.delta)
-                raise ConfigError(
-                    f"privacy.epsilon: {self.budget:g} is below what any noise can reach over the planned "
-                    f"{planned_steps} steps at sample rate {sample_rate:.4g} (delta {self.delta:g}); "
-                    f"the {self.accountant} accountant needs privacy.epsilon of at least about {floor:.3g}"
-                ) from None
+            self.noise_multiplier = calibrate_noise(
+                self.budget, self.delta, self.accountant, sample_rate, planned_steps, also
+            )
         return self.noise_multiplier
 
-    def rounds_affordable(self, sample_rate: float, steps: int, limit: int = 10_000) -> int:
-        """How many more rounds of ``steps`` fit in the budget: doubling, then bisection, since
-        each probe is a full composition."""
+    def has_head_start(self) -> bool:
+        return any(e.round == HEAD_START_ROUND for e in self.entries)
+
+    def rounds_affordable(
+        self,
+        sample_rate: float,
+        steps: int,
+        limit: int = 10_000,
+        also: tuple[tuple[float, float, int], ...] = (),
+    ) -> int:
+        """How many more rounds of ``steps`` fit in the budget after ``also`` (a planned head start):
+        doubling, then bisection, since each probe is a full composition."""
         if self.noise_multiplier is None:
             return 0
 
         def fits(rounds: int) -> bool:
-            return self.projected(self.noise_multiplier, sample_rate, steps * rounds) <= self.budget
+            return self.projected(self.noise_multiplier, sample_rate, steps * rounds, also) <= self.budget
 
         if not fits(1):
             return 0
@@ -221,15 +299,19 @@ class PrivacyLedger:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def reserve(self, round_id: int, sample_rate: float, steps: int) -> LedgerEntry:
+    def reserve(
+        self, round_id: int, sample_rate: float, steps: int, noise_multiplier: float | None = None
+    ) -> LedgerEntry:
         """Charge a round before it runs: under the lock, against what is on disk now. Raises
         BudgetExceeded, writing nothing, if the round would cross the budget. The entry carries
-        the noise the round must use: the file's, once any process has recorded one."""
+        the noise the round must use: the file's, once any process has recorded one; a mechanism
+        of its own noise (the head start) passes ``noise_multiplier``."""
         with self._locked():
             self.refresh()
             if self.noise_multiplier is None:
                 raise BudgetExceeded(f"{self.path}: no noise calibrated yet; call calibrate() first")
-            after = self.projected(self.noise_multiplier, sample_rate, steps)
+            noise = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+            after = self.projected(noise, sample_rate, steps)
             if after > self.budget:
                 raise BudgetExceeded(
                     f"privacy budget: spent epsilon {self.spent:.3f} of {self.budget:g} "
@@ -237,7 +319,7 @@ class PrivacyLedger:
                     f"steps would reach {after:.3f}; "
                     f"rounds the budget still affords: {self.rounds_affordable(sample_rate, steps)}"
                 )
-            entry = LedgerEntry(round_id, self.noise_multiplier, sample_rate, steps, after, time.time())
+            entry = LedgerEntry(round_id, noise, sample_rate, steps, after, time.time())
             self._write([*self.entries, entry])
             self.entries.append(entry)
         return entry

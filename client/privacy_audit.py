@@ -117,7 +117,7 @@ def run_local_audit(
     before = losses_at(model, start, spec, device) if spec.black_box else None
     ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
     trainer = LocalTrainer(cfg, model, train, device, ledger)
-    trainer.gradient_hook = GradientCanaries(spec, cfg, trainer.sample_rate)
+    trainer.gradient_hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate)
     try:
         for r in range(1, cfg.planned_rounds + 1):
             trainer.train_round(r, on_step=on_step)

@@ -8,7 +8,6 @@ is touched, and no update leaves, without its privacy cost on disk.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,7 +20,9 @@ from opacus.grad_sample import AbstractGradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedlora.client.head_start import head_rows, start_head
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
+from fedlora.client.recipe import Recipe, applied, facts, plan, poisson_rate
 from fedlora.common.adapter import State, peft_state
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
@@ -75,11 +76,6 @@ def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {keys[p.data_ptr()]: p for p in model.parameters() if p.requires_grad and p.data_ptr() in keys}
 
 
-def poisson_rate(rows: int, batch_size: int) -> float:
-    """The rate Opacus samples at: one over the number of batches an epoch has."""
-    return 1.0 / math.ceil(rows / batch_size)
-
-
 def private_engine(accountant: str, secure_mode: bool) -> PrivacyEngine:
     """Opacus' engine; ``secure_mode`` draws noise and Poisson samples from a cryptographically
     secure generator (torchcsprng), as production should."""
@@ -114,6 +110,10 @@ class LocalTrainer:
             raise ConfigError("privacy.grad_sample_mode: 'ghost' is supported for classification only")
         if cfg.privacy.enabled:
             require_meaningful_delta(cfg.privacy.delta, len(train))
+        # The planner fills what the config leaves unset, from counts this institution holds.
+        fixed = ledger.noise_multiplier if ledger is not None else None
+        self.recipe: Recipe = plan(facts(cfg, len(train), head_rows(model)), cfg, fixed)
+        cfg = applied(cfg, self.recipe)
         self.cfg = cfg
         self.task = cfg.model.task
         self.device = device
@@ -156,7 +156,9 @@ class LocalTrainer:
     def _make_private(self, loader: DataLoader) -> None:
         privacy = self.cfg.privacy
         planned = self.cfg.planned_rounds * self.cfg.training.local_steps
-        self.noise_multiplier = self.ledger.calibrate(self.sample_rate, planned)
+        self.noise_multiplier = self.ledger.calibrate(
+            self.sample_rate, planned, also=self.recipe.head_start_history()
+        )
         engine = private_engine(privacy.accountant, privacy.secure_mode)
         mode = privacy.grad_sample_mode
         kwargs = {"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}
@@ -226,6 +228,17 @@ class LocalTrainer:
         budget can't pay for them: nothing trained)."""
         steps = self.cfg.training.local_steps if steps is None else steps
         spends = self.ledger is not None and steps > 0
+        if spends and self.cfg.training.head_start == "dp" and not self.ledger.entries:
+            # The institution's first round: its DP head start, charged before a row is read.
+            start_head(
+                self.model,
+                self.train_set,
+                self.ledger,
+                self.recipe.head_start_noise.value,
+                self.cfg.model.head_scale,
+                self.device,
+                self.cfg.training.eval_batch_size,
+            )
         epsilon = self._reserve(round_id, steps) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0

@@ -91,9 +91,9 @@ def read_config(path: str | None, overrides: Sequence[str] = (), persona: str | 
 
 
 @contextmanager
-def progress_bar(description: str, total: int, loss: bool = True):
+def progress_bar(description: str, total: int | None, loss: bool = True):
     """A rich progress bar on stderr; yields ``advance(loss, steps=1)`` (no loss column for a job
-    without a loss, such as predictions)."""
+    without a loss, such as predictions; a ``total`` of None: not known in advance)."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

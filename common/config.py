@@ -140,13 +140,46 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    learning_rate: float = _f(2e-3, "Learning rate of the LoRA parameters.", gt=0)
-    head_learning_rate: float | None = _f(
-        None, "Learning rate of the classification head; None uses learning_rate.", gt=0
+    recipe: str = _f(
+        "auto",
+        "'auto': the recipe planner (client.recipe) chooses every training value left unset (null) below "
+        "from what the institution knows before training (rows, labels, budget, rounds, model width, "
+        "examples_per_round); a value set here is kept and the rest planned around it. 'manual': an "
+        "unset value takes its fixed manual default. `fedlora-client check` prints each value and why.",
+        choices=("auto", "manual"),
     )
-    batch_size: int = _f(32, "Expected batch size (Poisson sampling varies it under DP).", ge=1)
-    local_steps: int = _f(
-        10, "Optimizer steps per round; 0 trains nothing and spends nothing (a plumbing check).", ge=0
+    examples_per_round: int = _f(
+        192,
+        "recipe auto: the compute budget, examples one round may process (batch x local steps).",
+        ge=1,
+    )
+    learning_rate: float | None = _f(
+        None, "Learning rate of the LoRA parameters; null: planned.", gt=0, manual=2e-3
+    )
+    head_learning_rate: float | None = _f(
+        None,
+        "Learning rate of the classification head; null: planned (recipe manual: the LoRA rate).",
+        gt=0,
+    )
+    batch_size: int | None = _f(
+        None,
+        "Expected batch size (Poisson sampling varies it under DP); null: planned.",
+        ge=1,
+        manual=32,
+    )
+    local_steps: int | None = _f(
+        None,
+        "Optimizer steps per round; 0 trains nothing and spends nothing (a plumbing check); null: planned.",
+        ge=0,
+        manual=10,
+    )
+    head_start: str = _f(
+        "auto",
+        "Classification: the head this institution starts from at its first trained round. 'shared': "
+        "the one every party built (model.head_init); 'dp': its own data's class means, released once "
+        "by a Gaussian mechanism recorded in the privacy ledger (needs privacy.enabled); 'auto': the "
+        "planner's choice under recipe auto, 'shared' under manual.",
+        choices=("auto", "shared", "dp"),
     )
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
     seed: int = _f(
@@ -163,7 +196,9 @@ class PrivacyConfig:
     enabled: bool = _f(True, "Train with DP-SGD (Opacus); False is for non-private baselines.")
     epsilon: float = _f(8.0, "The institution's whole privacy budget.", gt=0)
     delta: float = _f(1e-5, "DP delta; should be below 1 / number of examples.", gt=0, lt=1)
-    max_grad_norm: float = _f(1.0, "Per-example gradient clipping norm.", gt=0)
+    max_grad_norm: float | None = _f(
+        None, "Per-example gradient clipping norm; null: planned.", gt=0, manual=1.0
+    )
     accountant: str = _f(
         "prv",
         "Opacus accountant composing the spend ('gdp' underestimates: not offered).",
@@ -428,6 +463,26 @@ def _check_training(cfg: FedloraConfig) -> None:
         raise ConfigError(
             "training.local_steps: 0 trains nothing; set privacy.enabled: false for a plumbing check"
         )
+    if cfg.training.head_start == "dp" and (not cfg.privacy.enabled or cfg.model.task != "classification"):
+        raise ConfigError(
+            "training.head_start: 'dp' releases a classifier's class means under the privacy budget; it "
+            "needs model.task: classification and privacy.enabled: true (else use shared)"
+        )
+
+
+def manual_defaults(cfg: FedloraConfig) -> FedloraConfig:
+    """Every unset (null) plannable value replaced by its fixed manual default (metadata 'manual'):
+    recipe manual, and the coordinator, which plans nothing (its learning_rate is FedAdam's eta_l)."""
+    sections = {}
+    for name in ("training", "privacy"):
+        section = getattr(cfg, name)
+        unset = {
+            f.name: f.metadata["manual"]
+            for f in dataclasses.fields(section)
+            if "manual" in f.metadata and getattr(section, f.name) is None
+        }
+        sections[name] = dataclasses.replace(section, **unset)
+    return dataclasses.replace(cfg, **sections)
 
 
 def _check_simulation(cfg: FedloraConfig) -> None:
@@ -579,6 +634,8 @@ def config_from_dict(
             _check_persona(data or {}, who)
         for check in who.checks if who is not None else _EVERY_CHECK:
             check(cfg)
+        if cfg.training.recipe == "manual" or (who is not None and who.name == "coordinator"):
+            cfg = manual_defaults(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return cfg
@@ -597,7 +654,8 @@ def describe(persona: str) -> str:
         f = next(x for x in dataclasses.fields(cls) if x.name == key)
         tp = typing.get_type_hints(cls)[key]
         choices = f" (one of {', '.join(f.metadata['choices'])})" if "choices" in f.metadata else ""
-        lines.append(f"{path}: {_describe(tp)}{choices}, default {f.default!r}. {f.metadata['help']}")
+        manual = f" (recipe manual: {f.metadata['manual']!r})" if "manual" in f.metadata else ""
+        lines.append(f"{path}: {_describe(tp)}{choices}, default {f.default!r}{manual}. {f.metadata['help']}")
     return "\n".join(lines)
 
 

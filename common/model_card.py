@@ -214,7 +214,12 @@ def _privacy_lines(rec: Records) -> list[str]:
         "on the sum), run by each institution on its own data before its update leaves.",
     ]
     if from_ledgers:
-        lines.append(f"- per-example gradient clipping norm: {privacy['max_grad_norm']:g}")
+        clip = privacy["max_grad_norm"]
+        lines.append(
+            f"- per-example gradient clipping norm: {clip:g}"
+            if clip is not None
+            else "- per-example gradient clipping norm: planned by each institution (training.recipe: auto)"
+        )
         accountants = sorted({s.accountant for s in rec.spends if s.accountant})
         lines.append(
             f"- accountant: Opacus {', '.join(accountants).upper()}, composing every step recorded in the "

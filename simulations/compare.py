@@ -39,7 +39,7 @@ def train_alone(
     book = PrivacyLedger.from_config(cfg.privacy, ledger) if cfg.privacy.enabled and ledger else None
     trainer = LocalTrainer(cfg, model, train, device, book, seed=derive_seed(cfg.training.seed, party))
     epsilon = 0.0
-    with progress_bar(label, cfg.federation.rounds * cfg.training.local_steps) as advance:
+    with progress_bar(label, cfg.federation.rounds * trainer.cfg.training.local_steps) as advance:
         for r in range(1, cfg.federation.rounds + 1):
             epsilon = trainer.train_round(r, on_step=lambda _s, loss: advance(loss)).epsilon or 0.0
     scores = evaluate(trainer.model, cfg.model.task, test, device, cfg.training.eval_batch_size)

@@ -120,8 +120,8 @@ def test_calibrated_noise_spends_the_budget_over_the_planned_steps(tmp_path):
 
 
 class SpyLedger(PrivacyLedger):
-    def calibrate(self, sample_rate, planned_steps):
-        self.asked = (sample_rate, planned_steps)
+    def calibrate(self, sample_rate, planned_steps, also=()):
+        self.asked = (sample_rate, planned_steps, also)
         self.noise_multiplier = 1.0
         return 1.0
 
@@ -138,7 +138,8 @@ def test_trainer_calibrates_for_the_planned_rounds(make_config, vocab_size, toy_
     LocalTrainer(
         cfg, build_model(cfg.model, ("a", "b"), vocab_size).model, toy_classification(n=16), CPU, ledger
     )
-    assert ledger.asked == (4 / 16, 3 * 7)  # privacy.planned_rounds wins over federation.rounds
+    # privacy.planned_rounds wins over federation.rounds; 8 rows per label: no head start to compose
+    assert ledger.asked == (4 / 16, 3 * 7, ())
 
 
 def test_merged_history_merges_only_consecutive_equal_mechanisms():
