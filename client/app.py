@@ -27,7 +27,13 @@ from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
-from fedlora.client.canaries import CanaryPlan, GradientCanaries, spec_for_client, with_input_canaries
+from fedlora.client.canaries import (
+    CanaryPlan,
+    GradientCanaries,
+    record_sent,
+    spec_for_client,
+    with_input_canaries,
+)
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer, derive_seed
@@ -166,6 +172,8 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
         final = adapter_state(trainer.model)
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
+    if setup.canaries is not None:
+        record_sent(setup.canaries, update)
     log.info(
         "round %d: trained %d steps, training loss %.4f (kept here)", server_round, result.steps, result.loss
     )

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from fedlora.client.trainer import trained_parameters
@@ -142,6 +145,30 @@ def spec_for_client(
     plan.path.parent.mkdir(parents=True, exist_ok=True)
     spec.save(plan.path)
     return spec
+
+
+def sent_file(plan: CanaryPlan) -> Path:
+    return plan.path.with_suffix(".sent.safetensors")
+
+
+def record_sent(plan: CanaryPlan, update: State) -> None:
+    """Add a round's update, as it leaves, to the institution's running sum of what it sent: the
+    white-box audit scores what the coordinator saw of this institution, not a model the other
+    institutions' updates dilute."""
+    total = sent_total(plan)
+    summed = {k: v.detach().float().cpu() + (total[k] if total else 0) for k, v in update.items()}
+    write_durably(sent_file(plan), save_tensors(summed))
+
+
+def sent_total(plan: CanaryPlan) -> State | None:
+    """The sum of every update the institution sent with canaries in; None before its first."""
+    path = sent_file(plan)
+    if not path.exists():
+        return None
+    try:
+        return load_tensors(path.read_bytes())
+    except SafetensorError as err:
+        raise ConfigError(f"{path}: not a readable sum of sent updates ({err})") from None
 
 
 def _generator(*keys: int) -> torch.Generator:
