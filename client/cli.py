@@ -42,6 +42,7 @@ from fedlora.common.cli_support import (
     add_config_arguments,
     add_out_argument,
     console,
+    create_folder,
     progress_bar,
     read_config,
     report,
@@ -144,10 +145,7 @@ def usable_output(out: Path) -> Path:
         if path.exists() and path.is_dir() != folder:
             kind = "a folder" if folder else "a file"
             raise ConfigError(f"--out: {path} exists and is not {kind}; expected {kind} there")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--out: cannot create {out} ({err.strerror or err})") from None
+    create_folder(out, "--out")
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"--out: {out} is not writable")
     return out

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from fedlora.client import modeling_fedlora_pooled as pooled
 from fedlora.client.predict import Trained, load_trained
-from fedlora.common.data import _eos_id, _pad_id
+from fedlora.common.cli_support import create_folder
+from fedlora.common.data import eos_id, pad_id
 from fedlora.common.errors import ConfigError
 from fedlora.common.model import HEAD, PooledClassifier
 
@@ -25,11 +26,7 @@ def usable_target(out: Path) -> Path:
     """An absent or empty folder: an export never mixes its files with another model's."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--merged: {out} exists and is not an empty folder; choose a new folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--merged: cannot create {out} ({err.strerror or err})") from None
-    return out
+    return create_folder(out, "--merged")
 
 
 def export_merged(path: str | Path, out_dir: str | Path) -> Path:
@@ -78,7 +75,7 @@ def _save_causal_lm(merged, trained: Trained, out: Path) -> None:
     tok = trained.tokenizer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
     for config in (merged.config, merged.generation_config):
-        config.eos_token_id = _eos_id(tok)
-        config.pad_token_id = _pad_id(tok)
+        config.eos_token_id = eos_id(tok)
+        config.pad_token_id = pad_id(tok)
         config.bos_token_id = start
     merged.save_pretrained(out)

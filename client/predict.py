@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.common.adapter import METADATA_FILE, PEFT_CONFIG_FILE
 from fedlora.common.config import FedloraConfig, config_from_dict
-from fedlora.common.data import FORMATS, _eos_id, _max_length, _pad_id, _strings
+from fedlora.common.data import FORMATS, eos_id, pad_id, text_column_values, token_limit
 from fedlora.common.errors import AdapterError, ConfigError, DataError
 from fedlora.common.model import build_base_model, device_for, fingerprint, load_tokenizer, target_modules
 
@@ -121,12 +121,12 @@ def classify(
 ) -> torch.Tensor:
     """Each text's label probabilities, ``[len(texts), len(labels)]``."""
     tok = trained.tokenizer
-    limit = _max_length(trained.cfg.data, tok)
+    limit = token_limit(trained.cfg.data, tok)
     out = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])
         ids = tok(chunk, truncation=True, max_length=limit)["input_ids"]
-        batch = _right_padded(ids, _pad_id(tok))
+        batch = _right_padded(ids, pad_id(tok))
         with torch.no_grad():
             logits = trained.model(**{k: v.to(trained.device) for k, v in batch.items()})
         out.append(torch.softmax(logits.float(), dim=-1).cpu())
@@ -150,7 +150,7 @@ def prompt_ids(trained: Trained, prompts: Sequence[str]) -> list[list[int]]:
     tok = trained.tokenizer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
     head = [int(start)] if start is not None else []
-    room = max(1, _max_length(trained.cfg.data, tok) - len(head))
+    room = max(1, token_limit(trained.cfg.data, tok) - len(head))
     return [head + ids[-room:] for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
 
 
@@ -163,7 +163,7 @@ def generate(
 ) -> list[str]:
     """The model's response to each prompt (left-padded batches, stopping at the end token)."""
     tok = trained.tokenizer
-    pad, eos = _pad_id(tok), _eos_id(tok)
+    pad, eos = pad_id(tok), eos_id(tok)
     rows = prompt_ids(trained, prompts)
     torch.manual_seed(decoding.seed)
     sampling = {"do_sample": False}
@@ -194,7 +194,7 @@ def inputs(frame: pd.DataFrame, cfg: FedloraConfig, source: str, column: str | N
     """The texts (or prompts) of the rows: ``column``, else the column training read them from."""
     if column is None:
         column = cfg.data.text_column if cfg.model.task == "classification" else cfg.data.prompt_column
-    return _strings(frame, column, source)
+    return text_column_values(frame, column, source)
 
 
 def predict_frame(

@@ -34,6 +34,7 @@ from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer, StepCallback
 from fedlora.common.adapter import State, adapter_state, delta, load_adapter_state
 from fedlora.common.audit_bound import CONFIDENCE, AuditBound, audit_bound
+from fedlora.common.cli_support import create_folder
 from fedlora.common.config import FedloraConfig
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import ConfigError, FedloraError
@@ -88,11 +89,7 @@ def audit_folder(out: Path) -> Path:
     for name in (AUDIT_LEDGER, RESULT_FILE):
         if (out / name).exists():
             raise ConfigError(f"--out: {out / name} exists; an audit needs a new folder (its own ledger)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--out: cannot create {out} ({err.strerror or err})") from None
-    return out
+    return create_folder(out, "--out")
 
 
 def run_local_audit(

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedlora.common.config import FedloraConfig, load_config
-from fedlora.common.errors import FedloraError
+from fedlora.common.errors import ConfigError, FedloraError
 
 console = Console(stderr=True)  # progress and errors
 report = Console()  # results a person may redirect to a file
@@ -46,6 +46,15 @@ def add_out_argument(parser: argparse.ArgumentParser, holds: str) -> None:
     parser.add_argument(
         "--out", type=Path, help=f"the run folder: {holds} (default: runs/<config name>-<time>)"
     )
+
+
+def create_folder(path: Path, option: str) -> Path:
+    """The folder, made if missing, or one line naming the option that chose it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{option}: cannot create {path} ({err.strerror or err})") from None
+    return path
 
 
 def run_folder(out: Path | None, name: str) -> Path:

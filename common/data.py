@@ -229,7 +229,7 @@ def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return train, held_out
 
 
-def _strings(frame: pd.DataFrame, column: str, source: str) -> list[str]:
+def text_column_values(frame: pd.DataFrame, column: str, source: str) -> list[str]:
     """A column's values as strings, refusing a missing column or a missing value."""
     if column not in frame.columns:
         raise DataError(f"{source}: missing column '{column}' (columns: {_listing(list(frame.columns))})")
@@ -255,7 +255,7 @@ def resolve_labels(data: DataConfig, frame: pd.DataFrame, source: str) -> tuple[
         if len(set(data.labels)) != len(data.labels):
             raise DataError(f"data.labels: duplicate labels in ({_listing(data.labels)})")
         return tuple(data.labels)
-    found = sorted(set(_strings(frame, data.label_column, source)), key=_label_order)
+    found = sorted(set(text_column_values(frame, data.label_column, source)), key=_label_order)
     if len(found) < 2:
         raise DataError(
             f"{source}: column '{data.label_column}' has only the label '{_one_line(found[0])}' "
@@ -264,20 +264,20 @@ def resolve_labels(data: DataConfig, frame: pd.DataFrame, source: str) -> tuple[
     return tuple(found)
 
 
-def _max_length(data: DataConfig, tokenizer: Any) -> int:
+def token_limit(data: DataConfig, tokenizer: Any) -> int:
     """``data.max_length``, capped at what the tokenizer's model accepts."""
     return min(data.max_length, int(tokenizer.model_max_length))
 
 
-def _eos_id(tokenizer: Any) -> int:
+def eos_id(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if eos is None:
         raise DataError(f"tokenizer {type(tokenizer).__name__}: has no eos or sep token")
     return int(eos)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+def pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else eos_id(tokenizer)
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> Tensor:
@@ -303,19 +303,19 @@ def tokenize_classification(
 ) -> TokenizedDataset:
     """Text with special tokens, truncated to ``data.max_length``; the label as its index."""
     _no_rows(frame, source)
-    texts = _strings(frame, data.text_column, source)
+    texts = text_column_values(frame, data.text_column, source)
     index = {label: i for i, label in enumerate(labels)}
     label_ids = []
-    for row, label in enumerate(_strings(frame, data.label_column, source), start=1):
+    for row, label in enumerate(text_column_values(frame, data.label_column, source), start=1):
         if label not in index:
             raise DataError(
                 f"{source}: label '{_one_line(label, 60)}' at row {row} is not in the label set "
                 f"(expected one of: {_listing(list(labels))})"
             )
         label_ids.append(index[label])
-    ids = tokenizer(texts, truncation=True, max_length=_max_length(data, tokenizer))["input_ids"]
+    ids = tokenizer(texts, truncation=True, max_length=token_limit(data, tokenizer))["input_ids"]
     return TokenizedDataset(
-        input_ids=_pad(ids, _pad_id(tokenizer)),
+        input_ids=_pad(ids, pad_id(tokenizer)),
         attention_mask=_pad([[1] * len(row) for row in ids], 0),
         labels=torch.tensor(label_ids, dtype=torch.int64),
     )
@@ -326,12 +326,12 @@ def tokenize_causal_lm(
 ) -> TokenizedDataset:
     """[bos] prompt response eos, with loss on the response only; long prompts lose their start."""
     _no_rows(frame, source)
-    prompts = _strings(frame, data.prompt_column, source)
-    responses = _strings(frame, data.response_column, source)
-    eos = _eos_id(tokenizer)
+    prompts = text_column_values(frame, data.prompt_column, source)
+    responses = text_column_values(frame, data.response_column, source)
+    eos = eos_id(tokenizer)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
     head = [int(start)] if start is not None else []
-    limit = _max_length(data, tokenizer)
+    limit = token_limit(data, tokenizer)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     sequences, targets = [], []
@@ -344,7 +344,7 @@ def tokenize_causal_lm(
         sequences.append(head + prompt + response)
         targets.append([IGNORE_INDEX] * (len(head) + len(prompt)) + response)
     return TokenizedDataset(
-        input_ids=_pad(sequences, _pad_id(tokenizer)),
+        input_ids=_pad(sequences, pad_id(tokenizer)),
         attention_mask=_pad([[1] * len(row) for row in sequences], 0),
         labels=_pad(targets, IGNORE_INDEX),
     )
