@@ -30,7 +30,7 @@ from fedlora.client.audit import audit_mod
 from fedlora.client.canaries import (
     CanaryPlan,
     GradientCanaries,
-    record_sent,
+    record_released,
     spec_for_client,
     with_input_canaries,
 )
@@ -165,15 +165,15 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
-        if spec is not None:
-            trainer.gradient_hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate)
+        hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate) if spec is not None else None
+        trainer.gradient_hook = hook
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
         result = trainer.train_round(server_round, proximal_mu=mu, anchor=start)
         final = adapter_state(trainer.model)
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
-    if setup.canaries is not None:
-        record_sent(setup.canaries, update)
+    if setup.canaries is not None and hook is not None:
+        record_released(setup.canaries, hook.released)  # scored under DP; kept either way
     log.info(
         "round %d: trained %d steps, training loss %.4f (kept here)", server_round, result.steps, result.loss
     )

@@ -48,6 +48,7 @@ CANARY_NORM_FACTOR = 2.0
 FIRST_TOKEN = 1000
 """Random canary tokens are drawn above the ids tokenizers keep for special tokens."""
 _WHITE, _BLACK = 1, 2  # sub-streams of the seed
+_RELEASED = "released"  # the one tensor of the running sum's file
 
 
 @dataclass(frozen=True)
@@ -147,28 +148,27 @@ def spec_for_client(
     return spec
 
 
-def sent_file(plan: CanaryPlan) -> Path:
-    return plan.path.with_suffix(".sent.safetensors")
+def released_file(plan: CanaryPlan) -> Path:
+    return plan.path.with_suffix(".released.safetensors")
 
 
-def record_sent(plan: CanaryPlan, update: State) -> None:
-    """Add a round's update, as it leaves, to the institution's running sum of what it sent: the
-    white-box audit scores what the coordinator saw of this institution, not a model the other
-    institutions' updates dilute."""
-    total = sent_total(plan)
-    summed = {k: v.detach().float().cpu() + (total[k] if total else 0) for k, v in update.items()}
-    write_durably(sent_file(plan), save_tensors(summed))
+def record_released(plan: CanaryPlan, released: torch.Tensor) -> None:
+    """Add a round's sum of privatized gradients to the institution's running sum over every round
+    (the ClientApp makes a trainer per message)."""
+    total = released_total(plan)
+    summed = released.detach().double().cpu() + (total if total is not None else 0)
+    write_durably(released_file(plan), save_tensors({_RELEASED: summed}))
 
 
-def sent_total(plan: CanaryPlan) -> State | None:
-    """The sum of every update the institution sent with canaries in; None before its first."""
-    path = sent_file(plan)
+def released_total(plan: CanaryPlan) -> torch.Tensor | None:
+    """The sum of every privatized gradient the institution's steps used; None before its first."""
+    path = released_file(plan)
     if not path.exists():
         return None
     try:
-        return load_tensors(path.read_bytes())
-    except SafetensorError as err:
-        raise ConfigError(f"{path}: not a readable sum of sent updates ({err})") from None
+        return load_tensors(path.read_bytes())[_RELEASED]
+    except (SafetensorError, KeyError) as err:
+        raise ConfigError(f"{path}: not a readable sum of privatized gradients ({err})") from None
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -190,7 +190,11 @@ def flatten(spec: CanarySpec, state: State) -> torch.Tensor:
 
 
 class GradientCanaries:
-    """The trainer's gradient hook: the included white-box canaries Poisson-sampled into each step."""
+    """The trainer's gradient hook: the included white-box canaries Poisson-sampled into each step
+    (before it), and the sum over steps of the gradient each step used, clipped and noised (after it):
+    what DP-SGD releases at every step, and so what its epsilon covers. Scoring that sum rather than
+    the adapter's final change keeps the optimiser (Adam rescales every coordinate) and the rows'
+    own descent out of the audit of sampling, clipping, noise and accounting."""
 
     def __init__(self, spec: CanarySpec, cfg: FedloraConfig, sample_rate: float) -> None:
         self.spec = spec
@@ -201,6 +205,7 @@ class GradientCanaries:
         self.weight = cfg.privacy.max_grad_norm / cfg.training.batch_size
         self.members = np.flatnonzero(spec.white_box_included)
         self._directions: torch.Tensor | None = None
+        self.released = torch.zeros(spec.dimension, dtype=torch.float64)
 
     def directions(self) -> torch.Tensor:
         """The included canaries' directions, one row each (made once per trainer)."""
@@ -209,7 +214,7 @@ class GradientCanaries:
             self._directions = torch.stack(rows) if rows else torch.zeros((0, self.spec.dimension))
         return self._directions
 
-    def __call__(self, params: dict[str, nn.Parameter]) -> None:
+    def before_step(self, params: dict[str, nn.Parameter]) -> None:
         drawn = torch.rand(len(self.members)) < self.sample_rate
         if not drawn.any():
             return
@@ -225,16 +230,28 @@ class GradientCanaries:
             else:
                 param.grad = param.grad + self.weight * part.sum(0)
 
+    def after_step(self, params: dict[str, nn.Parameter]) -> None:
+        grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+        self.released += flatten(self.spec, grads).double()
 
-def white_box_scores(spec: CanarySpec, change: State) -> np.ndarray:
-    """How far the adapter moved against each canary's direction (training descends gradients), the
-    directions decorrelated: least squares of the change on all of them, so that the other canaries'
-    overlap with a direction (about sqrt(m / dimension)) does not blur its score. Any function of the
-    released adapter is a valid score; this one separates best when the space is small."""
-    flat = -flatten(spec, change)
+
+def white_box_evidence(spec: CanarySpec, released: torch.Tensor | None, change: State) -> torch.Tensor:
+    """What white-box canaries are scored on: under DP the summed privatized gradients (``released``);
+    without DP, where nothing is clipped or noised and the rows' unclipped gradients would drown a
+    canary in that sum, the adapter's change, against its direction (training descends gradients).
+    The choice follows the config alone, so each audit is one test, not the best of two."""
+    return released.double() if released is not None else -flatten(spec, change).double()
+
+
+def white_box_scores(spec: CanarySpec, evidence: torch.Tensor) -> np.ndarray:
+    """Each canary's share of the evidence, the directions decorrelated: least squares of it on all
+    of them, so that the other canaries' overlap with a direction (about sqrt(m / dimension)) does
+    not blur its score. Any function of what was released is a valid score; this one separates best
+    when the space is small."""
+    flat = evidence.double()
     directions = torch.stack([direction(spec, i) for i in range(spec.white_box)])
     gram = (directions @ directions.T).double()
-    return torch.linalg.solve(gram, (directions @ flat).double()).numpy()
+    return torch.linalg.solve(gram, directions.double() @ flat).numpy()
 
 
 def input_canaries(spec: CanarySpec) -> TokenizedDataset:

@@ -27,6 +27,7 @@ from fedlora.client.canaries import (
     canary_losses,
     input_canaries,
     new_spec,
+    white_box_evidence,
     white_box_scores,
     with_input_canaries,
 )
@@ -64,13 +65,14 @@ class AuditResult:
 
 def score_canaries(
     spec: CanarySpec,
-    change: State,
+    evidence: torch.Tensor,
     losses: tuple[np.ndarray, np.ndarray] | None,
     claimed: float | None,
     dp_delta: float,
 ) -> AuditResult:
-    """Bounds from the adapter's change (white-box) and each input canary's loss before and after."""
-    white = audit_bound(white_box_scores(spec, change), spec.white_box_included, dp_delta, CONFIDENCE)
+    """Bounds from the white-box evidence (canaries.white_box_evidence) and each input canary's loss
+    before and after (black-box)."""
+    white = audit_bound(white_box_scores(spec, evidence), spec.white_box_included, dp_delta, CONFIDENCE)
     black = None
     if spec.black_box and losses is not None:
         before, after = losses
@@ -114,7 +116,8 @@ def run_local_audit(
     before = losses_at(model, start, spec, device) if spec.black_box else None
     ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
     trainer = LocalTrainer(cfg, model, train, device, ledger)
-    trainer.gradient_hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate)
+    hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate)
+    trainer.gradient_hook = hook
     try:
         for r in range(1, cfg.planned_rounds + 1):
             trainer.train_round(r, on_step=on_step)
@@ -125,7 +128,7 @@ def run_local_audit(
     claimed = ledger.spent if ledger is not None else None
     result = score_canaries(
         spec,
-        delta(final, start),
+        white_box_evidence(spec, hook.released if cfg.privacy.enabled else None, delta(final, start)),
         (before, after) if before is not None else None,
         claimed,
         cfg.privacy.delta,

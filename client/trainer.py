@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,7 +32,17 @@ from fedlora.common.model import HEAD
 from fedlora.common.scoring import forward_loss, trim
 
 StepCallback = Callable[[int, float], None]
-GradientHook = Callable[[dict[str, nn.Parameter]], None]
+
+
+class GradientHook(Protocol):
+    """Called around every optimizer step with the trained parameters by adapter key: before (the
+    batch's per-sample gradients, or the gradients without DP, may be added to), and after (the
+    gradient the step used, noise included, may be read)."""
+
+    def before_step(self, params: dict[str, nn.Parameter]) -> None: ...
+
+    def after_step(self, params: dict[str, nn.Parameter]) -> None: ...
+
 
 # Known, understood notices, silenced only around the calls that raise them: Opacus' secure-RNG
 # advice (privacy.secure_mode decides, see the README) and torch's remark that frozen inputs fire
@@ -203,8 +214,10 @@ class LocalTrainer:
 
     def _optimizer_step(self) -> None:
         if self.gradient_hook is not None:
-            self.gradient_hook(self._trained)
+            self.gradient_hook.before_step(self._trained)
         self.optimizer.step()
+        if self.gradient_hook is not None:
+            self.gradient_hook.after_step(self._trained)
 
     def _proximal_pull(self, mu: float, anchor: State) -> None:
         """FedProx's term as a step toward the round's start after each DP step: it touches no

@@ -147,8 +147,9 @@ def audit_section(audits: list) -> str:
     lines = [
         "## Audit",
         "",
-        "Epsilon lower bounds measured with canaries on the global adapter (one-run audit of Steinke, "
-        "Nasr and Jagielski 2023); ceiling: the bound had every guess been right.",
+        "Epsilon lower bounds measured with canaries (one-run audit of Steinke, Nasr and Jagielski "
+        "2023): white-box gradient canaries scored on the institution's summed privatized gradients, "
+        "black-box input canaries on the global adapter; ceiling: the bound had every guess been right.",
         "",
         "| institution | claimed epsilon | kind | canaries | guesses (k+, k-) | correct | lower bound "
         "| ceiling |",
