@@ -25,6 +25,7 @@ SIMULATION = [
     "training.local_steps=2",
     "training.batch_size=8",
     "privacy.epsilon=50",
+    "privacy.max_grad_norm=1.0",  # the card states it; left unset, the recipe plans it
     "federation.rounds=1",
     "federation.min_clients=2",
     "federation.fraction_evaluate=0",
