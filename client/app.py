@@ -30,7 +30,7 @@ from fedlora.client.audit import audit_mod
 from fedlora.client.canaries import (
     CanaryPlan,
     GradientCanaries,
-    record_released,
+    record_round,
     spec_for_client,
     with_input_canaries,
 )
@@ -173,7 +173,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
     if setup.canaries is not None and hook is not None:
-        record_released(setup.canaries, hook.released)  # scored under DP; kept either way
+        record_round(setup.canaries, hook.spec, hook.released, update)
     log.info(
         "round %d: trained %d steps, training loss %.4f (kept here)", server_round, result.steps, result.loss
     )

@@ -48,7 +48,7 @@ CANARY_NORM_FACTOR = 2.0
 FIRST_TOKEN = 1000
 """Random canary tokens are drawn above the ids tokenizers keep for special tokens."""
 _WHITE, _BLACK = 1, 2  # sub-streams of the seed
-_RELEASED = "released"  # the one tensor of the running sum's file
+RELEASED, SENT = "released", "sent"  # the running sums' names
 
 
 @dataclass(frozen=True)
@@ -148,27 +148,31 @@ def spec_for_client(
     return spec
 
 
-def released_file(plan: CanaryPlan) -> Path:
-    return plan.path.with_suffix(".released.safetensors")
+def sums_file(plan: CanaryPlan) -> Path:
+    return plan.path.with_suffix(".sums.safetensors")
 
 
-def record_released(plan: CanaryPlan, released: torch.Tensor) -> None:
-    """Add a round's sum of privatized gradients to the institution's running sum over every round
-    (the ClientApp makes a trainer per message)."""
-    total = released_total(plan)
-    summed = released.detach().double().cpu() + (total if total is not None else 0)
-    write_durably(released_file(plan), save_tensors({_RELEASED: summed}))
+def record_round(plan: CanaryPlan, spec: CanarySpec, released: torch.Tensor, sent: State) -> None:
+    """Add a round to the institution's running sums over every round (the ClientApp makes a trainer
+    per message): its privatized gradients and the update it sent, over the canaries' space."""
+    rounds = {RELEASED: released.detach().double().cpu(), SENT: flatten(spec, sent).double()}
+    total = recorded_sums(plan)
+    summed = {k: v + total[k] for k, v in rounds.items()} if total is not None else rounds
+    write_durably(sums_file(plan), save_tensors(summed))
 
 
-def released_total(plan: CanaryPlan) -> torch.Tensor | None:
-    """The sum of every privatized gradient the institution's steps used; None before its first."""
-    path = released_file(plan)
+def recorded_sums(plan: CanaryPlan) -> dict[str, torch.Tensor] | None:
+    """The running sums (RELEASED, SENT) of the institution's rounds; None before its first."""
+    path = sums_file(plan)
     if not path.exists():
         return None
     try:
-        return load_tensors(path.read_bytes())[_RELEASED]
-    except (SafetensorError, KeyError) as err:
-        raise ConfigError(f"{path}: not a readable sum of privatized gradients ({err})") from None
+        sums = load_tensors(path.read_bytes())
+    except SafetensorError as err:
+        raise ConfigError(f"{path}: not a readable file of canary sums ({err})") from None
+    if set(sums) != {RELEASED, SENT}:
+        raise ConfigError(f"{path}: expected the tensors {RELEASED!r} and {SENT!r}, found {sorted(sums)}")
+    return sums
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -235,12 +239,13 @@ class GradientCanaries:
         self.released += flatten(self.spec, grads).double()
 
 
-def white_box_evidence(spec: CanarySpec, released: torch.Tensor | None, change: State) -> torch.Tensor:
+def white_box_evidence(private: bool, released: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
     """What white-box canaries are scored on: under DP the summed privatized gradients (``released``);
     without DP, where nothing is clipped or noised and the rows' unclipped gradients would drown a
-    canary in that sum, the adapter's change, against its direction (training descends gradients).
-    The choice follows the config alone, so each audit is one test, not the best of two."""
-    return released.double() if released is not None else -flatten(spec, change).double()
+    canary in that sum, the summed change the institution sent (``sent``, flattened), against its
+    direction (training descends gradients). The choice follows the config alone, so each audit is
+    one test, not the best of two."""
+    return released.double() if private else -sent.double()
 
 
 def white_box_scores(spec: CanarySpec, evidence: torch.Tensor) -> np.ndarray:

@@ -25,6 +25,7 @@ from fedlora.client.canaries import (
     CanarySpec,
     GradientCanaries,
     canary_losses,
+    flatten,
     input_canaries,
     new_spec,
     white_box_evidence,
@@ -128,7 +129,7 @@ def run_local_audit(
     claimed = ledger.spent if ledger is not None else None
     result = score_canaries(
         spec,
-        white_box_evidence(spec, hook.released if cfg.privacy.enabled else None, delta(final, start)),
+        white_box_evidence(cfg.privacy.enabled, hook.released, flatten(spec, delta(final, start))),
         (before, after) if before is not None else None,
         claimed,
         cfg.privacy.delta,

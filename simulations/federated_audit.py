@@ -1,12 +1,12 @@
 """``fedlora-simulate --audit``: each virtual institution's privacy audit, after the federation.
 
 Every institution inserted its canaries in its own trainer in every round (client.canaries), kept
-their seed in its own file and, beside it, the sum over all its steps of the privatized gradients
-(what DP-SGD releases at each step, and its epsilon covers). The simulation is one machine, so the
-driver reads those files and the institutions' ledgers (the claim). Under DP, white-box canaries are
-scored on that sum (the audit of the implementation; without DP, on the global adapter's change);
-black-box canaries on the global adapter before and after the run (what anyone holding the final
-model could measure). In deployment an institution audits itself with
+their seed in its own file and, beside it, the sums over its rounds of the privatized gradients (what
+DP-SGD releases at each step, and its epsilon covers) and of the updates it sent. The simulation is
+one machine, so the driver reads those files and the institutions' ledgers (the claim). White-box
+canaries are scored on the institution's own sums (the audit of the implementation, not diluted by
+the others' updates); black-box canaries on the global adapter before and after the run (what anyone
+holding the final model could measure). In deployment an institution audits itself with
 ``fedlora-client audit``.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fedlora.client.canaries import CanaryPlan, CanarySpec, released_total, white_box_evidence
+from fedlora.client.canaries import RELEASED, SENT, CanaryPlan, CanarySpec, recorded_sums, white_box_evidence
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.privacy_audit import AuditResult, losses_at, score_canaries
-from fedlora.common.adapter import adapter_state, delta
+from fedlora.common.adapter import adapter_state
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import FedloraError
 from fedlora.common.model import device_for
@@ -49,15 +49,14 @@ def audit_federation(cfg: FedloraConfig, run_dir: Path) -> list[InstitutionAudit
     model, device = bench.built.model, device_for(cfg.training.device)
     initial = adapter_state(model)
     final = {k: ckpt.adapter[k].to(torch.float32) for k in initial}
-    change = delta(final, initial)
     audits = []
     for pid in range(cfg.simulation.num_clients):
         path = canary_file(run_dir, pid)
         if not path.exists():
             continue  # never trained (not sampled, or failed before its first step)
         spec = CanarySpec.load(path)
-        released = released_total(CanaryPlan(path))
-        if released is None:
+        sums = recorded_sums(CanaryPlan(path))
+        if sums is None:
             continue  # its canaries were made, but no step ran
         losses = None
         if spec.black_box:
@@ -65,7 +64,7 @@ def audit_federation(cfg: FedloraConfig, run_dir: Path) -> list[InstitutionAudit
         claimed = None
         if cfg.privacy.enabled:
             claimed = PrivacyLedger.from_config(cfg.privacy, ledger_file(run_dir, pid)).spent
-        evidence = white_box_evidence(spec, released if cfg.privacy.enabled else None, change)
+        evidence = white_box_evidence(cfg.privacy.enabled, sums[RELEASED], sums[SENT])
         result = score_canaries(spec, evidence, losses, claimed, cfg.privacy.delta)
         audits.append(InstitutionAudit(pid, result))
     (run_dir / RESULT_FILE).write_text(json.dumps([asdict(a) for a in audits], indent=1))

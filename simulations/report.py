@@ -148,7 +148,8 @@ def audit_section(audits: list) -> str:
         "## Audit",
         "",
         "Epsilon lower bounds measured with canaries (one-run audit of Steinke, Nasr and Jagielski "
-        "2023): white-box gradient canaries scored on the institution's summed privatized gradients, "
+        "2023): white-box gradient canaries scored on the institution's own summed privatized gradients "
+        "(without DP: its summed updates), "
         "black-box input canaries on the global adapter; ceiling: the bound had every guess been right.",
         "",
         "| institution | claimed epsilon | kind | canaries | guesses (k+, k-) | correct | lower bound "
