@@ -83,3 +83,13 @@ def toy_classification():
         return TokenizedDataset(ids, mask, labels)
 
     return make
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Every process a deployment test starts, killed at its end, whatever the test's outcome."""
+    from helpers_deploy import Processes, process_env
+
+    tracker = Processes(tmp_path, process_env(tmp_path))
+    yield tracker
+    tracker.kill()

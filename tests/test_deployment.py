@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
-from helpers_deploy import Federation, Processes, free_port, make_federation, process_env, wait_for
+from helpers_deploy import Federation, free_port, make_federation, wait_for
 
 from fedlora.client import cli as client_cli
 from fedlora.client import daemon
@@ -262,13 +262,6 @@ def test_registry_follows_the_config_and_a_revoked_key_stays_out(tmp_path, monke
 
 
 # --- real processes -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def processes(tmp_path):
-    tracker = Processes(tmp_path, process_env(tmp_path))
-    yield tracker
-    tracker.kill()
 
 
 def history(fed: Federation) -> list[dict]:

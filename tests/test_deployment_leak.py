@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_deploy import Processes, free_port, make_federation, process_env
+from helpers_deploy import free_port, make_federation
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-@pytest.fixture
-def processes(tmp_path):
-    tracker = Processes(tmp_path, process_env(tmp_path))
-    yield tracker
-    tracker.kill()
 
 
 def texts(data: Path) -> list[str]:
