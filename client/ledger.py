@@ -70,6 +70,15 @@ def _accounting() -> Iterator[None]:
 
 
 def compose(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    return composed(accountant, tuple(history), delta)
+
+
+@lru_cache(maxsize=1024)
+def composed(accountant: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Epsilon of ``history``: a pure function of these inputs, so cached per process. A reservation
+    composes the ledger's merged history plus the new round; institutions of one simulation with the
+    same sample rate share those histories, and one PRV composition costs a tenth of a second or more
+    (README, "A thousand institutions"). Each ledger still records every entry and re-derives its epsilon."""
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
@@ -90,7 +99,7 @@ def _too_little_budget(
     )
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)
 def calibrate_noise(
     budget: float,
     delta: float,

@@ -346,13 +346,13 @@ def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -
     return base, fingerprint(cfg, base, labels, target_modules(cfg, base))
 
 
-def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:
-    """Base model + LoRA, identically initialised for every party that shares ``cfg``."""
-    template, fp = _base_template(_template_key(cfg), tuple(labels), vocab_size)
-    # The frozen base weights are never written (no merging, no dtype casts), so every copy shares
-    # them: no 90 MB clone per message. The head is trained, so it is copied.
-    frozen = {id(p): p for name, p in template.named_parameters() if not name.startswith(f"{HEAD}.")}
-    base = copy.deepcopy(template, memo=frozen)
+@lru_cache(maxsize=4)
+def _fresh_adapter(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> nn.Module:
+    """The base with LoRA exactly as ``cfg`` initialises it, once per process and model config (rank
+    included): a pure function of its inputs, never handed out (build_model copies it), so wrapping
+    with PEFT is not paid per message."""
+    template, _ = _base_template(_template_key(cfg), labels, vocab_size)
+    base = copy.deepcopy(template, memo=_frozen_base(template))
     targets = target_modules(cfg, base)
     for param in base.parameters():
         param.requires_grad_(False)
@@ -363,7 +363,22 @@ def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> B
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
-    return BuiltModel(model=model, fingerprint=fp)
+    return model
+
+
+def _frozen_base(template: nn.Module) -> dict[int, nn.Parameter]:
+    """A deepcopy memo that keeps the template's frozen base weights shared: they are never written
+    (no merging, no dtype casts; a fold replaces a layer's tensor), so no 90 MB clone per message.
+    The head is trained, so it is copied."""
+    return {id(p): p for name, p in template.named_parameters() if not name.startswith(f"{HEAD}.")}
+
+
+def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:
+    """Base model + LoRA, identically initialised for every party that shares ``cfg``: a copy of the
+    process's fresh adapter model, sharing only the frozen base weights."""
+    template, fp = _base_template(_template_key(cfg), tuple(labels), vocab_size)
+    fresh = _fresh_adapter(cfg, tuple(labels), vocab_size)
+    return BuiltModel(model=copy.deepcopy(fresh, memo=_frozen_base(template)), fingerprint=fp)
 
 
 def device_for(choice: str) -> torch.device:

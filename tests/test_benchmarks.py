@@ -192,3 +192,48 @@ def test_memory_benchmark_ratio_is_last_round_over_round_2_and_too_few_rounds_ar
     assert memory.growth(figures) == {"actor 7": pytest.approx(1.04)}
     assert memory.main(["--rounds", "2", "--model", "tiny-bert"]) == 2
     assert "--rounds: 2; at least 3" in capsys.readouterr().err
+
+
+def test_scale_benchmark_counts_updates_after_round_1_and_the_whole_run_with_the_start():
+    from fedlora.simulations.benchmarks.scale import Run
+
+    run = Run(ends=(30.0, 32.0, 36.0), updates=(20, 20, 20), training=(9.0, 1.0, 3.0), actors=2, peak_mb=9.0)
+    assert run.per_minute == pytest.approx(60 * 40 / 6)  # rounds 2 and 3 over the 6 s after round 1
+    assert run.fixed_cost == pytest.approx((2 * 6 - 4.0) / 40)  # 2 actors busy 6 s, 4 s of DP steps
+    assert run.whole_run == pytest.approx(36.0 / 60)
+    one = Run(ends=(30.0,), updates=(20,), training=(0.0,), actors=2, peak_mb=1.0)
+    assert math.isnan(one.per_minute) and math.isnan(one.fixed_cost)
+
+
+def test_scale_benchmark_memory_is_the_whole_process_tree():
+    """Ray's workers are descendants of the benchmark: a child holding 200 MB must show in the total."""
+    import subprocess
+    import sys
+
+    from fedlora.simulations.benchmarks.scale import tree_rss
+
+    alone = tree_rss()
+    code = "import sys; b = b'x' * (200 * 2**20); print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        assert tree_rss() - alone > 150
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "1"], "--rounds: 1; at least 2 (round 1 pays the start and is not counted)"),
+        (["--institutions", "0", "10"], "--institutions: 0; each count at least 1"),
+        (["--sampled", "0"], "--sampled: 0; at least 1"),
+    ],
+)
+def test_scale_benchmark_refuses_too_few_rounds_or_institutions_in_one_line(capsys, argv, message):
+    from fedlora.simulations.benchmarks import scale
+
+    assert scale.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}"

@@ -18,7 +18,7 @@ from fedlora.common.devcerts import make_dev_certs
 from fedlora.server import cli as server_cli
 from fedlora.simulations import cli as sim_cli
 from fedlora.simulations.benchmarks import __main__ as benchmarks
-from fedlora.simulations.benchmarks import aggregators, dp_throughput, memory, overhead, recipe
+from fedlora.simulations.benchmarks import aggregators, dp_throughput, memory, overhead, recipe, scale
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
@@ -26,7 +26,7 @@ def commands() -> dict[str, argparse.ArgumentParser]:
     for name, parser in (("fedlora-client", client_cli.parser()), ("fedlora-server", server_cli.parser())):
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         found.update({f"{name} {command}": p for command, p in sub.choices.items()})
-    for module in (aggregators, dp_throughput, memory, overhead, recipe):
+    for module in (aggregators, dp_throughput, memory, overhead, recipe, scale):
         found[f"benchmarks {module.__name__.rsplit('.', 1)[1]}"] = module.parser()
     return found
 

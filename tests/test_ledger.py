@@ -11,7 +11,7 @@ import pytest
 import torch
 from opacus.accountants import create_accountant
 
-from fedlora.client.ledger import LedgerEntry, PrivacyLedger, compose, merged_history
+from fedlora.client.ledger import LedgerEntry, PrivacyLedger, compose, composed, merged_history
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.adapter import adapter_state, peft_module
 from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
@@ -442,3 +442,25 @@ def test_budget_below_any_noise_is_one_line_naming_what_is_needed(tmp_path, mech
     # Independent: at the largest noise Opacus tries, the plan costs about what is said to be needed.
     assert opacus_epsilon(mechanism, [(1e6, 0.25, 12)]) == pytest.approx(needed, rel=1e-2)
     assert ledger.noise_multiplier is None
+
+
+def test_institutions_with_the_same_history_compose_it_once_and_each_ledger_re_derives_its_epsilon(tmp_path):
+    """The composition is cached on its pure inputs (accountant, merged history, delta): a second
+    institution reserving the same round pays no second PRV composition, and neither file depends on
+    the cache: each one's entries, composed by Opacus afresh, give the epsilon it recorded."""
+    rate, steps = 0.37, 3  # a sample rate no other test uses, so the first reservation misses
+    ledgers = [PrivacyLedger(tmp_path / f"client-{i}.json", 8.0, DELTA, "prv") for i in range(2)]
+    for ledger in ledgers:
+        ledger.calibrate(rate, 10 * steps)
+    before = composed.cache_info()
+    first = ledgers[0].reserve(1, rate, steps)
+    middle = composed.cache_info()
+    second = ledgers[1].reserve(1, rate, steps)
+    after = composed.cache_info()
+    assert middle.misses == before.misses + 1
+    assert (after.hits, after.misses) == (middle.hits + 1, middle.misses)
+    assert second.epsilon == first.epsilon > 0
+    for ledger in ledgers:
+        data = json.loads(ledger.path.read_text())
+        fresh = opacus_epsilon("prv", summed_per_mechanism(data["entries"]))
+        assert data["entries"][-1]["epsilon"] == pytest.approx(fresh, rel=1e-9)

@@ -171,6 +171,25 @@ def test_ffa_freezes_a(vocab_size):
     assert all(v for n, v in names.items() if "lora_B" in n)
 
 
+def test_peft_wraps_once_per_model_config_and_a_loaded_frozen_a_stays_in_its_copy(vocab_size):
+    """build_model copies a per-process fresh adapter model (PEFT's wrapping is not paid per message):
+    one wrap per model config, and nothing a copy loads, frozen FFA A factors included (only the base
+    is shared), reaches the next build."""
+    from fedlora.common.model import _fresh_adapter
+
+    _fresh_adapter.cache_clear()
+    cfg = ModelConfig(source="tiny-bert", variant="ffa")
+    first = build_model(cfg, LABELS, vocab_size).model
+    fresh = adapter_state(first)
+    g = torch.Generator().manual_seed(0)
+    load_adapter_state(first, {k: torch.randn(v.shape, generator=g) for k, v in fresh.items()})
+    second = build_model(cfg, LABELS, vocab_size).model
+    build_model(dataclasses.replace(cfg, lora_r=4, lora_alpha=8), LABELS, vocab_size)
+    assert _fresh_adapter.cache_info().misses == 2  # rank 8 once, rank 4 once
+    assert_same_state(adapter_state(second), fresh)
+    assert any(not torch.equal(adapter_state(first)[k], fresh[k]) for k in fresh if ".lora_A." in k)
+
+
 def logits_of(model, ids, mask, causal=False):
     model.eval()
     with torch.no_grad():

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "dp_throughput": "samples/s of local training: non-private vs DP hooks vs DP ghost clipping",
     "memory": "memory per round of a long simulation, per process",
     "overhead": "fedlora's simulation overhead over bare Flower, training off",
+    "scale": "client updates per minute and memory at 10 to 1,000 institutions, fedlora vs bare Flower",
     "recipe": "held-out accuracy of local LoRA recipes, DP and not, against the linear probe",
     "seeds": "settings on the same seeds (reproducible mode): each one's mean and paired difference",
 }
