@@ -143,12 +143,14 @@ def calibrate_noise(
     return high
 
 
-def require_meaningful_delta(delta: float, rows: int) -> None:
-    """delta >= 1/rows allows releasing a whole row outright: no privacy worth the name."""
+def require_meaningful_delta(delta: float, rows: int, unit: str = "rows") -> None:
+    """delta >= 1/rows allows releasing a whole row outright (1/persons: a whole person's rows): no
+    privacy worth the name."""
     if rows > 0 and delta >= 1 / rows:
+        what = "record" if unit == "rows" else "person's records"
         raise ConfigError(
-            f"privacy.delta: {delta:g} is not below 1/rows = 1/{rows} = {1 / rows:.3g}; "
-            "a delta that large permits leaking a whole record (use well below 1/rows, e.g. 1e-5)"
+            f"privacy.delta: {delta:g} is not below 1/{unit} = 1/{rows} = {1 / rows:.3g}; "
+            f"a delta that large permits leaking a whole {what} (use well below 1/{unit}, e.g. 1e-5)"
         )
 
 
