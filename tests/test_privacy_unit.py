@@ -17,6 +17,7 @@ from test_trainer_dp import causal_dataset, names_by_id, norm_of, per_example_gr
 from fedlora.client.canaries import CanarySpec, with_input_canaries
 from fedlora.client.cli import main as client_main
 from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.privacy_audit import AUDIT_LEDGER, CANARY_FILE, run_local_audit
 from fedlora.client.privacy_unit import PersonRows, unit_counts
 from fedlora.client.recipe import poisson_rate
 from fedlora.client.trainer import LocalTrainer
@@ -364,3 +365,53 @@ def test_synthetic_patients_are_deterministic_and_skewed():
     assert np.median(sizes) < np.mean(sizes) < LARGEST / 2  # skewed: many small, a few large
     for patient in np.unique(ids):
         assert len(set(conditions[ids == patient])) == 1  # a patient reviews for one condition
+
+
+def test_train_local_card_states_the_person_unit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [
+        {"text": f"note {i} on {'cough' if i % 2 else 'rash'}", "label": "rd"[i % 2], "patient": i % 7}
+        for i in range(28)
+    ]
+    write_csv(tmp_path / "train.csv", rows)
+    (tmp_path / "site.yaml").write_text(
+        "name: hospital-a\nmodel:\n  source: tiny-bert\ndata:\n  path: train.csv\n  max_length: 16\n"
+        "  privacy_unit: patient\n  max_rows_per_unit: 2\ntraining:\n  batch_size: 2\n  local_steps: 2\n"
+        "  device: cpu\nprivacy:\n  epsilon: 8\n  accountant: rdp\n  planned_rounds: 1\n"
+        "  ledger_path: ledger.json\n"
+    )
+    assert client_main(["train-local", "site.yaml", "--out", "out"]) == 0
+    card = (tmp_path / "out" / "adapter" / "README.md").read_text()
+    assert "privacy unit: one person (data.privacy_unit, column `patient`)" in card
+    assert "mean over up to 2 of their rows" in card and "per-person gradient clipping norm" in card
+    assert "privacy unit: one row" not in card
+    saved = PrivacyLedger(tmp_path / "ledger.json", 8.0, 1e-5, "rdp")
+    assert [e.sample_rate for e in saved.entries] == [poisson_rate(7, 2)]
+
+
+def test_audit_with_persons_claims_per_person_and_its_canaries_are_persons(make_config, tmp_path):
+    rows = [
+        {"text": f"note {i} about {'cough' if i % 2 else 'rash'}", "label": "rd"[i % 2], "patient": i % 12}
+        for i in range(48)
+    ]
+    cfg = make_config(
+        {
+            "model": {"source": "tiny-bert", "lora_r": 64},
+            "data": {
+                "path": write_csv(tmp_path / "t.csv", rows),
+                "max_length": 16,
+                "privacy_unit": "patient",
+            },
+            "training": {"batch_size": 4, "local_steps": 5, "learning_rate": 0.01},
+            "privacy": {"accountant": "rdp", "epsilon": 4.0, "ledger_path": str(tmp_path / "real.json")},
+            "federation": {"rounds": 2},
+        }
+    )
+    black = 10
+    result = run_local_audit(cfg, tmp_path / "audit", 1000, black)
+    ledger = PrivacyLedger(tmp_path / "audit" / AUDIT_LEDGER, 4.0, cfg.privacy.delta, "rdp")
+    spec = CanarySpec.load(tmp_path / "audit" / CANARY_FILE)
+    persons = 12 + int(spec.black_box_included.sum())  # each included input canary is one more person
+    assert {e.sample_rate for e in ledger.entries} == {poisson_rate(persons, 4)}
+    assert result.claimed_epsilon == pytest.approx(ledger.spent) and ledger.spent <= 4.0
+    assert not result.leaks and result.white_box.epsilon <= result.claimed_epsilon
