@@ -2,7 +2,8 @@
 
 One trainer holds one model and, in DP mode, one Opacus wrapper for its whole life: Opacus refuses to
 wrap a module twice. A round's spend is reserved in the ledger before its first step, so no example
-is touched, and no update leaves, without its privacy cost on disk.
+is touched, and no update leaves, without its privacy cost on disk. With data.privacy_unit the unit
+DP-SGD samples and clips is the person (client.privacy_unit), and every count it plans from is persons.
 """
 
 from __future__ import annotations
