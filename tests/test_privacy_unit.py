@@ -19,7 +19,7 @@ from fedlora.client.cli import main as client_main
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.privacy_audit import AUDIT_LEDGER, CANARY_FILE, run_local_audit
 from fedlora.client.privacy_unit import PersonRows, unit_counts
-from fedlora.client.recipe import poisson_rate
+from fedlora.client.recipe import facts, plan, poisson_rate
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.config import config_from_dict
 from fedlora.common.data import build_data, partition, with_units
@@ -415,3 +415,28 @@ def test_audit_with_persons_claims_per_person_and_its_canaries_are_persons(make_
     assert {e.sample_rate for e in ledger.entries} == {poisson_rate(persons, 4)}
     assert result.claimed_epsilon == pytest.approx(ledger.spent) and ledger.spent <= 4.0
     assert not result.leaks and result.white_box.epsilon <= result.claimed_epsilon
+
+
+def test_recipe_plans_batches_of_persons(make_config):
+    cfg = make_config({"data": {"privacy_unit": "patient"}, "training": {"examples_per_round": 192}})
+    recipe = plan(facts(cfg, 300, 3, persons=60, rows_per_person=3.0), cfg)
+    # 192 rows of compute / 3 rows per person / 3 steps: 21 persons a step; 192 / (21 x 3) = 3 steps.
+    assert (recipe.batch_size.value, recipe.local_steps.value) == (21, 3)
+    assert recipe.sample_rate.value == 1 / math.ceil(60 / 21)
+    assert "over persons" in recipe.sample_rate.reason and "persons 60" in recipe.batch_size.reason
+    assert recipe.head_start.value == "shared" and "per row" in recipe.head_start.reason
+
+
+def test_empty_person_batches_step_and_count(make_config, vocab_size, toy_classification, tmp_path):
+    """One expected person a step out of 40: many steps draw nobody (the first one too, sometimes)."""
+    data = with_units(toy_classification(n=80, seed=11), persons_of([2] * 40))
+    cfg = unit_config(
+        make_config, training={"batch_size": 1, "local_steps": 30}, privacy={"planned_rounds": 1}
+    )
+    ledger = ledger_with_noise(cfg, tmp_path / "ledger.json", sigma=5.0)
+    trainer = LocalTrainer(cfg, perturbed_model(cfg, vocab_size), data, CPU, ledger)
+    before = {k: p.detach().clone() for k, p in trainer._trained.items()}
+    result = trainer.train_round(1)
+    assert result.steps == 30 and ledger.entries[-1].steps == 30
+    assert ledger.entries[-1].sample_rate == 1 / 40
+    assert any(not torch.equal(before[k], p) for k, p in trainer._trained.items())
