@@ -440,3 +440,35 @@ def test_empty_person_batches_step_and_count(make_config, vocab_size, toy_classi
     assert result.steps == 30 and ledger.entries[-1].steps == 30
     assert ledger.entries[-1].sample_rate == 1 / 40
     assert any(not torch.equal(before[k], p) for k, p in trainer._trained.items())
+
+
+def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatch):
+    """The real ServerApp and ClientApp (test_resume's in-process grid): each institution samples its
+    own persons, and its ledger records its own person sample rate."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_resume import run
+
+    for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    rows = [
+        {"text": f"note {i} on {'cough' if i % 2 else 'rash'}", "label": "rd"[i % 2], "patient": f"p{i % 15}"}
+        for i in range(60)
+    ]
+    for row in rows:
+        row["site"] = "north" if int(row["patient"][1:]) < 9 else "south"  # 9 and 6 patients
+    path = write_csv(tmp_path / "t.csv", rows)
+    cfg = config_from_dict(
+        {
+            "model": {"source": "tiny-bert"},
+            "data": {"path": path, "max_length": 16, "privacy_unit": "patient"},
+            "training": {"batch_size": 2, "local_steps": 2, "device": "cpu"},
+            "privacy": {"accountant": "rdp"},
+            "federation": {"rounds": 2, "min_clients": 2, "fraction_evaluate": 0, "central_eval": False},
+            "simulation": {"num_clients": 2, "partition": "column", "partition_column": "site"},
+        }
+    )
+    run(cfg, tmp_path / "run")
+    for pid, persons in ((0, 9), (1, 6)):
+        ledger = PrivacyLedger(tmp_path / "run" / "ledgers" / f"client-{pid}.json", 8.0, 1e-5, "rdp")
+        assert [e.sample_rate for e in ledger.entries] == [poisson_rate(persons, 2)] * 2
+        assert 0 < ledger.spent <= 8.0
