@@ -86,6 +86,7 @@ def plan(
     else:
         require_meaningful_delta(cfg.privacy.delta, rows)
     ledger = PrivacyLedger.from_config(cfg.privacy)
+    ledger.require_unit(cfg.data.privacy_unit)
     recipe = plan_recipe(facts(cfg, rows, labels, *persons), cfg, ledger.noise_multiplier)
     cfg = applied(cfg, recipe)
     sample_rate = recipe.sample_rate.value

@@ -132,6 +132,7 @@ class LocalTrainer:
         sampled, noun = (self.units.persons, "persons") if self.units is not None else (len(train), "rows")
         if cfg.privacy.enabled:
             require_meaningful_delta(cfg.privacy.delta, sampled, noun)
+            ledger.require_unit(cfg.data.privacy_unit)
         # The planner fills what the config leaves unset, from counts this institution holds.
         fixed = ledger.noise_multiplier if ledger is not None else None
         persons = (self.units.persons, self.units.rows_per_person) if self.units is not None else (None, 1.0)

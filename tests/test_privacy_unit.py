@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -23,7 +24,7 @@ from fedlora.client.recipe import facts, plan, poisson_rate
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.config import config_from_dict
 from fedlora.common.data import build_data, partition, with_units
-from fedlora.common.errors import ConfigError, DataError
+from fedlora.common.errors import CheckpointError, ConfigError, DataError
 from fedlora.simulations.synthetic_patients import LARGEST, patient_ids
 
 CPU = torch.device("cpu")
@@ -472,3 +473,30 @@ def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatc
         ledger = PrivacyLedger(tmp_path / "run" / "ledgers" / f"client-{pid}.json", 8.0, 1e-5, "rdp")
         assert [e.sample_rate for e in ledger.entries] == [poisson_rate(persons, 2)] * 2
         assert 0 < ledger.spent <= 8.0
+
+
+def test_a_ledger_kept_per_row_cannot_go_on_per_person(make_config, vocab_size, toy_classification, tmp_path):
+    data = with_units(toy_classification(n=24, seed=12), persons_of([2] * 12))
+    path = tmp_path / "ledger.json"
+    row = unit_config(make_config, data={"privacy_unit": None}, privacy={"planned_rounds": 2})
+    trainer = LocalTrainer(row, perturbed_model(row, vocab_size), data, CPU, ledger_with_noise(row, path))
+    trainer.train_round(1)
+    trainer.close()
+    assert json.loads(path.read_text())["privacy_unit"] == "row"
+    person = unit_config(make_config, privacy={"planned_rounds": 2})
+    with pytest.raises(CheckpointError, match=r"kept with privacy unit row, the config's is person") as err:
+        LocalTrainer(
+            person,
+            perturbed_model(person, vocab_size),
+            data,
+            CPU,
+            PrivacyLedger.from_config(person.privacy, path),
+        )
+    assert "\n" not in str(err.value)
+    fresh = tmp_path / "person.json"
+    trainer = LocalTrainer(
+        person, perturbed_model(person, vocab_size), data, CPU, ledger_with_noise(person, fresh)
+    )
+    trainer.train_round(1)
+    trainer.close()
+    assert json.loads(fresh.read_text())["privacy_unit"] == "patient"

@@ -2,7 +2,7 @@
 (fedlora.simulations.synthetic_patients: 1 to 20 reviews each, skewed; not real patients).
 
 Run: ``python -m fedlora.simulations.benchmarks privacy_unit [CONFIG] [--set K=V] [--rounds 5]
-[--seeds 0 1] [--throughput-steps 6]``
+[--seeds 0 1] [--caps 8 1] [--settings person row row-group] [--throughput-steps 6]``
 
 Accuracy: one institution trains the planned rounds with `LocalTrainer` (the recipe planner's values,
 noise calibrated for exactly those rounds) in three settings, then scores the held-out reviews:
@@ -49,6 +49,8 @@ class Setting:
     epsilon: float
     delta: float
     per_person: bool
+    cap: int = 0
+    """data.max_rows_per_unit of a person setting."""
 
 
 @dataclass
@@ -61,13 +63,19 @@ class Outcome:
     steps: int = 0
 
 
-def settings(epsilon: float, delta: float, largest: int) -> list[Setting]:
-    group = epsilon / largest
-    return [
-        Setting("person", epsilon, delta, True),
-        Setting("row", epsilon, delta, False),
-        Setting("row, group-equivalent", group, delta / (largest * math.exp((largest - 1) * group)), False),
-    ]
+def settings(args: argparse.Namespace, largest: int) -> list[Setting]:
+    """The chosen settings (--settings), a person setting per cap (--caps)."""
+    epsilon, delta, group = args.epsilon, args.delta, args.epsilon / largest
+    every = {
+        "person": [Setting(f"person, cap {c}", epsilon, delta, True, c) for c in args.caps],
+        "row": [Setting("row", epsilon, delta, False)],
+        "row-group": [
+            Setting(
+                "row, group-equivalent", group, delta / (largest * math.exp((largest - 1) * group)), False
+            )
+        ],
+    }
+    return [s for name in args.settings for s in every[name]]
 
 
 def setting_config(
@@ -80,7 +88,7 @@ def setting_config(
         f"privacy.epsilon={s.epsilon:.6e}",
         f"privacy.delta={s.delta:.6e}",
         "privacy.enabled=true",
-        *([f"data.privacy_unit={COLUMN}"] if s.per_person else []),
+        *([f"data.privacy_unit={COLUMN}", f"data.max_rows_per_unit={s.cap}"] if s.per_person else []),
         *extra,
     ]
     return read_config(args.config, [*args.set, *overrides], "institution")
@@ -94,7 +102,7 @@ def trainer_for(cfg: FedloraConfig, folder: Path, name: str) -> tuple[LocalTrain
 
 
 def accuracy(args: argparse.Namespace, paths: tuple[Path, Path], folder: Path) -> list[Outcome]:
-    outcomes = [Outcome(s) for s in settings(args.epsilon, args.delta, LARGEST)]
+    outcomes = [Outcome(s) for s in settings(args, LARGEST)]
     for seed in args.seeds:
         for o in outcomes:
             extra = [f"privacy.planned_rounds={args.rounds}", f"training.seed={seed}"]
@@ -124,7 +132,9 @@ def throughput(args: argparse.Namespace, paths: tuple[Path, Path], folder: Path)
     """Rows/s of person-level and row-level DP, interleaved step by step."""
     planned = (args.repeats + 1) * args.throughput_steps
     trainers = {}
-    for s in settings(args.epsilon, args.delta, LARGEST)[:2]:
+    chosen = settings(args, LARGEST)
+    pair = [next(s for s in chosen if s.per_person), next(s for s in chosen if s.name == "row")]
+    for s in pair:
         extra = ["training.local_steps=1", f"privacy.planned_rounds={planned}", "training.seed=0"]
         trainers[s.name], _ = trainer_for(setting_config(args, s, paths, extra), folder, "throughput")
     for trainer in trainers.values():
@@ -186,6 +196,8 @@ def tables(
             ", ".join(f"{a:.3f}" for a in o.accuracies),
             f"{statistics.mean(o.accuracies):.3f}",
         )
+    if not rates:
+        return [acc]
     speed = Table(
         title=f"DP throughput, {args.throughput_steps} one-step rounds x {args.repeats} repetitions, "
         "interleaved"
@@ -213,7 +225,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="training seeds (one run of each setting per seed)"
     )
-    ap.add_argument("--throughput-steps", type=int, default=6, help="one-step rounds per repetition")
+    ap.add_argument(
+        "--settings",
+        nargs="+",
+        default=["person", "row", "row-group"],
+        choices=["person", "row", "row-group"],
+        help="which settings train (throughput needs person and row)",
+    )
+    ap.add_argument(
+        "--caps", type=int, nargs="+", default=[8], help="data.max_rows_per_unit of the person settings"
+    )
+    ap.add_argument(
+        "--throughput-steps", type=int, default=6, help="one-step rounds per repetition; 0: no throughput"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="throughput repetitions")
     return ap
 
@@ -224,7 +248,9 @@ def measure(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="privacy-unit-") as tmp:
         folder = Path(tmp)
         paths = write_drug_reviews_with_patients(base.data, folder / "data", seed=0)
-        probe = setting_config(args, settings(args.epsilon, args.delta, LARGEST)[0], paths, [])
+        probe = setting_config(
+            args, Setting("probe", args.epsilon, args.delta, True, args.caps[0]), paths, []
+        )
         units = prepare(probe).data.train.units
         c = unit_counts(units, probe.data.max_rows_per_unit)
         counts = (
@@ -233,7 +259,7 @@ def measure(args: argparse.Namespace) -> int:
         )
         console.print(counts)
         outcomes = accuracy(args, paths, folder)
-        rates = throughput(args, paths, folder)
+        rates = throughput(args, paths, folder) if args.throughput_steps > 0 else {}
     for t in tables(args, outcomes, rates, counts):
         report.print(t, width=170)
     console.print(f"total wall time {time.perf_counter() - start:.0f}s")
