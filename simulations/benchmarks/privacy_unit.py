@@ -163,7 +163,11 @@ def throughput(args: argparse.Namespace, paths: tuple[Path, Path], folder: Path)
 
 
 def tables(
-    args: argparse.Namespace, outcomes: list[Outcome], rates: dict[str, list[float]], counts: str
+    args: argparse.Namespace,
+    outcomes: list[Outcome],
+    rates: dict[str, list[float]],
+    counts: str,
+    start_accuracy: float,
 ) -> list[Table]:
     acc = Table(
         title=f"Held-out accuracy, drug-review triage, synthetic patients ({counts}), {args.rounds} rounds"
@@ -196,6 +200,7 @@ def tables(
             ", ".join(f"{a:.3f}" for a in o.accuracies),
             f"{statistics.mean(o.accuracies):.3f}",
         )
+    acc.add_row("before training", "no spend", "-", "-", "-", "-", f"{start_accuracy:.3f}")
     if not rates:
         return [acc]
     speed = Table(
@@ -251,7 +256,15 @@ def measure(args: argparse.Namespace) -> int:
         probe = setting_config(
             args, Setting("probe", args.epsilon, args.delta, True, args.caps[0]), paths, []
         )
-        units = prepare(probe).data.train.units
+        bench = prepare(probe)
+        units = bench.data.train.units
+        untrained = build_model(probe.model, bench.labels, len(bench.tokenizer)).model
+        start_accuracy = evaluate(untrained, probe.model.task, bench.data.eval, device_for("cpu"), 64)[
+            "accuracy"
+        ]
+        console.print(
+            f"before training (the shared head, model.head_init): held-out accuracy {start_accuracy:.3f}"
+        )
         c = unit_counts(units, probe.data.max_rows_per_unit)
         counts = (
             f"{c.persons} patients, {c.rows} reviews, per patient min {c.min_rows} / median "
@@ -260,7 +273,7 @@ def measure(args: argparse.Namespace) -> int:
         console.print(counts)
         outcomes = accuracy(args, paths, folder)
         rates = throughput(args, paths, folder) if args.throughput_steps > 0 else {}
-    for t in tables(args, outcomes, rates, counts):
+    for t in tables(args, outcomes, rates, counts, start_accuracy):
         report.print(t, width=170)
     console.print(f"total wall time {time.perf_counter() - start:.0f}s")
     return 0
