@@ -4,7 +4,8 @@ Two kinds, as in Steinke, Nasr and Jagielski (2023), each canary included indepe
 probability 1/2:
 
 - white-box (gradient) canaries: a fixed random direction in the space of the trained (sent)
-  parameters. An included canary is Poisson-sampled at the rows' rate at every step and, when drawn,
+  parameters. An included canary is Poisson-sampled at the rows' rate (the persons' with
+  data.privacy_unit: a canary is a person) at every step and, when drawn,
   joins the batch as one more per-example gradient of norm CANARY_NORM_FACTOR x the clipping norm;
   Opacus clips it to the clipping norm like any row (a broken clip lets it through whole), sums and
   noises it. Its score is how far the adapter's change went against its direction (a step descends
@@ -279,20 +280,28 @@ def _pad_to(data: TokenizedDataset, width: int) -> TokenizedDataset:
         return data
     pad = torch.nn.functional.pad
     labels = pad(data.labels, (0, extra), value=IGNORE_INDEX) if data.labels.dim() == 2 else data.labels
-    return TokenizedDataset(pad(data.input_ids, (0, extra)), pad(data.attention_mask, (0, extra)), labels)
+    return TokenizedDataset(
+        pad(data.input_ids, (0, extra)), pad(data.attention_mask, (0, extra)), labels, data.units
+    )
 
 
 def with_input_canaries(train: TokenizedDataset, spec: CanarySpec) -> TokenizedDataset:
-    """The training rows plus the included black-box canaries."""
+    """The training rows plus the included black-box canaries; with data.privacy_unit each canary is
+    a person of its own (one row)."""
     if spec.black_box == 0:
         return train
     canaries = input_canaries(spec).subset(np.flatnonzero(spec.black_box_included))
     width = max(train.input_ids.shape[1], canaries.input_ids.shape[1])
     a, b = _pad_to(train, width), _pad_to(canaries, width)
+    units = None
+    if train.units is not None:
+        first = int(train.units.max()) + 1 if len(train.units) else 0
+        units = torch.cat([train.units, torch.arange(first, first + len(canaries))])
     return TokenizedDataset(
         torch.cat([a.input_ids, b.input_ids]),
         torch.cat([a.attention_mask, b.attention_mask]),
         torch.cat([a.labels, b.labels]),
+        units,
     )
 
 

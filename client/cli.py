@@ -34,6 +34,7 @@ from fedlora.client.predict import (
     write_predictions,
 )
 from fedlora.client.privacy_audit import AuditResult, require_no_leak, run_local_audit
+from fedlora.client.privacy_unit import UnitCounts, unit_counts
 from fedlora.client.recipe import Recipe, applied, facts
 from fedlora.client.recipe import plan as plan_recipe
 from fedlora.client.trainer import LocalTrainer, private_engine
@@ -71,14 +72,22 @@ def reported_rounds(planned: int) -> list[int]:
     return sorted({*range(step, planned + 1, step), planned})
 
 
-def plan(cfg: FedloraConfig, rows: int, labels: int) -> tuple[Recipe, dict | None]:
-    """The recipe for this institution's counts, and with DP what the budget buys from the ledger's
-    state: noise, and epsilon after some planned rounds (a head start still to come included)."""
+def plan(
+    cfg: FedloraConfig, rows: int, labels: int, units: UnitCounts | None = None
+) -> tuple[Recipe, dict | None]:
+    """The recipe for this institution's counts (``units``: its persons, with data.privacy_unit), and
+    with DP what the budget buys from the ledger's state: noise, and epsilon (per person with
+    ``units``) after some planned rounds (a head start still to come included)."""
+    persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
     if not cfg.privacy.enabled:
         return plan_recipe(facts(cfg, rows, labels), cfg), None
-    require_meaningful_delta(cfg.privacy.delta, rows)
+    if units is not None:
+        require_meaningful_delta(cfg.privacy.delta, units.persons, "persons")
+    else:
+        require_meaningful_delta(cfg.privacy.delta, rows)
     ledger = PrivacyLedger.from_config(cfg.privacy)
-    recipe = plan_recipe(facts(cfg, rows, labels), cfg, ledger.noise_multiplier)
+    ledger.require_unit(cfg.data.privacy_unit)
+    recipe = plan_recipe(facts(cfg, rows, labels, *persons), cfg, ledger.noise_multiplier)
     cfg = applied(cfg, recipe)
     sample_rate = recipe.sample_rate.value
     steps = cfg.training.local_steps
@@ -119,14 +128,37 @@ def cmd_check(args: argparse.Namespace) -> int:
         counts = {label: int((data.train_label_ids == i).sum()) for i, label in enumerate(data.labels)}
         table.add_row("labels", ", ".join(f"{k} ({v})" for k, v in counts.items()))
     table.add_row("fingerprint", bench.built.fingerprint)
-    recipe, p = plan(cfg, len(data.train), len(data.labels))
+    units = (
+        unit_counts(data.train.units, cfg.data.max_rows_per_unit) if data.train.units is not None else None
+    )
+    if units is None:
+        table.add_row(
+            "privacy unit",
+            "row: each epsilon is per row; a person with k rows is protected "
+            "only at about k times it (group privacy)",
+        )
+    else:
+        table.add_row(
+            "privacy unit", f"person (column '{cfg.data.privacy_unit}'): each epsilon is per person"
+        )
+        table.add_row("persons", str(units.persons))
+        table.add_row(
+            "rows per person",
+            f"min {units.min_rows}, median {units.median_rows:g}, max {units.max_rows} ({units.rows} rows)",
+        )
+        table.add_row(
+            "rows per person cap",
+            f"{units.cap} (data.max_rows_per_unit): a sampled person's step uses at most {units.cap} rows, "
+            "their mean gradient clipped as one",
+        )
+    recipe, p = plan(cfg, len(data.train), len(data.labels), units)
     table.add_row("recipe", cfg.training.recipe)
     for name, choice in recipe.items():
         table.add_row(name.replace("_", " "), f"{_shown(choice.value)}: {choice.reason}")
     if p is not None:
         table.add_row("spent so far", f"epsilon {p['spent']:.3f} of {cfg.privacy.epsilon:g}")
         table.add_row(
-            "epsilon after round",
+            "epsilon per person after round" if units is not None else "epsilon per row after round",
             ", ".join(f"{k}: {e:.2f}" for k, e in p["epsilon_after_round"].items()),
         )
         table.add_row("rounds affordable", str(p["rounds_affordable"]))

@@ -35,6 +35,8 @@ LEDGER_VERSION = 1
 # institution: one Gaussian mechanism of L2 sensitivity S and noise std sigma * S is exactly one
 # DP-SGD step at sample rate 1 and noise multiplier sigma, so Opacus composes it with the rounds.
 HEAD_START_ROUND = 0
+# The ledger's privacy unit when data.privacy_unit is unset (and in ledgers written before it existed).
+ROW_UNIT = "row"
 # How close below the budget a calibration lands (Opacus' get_noise_multiplier uses the same).
 EPSILON_TOLERANCE = 0.01
 
@@ -152,12 +154,14 @@ def calibrate_noise(
     return high
 
 
-def require_meaningful_delta(delta: float, rows: int) -> None:
-    """delta >= 1/rows allows releasing a whole row outright: no privacy worth the name."""
+def require_meaningful_delta(delta: float, rows: int, unit: str = "rows") -> None:
+    """delta >= 1/rows allows releasing a whole row outright (1/persons: a whole person's rows): no
+    privacy worth the name."""
     if rows > 0 and delta >= 1 / rows:
+        what = "record" if unit == "rows" else "person's records"
         raise ConfigError(
-            f"privacy.delta: {delta:g} is not below 1/rows = 1/{rows} = {1 / rows:.3g}; "
-            "a delta that large permits leaking a whole record (use well below 1/rows, e.g. 1e-5)"
+            f"privacy.delta: {delta:g} is not below 1/{unit} = 1/{rows} = {1 / rows:.3g}; "
+            f"a delta that large permits leaking a whole {what} (use well below 1/{unit}, e.g. 1e-5)"
         )
 
 
@@ -190,6 +194,10 @@ class PrivacyLedger:
         self.budget = budget
         self.delta = delta
         self.accountant = accountant
+        # What one epsilon protects, "row" or the data.privacy_unit column (a person): as the file
+        # records it, and as this process spends (require_unit; None: not declared, the file's kept).
+        self.recorded_unit = ROW_UNIT
+        self.unit: str | None = None
         self.noise_multiplier: float | None = None
         self.entries: list[LedgerEntry] = []
         self.refresh()
@@ -235,6 +243,7 @@ class PrivacyLedger:
         self.entries = entries
         if noise is not None:
             self.noise_multiplier = noise
+        self.recorded_unit = data.get("privacy_unit", ROW_UNIT)
 
     @property
     def spent(self) -> float:
@@ -268,6 +277,25 @@ class PrivacyLedger:
                 self.budget, self.delta, self.accountant, sample_rate, planned_steps, also
             )
         return self.noise_multiplier
+
+    def require_unit(self, unit: str | None) -> None:
+        """A ledger composes one privacy unit's spend: rows spent per row protect a person only by
+        group privacy, so a ledger kept per row cannot go on per person (or the reverse)."""
+        self.unit = ROW_UNIT if unit is None else unit
+        self._same_unit()
+
+    def _same_unit(self) -> None:
+        if not self.entries or self.unit is None or self.recorded_unit == self.unit:
+            return
+
+        def name(u: str) -> str:
+            return "row" if u == ROW_UNIT else f"person (column '{u}')"
+
+        raise CheckpointError(
+            f"{self.path}: ledger was kept with privacy unit {name(self.recorded_unit)}, the config's is "
+            f"{name(self.unit)} (data.privacy_unit): its epsilons are not comparable; use a new "
+            "privacy.ledger_path"
+        )
 
     def has_head_start(self) -> bool:
         return any(e.round == HEAD_START_ROUND for e in self.entries)
@@ -317,6 +345,7 @@ class PrivacyLedger:
         of its own noise (the head start) passes ``noise_multiplier``."""
         with self._locked():
             self.refresh()
+            self._same_unit()
             if self.noise_multiplier is None:
                 raise BudgetExceeded(f"{self.path}: no noise calibrated yet; call calibrate() first")
             noise = self.noise_multiplier if noise_multiplier is None else noise_multiplier
@@ -340,6 +369,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "budget": self.budget,
             "noise_multiplier": self.noise_multiplier,
+            "privacy_unit": self.unit or self.recorded_unit,
             "entries": [asdict(e) for e in entries],
         }
         write_durably(self.path, json.dumps(data, indent=1).encode())

@@ -63,6 +63,18 @@ class Institution:
     accountant: str
     rounds: int
     examples_per_round: int
+    persons: int | None = None
+    """data.privacy_unit: the persons DP-SGD samples; None: rows are the unit."""
+    rows_per_person: float = 1.0
+    """Mean rows one sampled person contributes to a step (data.max_rows_per_unit caps each)."""
+
+    @property
+    def units(self) -> int:
+        return self.persons if self.persons is not None else self.rows
+
+    @property
+    def unit_name(self) -> str:
+        return "persons" if self.persons is not None else "rows"
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,10 @@ def _head_start(inst: Institution, asked: str, manual: bool) -> tuple[Choice, Ch
     none = Choice(None, "no DP head start")
     if inst.labels == 0:
         return Choice("shared", "no classification head"), none
+    if inst.persons is not None:
+        return Choice(
+            "shared", "privacy unit person: the class-mean release is per row, not per person"
+        ), none
     if not inst.private:
         return Choice("shared", "privacy off: no budget to release class means from"), none
     if asked == "shared" or (asked == "auto" and manual):
@@ -155,27 +171,32 @@ def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = Non
     training, privacy = cfg.training, cfg.privacy
     manual = training.recipe == "manual"
     budget = inst.examples_per_round
+    units, noun = inst.units, inst.unit_name
+    # Compute is counted in rows: a sampled person brings rows_per_person of them.
+    per = f" / {inst.rows_per_person:.1f} rows per person" if inst.persons is not None else ""
     if training.batch_size is not None:
         batch = _kept(training.batch_size, manual)
     else:
-        size = max(1, min(inst.rows, budget // MIN_STEPS))
+        size = max(1, min(units, int(budget / inst.rows_per_person) // MIN_STEPS))
         batch = Choice(
             size,
-            f"min(rows {inst.rows}, examples_per_round {budget} / {MIN_STEPS} steps): the largest batch "
+            f"min({noun} {units}, examples_per_round {budget}{per} / {MIN_STEPS} steps): the largest batch "
             "the compute allows (Li et al. 2022; Ponomareva et al. 2023)",
         )
     if training.local_steps is not None:
         steps = _kept(training.local_steps, manual)
     else:
-        count = max(1, min(MAX_STEPS, budget // batch.value))
+        count = max(1, min(MAX_STEPS, int(budget / (batch.value * inst.rows_per_person))))
         steps = Choice(
             count,
-            f"examples_per_round {budget} / batch {batch.value}, at most {MAX_STEPS}: few, large steps "
+            f"examples_per_round {budget}{per} / batch {batch.value}, at most {MAX_STEPS}: few, large steps "
             "(Li et al. 2022)",
         )
-    rate = poisson_rate(inst.rows, batch.value)
-    expected = rate * inst.rows
-    rate_choice = Choice(rate, f"Poisson sampling, 1 / ceil(rows / batch): expected batch {expected:.0f}")
+    rate = poisson_rate(units, batch.value)
+    expected = rate * units
+    rate_choice = Choice(
+        rate, f"Poisson sampling over {noun}, 1 / ceil({noun} / batch): expected batch {expected:.0f} {noun}"
+    )
     head, head_noise = _head_start(inst, training.head_start, manual)
     if inst.private and ledger_noise is not None:
         noise = Choice(ledger_noise, "fixed by the privacy ledger's first round, kept for its whole life")
@@ -215,7 +236,10 @@ def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = Non
     return Recipe(batch, rate_choice, steps, noise, clip, lr, head_lr, head, head_noise)
 
 
-def facts(cfg: FedloraConfig, rows: int, labels: int) -> Institution:
+def facts(
+    cfg: FedloraConfig, rows: int, labels: int, persons: int | None = None, rows_per_person: float = 1.0
+) -> Institution:
+    """What the planner may know; ``persons`` and ``rows_per_person`` with data.privacy_unit."""
     return Institution(
         rows=rows,
         labels=labels if cfg.model.task == "classification" else 0,
@@ -225,6 +249,8 @@ def facts(cfg: FedloraConfig, rows: int, labels: int) -> Institution:
         accountant=cfg.privacy.accountant,
         rounds=cfg.planned_rounds,
         examples_per_round=cfg.training.examples_per_round,
+        persons=persons,
+        rows_per_person=rows_per_person,
     )
 
 

@@ -2,7 +2,8 @@
 
 One trainer holds one model and, in DP mode, one Opacus wrapper for its whole life: Opacus refuses to
 wrap a module twice. A round's spend is reserved in the ledger before its first step, so no example
-is touched, and no update leaves, without its privacy cost on disk.
+is touched, and no update leaves, without its privacy cost on disk. With data.privacy_unit the unit
+DP-SGD samples and clips is the person (client.privacy_unit), and every count it plans from is persons.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from fedlora.client.head_start import head_rows, start_head
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
+from fedlora.client.privacy_unit import PersonRows, UnitCounts, group_by_person, unit_counts
 from fedlora.client.recipe import Recipe, applied, facts, plan, poisson_rate
 from fedlora.common.adapter import State, peft_state
 from fedlora.common.config import FedloraConfig
@@ -119,18 +121,29 @@ class LocalTrainer:
             and (cfg.model.task != "classification")
         ):
             raise ConfigError("privacy.grad_sample_mode: 'ghost' is supported for classification only")
+        # data.privacy_unit: DP-SGD samples persons and clips one gradient each (client.privacy_unit).
+        self.units: UnitCounts | None = None
+        if cfg.privacy.enabled and cfg.data.privacy_unit is not None:
+            if train.units is None:
+                raise ConfigError(
+                    f"data.privacy_unit: '{cfg.data.privacy_unit}' is set but the rows carry no person"
+                )
+            self.units = unit_counts(train.units, cfg.data.max_rows_per_unit)
+        sampled, noun = (self.units.persons, "persons") if self.units is not None else (len(train), "rows")
         if cfg.privacy.enabled:
-            require_meaningful_delta(cfg.privacy.delta, len(train))
+            require_meaningful_delta(cfg.privacy.delta, sampled, noun)
+            ledger.require_unit(cfg.data.privacy_unit)
         # The planner fills what the config leaves unset, from counts this institution holds.
         fixed = ledger.noise_multiplier if ledger is not None else None
-        self.recipe: Recipe = plan(facts(cfg, len(train), head_rows(model)), cfg, fixed)
+        persons = (self.units.persons, self.units.rows_per_person) if self.units is not None else (None, 1.0)
+        self.recipe: Recipe = plan(facts(cfg, len(train), head_rows(model), *persons), cfg, fixed)
         cfg = applied(cfg, self.recipe)
         self.cfg = cfg
         self.task = cfg.model.task
         self.device = device
         self.ledger = ledger
         self.train_set = train
-        self.sample_rate = poisson_rate(len(train), cfg.training.batch_size)
+        self.sample_rate = poisson_rate(sampled, cfg.training.batch_size)
         # DP: Poisson sampling must be unpredictable (privacy amplification assumes it), so it draws
         # from torch's unseeded RNG; only non-private baselines shuffle reproducibly, and research
         # simulations with simulation.reproducible seed each round (round_seed).
@@ -144,7 +157,12 @@ class LocalTrainer:
         # The privacy audit's white-box canaries (client.canaries): called on the batch's gradients.
         self.gradient_hook: GradientHook | None = None
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.training.weight_decay)
-        loader = DataLoader(train, batch_size=cfg.training.batch_size, shuffle=True, generator=self.generator)
+        if self.units is not None:
+            loader = PersonRows(train, cfg.data.max_rows_per_unit).loader(cfg.training.batch_size)
+        else:
+            loader = DataLoader(
+                train, batch_size=cfg.training.batch_size, shuffle=True, generator=self.generator
+            )
         self.criterion: nn.Module | None = None
         self.noise_multiplier: float | None = None
         if cfg.privacy.enabled:
@@ -200,7 +218,8 @@ class LocalTrainer:
                     param.grad = torch.zeros_like(param)
             self._optimizer_step()
             return None
-        batch = tuple(t.to(self.device) for t in trim(batch))
+        owner = batch[3] if self.units is not None else None
+        batch = tuple(t.to(self.device) for t in trim(batch[:3]))
         if self.criterion is not None:
             logits = self.model(input_ids=batch[0], attention_mask=batch[1])
             loss = self.criterion(logits, batch[2])
@@ -209,6 +228,8 @@ class LocalTrainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FULL_BACKWARD_HOOK)
             loss.backward()
+        if owner is not None:
+            group_by_person(self.optimizer.params, owner)
         self._optimizer_step()
         return float(loss.detach())
 

@@ -136,6 +136,20 @@ class DataConfig:
     demo_top_conditions: int = _f(
         8, "data.dataset drug-reviews, triage: keep the N most frequent conditions.", ge=2
     )
+    privacy_unit: str | None = _f(
+        None,
+        "The column naming the person each row belongs to (patient id, customer id): DP-SGD then samples "
+        "persons, clips one gradient per person (the mean over up to max_rows_per_unit of their rows) and "
+        "every epsilon is per person. null: the privacy unit is the row (a person with k rows is protected "
+        "only at about k times epsilon).",
+        valid=lambda name: None if name.strip() else "expected a column name, got an empty string",
+    )
+    max_rows_per_unit: int = _f(
+        8,
+        "privacy_unit only: the most rows of one sampled person a step uses (a random subset when they have "
+        "more); bounds a step's compute, not the privacy (one clipped gradient per person either way).",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -463,6 +477,17 @@ def _check_training(cfg: FedloraConfig) -> None:
         raise ConfigError(
             "training.local_steps: 0 trains nothing; set privacy.enabled: false for a plumbing check"
         )
+    if cfg.data.privacy_unit is not None and cfg.privacy.enabled:
+        if cfg.privacy.grad_sample_mode == "ghost":
+            raise ConfigError(
+                "privacy.grad_sample_mode: 'ghost' never forms per-row gradients, so they cannot be grouped "
+                "by data.privacy_unit; use 'hooks'"
+            )
+        if cfg.training.head_start == "dp":
+            raise ConfigError(
+                "training.head_start: 'dp' releases per-row class means, not per-person ones; with "
+                "data.privacy_unit use 'shared' (or 'auto')"
+            )
     if cfg.training.head_start == "dp" and (not cfg.privacy.enabled or cfg.model.task != "classification"):
         raise ConfigError(
             "training.head_start: 'dp' releases a classifier's class means under the privacy budget; it "

@@ -7,6 +7,7 @@ DataError naming the file, the culprit and what was expected, because the CLIs p
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import importlib.metadata
 import json
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fedlora.common.config import DataConfig, FedloraConfig, SimulationConfig
-from fedlora.common.errors import DataError
+from fedlora.common.errors import ConfigError, DataError
 from fedlora.common.medmcqa import medmcqa_tables
 
 IGNORE_INDEX = -100
@@ -40,11 +41,13 @@ _DEMO_QUESTIONS = {
 
 @dataclass(frozen=True, eq=False)
 class TokenizedDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
-    """Right-padded token ids, mask and labels; rows are examples (what DP-SGD samples)."""
+    """Right-padded token ids, mask and labels; rows are examples. ``units``: with data.privacy_unit,
+    each row's person as an integer code (what DP-SGD then samples); None: rows are the unit."""
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    units: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -60,7 +63,8 @@ class TokenizedDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
         labels = self.labels[index]
         if labels.dim() == 2:
             labels = labels[:, :width]
-        return TokenizedDataset(self.input_ids[index, :width], mask[:, :width], labels)
+        units = self.units[index] if self.units is not None else None
+        return TokenizedDataset(self.input_ids[index, :width], mask[:, :width], labels, units)
 
 
 @dataclass(frozen=True, eq=False)
@@ -362,6 +366,28 @@ def _groups(frame: pd.DataFrame, column: str | None, source: str) -> np.ndarray 
     return frame[column].to_numpy()
 
 
+def unit_codes(frame: pd.DataFrame, column: str, source: str) -> Tensor:
+    """Each row's person (data.privacy_unit) as an integer code; a missing column, or a row without a
+    person (empty or blank), is refused: it would be nobody's, and so unprotected."""
+    if column not in frame.columns:
+        columns = _listing(list(frame.columns))
+        raise DataError(f"{source}: missing column '{column}' (data.privacy_unit; columns: {columns})")
+    values = frame[column]
+    empty = (values.isna() | values.astype(str).str.strip().eq("")).to_numpy()
+    if empty.any():
+        row = int(np.argmax(empty)) + 1
+        raise DataError(
+            f"{source}: empty value in column '{column}' (data.privacy_unit) at row {row}; every row "
+            "must name its person"
+        )
+    _, codes = np.unique(values.astype(str).to_numpy(), return_inverse=True)
+    return torch.as_tensor(codes.astype(np.int64))
+
+
+def with_units(dataset: TokenizedDataset, units: Tensor | None) -> TokenizedDataset:
+    return dataclasses.replace(dataset, units=units)
+
+
 def build_data(cfg: FedloraConfig, tokenizer: Any) -> DataBundle:
     """Read, check and tokenize the configured data for the configured task."""
     data = cfg.data
@@ -384,6 +410,8 @@ def build_data(cfg: FedloraConfig, tokenizer: Any) -> DataBundle:
             tokenize_causal_lm(eval_frame, data, tokenizer, eval_source) if eval_frame is not None else None
         )
         label_ids = None
+    if data.privacy_unit is not None:
+        train = with_units(train, unit_codes(train_frame, data.privacy_unit, train_source))
     return DataBundle(
         train=train,
         eval=held_out,
@@ -441,6 +469,11 @@ def column_partition(groups: np.ndarray) -> list[np.ndarray]:
 
 def partition(bundle: DataBundle, sim: SimulationConfig) -> list[np.ndarray]:
     """Row indices of ``bundle.train`` for each of ``sim.num_clients`` virtual institutions."""
+    if bundle.train.units is not None and sim.partition != "column":
+        raise ConfigError(
+            f"simulation.partition: '{sim.partition}' splits rows, so one person's rows could land at two "
+            "institutions; with data.privacy_unit use 'column' (each person inside one institution)"
+        )
     if sim.partition == "iid":
         return iid_partition(len(bundle.train), sim.num_clients, sim.seed)
     if sim.partition == "dirichlet":
@@ -458,9 +491,26 @@ def partition(bundle: DataBundle, sim: SimulationConfig) -> list[np.ndarray]:
             "naming each row's institution)"
         )
     parts = column_partition(bundle.train_groups)
+    if bundle.train.units is not None:
+        _no_person_split(bundle.train.units, bundle.train_groups, sim.partition_column)
     if len(parts) != sim.num_clients:
         raise DataError(
             f"simulation.partition_column: '{sim.partition_column}' has {len(parts)} distinct "
             f"values but simulation.num_clients is {sim.num_clients} (expected them equal)"
         )
     return parts
+
+
+def _no_person_split(units: Tensor, groups: np.ndarray, column: str | None) -> None:
+    """Each person's rows inside one institution: split, each part would spend its own epsilon on
+    the same person, and no ledger would see the sum. Refused naming rows, not the person's id."""
+    _, institution = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    codes = units.numpy()
+    first: dict[int, int] = {}
+    for row, (person, place) in enumerate(zip(codes.tolist(), institution.tolist(), strict=True)):
+        seen = first.setdefault(person, row)
+        if institution[seen] != place:
+            raise DataError(
+                f"data.privacy_unit: rows {seen + 1} and {row + 1} are the same person at two institutions "
+                f"(simulation.partition_column '{column}'); a person must stay inside one institution"
+            )

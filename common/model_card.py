@@ -207,18 +207,30 @@ def _privacy_lines(rec: Records) -> list[str]:
             "**No differential privacy.** No privacy spend is recorded (epsilon 0): the adapter was trained "
             "without DP-SGD and carries no formal guarantee about the rows it was trained on.",
         ]
-    lines = [
-        "- privacy unit: one row (example) of an institution's data. A person with k rows in one "
-        "institution's data is protected at about k times that institution's epsilon (group privacy).",
-        "- mechanism: DP-SGD with Opacus (Poisson sampling, per-example gradient clipping, Gaussian noise "
-        "on the sum), run by each institution on its own data before its update leaves.",
-    ]
+    unit = rec.meta["config"].get("data", {}).get("privacy_unit")
+    if unit is None:
+        lines = [
+            "- privacy unit: one row (example) of an institution's data. A person with k rows in one "
+            "institution's data is protected at about k times that institution's epsilon (group privacy).",
+            "- mechanism: DP-SGD with Opacus (Poisson sampling, per-example gradient clipping, Gaussian "
+            "noise on the sum), run by each institution on its own data before its update leaves.",
+        ]
+    else:
+        cap = rec.meta["config"]["data"].get("max_rows_per_unit")
+        lines = [
+            f"- privacy unit: one person (data.privacy_unit, column `{unit}`), however many rows they have "
+            "in an institution's data: each epsilon below is per person.",
+            "- mechanism: person-level DP-SGD with Opacus (Poisson sampling of persons; each sampled "
+            f"person's gradient is the mean over up to {cap} of their rows, clipped as one; Gaussian noise "
+            "on the sum), run by each institution on its own data before its update leaves.",
+        ]
     if from_ledgers:
         clip = privacy["max_grad_norm"]
+        each = "per-example" if unit is None else "per-person"
         lines.append(
-            f"- per-example gradient clipping norm: {clip:g}"
+            f"- {each} gradient clipping norm: {clip:g}"
             if clip is not None
-            else "- per-example gradient clipping norm: planned by each institution (training.recipe: auto)"
+            else f"- {each} gradient clipping norm: planned by each institution (training.recipe: auto)"
         )
         accountants = sorted({s.accountant for s in rec.spends if s.accountant})
         lines.append(
@@ -264,7 +276,8 @@ def _not_covered(rec: Records) -> list[str]:
         )
     lines += [
         "- the base model and its pretraining data, the label names and the initial head (public).",
-        "- a person with rows at several institutions: each institution's epsilon covers its own rows.",
+        "- a person with rows at several institutions: each institution's epsilon covers its own rows "
+        "of them (their epsilons add up).",
     ]
     return lines
 

@@ -227,7 +227,7 @@ def test_check_prints_the_plan(runs):
     noise = float(field(output, "noise multiplier").split(":")[0])
     assert noise > 0
     assert float(field(output, "sample rate").split(":")[0]) == pytest.approx(BATCH / len(ROWS), abs=1e-4)
-    after = [float(x.split(":")[1]) for x in field(output, "epsilon after round").split(",")]
+    after = [float(x.split(":")[1]) for x in field(output, "epsilon per row after round").split(",")]
     assert len(after) == ROUNDS and after == sorted(after) and after[0] > 0
     # Independent: Opacus' RDP accountant on the printed noise gives the printed epsilons.
     from opacus.accountants import create_accountant
@@ -332,7 +332,7 @@ def test_check_of_a_huge_plan_reports_a_few_points(runs):
     config, done = result(runs, "huge-plan")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    points = [x.split(":") for x in field(output, "epsilon after round").split(",")]
+    points = [x.split(":") for x in field(output, "epsilon per row after round").split(",")]
     rounds = [int(k) for k, _ in points]
     assert len(rounds) <= 11 and rounds == sorted(rounds) and rounds[-1] == 100000
     assert 0.9 * EPSILON <= float(points[-1][1]) <= EPSILON

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "aggregators": "fedavg vs exact vs ffa (and mixed ranks), DP and not, repeated, with intervals",
     "dp_throughput": "samples/s of local training: non-private vs DP hooks vs DP ghost clipping",
     "memory": "memory per round of a long simulation, per process",
+    "privacy_unit": "accuracy and rows/s of person-level vs row-level DP on synthetic patients",
     "overhead": "fedlora's simulation overhead over bare Flower, training off",
     "scale": "client updates per minute and memory at 10 to 1,000 institutions, fedlora vs bare Flower",
     "recipe": "held-out accuracy of local LoRA recipes, DP and not, against the linear probe",
