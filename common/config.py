@@ -99,6 +99,22 @@ class ModelConfig:
     )
     head_scale: float = _f(20.0, "Classification: initial logits are head_scale x cosine similarity.", gt=0)
     init_seed: int = _f(0, "Seed of the LoRA and head initialisation, shared by all parties.")
+    dtype: str = _f(
+        "auto",
+        "Precision of the frozen base weights: 'auto' keeps the dtype the checkpoint declares (fp32 for "
+        "models built from a config), or 'fp32', 'bf16', 'fp16'. LoRA factors and the classification "
+        "head always train in fp32; what goes on the wire is federation.update_dtype. Part of the "
+        "fingerprint: every party must load the base alike.",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    quantization: str = _f(
+        "none",
+        "Quantize the frozen base with bitsandbytes (QLoRA): '8bit' (LLM.int8) or '4bit-nf4' (NF4, "
+        "double quantization, compute in model.dtype or bf16). Needs CUDA and the bitsandbytes package "
+        "(pip install 'fedlora[quantization]') and a pretrained base (smollm2 or a model folder). Part "
+        "of the fingerprint.",
+        choices=("none", "8bit", "4bit-nf4"),
+    )
 
 
 @dataclass(frozen=True)
@@ -189,6 +205,21 @@ class TrainingConfig:
     )
     device: str = _f("auto", "'auto' picks CUDA when present.", choices=("auto", "cpu", "cuda"))
     eval_batch_size: int = _f(64, "Batch size of evaluation.", ge=1)
+    gradient_checkpointing: bool = _f(
+        False,
+        "Causal LM: recompute the base's activations in the backward pass instead of keeping them "
+        "(Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and big "
+        "models, about a third more compute. DP-SGD stays exact (tests/test_memory_dp.py).",
+    )
+    physical_batch_size: int | None = _f(
+        None,
+        "Most examples in one forward and backward pass: a larger (expected) batch is processed in "
+        "slices of this size whose per-example gradients are clipped and summed slice by slice "
+        "before the one noisy step of the whole batch (Opacus' virtual steps; without DP, gradient "
+        "accumulation). The update and the privacy spend are those of the whole batch; memory is "
+        "that of a slice. null: the whole batch at once.",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -462,6 +493,20 @@ def _check_training(cfg: FedloraConfig) -> None:
     if cfg.privacy.enabled and cfg.training.local_steps == 0:
         raise ConfigError(
             "training.local_steps: 0 trains nothing; set privacy.enabled: false for a plumbing check"
+        )
+    if cfg.training.gradient_checkpointing and cfg.model.task != "causal-lm":
+        raise ConfigError(
+            "training.gradient_checkpointing: true is for model.task causal-lm (the encoders of "
+            "classification are small); set it to false"
+        )
+    if (
+        cfg.training.physical_batch_size is not None
+        and cfg.privacy.enabled
+        and cfg.privacy.grad_sample_mode == "ghost"
+    ):
+        raise ConfigError(
+            "training.physical_batch_size: slices need privacy.grad_sample_mode: hooks (ghost clipping "
+            "clips within one backward pass); unset it or use hooks"
         )
     if cfg.training.head_start == "dp" and (not cfg.privacy.enabled or cfg.model.task != "classification"):
         raise ConfigError(

@@ -21,8 +21,9 @@ def trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean over response tokens, then the batch mean: one example's gradient must
-    not depend on the lengths of the others (Hugging Face's token-mean loss does)."""
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    not depend on the lengths of the others (Hugging Face's token-mean loss does). In fp32 whatever
+    the base's precision."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     token = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
