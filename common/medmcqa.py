@@ -135,7 +135,7 @@ def medmcqa_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 QA_SPLIT = "MedMCQA-Validation"
 """The split with answers (upstream's test split has none)."""
-QA_PROMPT = "Answer this medical exam question.\nQuestion: {}\nAnswer:"
+QA_PROMPT = "Question: {}\nAnswer:"
 LETTERS = "ABCD"
 
 
