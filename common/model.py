@@ -347,11 +347,10 @@ def weights_hash(base: nn.Module) -> str:
 
 def fingerprint(cfg: ModelConfig, base: nn.Module, labels: tuple[str, ...], targets: list[str]) -> str:
     """Base weights and their precision, task, labels and adapter layout; rank and scaling are left
-    out (mixed ranks)."""
+    out (mixed ranks). A full-precision base adds nothing for its precision, so fingerprints of fp32
+    runs made before model.dtype existed still match."""
     layout = {
         "weights": weights_hash(base),
-        "dtype": str(base_dtype(base)),
-        "quantization": cfg.quantization,
         "task": cfg.task,
         "labels": list(labels),
         "pooling": cfg.pooling if cfg.task == "classification" else None,
@@ -362,6 +361,9 @@ def fingerprint(cfg: ModelConfig, base: nn.Module, labels: tuple[str, ...], targ
         "variant": cfg.variant,
         "init_seed": cfg.init_seed,
     }
+    precision = {"dtype": str(base_dtype(base)), "quantization": cfg.quantization}
+    if precision != {"dtype": str(torch.float32), "quantization": "none"}:
+        layout["precision"] = precision
     return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
 
 

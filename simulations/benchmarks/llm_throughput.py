@@ -105,7 +105,10 @@ def synthetic(vocab: int, seq_len: int) -> TokenizedDataset:
 
 
 def random_llama_folder(folder: Path) -> str:
-    """LLAMA_7B with random weights saved as a model folder (bf16), for quantization at load."""
+    """LLAMA_7B with random weights saved as a model folder (bf16), for quantization at load; written
+    once per benchmark run, in its temporary folder."""
+    if (folder / "config.json").exists():
+        return str(folder)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         LlamaForCausalLM(LLAMA_7B).to(torch.bfloat16).save_pretrained(folder)
@@ -118,19 +121,17 @@ def peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def one_mode(args: argparse.Namespace, mode: str, folder: str) -> dict[str, float]:
+def one_mode(args: argparse.Namespace, mode: str, ledger_path: str) -> dict[str, float]:
     """In a fresh process: build, then one untimed warm-up step and ``--steps`` timed ones; memory
     from the built model to the end."""
     torch.set_num_threads(args.threads)
     device = device_for(args.device)
     cfg = bench_config(args, mode, "tiny-llama" if args.model == "llama-7b" else args.model)
     if args.model == "llama-7b":
-        model, vocab = build_llama_7b(cfg, device), LLAMA_7B.vocab_size
+        model, vocab = build_llama_7b(cfg, device, Path(ledger_path).parent), LLAMA_7B.vocab_size
     else:
         model, vocab = build_model(cfg.model, (), args.vocab).model, args.vocab
-    ledger = (
-        PrivacyLedger.from_config(cfg.privacy, Path(folder) / f"{mode}.json") if cfg.privacy.enabled else None
-    )
+    ledger = PrivacyLedger.from_config(cfg.privacy, ledger_path) if cfg.privacy.enabled else None
     trainer = LocalTrainer(cfg, model, synthetic(vocab, args.seq_len), device, ledger)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -147,10 +148,10 @@ def one_mode(args: argparse.Namespace, mode: str, folder: str) -> dict[str, floa
     }
 
 
-def build_llama_7b(cfg: FedloraConfig, device: torch.device) -> torch.nn.Module:
+def build_llama_7b(cfg: FedloraConfig, device: torch.device, scratch: Path) -> torch.nn.Module:
     """The 7B Llama with LoRA: quantized through a saved folder, else built in model.dtype."""
     if cfg.model.quantization != "none":
-        folder = random_llama_folder(Path(tempfile.mkdtemp(prefix="llama-7b-")))
+        folder = random_llama_folder(scratch / "llama-7b")
         return build_model(dataclasses.replace(cfg.model, source=folder), (), LLAMA_7B.vocab_size).model
     with torch.device(device):
         base = LlamaForCausalLM(LLAMA_7B).to(DTYPES.get(cfg.model.dtype, torch.bfloat16))
@@ -159,9 +160,9 @@ def build_llama_7b(cfg: FedloraConfig, device: torch.device) -> torch.nn.Module:
     return get_peft_model(base, lora_config(cfg.model, target_modules(cfg.model, base)))
 
 
-def _worker(args: argparse.Namespace, mode: str, folder: str, queue: multiprocessing.Queue) -> None:
+def _worker(args: argparse.Namespace, mode: str, ledger_path: str, queue: multiprocessing.Queue) -> None:
     try:
-        queue.put(one_mode(args, mode, folder))
+        queue.put(one_mode(args, mode, ledger_path))
     except Exception as err:  # the parent reports it in one line
         queue.put({"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
 
@@ -173,7 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
         for rep in range(args.repeats):
             for mode in MODES[rep % 2 :] + MODES[: rep % 2]:
                 queue = spawn.Queue()
-                worker = spawn.Process(target=_worker, args=(args, mode, folder, queue))
+                worker = spawn.Process(
+                    target=_worker, args=(args, mode, str(Path(folder) / f"{mode}-{rep}.json"), queue)
+                )
                 worker.start()
                 measured = queue.get()
                 worker.join()
