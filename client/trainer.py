@@ -218,14 +218,14 @@ class LocalTrainer:
             self._optimizer_step()
             return None
         size = self.cfg.training.physical_batch_size or len(batch[0])
-        total, slices = 0.0, range(0, len(batch[0]), size)
-        for start in slices:
+        summed_loss = 0.0
+        for start in range(0, len(batch[0]), size):
             part = tuple(t[start : start + size] for t in batch)
-            total += self._backward(part, len(batch[0])) * len(part[0])
+            summed_loss += self._backward(part, len(batch[0])) * len(part[0])
             if start + size < len(batch[0]):
                 self._accumulate()
         self._optimizer_step()
-        return total / len(batch[0])
+        return summed_loss / len(batch[0])
 
     def _backward(self, part: tuple[torch.Tensor, ...], batch_rows: int) -> float:
         """Forward and backward of one slice; returns its mean loss."""
@@ -237,7 +237,7 @@ class LocalTrainer:
             loss, _ = forward_loss(self.model, self.task, part)
         # DP: Opacus scales each slice's per-example gradients by the slice's own size (a mean loss),
         # so they are exact as they are; without DP the slices' means are weighted into the batch's.
-        scaled = loss if self.noise_multiplier is not None else loss * (len(part[0]) / batch_rows)
+        scaled = loss if self.cfg.privacy.enabled else loss * (len(part[0]) / batch_rows)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FULL_BACKWARD_HOOK)
             scaled.backward()
@@ -247,7 +247,7 @@ class LocalTrainer:
         """Between slices under DP: Opacus clips this slice's per-example gradients and adds them to
         the batch's sum, then frees them (a skipped step: no noise, no accounting, no update); the
         batch's last slice takes the real step. Without DP, gradients simply add up."""
-        if self.noise_multiplier is None:
+        if not self.cfg.privacy.enabled:
             return
         self.optimizer.signal_skip_step(do_skip=True)
         self.optimizer.step()
