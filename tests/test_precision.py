@@ -107,3 +107,27 @@ def test_quantization_of_a_model_built_from_a_config_is_refused(make_config, voc
     cfg = make_config({"model": {**CAUSAL["model"], "quantization": "4bit-nf4"}})
     with pytest.raises(ModelError, match=r"^model\.quantization: '4bit-nf4' quantizes a pretrained base"):
         build_model(cfg.model, (), vocab_size)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+    reason="4-bit quantization needs CUDA and bitsandbytes",
+)
+def test_4bit_base_trains_fp32_lora_under_dp_on_cuda(make_config, vocab_size, tokenizer, tmp_path):
+    folder = tmp_path / "llama"
+    build_base_model(make_config(CAUSAL).model, (), vocab_size).save_pretrained(folder)
+    model_cfg = {"source": str(folder), "task": "causal-lm", "quantization": "4bit-nf4", "dtype": "bf16"}
+    cfg = make_config(
+        {
+            "model": model_cfg,
+            "training": {"batch_size": 4, "local_steps": 2, "learning_rate": 0.01, "device": "cuda"},
+            "privacy": {"accountant": "rdp", "max_grad_norm": 1.0, "epsilon": 50.0, "delta": 1e-3},
+        }
+    )
+    built = build_model(cfg.model, (), vocab_size)
+    assert split_dtypes(built.model)[0] == {torch.float32}
+    data = varied_answers(tokenizer, n=16)
+    cuda = torch.device("cuda")
+    trainer = LocalTrainer(cfg, built.model, data, cuda, preset_ledger(tmp_path / "ledger.json", cfg, 1.0))
+    trainer.train_round(1)
+    assert all(torch.isfinite(t).all() for t in adapter_state(trainer.model).values())
