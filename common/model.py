@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -48,6 +49,9 @@ HUB_IDS = {
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 HEAD = "classifier"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""model.dtype -> torch dtype ('auto' keeps the checkpoint's own)."""
+QUANTIZATION_EXTRA = "pip install 'fedlora[quantization]'"
 # What PEFT's LoRA can wrap (peft.tuners.lora.model dispatches on these).
 LORA_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
 
@@ -79,7 +83,8 @@ class PooledClassifier(nn.Module):
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(input_ids, attention_mask))
+        # The head stays fp32 whatever the encoder's precision (model.dtype).
+        return self.classifier(self.embed(input_ids, attention_mask).float())
 
 
 def init_head_from_label_names(model: PooledClassifier, cfg: ModelConfig, labels: Sequence[str]) -> None:
@@ -212,9 +217,50 @@ def _tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def quantization_config(cfg: ModelConfig) -> object | None:
+    """bitsandbytes' settings for model.quantization, or None; refuses in one line where it can't run."""
+    if cfg.quantization == "none":
+        return None
+    if cfg.source in ("tiny-bert", "tiny-llama"):
+        raise ModelError(
+            f"model.quantization: '{cfg.quantization}' quantizes a pretrained base as it loads; "
+            f"'{cfg.source}' is built from a config (use smollm2 or a model folder, or quantization: none)"
+        )
+    if not torch.cuda.is_available():
+        raise ModelError(
+            f"model.quantization: '{cfg.quantization}' needs a CUDA GPU (bitsandbytes) and none is "
+            "available here; set model.quantization: none"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"model.quantization: '{cfg.quantization}' needs the bitsandbytes package ({QUANTIZATION_EXTRA})"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES.get(cfg.dtype, torch.bfloat16),
+    )
+
+
+def base_dtype(base: nn.Module) -> torch.dtype:
+    """The precision of the frozen base: its most common floating-point dtype by element count."""
+    counts: dict[torch.dtype, int] = {}
+    for param in base.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.__getitem__)
+
+
 def build_base_model(cfg: ModelConfig, labels: Sequence[str], vocab_size: int) -> nn.Module:
-    """The frozen base: encoder + pooled head for classification, or a causal LM."""
+    """The frozen base: encoder + pooled head for classification, or a causal LM, in model.dtype
+    (quantized by bitsandbytes with model.quantization); a classification head is fp32."""
     folder = model_dir(cfg.source)
+    quantization = quantization_config(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(TINY_SEED)
         if cfg.task == "classification":
@@ -224,7 +270,9 @@ def build_base_model(cfg: ModelConfig, labels: Sequence[str], vocab_size: int) -
             if cfg.source == "tiny-llama":
                 raise ModelError("model.source: 'tiny-llama' is a causal LM; use it with causal-lm")
             if encoder is None:
-                encoder = _load(AutoModel, folder)
+                encoder = _load(AutoModel, folder, cfg.dtype, quantization)
+            elif cfg.dtype in DTYPES:
+                encoder = encoder.to(DTYPES[cfg.dtype])
             torch.manual_seed(cfg.init_seed)
             model = PooledClassifier(encoder, len(labels), cfg.pooling, cfg.normalize)
             if cfg.head_init == "label-names":
@@ -233,13 +281,16 @@ def build_base_model(cfg: ModelConfig, labels: Sequence[str], vocab_size: int) -
         if cfg.source == "tiny-bert":
             raise ModelError("model.source: 'tiny-bert' is an encoder; use it with classification")
         if cfg.source == "tiny-llama":
-            return _tiny_llama(vocab_size)
-        return _load(AutoModelForCausalLM, folder)
+            return _tiny_llama(vocab_size).to(DTYPES.get(cfg.dtype, torch.float32))
+        return _load(AutoModelForCausalLM, folder, cfg.dtype, quantization)
 
 
-def _load(auto: type, folder: Path | None) -> nn.Module:
+def _load(auto: type, folder: Path | None, dtype: str, quantization: object | None) -> nn.Module:
+    placement = {"quantization_config": quantization, "device_map": {"": 0}} if quantization else {}
     try:
-        return auto.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        return auto.from_pretrained(
+            folder, dtype=DTYPES.get(dtype, "auto"), local_files_only=True, **placement
+        )
     except (OSError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelError(f"model.source: cannot load a model from {folder}: {first}") from None
@@ -290,12 +341,14 @@ def weights_hash(base: nn.Module) -> str:
         if name.startswith(f"{HEAD}."):
             continue
         digest.update(name.encode())
-        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
 def fingerprint(cfg: ModelConfig, base: nn.Module, labels: tuple[str, ...], targets: list[str]) -> str:
-    """Base weights, task, labels and adapter layout; rank and scaling are left out (mixed ranks)."""
+    """Base weights and their precision, task, labels and adapter layout; rank and scaling are left
+    out (mixed ranks). A full-precision base adds nothing for its precision, so fingerprints of fp32
+    runs made before model.dtype existed still match."""
     layout = {
         "weights": weights_hash(base),
         "task": cfg.task,
@@ -308,6 +361,9 @@ def fingerprint(cfg: ModelConfig, base: nn.Module, labels: tuple[str, ...], targ
         "variant": cfg.variant,
         "init_seed": cfg.init_seed,
     }
+    precision = {"dtype": str(base_dtype(base)), "quantization": cfg.quantization}
+    if precision != {"dtype": str(torch.float32), "quantization": "none"}:
+        layout["precision"] = precision
     return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -350,7 +406,8 @@ def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -
 def _fresh_adapter(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> nn.Module:
     """The base with LoRA exactly as ``cfg`` initialises it, once per process and model config (rank
     included): a pure function of its inputs, never handed out (build_model copies it), so wrapping
-    with PEFT is not paid per message."""
+    with PEFT is not paid per message. PEFT makes the LoRA factors fp32 over a bf16 / fp16 base
+    (autocast_adapter_dtype), so they train in full precision."""
     template, _ = _base_template(_template_key(cfg), labels, vocab_size)
     base = copy.deepcopy(template, memo=_frozen_base(template))
     targets = target_modules(cfg, base)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.common.adapter import peft_module
-from fedlora.common.data import IGNORE_INDEX, TokenizedDataset
+from fedlora.common.data import IGNORE_INDEX, ChoiceSet, TokenizedDataset
 
 
 def trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -19,18 +21,24 @@ def trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return ids[:, :width], mask[:, :width], labels
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sequence mean over response tokens, then the batch mean: one example's gradient must
-    not depend on the lengths of the others (Hugging Face's token-mean loss does)."""
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's summed negative log-likelihood of its labelled tokens, and their count; in
+    fp32 whatever the base's precision."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     token = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shift_labels.shape)
-    counted = (shift_labels != IGNORE_INDEX).sum(1).clamp(min=1)
-    return (token.sum(1) / counted).mean()
+    return token.sum(1), (shift_labels != IGNORE_INDEX).sum(1)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean over response tokens, then the batch mean: one example's gradient must
+    not depend on the lengths of the others (Hugging Face's token-mean loss does)."""
+    summed, counted = token_losses(logits, labels)
+    return (summed / counted.clamp(min=1)).mean()
 
 
 def forward_loss(model: nn.Module, task: str, batch: tuple[torch.Tensor, ...]) -> tuple:
@@ -44,14 +52,41 @@ def forward_loss(model: nn.Module, task: str, batch: tuple[torch.Tensor, ...]) -
 
 
 @torch.no_grad()
+def option_loglikelihoods(
+    module: nn.Module, choices: ChoiceSet, device: torch.device, batch_size: int = 64
+) -> torch.Tensor:
+    """Each (question, option) row's summed log-likelihood of the option's tokens after the prompt."""
+    scores = []
+    for batch in DataLoader(choices.rows, batch_size=batch_size):
+        ids, mask, labels = tuple(t.to(device) for t in trim(batch))
+        summed, _ = token_losses(module(input_ids=ids, attention_mask=mask).logits, labels)
+        scores.append(-summed.double().cpu())
+    return torch.cat(scores)
+
+
+def choice_accuracy(loglik: torch.Tensor, choices: ChoiceSet) -> dict[str, float]:
+    """lm-evaluation-harness' two scores: ``accuracy`` picks the option of highest log-likelihood,
+    ``accuracy_norm`` the highest per character (long options are not penalised for their length);
+    a tie goes to the earlier option."""
+    sizes = torch.bincount(choices.question).tolist()
+    out = {}
+    for name, score in (("accuracy", loglik), ("accuracy_norm", loglik / choices.chars.clamp(min=1))):
+        picks = torch.tensor([int(group.argmax()) for group in score.split(sizes)])
+        out[name] = float((picks == choices.answers).double().mean())
+    return out
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module, task: str, data: TokenizedDataset, device: torch.device, batch_size: int = 64
 ) -> dict[str, float]:
-    """Mean loss, and accuracy for classification, on held-out data."""
+    """Mean loss, and accuracy for classification, on held-out data. Causal LM: the perplexity of the
+    responses (their token-mean log-likelihood), and where the data carry multiple-choice questions
+    their accuracy (``choice_accuracy``)."""
     module = peft_module(model)
     was_training = module.training
     module.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count, nll, tokens = 0.0, 0, 0, 0.0, 0
     for batch in DataLoader(data, batch_size=batch_size):
         batch = tuple(t.to(device) for t in trim(batch))
         loss, logits = forward_loss(module, task, batch)
@@ -59,8 +94,17 @@ def evaluate(
         count += len(batch[0])
         if task == "classification":
             correct += int((logits.argmax(-1) == batch[2]).sum())
-    module.train(was_training)
+        else:
+            summed, counted = token_losses(logits, batch[2])
+            nll, tokens = nll + float(summed.sum()), tokens + int(counted.sum())
     metrics = {"loss": total_loss / max(count, 1), "examples": float(count)}
     if task == "classification":
         metrics["accuracy"] = correct / max(count, 1)
+    else:
+        metrics["perplexity"] = math.exp(nll / max(tokens, 1))
+        if data.choices is not None:
+            loglik = option_loglikelihoods(module, data.choices, device, batch_size)
+            metrics |= choice_accuracy(loglik, data.choices)
+            metrics["questions"] = float(len(data.choices.answers))
+    module.train(was_training)
     return metrics

@@ -88,6 +88,20 @@ BAD_FILES = {
     "scalar-top": ("42\n", ["mapping at the top level", "int"]),
     "non-mapping-section": ("privacy: 3\n", ["privacy", "expected a mapping"]),
     "label-prompt-without-slot": ("model:\n  label_prompt: about it\n", ["model.label_prompt", "{}"]),
+    "bad-dtype": ("model:\n  dtype: int8\n", ["model.dtype", "bf16", "'int8'"]),
+    "bad-quantization": ("model:\n  quantization: 4bit\n", ["model.quantization", "4bit-nf4", "'4bit'"]),
+    "zero-physical-batch": (
+        "training:\n  physical_batch_size: 0\n",
+        ["training.physical_batch_size", ">= 1"],
+    ),
+    "checkpointing-classification": (
+        "training:\n  gradient_checkpointing: true\n",
+        ["training.gradient_checkpointing", "causal-lm"],
+    ),
+    "physical-batch-ghost": (
+        "training:\n  physical_batch_size: 4\nprivacy:\n  grad_sample_mode: ghost\n",
+        ["training.physical_batch_size", "hooks"],
+    ),
 }
 
 

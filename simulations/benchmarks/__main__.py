@@ -15,6 +15,7 @@ from fedlora.common.errors import ConfigError
 BENCHMARKS = {
     "aggregators": "fedavg vs exact vs ffa (and mixed ranks), DP and not, repeated, with intervals",
     "dp_throughput": "samples/s of local training: non-private vs DP hooks vs DP ghost clipping",
+    "llm_throughput": "causal LM (SmolLM2, or a 7B Llama on a GPU): DP vs non-DP tokens/s and peak memory",
     "memory": "memory per round of a long simulation, per process",
     "privacy_unit": "accuracy and rows/s of person-level vs row-level DP on synthetic patients",
     "overhead": "fedlora's simulation overhead over bare Flower, training off",
