@@ -282,6 +282,10 @@ def test_a_person_in_two_institutions_is_refused(make_config, tokenizer, tmp_pat
         ({"training": {"head_start": "dp"}}, r"training.head_start: 'dp' releases per-row class means"),
         ({"data": {"privacy_unit": " "}}, r"data.privacy_unit: expected a column name"),
         ({"data": {"max_rows_per_unit": 0}}, r"data.max_rows_per_unit: must be >= 1"),
+        (
+            {"training": {"physical_batch_size": 4}},
+            r"training.physical_batch_size: slices would split a person's rows",
+        ),
     ],
 )
 def test_unsupported_combinations_are_one_line(overrides, message):
