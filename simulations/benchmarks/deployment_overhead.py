@@ -144,6 +144,11 @@ def one_run(root: Path, args: argparse.Namespace, keep_loaded: bool) -> list[tup
             raise FedloraError(f"the deployment did not finish within {RUN_TIMEOUT} s; see {logs}") from None
         if code != 0:
             raise FedloraError(f"fedlora-server exited with {code}; see {logs / 'server.log'}")
+    return round_times(run_dir)
+
+
+def round_times(run_dir: Path) -> list[tuple[float, float]]:
+    """(wall seconds, training seconds of the slowest client) of each round in the run's history."""
     history = json.loads((run_dir / "history.json").read_text())
     rounds = []
     for before, entry in itertools.pairwise(history):
