@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import secrets
 import time
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from types import ModuleType
@@ -77,9 +78,9 @@ def ask(folder: Path, msg: Message, context: Context, patience: float = PATIENCE
         with _connect(folder, patience) as conn:
             conn.send((msg, context))
             reply, state = conn.recv()
-    except (EOFError, ConnectionError) as err:
+    except (EOFError, ConnectionError, AuthenticationError) as err:
         raise WorkerUnavailable(
-            f"the worker stopped while handling a {msg.metadata.message_type} message: {type(err).__name__}"
+            f"the worker refused or dropped a {msg.metadata.message_type} message: {type(err).__name__}"
         ) from None
     context.state = state
     return reply

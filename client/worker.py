@@ -4,8 +4,8 @@ evaluations and runs.
 The daemon (client.daemon) starts it beside the SuperNode; the per-message ClientApp (client.relay)
 hands it each message over a private Unix socket. It runs fedlora's ClientApp (client.app) unchanged,
 one message at a time: the ledger is re-read from disk for every message, and the audit and error logs
-are written as before. Only read-only inputs stay cached, keyed on the institution's config; when a file
-the config names changes on disk (its data, a local model folder), they are dropped and loaded again.
+are written as before. Only read-only inputs stay cached, keyed on the institution's config; when its
+data files or a local model folder change on disk, what depends on them is dropped and loaded again.
 
     python -m fedlora.client.worker FOLDER [--parent-pid PID]
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
@@ -33,13 +34,16 @@ log = logging.getLogger("fedlora.worker")
 Stamp = tuple[tuple[str, int, int], ...]
 
 
-def inputs(cfg: FedloraConfig) -> list[Path]:
-    """The files whose contents the cached inputs depend on: the data files and a local model folder's."""
-    files = [Path(p) for p in (cfg.data.path, cfg.data.eval_path) if p]
-    if cfg.model.source not in BUILTIN_SOURCES:
-        folder = Path(cfg.model.source).expanduser()
-        files += sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    return files
+def data_files(cfg: FedloraConfig) -> list[Path]:
+    return [Path(p) for p in (cfg.data.path, cfg.data.eval_path) if p]
+
+
+def model_files(cfg: FedloraConfig) -> list[Path]:
+    """A local model folder's files (the built-in models ship in installed packages)."""
+    if cfg.model.source in BUILTIN_SOURCES:
+        return []
+    folder = Path(cfg.model.source).expanduser()
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
 def stamp(files: list[Path]) -> Stamp:
@@ -55,22 +59,26 @@ def stamp(files: list[Path]) -> Stamp:
 
 
 class Freshness:
-    """Drops the cached inputs when the files behind them change between messages."""
+    """Drops the cached data, or base model, when the files behind them change between messages."""
 
     def __init__(self) -> None:
-        self.last: Stamp | None = None
+        self.data: Stamp | None = None
+        self.model: Stamp | None = None
 
     def check(self, context: Context) -> None:
         try:
             cfg = load_config(str(context.node_config.get(P.NODE_CONFIG, "")), persona="institution")
         except FedloraError:
             return  # the ClientApp reports it, as without a worker
-        now = stamp(inputs(cfg))
-        if self.last is not None and now != self.last:
-            log.info("input files changed on disk; dropping the loaded model and data")
+        data, model = stamp(data_files(cfg)), stamp(model_files(cfg))
+        if self.data is not None and data != self.data:
+            log.info("data files changed on disk; dropping the loaded tokenizer and data")
             forget_shared_data()
+        if self.model is not None and model != self.model:
+            log.info("model folder changed on disk; dropping the loaded base model")
             forget_base_models()
-        self.last = now
+            forget_shared_data()  # the tokenizer lives in the same folder
+        self.data, self.model = data, model
 
 
 def handle(conn: Connection, fresh: Freshness) -> None:
@@ -92,7 +100,7 @@ def serve(folder: Path) -> None:
         while True:
             try:
                 conn = listener.accept()
-            except (OSError, EOFError) as err:  # a failed handshake: a wrong key, or a client gone
+            except (AuthenticationError, OSError, EOFError) as err:  # a wrong key, or a client gone
                 log.warning("refused a connection: %s", err)
                 continue
             with conn:
