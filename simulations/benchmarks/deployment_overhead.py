@@ -5,10 +5,11 @@ Both modes run the same real deployment on 127.0.0.1, one after the other: dev c
 node authentication, the coordinator (``fedlora-server start``), one institution's SuperNode with the
 same YAML; only the worker differs. Every round trains and then evaluates. A round's overhead is its
 wall time (the coordinator's history) minus the training time the client reports; round 1 loads the
-model in both modes and is shown apart.
+model in both modes and is shown apart. Then, alternately, what a message costs in a fresh process
+before any training: fedlora's ClientApp loading everything vs the relay alone.
 
     python -m fedlora.simulations.benchmarks deployment_overhead [--model smollm2] [--rounds 4]
-        [--rows 8] [--steps 1]
+        [--rows 8] [--steps 1] [--repeats 3] [--per-message-only]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -40,6 +42,18 @@ from fedlora.common.model import model_dir
 from fedlora.simulations.benchmarks import PROG
 
 DATA = files("fedlora.configs") / "data"
+# What a message costs the institution's side before any training, in a fresh process: fedlora's
+# ClientApp reloading everything (before), or the relay alone (after: the worker keeps the model).
+RELOAD = """
+import sys
+from fedlora.client.app import shared_data
+from fedlora.common.config import load_config
+from fedlora.common.model import build_model
+cfg = load_config(sys.argv[1], persona="institution")
+tokenizer, bundle = shared_data(cfg)
+build_model(cfg.model, bundle.labels, len(tokenizer))
+"""
+RELAY = "import fedlora.client.relay"
 MODES = ("reloaded per message", "kept loaded (worker)")
 RUN_TIMEOUT = 1800
 
@@ -157,6 +171,32 @@ def round_times(run_dir: Path) -> list[tuple[float, float]]:
     return rounds
 
 
+def fresh_process_seconds(code: str, config: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", code, str(config)], env=flower_env(), check=True, capture_output=True
+    )
+    return time.perf_counter() - start
+
+
+def per_message(config: Path, repeats: int) -> Table:
+    """A fresh process's cost per message, before and after, measured alternately."""
+    before, after = [], []
+    for _ in range(repeats):
+        before.append(fresh_process_seconds(RELOAD, config))
+        after.append(fresh_process_seconds(RELAY, config))
+    t = Table(title=f"per message, a fresh process (x{repeats}, alternating)")
+    t.add_column("ClientApp process")
+    t.add_column("seconds", justify="right")
+    t.add_row("imports fedlora's ClientApp, loads tokenizer, data, base model", _spread(before))
+    t.add_row("imports the relay (the worker keeps the model)", _spread(after))
+    return t
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
 def table(results: dict[str, list[tuple[float, float]]], rounds: int) -> Table:
     t = Table(title=f"per-round client overhead beyond training ({rounds} rounds, train + evaluate each)")
     # r1: round 1 (the model is loaded in both modes); r2+: the mean of the later rounds
@@ -181,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--rows", type=int, default=8, help="training and evaluation rows of the institution")
     ap.add_argument("--steps", type=int, default=1, help="training.local_steps")
+    ap.add_argument("--repeats", type=int, default=3, help="of the per-message measurement")
+    ap.add_argument("--per-message-only", action="store_true", help="skip the two deployments")
     return ap
 
 
@@ -189,15 +231,20 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="fedlora-deploy-bench-") as tmp:
         for mode, keep in zip(MODES, (False, True), strict=True):
+            if args.per_message_only:
+                break
             console.print(f"{mode}: {args.rounds} rounds of a real deployment on 127.0.0.1 ...")
             results[mode] = one_run(Path(tmp) / mode.split()[0], args, keep)
             for i, (wall, train) in enumerate(results[mode], 1):
                 console.print(f"  round {i}: {wall:.1f} s wall, {train:.1f} s training")
-    report.print(table(results, args.rounds))
-    (before, after) = (statistics.mean(w - s for w, s in rows[1:] or rows) for rows in results.values())
-    report.print(
-        f"overhead per round after the first: {before:.1f} s -> {after:.1f} s ({before / after:.1f}x)"
-    )
+        console.print("per message: fresh processes, alternately ...")
+        _, config = federation(Path(tmp) / "per-message", args)
+        message_costs = per_message(config, args.repeats)
+    if results:
+        report.print(table(results, args.rounds))
+        before, after = (statistics.mean(w - s for w, s in rows[1:] or rows) for rows in results.values())
+        report.print(f"overhead per round after the first: {before:.1f} s -> {after:.1f} s")
+    report.print(message_costs)
     return 0
 
 
