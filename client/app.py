@@ -76,6 +76,7 @@ class ClientSetup:
 
 
 SetupFn = Callable[[Context], ClientSetup]
+Handler = Callable[[Message, Context], Message]
 
 
 @lru_cache(maxsize=2)
@@ -83,6 +84,12 @@ def shared_data(cfg: FedloraConfig) -> tuple[PreTrainedTokenizerBase, DataBundle
     """Tokenizer and data, cached per process: read-only, so safe to share across virtual clients."""
     tokenizer = load_tokenizer(cfg.model)
     return tokenizer, build_data(cfg, tokenizer)
+
+
+def forget_shared_data() -> None:
+    """Drop the cached tokenizer, data and partitions (client.worker: a file the config names changed)."""
+    shared_data.cache_clear()
+    _partitions.cache_clear()
 
 
 @lru_cache(maxsize=2)
@@ -210,9 +217,10 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     return Message(content=evaluate_reply(metrics), reply_to=msg)
 
 
-def build_client_app(setup: SetupFn) -> ClientApp:
+def build_client_app(setup: SetupFn, handle: Handler | None = None) -> ClientApp:
     """A ClientApp whose identity and config come from ``setup`` (deployment or simulation). Every
-    outgoing message is audited; any failure leaves as a fixed category, its detail kept locally."""
+    outgoing message is audited; any failure leaves as a fixed category, its detail kept locally.
+    ``handle`` stands in for fedlora's own handlers (client.relay: a worker that cannot be reached)."""
     client = ClientApp(
         mods=[
             audit_mod(local_file(setup, lambda s: s.audit_path)),
@@ -222,11 +230,11 @@ def build_client_app(setup: SetupFn) -> ClientApp:
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, setup(context))
+        return handle(msg, context) if handle else handle_train(msg, setup(context))
 
     @client.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, setup(context))
+        return handle(msg, context) if handle else handle_evaluate(msg, setup(context))
 
     return client
 

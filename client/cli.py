@@ -21,6 +21,7 @@ from fedlora.client.daemon import (
     SuperNodeOptions,
     run_supernode,
     supernode_command,
+    worker_running,
 )
 from fedlora.client.export_merged import export_merged
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
@@ -368,11 +369,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     cfg = read_config(args.config, persona="institution")
     options = SuperNodeOptions(args.insecure, args.runtime_port, args.max_wait_time)
-    cmd = supernode_command(cfg, Path(args.config), options)
+    supernode_command(cfg, Path(args.config), options)  # bad input is refused before anything starts
     if args.insecure:
         console.print("[bold yellow]warning:[/] --insecure: no TLS and no node authentication; tests only")
     console.print(f"{cfg.name}: SuperNode connecting to {cfg.federation.superlink_address}", soft_wrap=True)
-    run_supernode(cmd, args.grace, args.activation_patience)
+    with worker_running(args.grace) as worker:
+        cmd = supernode_command(cfg, Path(args.config), options, worker)
+        run_supernode(cmd, args.grace, args.activation_patience)
     console.print(f"{cfg.name}: SuperNode stopped")
     return 0
 

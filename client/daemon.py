@@ -1,25 +1,33 @@
-"""The institution's SuperNode: TLS, the node's authentication key, and its own YAML as node config.
+"""The institution's SuperNode: TLS, the node's authentication key, and its own YAML as node config;
+beside it, the institution's worker, which keeps the base model loaded (client.worker).
 
 Only the institution's YAML decides the data, the budget, the ledger and the device: the ClientApp
-reads it from the node config, which the coordinator cannot change. The SuperNode runs as a child and
-is stopped within a bound when this process gets SIGTERM or Ctrl-C.
+reads it from the node config, which the coordinator cannot change. The SuperNode and the worker run
+as children and are stopped within a bound when this process gets SIGTERM or Ctrl-C; a worker that
+dies is started again.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from fedlora.client.relay import open_folder
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.launch import (
+    POLL_SECONDS,
     config_pairs,
     flower_env,
     flower_program,
@@ -50,8 +58,11 @@ def _existing(path: str | None, key: str, hint: str) -> str:
     return path
 
 
-def supernode_command(cfg: FedloraConfig, config_path: Path, options: SuperNodeOptions) -> list[str]:
-    """The flower-supernode command line for this institution."""
+def supernode_command(
+    cfg: FedloraConfig, config_path: Path, options: SuperNodeOptions, worker: Path | None = None
+) -> list[str]:
+    """The flower-supernode command line for this institution; its ClientApp hands every message to
+    the ``worker`` folder's worker (None: each message is handled, and the model loaded, on its own)."""
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise ConfigError(f"data.path: {cfg.data.path} does not exist")
     cmd = [
@@ -63,7 +74,9 @@ def supernode_command(cfg: FedloraConfig, config_path: Path, options: SuperNodeO
         "--port",
         str(options.runtime_port),
         "--node-config",
-        config_pairs({P.NODE_CONFIG: str(config_path.resolve())}),
+        config_pairs(
+            {P.NODE_CONFIG: str(config_path.resolve())} | ({P.NODE_WORKER: str(worker)} if worker else {})
+        ),
     ]
     if options.insecure:
         cmd.append("--insecure")
@@ -140,3 +153,40 @@ def run_supernode(cmd: list[str], grace: float, patience: float) -> None:
     if ACTIVATION_REFUSED in reason:
         reason += "; is this node's public key registered with the coordinator?"
     raise FedloraError(f"flower-supernode stopped: {reason}")
+
+
+def worker_command(folder: Path) -> list[str]:
+    return [sys.executable, "-m", "fedlora.client.worker", str(folder), "--parent-pid", str(os.getpid())]
+
+
+def _supervise(folder: Path, grace: float, stop: threading.Event) -> None:
+    """The worker, echoed, started again when it dies (the relay reports the message it held as an
+    internal error), and stopped once ``stop`` is set."""
+    while True:
+        proc = start_child(worker_command(folder), flower_env())
+        threading.Thread(target=_echo, args=(proc.stdout, deque(maxlen=0)), daemon=True).start()
+        while proc.poll() is None and not stop.wait(POLL_SECONDS):
+            pass
+        if stop.is_set():
+            stop_child(proc, grace)
+            return
+        sys.stdout.write(f"fedlora: worker exited with code {proc.returncode}; starting it again\n")
+        if stop.wait(RETRY_SECONDS):
+            return
+
+
+@contextmanager
+def worker_running(grace: float) -> Iterator[Path]:
+    """A worker in a new private folder (client.relay) for as long as the block runs; the folder it
+    yields goes into the SuperNode's node config."""
+    folder = Path(tempfile.mkdtemp(prefix="fedlora-worker-"))
+    open_folder(folder)
+    stop = threading.Event()
+    supervisor = threading.Thread(target=_supervise, args=(folder, grace, stop), daemon=True)
+    supervisor.start()
+    try:
+        yield folder
+    finally:
+        stop.set()
+        supervisor.join(timeout=grace + 5)
+        shutil.rmtree(folder, ignore_errors=True)

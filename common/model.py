@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ from transformers.pytorch_utils import Conv1D
 
 from fedlora.common.config import ModelConfig
 from fedlora.common.errors import ModelError
+
+log = logging.getLogger("fedlora.model")
 
 TINY_SEED = 1234
 BUILTIN_SOURCES = ("minilm", "tiny-bert", "tiny-llama", "smollm2")
@@ -399,6 +402,7 @@ def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -
     """The loaded base and its fingerprint, once per process: read-only, so safe to share between
     the virtual clients Ray runs in one process (each gets a copy that shares the frozen weights)."""
     base = build_base_model(cfg, labels, vocab_size)
+    log.info("loaded base model %s (%s) in process %d", cfg.source, cfg.task, os.getpid())
     return base, fingerprint(cfg, base, labels, target_modules(cfg, base))
 
 
@@ -428,6 +432,13 @@ def _frozen_base(template: nn.Module) -> dict[int, nn.Parameter]:
     (no merging, no dtype casts; a fold replaces a layer's tensor), so no 90 MB clone per message.
     The head is trained, so it is copied."""
     return {id(p): p for name, p in template.named_parameters() if not name.startswith(f"{HEAD}.")}
+
+
+def forget_base_models() -> None:
+    """Drop the cached base models and the adapter models made from them (client.worker: a local
+    model folder changed on disk)."""
+    _base_template.cache_clear()
+    _fresh_adapter.cache_clear()
 
 
 def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:

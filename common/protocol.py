@@ -47,6 +47,9 @@ FAILURES: dict[int, str] = {
 
 # node config (what only the institution decides) and run config
 NODE_CONFIG = "config"
+# the folder of the institution's worker (client.worker), set by its daemon; absent: each message is
+# handled in the ClientApp's own process
+NODE_WORKER = "worker"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 RUN_DIR = "run-dir"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
-from helpers_deploy import Federation, free_port, make_federation, wait_for
+from helpers_deploy import Federation, free_port, make_federation, wait_for, write_csv
 
 from fedlora.client import cli as client_cli
 from fedlora.client import daemon
@@ -431,3 +431,42 @@ def test_a_key_removed_from_the_config_is_revoked_on_restart(tmp_path, processes
     assert [e.round for e in ledger(fed, "b").entries] == [1]
     assert [e.round for e in ledger(fed, "a").entries] == [1, 2]
     assert processes.terminate("a-again", 60) == 0
+
+
+@pytest.mark.integration
+def test_the_base_model_is_loaded_once_across_rounds_and_evaluations(tmp_path, processes) -> None:
+    # Flower starts a new ClientApp process for every message; the institution's worker keeps the model.
+    fed = make_federation(
+        tmp_path,
+        {
+            "rounds": 3,
+            "min_clients": 1,
+            "fraction_evaluate": 1.0,
+            "round_timeout": 120,
+            "node_wait_timeout": 180,
+        },
+        institutions=("a",),
+        admitted=("a",),
+    )
+    write_csv(tmp_path / "a" / "eval.csv", 16, seed=1)
+    config = yaml.safe_load(fed.institutions["a"].read_text())
+    config["data"]["eval_path"] = "eval.csv"
+    config["privacy"]["audit_log"] = str(tmp_path / "a" / "audit.jsonl")
+    write_yaml(fed.institutions["a"], config)
+    processes.start("server", fed.server_cmd())
+    processes.wait_log("server", "submitted", 120)
+    processes.start("a", fed.client_cmd("a", "--runtime-port", str(free_port())))
+    assert processes.wait("server", 360) == 0, processes.tails()
+
+    log = processes.log("a")
+    assert log.count("Start `flwr-clientapp` process") == 6, processes.tails(60)
+    assert len([line for line in log.splitlines() if "loaded base model tiny-bert" in line]) == 1, log
+    assert [e.round for e in ledger(fed, "a").entries] == [1, 2, 3]
+    audit = [json.loads(line) for line in (tmp_path / "a" / "audit.jsonl").read_text().splitlines()]
+    assert [(a["type"], a["round"]) for a in audit] == [
+        (t, r) for r in (1, 2, 3) for t in ("train", "evaluate")
+    ]
+    assert all("error" not in a for a in audit)
+    folder = next(line for line in log.splitlines() if "listening on" in line).rsplit(" ", 1)[1]
+    assert processes.terminate("a", 60) == 0
+    assert not Path(folder).parent.exists()
