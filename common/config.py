@@ -806,6 +806,7 @@ PATH_KEYS = (
     ("data", "path"),
     ("data", "eval_path"),
     ("privacy", "ledger_path"),
+    ("privacy", "audit_log"),
     ("security", "ca_cert"),
     ("security", "server_cert"),
     ("security", "server_key"),

@@ -160,7 +160,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch)
     folder = tmp_path / "site" / "configs"
     path = write_config(
         folder,
-        "data:\n  path: data/train.csv\n  eval_path: ../held-out.csv\nprivacy:\n  ledger_path: ledger.json\n",
+        "data:\n  path: data/train.csv\n  eval_path: ../held-out.csv\nprivacy:\n  ledger_path: ledger.json\n"
+        "  audit_log: logs/audit.jsonl\n",
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -169,6 +170,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch)
     assert Path(cfg.data.path).resolve() == (folder / "data" / "train.csv").resolve()
     assert Path(cfg.data.eval_path).resolve() == (tmp_path / "site" / "held-out.csv").resolve()
     assert Path(cfg.privacy.ledger_path).resolve() == (folder / "ledger.json").resolve()
+    assert Path(cfg.privacy.audit_log).resolve() == (folder / "logs" / "audit.jsonl").resolve()
     # The same file read from its own folder gives the same files.
     monkeypatch.chdir(folder)
     again = load_config("hospital-a.yaml")
