@@ -407,12 +407,16 @@ def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -
 
 
 @lru_cache(maxsize=4)
-def _fresh_adapter(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> nn.Module:
+def _fresh_adapter(
+    cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int
+) -> tuple[nn.Module, nn.Module, str]:
     """The base with LoRA exactly as ``cfg`` initialises it, once per process and model config (rank
-    included): a pure function of its inputs, never handed out (build_model copies it), so wrapping
-    with PEFT is not paid per message. PEFT makes the LoRA factors fp32 over a bf16 / fp16 base
+    included), with the template whose frozen weights it shares and the fingerprint: a pure function
+    of its inputs, never handed out (build_model copies it), so wrapping with PEFT is not paid per
+    message. Its own template goes with it, so that copies share those weights even after the
+    template cache evicted it. PEFT makes the LoRA factors fp32 over a bf16 / fp16 base
     (autocast_adapter_dtype), so they train in full precision."""
-    template, _ = _base_template(_template_key(cfg), labels, vocab_size)
+    template, fp = _base_template(_template_key(cfg), labels, vocab_size)
     base = copy.deepcopy(template, memo=_frozen_base(template))
     targets = target_modules(cfg, base)
     for param in base.parameters():
@@ -424,7 +428,7 @@ def _fresh_adapter(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
-    return model
+    return model, template, fp
 
 
 def _frozen_base(template: nn.Module) -> dict[int, nn.Parameter]:
@@ -444,8 +448,7 @@ def forget_base_models() -> None:
 def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:
     """Base model + LoRA, identically initialised for every party that shares ``cfg``: a copy of the
     process's fresh adapter model, sharing only the frozen base weights."""
-    template, fp = _base_template(_template_key(cfg), tuple(labels), vocab_size)
-    fresh = _fresh_adapter(cfg, tuple(labels), vocab_size)
+    fresh, template, fp = _fresh_adapter(cfg, tuple(labels), vocab_size)
     return BuiltModel(model=copy.deepcopy(fresh, memo=_frozen_base(template)), fingerprint=fp)
 
 

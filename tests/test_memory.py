@@ -50,9 +50,9 @@ def test_clients_of_any_rank_in_one_process_share_one_base(make_config, vocab_si
     """Ranks 2, 8 and 16 in turn (as mixed-rank virtual clients reach one Ray actor): the base is
     loaded once and its frozen weights are the same tensors in every client's model, not one load per
     rank (a cache of two held three ranks by evicting and reloading the base for every message)."""
-    from fedlora.common.model import _base_template, build_model
+    from fedlora.common.model import _base_template, build_model, forget_base_models
 
-    _base_template.cache_clear()
+    forget_base_models()
     labels = ("a", "b")
     built = {}
     for rank in (2, 8, 16, 2, 8, 16):
@@ -67,3 +67,18 @@ def test_clients_of_any_rank_in_one_process_share_one_base(make_config, vocab_si
     ]
     assert frozen[0] and all(f.keys() == frozen[0].keys() for f in frozen)
     assert all(f[name] is frozen[0][name] for f in frozen for name in f)
+
+
+def test_copies_share_the_frozen_base_even_after_its_template_was_evicted(make_config, vocab_size):
+    """The cached adapter model keeps its own template: when the template cache has evicted it (other
+    base models came through the process), copies still share those weights instead of cloning them."""
+    from fedlora.common.model import _base_template, build_model, forget_base_models
+
+    forget_base_models()
+    cfg = make_config({})
+    first = build_model(cfg.model, ("a", "b"), vocab_size).model
+    _base_template.cache_clear()
+    second = build_model(cfg.model, ("a", "b"), vocab_size).model
+    frozen = dict(first.named_parameters())
+    shared = [name for name, p in second.named_parameters() if "base_layer.weight" in name]
+    assert shared and all(dict(second.named_parameters())[n] is frozen[n] for n in shared)
