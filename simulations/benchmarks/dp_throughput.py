@@ -77,6 +77,23 @@ def build_trainers(args: argparse.Namespace, folder: Path) -> dict[str, LocalTra
     return trainers
 
 
+def interleaved(
+    trainers: dict[str, LocalTrainer], steps: int, first_round: int, rep: int
+) -> dict[str, tuple[int, float]]:
+    """One repetition: ``steps`` one-step rounds of every trainer in turn, interleaved step by step
+    (load from other processes comes in bursts of seconds) and the order rotated with ``rep``; the
+    examples each saw and the seconds it trained."""
+    names = list(trainers)
+    order = names[rep % len(names) :] + names[: rep % len(names)]
+    seen, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+    for step in range(steps):
+        for name in order:
+            r = trainers[name].train_round(first_round + step, steps=1)
+            seen[name] += r.examples_seen
+            seconds[name] += r.seconds
+    return {name: (seen[name], seconds[name]) for name in names}
+
+
 def run(args: argparse.Namespace) -> dict[str, Samples]:
     torch.manual_seed(args.seed)
     results = {mode: Samples(mode) for mode in MODES}
@@ -87,27 +104,17 @@ def run(args: argparse.Namespace) -> dict[str, Samples]:
             start = time.perf_counter()
             trainer.train_round(0, steps=args.warmup_steps)
             console.print(f"warm-up {mode}: {args.warmup_steps} steps in {time.perf_counter() - start:.1f}s")
-        round_id = 0
         for rep in range(args.repeats):
-            order = MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]
-            seen = dict.fromkeys(MODES, 0)
-            seconds = dict.fromkeys(MODES, 0.0)
-            # Interleave step by step: load from other processes comes in bursts of seconds.
-            for _ in range(args.steps):
-                round_id += 1
-                for mode in order:
-                    r = trainers[mode].train_round(round_id, steps=1)
-                    seen[mode] += r.examples_seen
-                    seconds[mode] += r.seconds
-            for mode in order:
+            measured = interleaved(trainers, args.steps, rep * args.steps + 1, rep)
+            for mode, (seen, seconds) in measured.items():
                 s = results[mode]
-                s.rates.append(seen[mode] / seconds[mode])
-                s.examples += seen[mode]
-                s.seconds += seconds[mode]
+                s.rates.append(seen / seconds)
+                s.examples += seen
+                s.seconds += seconds
                 s.steps += args.steps
                 console.print(
-                    f"rep {rep + 1}/{args.repeats} {mode:11s} {seen[mode]:4d} examples "
-                    f"in {seconds[mode]:6.1f}s = {s.rates[-1]:6.2f} samples/s"
+                    f"rep {rep + 1}/{args.repeats} {mode:11s} {seen:4d} examples "
+                    f"in {seconds:6.1f}s = {s.rates[-1]:6.2f} samples/s"
                 )
     return results
 

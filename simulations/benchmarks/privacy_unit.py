@@ -40,6 +40,7 @@ from fedlora.common.model import build_model, device_for
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import Workbench, prepare
 from fedlora.simulations.benchmarks import PROG
+from fedlora.simulations.benchmarks.dp_throughput import interleaved
 from fedlora.simulations.synthetic_patients import COLUMN, LARGEST, write_drug_reviews_with_patients
 
 
@@ -139,23 +140,14 @@ def throughput(args: argparse.Namespace, paths: tuple[Path, Path], folder: Path)
         trainers[s.name], _ = trainer_for(setting_config(args, s, paths, extra), folder, "throughput")
     for trainer in trainers.values():
         trainer.train_round(0, steps=args.throughput_steps)  # warm-up, untimed
-    names = list(trainers)
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    round_id = 0
+    rates: dict[str, list[float]] = {name: [] for name in trainers}
     for rep in range(args.repeats):
-        order = names[rep % 2 :] + names[: rep % 2]
-        seen, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
-        for _ in range(args.throughput_steps):
-            round_id += 1
-            for name in order:
-                r = trainers[name].train_round(round_id, steps=1)
-                seen[name] += r.examples_seen
-                seconds[name] += r.seconds
-        for name in names:
-            rates[name].append(seen[name] / seconds[name])
+        measured = interleaved(trainers, args.throughput_steps, rep * args.throughput_steps + 1, rep)
+        for name, (seen, seconds) in measured.items():
+            rates[name].append(seen / seconds)
         console.print(
             f"throughput rep {rep + 1}/{args.repeats}: "
-            + ", ".join(f"{n} {rates[n][-1]:.2f} rows/s" for n in names)
+            + ", ".join(f"{n} {rates[n][-1]:.2f} rows/s" for n in trainers)
         )
     for trainer in trainers.values():
         trainer.close()
