@@ -1,6 +1,9 @@
 """Shared fixtures; everything here works offline."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -87,9 +90,13 @@ def toy_classification():
 
 @pytest.fixture
 def processes(tmp_path):
-    """Every process a deployment test starts, killed at its end, whatever the test's outcome."""
+    """Every process a deployment test starts, killed at its end, whatever the test's outcome, and
+    the temporary files they made (a SIGKILLed daemon leaves its worker folder) removed. Their TMPDIR
+    is a short folder of its own: a Unix socket's path must stay under about 100 bytes."""
     from helpers_deploy import Processes, process_env
 
-    tracker = Processes(tmp_path, process_env(tmp_path))
+    scratch = Path(tempfile.mkdtemp(prefix="fl-"))
+    tracker = Processes(tmp_path, {**process_env(tmp_path), "TMPDIR": str(scratch)})
     yield tracker
     tracker.kill()
+    shutil.rmtree(scratch, ignore_errors=True)
