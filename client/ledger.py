@@ -26,6 +26,7 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
+from fedlora.client.rdp_memo import memoize_opacus_rdp
 from fedlora.common.config import PrivacyConfig
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
@@ -65,7 +66,9 @@ def merged_history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]
 @contextmanager
 def _accounting() -> Iterator[None]:
     """PRV takes log(1 - q): -inf at q = 1, masked out; at huge noise exp() overflows, also masked.
-    RDP notes when its best order is at the end of its range: its epsilon then errs high, which is safe."""
+    RDP notes when its best order is at the end of its range: its epsilon then errs high, which is safe.
+    One step's RDP is remembered per mechanism (client.rdp_memo): the same answers, computed once."""
+    memoize_opacus_rdp()
     with np.errstate(divide="ignore", over="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
         yield
