@@ -39,6 +39,7 @@ from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer, derive_seed
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
+    State,
     adapter_state,
     delta,
     fold_into_base,
@@ -50,7 +51,8 @@ from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
 from fedlora.common.errors import ConfigError
 from fedlora.common.lora_math import dropped_by_truncation, layer_products, truncate_state
-from fedlora.common.model import BuiltModel, build_model, device_for, load_tokenizer, lora_scale
+from fedlora.common.model import BuiltModel, device_for, load_tokenizer, lora_scale
+from fedlora.common.model_pool import borrowed_model
 from fedlora.common.scoring import evaluate
 
 log = logging.getLogger("fedlora.client")
@@ -160,8 +162,17 @@ def wire_keys(cfg: FedloraConfig, state: dict[str, torch.Tensor]) -> list[str]:
 def handle_train(msg: Message, setup: ClientSetup) -> Message:
     cfg = setup.cfg
     tokenizer, bundle = shared_data(cfg)
+    with borrowed_model(cfg.model, bundle.labels, len(tokenizer)) as built:
+        update, metrics = train_update(msg, setup, built)
+    dtype = str(msg.content[P.CONFIG].get(P.WIRE_DTYPE, "fp32"))
+    return Message(content=train_reply(update, metrics, built.fingerprint, dtype), reply_to=msg)
+
+
+def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[State, TrainMetrics]:
+    """Train this client's rounds from the global adapter on ``built``; the update and its metrics."""
+    cfg = setup.cfg
+    tokenizer, bundle = shared_data(cfg)
     train, _ = client_data(setup)
-    built = build_model(cfg.model, bundle.labels, len(tokenizer))
     start = load_global(msg, cfg, built)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
     spec = None
@@ -193,8 +204,7 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
         train_seconds=result.seconds,
         loss=result.loss if cfg.privacy.release_metrics else None,
     )
-    dtype = str(msg.content[P.CONFIG].get(P.WIRE_DTYPE, "fp32"))
-    return Message(content=train_reply(update, metrics, built.fingerprint, dtype), reply_to=msg)
+    return update, metrics
 
 
 def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
@@ -203,10 +213,10 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     _, ev = client_data(setup)
     if ev is None:
         raise ConfigError("data.eval_path: this client has no evaluation data")
-    built = build_model(cfg.model, bundle.labels, len(tokenizer))
-    load_global(msg, cfg, built)
     device = device_for(cfg.training.device)
-    scores = evaluate(built.model.to(device), cfg.model.task, ev, device, cfg.training.eval_batch_size)
+    with borrowed_model(cfg.model, bundle.labels, len(tokenizer)) as built:
+        load_global(msg, cfg, built)
+        scores = evaluate(built.model.to(device), cfg.model.task, ev, device, cfg.training.eval_batch_size)
     log.info("evaluation of the global adapter on %d local rows (kept here): %s", len(ev), scores)
     released = cfg.privacy.release_metrics
     metrics = EvaluateMetrics(

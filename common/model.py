@@ -407,17 +407,17 @@ def _base_template(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -
 
 
 @lru_cache(maxsize=4)
-def _fresh_adapter(
+def fresh_adapter(
     cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int
 ) -> tuple[nn.Module, nn.Module, str]:
     """The base with LoRA exactly as ``cfg`` initialises it, once per process and model config (rank
     included), with the template whose frozen weights it shares and the fingerprint: a pure function
-    of its inputs, never handed out (build_model copies it), so wrapping with PEFT is not paid per
-    message. Its own template goes with it, so that copies share those weights even after the
-    template cache evicted it. PEFT makes the LoRA factors fp32 over a bf16 / fp16 base
-    (autocast_adapter_dtype), so they train in full precision."""
+    of its inputs, never trained itself (build_model and common.model_pool copy it), so wrapping
+    with PEFT is not paid per message. Its own template goes with it, so that copies share those
+    weights even after the template cache evicted it. PEFT makes the LoRA factors fp32 over a
+    bf16 / fp16 base (autocast_adapter_dtype), so they train in full precision."""
     template, fp = _base_template(_template_key(cfg), labels, vocab_size)
-    base = copy.deepcopy(template, memo=_frozen_base(template))
+    base = copy.deepcopy(template, memo=frozen_base(template))
     targets = target_modules(cfg, base)
     for param in base.parameters():
         param.requires_grad_(False)
@@ -431,7 +431,7 @@ def _fresh_adapter(
     return model, template, fp
 
 
-def _frozen_base(template: nn.Module) -> dict[int, nn.Parameter]:
+def frozen_base(template: nn.Module) -> dict[int, nn.Parameter]:
     """A deepcopy memo that keeps the template's frozen base weights shared: they are never written
     (no merging, no dtype casts; a fold replaces a layer's tensor), so no 90 MB clone per message.
     The head is trained, so it is copied."""
@@ -442,14 +442,14 @@ def forget_base_models() -> None:
     """Drop the cached base models and the adapter models made from them (client.worker: a local
     model folder changed on disk)."""
     _base_template.cache_clear()
-    _fresh_adapter.cache_clear()
+    fresh_adapter.cache_clear()
 
 
 def build_model(cfg: ModelConfig, labels: tuple[str, ...], vocab_size: int) -> BuiltModel:
     """Base model + LoRA, identically initialised for every party that shares ``cfg``: a copy of the
     process's fresh adapter model, sharing only the frozen base weights."""
-    fresh, template, fp = _fresh_adapter(cfg, tuple(labels), vocab_size)
-    return BuiltModel(model=copy.deepcopy(fresh, memo=_frozen_base(template)), fingerprint=fp)
+    fresh, template, fp = fresh_adapter(cfg, tuple(labels), vocab_size)
+    return BuiltModel(model=copy.deepcopy(fresh, memo=frozen_base(template)), fingerprint=fp)
 
 
 def device_for(choice: str) -> torch.device:

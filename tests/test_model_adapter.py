@@ -175,9 +175,9 @@ def test_peft_wraps_once_per_model_config_and_a_loaded_frozen_a_stays_in_its_cop
     """build_model copies a per-process fresh adapter model (PEFT's wrapping is not paid per message):
     one wrap per model config, and nothing a copy loads, frozen FFA A factors included (only the base
     is shared), reaches the next build."""
-    from fedlora.common.model import _fresh_adapter
+    from fedlora.common.model import fresh_adapter
 
-    _fresh_adapter.cache_clear()
+    fresh_adapter.cache_clear()
     cfg = ModelConfig(source="tiny-bert", variant="ffa")
     first = build_model(cfg, LABELS, vocab_size).model
     fresh = adapter_state(first)
@@ -185,7 +185,7 @@ def test_peft_wraps_once_per_model_config_and_a_loaded_frozen_a_stays_in_its_cop
     load_adapter_state(first, {k: torch.randn(v.shape, generator=g) for k, v in fresh.items()})
     second = build_model(cfg, LABELS, vocab_size).model
     build_model(dataclasses.replace(cfg, lora_r=4, lora_alpha=8), LABELS, vocab_size)
-    assert _fresh_adapter.cache_info().misses == 2  # rank 8 once, rank 4 once
+    assert fresh_adapter.cache_info().misses == 2  # rank 8 once, rank 4 once
     assert_same_state(adapter_state(second), fresh)
     assert any(not torch.equal(adapter_state(first)[k], fresh[k]) for k in fresh if ".lora_A." in k)
 

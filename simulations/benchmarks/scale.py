@@ -1,8 +1,8 @@
 """Many institutions on one machine: client updates per minute and memory, fedlora vs bare Flower.
 
 For each number of institutions (default 10, 100 and 1,000), two simulations run one after the other
-in this process on the same Ray backend, sampling the same number of institutions per round for the
-same rounds:
+in this process on the same Ray backend, sampling the same number of institutions per round (bare
+Flower for more rounds, below):
 - bare Flower, echo: Flower's FedAvg and a ClientApp that sends back the arrays it receives (no torch
   in the client), carrying fedlora's adapter tensors;
 - fedlora: its own apps with training and DP on (tiny BERT by default; MedMCQA subjects, IID, so that
@@ -12,13 +12,16 @@ same rounds:
 Round 1 pays the start (Ray, the actors' imports, data and model loading), so rates are counted over
 the rounds after it: updates per minute, and the fixed cost per update, the actors' seconds (all of
 them busy while a round runs) less the seconds the trainers measured in their DP steps (the real
-work, shown apart), per update. The whole run's seconds per update, start included, are beside them.
+work, shown apart), per update. Flower's simulation hands messages over and collects replies in
+steps of a tenth of a second (its in-memory grid's pull interval), so a bare round lasts one or two
+steps: bare Flower runs at least BARE_ROUNDS rounds, enough to resolve its mean. The whole run's
+seconds per update, start included, are beside them.
 Memory: the total RSS of this process and every descendant (Ray's daemons and its workers), sampled
 every second; the peak over each run. Goals: fedlora's fixed cost per update at most 3x bare
 Flower's; peak memory flat in the number of institutions.
 
     python -m fedlora.simulations.benchmarks scale [CONFIG] [--set K=V] [--institutions 10 100 1000]
-        [--sampled 20] [--rounds 4] [--model tiny-bert]
+        [--sampled 20] [--rounds 6] [--model tiny-bert]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import argparse
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -53,6 +56,7 @@ from fedlora.simulations.run import backend_config, quiet_simulation, simulate
 MB = 2**20
 TARGET_RATIO = 3.0  # fedlora's fixed cost per update over bare Flower's, at most
 TARGET_GROWTH = 1.25  # peak memory at the most institutions over the fewest, at most
+BARE_ROUNDS = 40  # bare Flower's rounds at least (each a tenth or two of a second)
 SAMPLE_SECONDS = 1.0
 
 
@@ -185,8 +189,9 @@ def fedlora(cfg: FedloraConfig) -> Run:
     return clock.run(peak[0])
 
 
-def config(args: argparse.Namespace, institutions: int) -> FedloraConfig:
-    """The benchmark's simulation at ``institutions``: ``--sampled`` of them train each round."""
+def config(args: argparse.Namespace, institutions: int, rounds: int | None = None) -> FedloraConfig:
+    """The benchmark's simulation at ``institutions``: ``--sampled`` of them train each round, for
+    ``rounds`` (default ``--rounds``)."""
     sampled = min(args.sampled, institutions)
     overrides = [
         f"model.source={args.model}",
@@ -194,7 +199,7 @@ def config(args: argparse.Namespace, institutions: int) -> FedloraConfig:
         f"simulation.num_clients={institutions}",
         f"federation.min_clients={sampled}",
         f"federation.fraction_train={sampled / institutions}",
-        f"federation.rounds={args.rounds}",
+        f"federation.rounds={rounds or args.rounds}",
         "federation.fraction_evaluate=0",
         "federation.central_eval=false",
         *args.set,
@@ -207,7 +212,9 @@ def parser() -> argparse.ArgumentParser:
     add_config_arguments(ap, "simulation", "the packaged medmcqa.yaml")
     ap.add_argument("--institutions", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--sampled", type=int, default=20, help="institutions trained per round (default 20)")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds per run, at least 2 (default 4)")
+    ap.add_argument(
+        "--rounds", type=int, default=6, help=f"rounds, at least 2 (default 6; bare Flower: {BARE_ROUNDS}+)"
+    )
     ap.add_argument("--model", default="tiny-bert", help="model.source (default tiny-bert)")
     return ap
 
@@ -240,20 +247,16 @@ def table(results: dict[int, dict[str, Run]], title: str) -> Table:
 def measure(args: argparse.Namespace) -> int:
     check(args)
     results: dict[int, dict[str, Run]] = {}
-    runs: dict[str, Callable[[FedloraConfig, ArrayRecord], Run]] = {
-        "bare Flower": bare_flower,
-        "fedlora": lambda cfg, _arrays: fedlora(cfg),
-    }
     for n in args.institutions:
         cfg = config(args, n)
         arrays = ArrayRecord(adapter_state(prepare(cfg).built.model))
-        results[n] = {}
-        for name, run in runs.items():
-            console.print(f"{n} institutions, {name}:")
-            results[n][name] = run(cfg, arrays)
+        console.print(f"{n} institutions, bare Flower:")
+        results[n] = {"bare Flower": bare_flower(config(args, n, max(args.rounds, BARE_ROUNDS)), arrays)}
+        console.print(f"{n} institutions, fedlora:")
+        results[n]["fedlora"] = fedlora(cfg)
     title = (
-        f"{args.model}, DP training on; {args.sampled} institutions sampled per round (all, where fewer), "
-        f"{args.rounds} rounds; rates over rounds 2..{args.rounds}"
+        f"{args.model}, DP training on; {args.sampled} institutions sampled per round (all, where fewer); "
+        f"rates over rounds 2..{args.rounds} (bare Flower: 2..{max(args.rounds, BARE_ROUNDS)})"
     )
     report.print(table(results, title))
     ratios = [r["fedlora"].fixed_cost / r["bare Flower"].fixed_cost for r in results.values()]
