@@ -91,11 +91,12 @@ def shared_data(cfg: FedloraConfig) -> tuple[PreTrainedTokenizerBase, DataBundle
 def forget_shared_data() -> None:
     """Drop the cached tokenizer, data and partitions (client.worker: a file the config names changed)."""
     shared_data.cache_clear()
-    _partitions.cache_clear()
+    simulation_partitions.cache_clear()
 
 
 @lru_cache(maxsize=2)
-def _partitions(cfg: FedloraConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def simulation_partitions(cfg: FedloraConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each virtual institution's training and evaluation rows (a pure function of the config)."""
     _, bundle = shared_data(cfg)
     evals = (
         iid_partition(len(bundle.eval), cfg.simulation.num_clients, cfg.simulation.seed)
@@ -109,7 +110,7 @@ def client_data(setup: ClientSetup) -> tuple[TokenizedDataset, TokenizedDataset 
     _, bundle = shared_data(setup.cfg)
     if setup.partition is None:
         return bundle.train, bundle.eval
-    trains, evals = _partitions(setup.cfg)
+    trains, evals = simulation_partitions(setup.cfg)
     ev = bundle.eval.subset(evals[setup.partition]) if evals else None
     return bundle.train.subset(trains[setup.partition]), ev
 

@@ -31,6 +31,7 @@ from fedlora.simulations.compare import compare, markdown
 from fedlora.simulations.federated_audit import RESULT_FILE, audit_federation
 from fedlora.simulations.report import SEEDED, audit_section, federated_result, write_all, write_report
 from fedlora.simulations.run import backend_config, simulate
+from fedlora.simulations.virtual_client import partition_sizes
 
 DEFAULT_CONFIG = "hospitals.yaml"
 
@@ -89,6 +90,13 @@ def round_progress(rounds: int) -> Iterator[Callable[[dict], None]]:
         yield lambda e: bar.update(task, completed=e["round"], **_progress_fields(e))
 
 
+def spread(sizes: list[int]) -> str:
+    """Training rows per virtual institution, as a researcher sizes the privacy budget by them."""
+    ordered = sorted(sizes)
+    median = ordered[len(ordered) // 2]
+    return f"{len(sizes)} institutions, training rows min {ordered[0]} / median {median} / max {ordered[-1]}"
+
+
 def check(args: argparse.Namespace) -> int:
     """What a run would refuse in its config, its resources and its base model, without starting one."""
     cfg = read_config(args.config or default_config(), args.set, "simulation")
@@ -99,7 +107,7 @@ def check(args: argparse.Namespace) -> int:
         "federation": describe(cfg),
         "model": cfg.model.source + (f" ({folder})" if folder else " (built from a config)"),
         "data": cfg.data.path or f"the packaged drug reviews ({cfg.data.demo_task})",
-        "partition": cfg.simulation.partition,
+        "partition": f"{cfg.simulation.partition}, {spread(partition_sizes(cfg))}",
         "per client": f"{backend['client_resources']['num_cpus']:g} CPU",
     }
     for key, value in found.items():

@@ -18,7 +18,7 @@ from fedlora.client.app import build_client_app
 from fedlora.common.config import FedloraConfig, dump_yaml
 from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
-from fedlora.simulations.virtual_client import simulation_setup
+from fedlora.simulations.virtual_client import partition_sizes, simulation_setup
 
 CONFIG_FILE = "config.yaml"
 # What Flower and Ray say at the start of every simulation that is no news to a fedlora user:
@@ -103,6 +103,7 @@ def simulate(
     every virtual institution inserts privacy-audit canaries in its own trainer."""
     if canaries and cfg.simulation.client_ranks:
         raise ConfigError("--audit: simulation.client_ranks is set; the audit needs one rank for all clients")
+    partition_sizes(cfg)
     prepare_run_dir(cfg, run_dir)
     settings = ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients)
     server_app = build_server_app(lambda _context: settings, on_round)

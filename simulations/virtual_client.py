@@ -10,10 +10,17 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from fedlora.client.app import ClientSetup, with_rank
+from fedlora.client.app import ClientSetup, simulation_partitions, with_rank
 from fedlora.client.canaries import CanaryPlan
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
+
+
+def partition_sizes(cfg: FedloraConfig) -> list[int]:
+    """Each virtual institution's training rows. Raises the partition's one-line DataError, so that a
+    run refuses before Ray starts what every actor would otherwise fail on at every message."""
+    trains, _ = simulation_partitions(cfg)
+    return [len(rows) for rows in trains]
 
 
 def canary_file(run_dir: Path, pid: int) -> Path:

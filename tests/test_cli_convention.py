@@ -96,9 +96,28 @@ def test_a_researcher_checks_a_simulation_without_starting_it(capsys) -> None:
     assert sim_cli.main(["check", "--set", "model.source=tiny-bert"]) == 0
     out, err = capsys.readouterr()
     assert "5 clients, 8 rounds, tiny-bert" in out and err == ""
+    assert "partition: dirichlet, 5 institutions, training rows min " in out
     assert sim_cli.main(["check", "--set", "simulation.num_clients=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "federation.min_clients: 5 exceeds simulation.num_clients 2" in err and "\n" not in err
+
+
+def test_a_partition_that_cannot_be_drawn_is_refused_before_ray_starts(tmp_path, capsys) -> None:
+    """Every actor would fail every message on it (and pay the failed draws again each time)."""
+    import ray
+
+    from fedlora.common.cli_support import read_config
+    from fedlora.common.errors import DataError
+    from fedlora.simulations.run import simulate
+
+    many = ["model.source=tiny-bert", "simulation.num_clients=60", "simulation.dirichlet_alpha=0.01"]
+    assert sim_cli.main(["check", *(a for kv in many for a in ("--set", kv))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: dirichlet partition: no draw in 100 gave each of 60 parts")
+    assert "\n" not in err
+    with pytest.raises(DataError, match="dirichlet partition"):
+        simulate(read_config(sim_cli.default_config(), many, "simulation"), tmp_path / "run")
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
 def test_benchmarks_share_one_entry_point_and_one_error_convention(capsys) -> None:
