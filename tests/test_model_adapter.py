@@ -300,6 +300,14 @@ def test_load_adapter_state_checks_keys_and_shapes(vocab_size, state):
     with pytest.raises(AdapterError) as info:
         load_adapter_state(model, {key: torch.zeros(3, 3, 3)})
     assert key in str(info.value)
+    # A refused load writes nothing, not even its good tensors.
+    other = sorted(state)[1]
+    with pytest.raises(AdapterError):
+        load_adapter_state(model, {other: torch.zeros_like(state[other]), key: torch.zeros(3, 3, 3)})
+    assert torch.equal(adapter_state(model)[other], state[other])
+    # The values are the parameters the model computes with.
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert any(torch.equal(p, partial[key]) for p in trained.values())
 
 
 def test_a_lower_rank_client_with_the_dropped_product_folded_computes_the_global_model(
