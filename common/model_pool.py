@@ -2,12 +2,12 @@
 
 A simulation's actor serves thousands of virtual institutions one message at a time; a fresh copy
 of the adapter model per message (``build_model``) cost a deep copy of some 1,800 objects and the
-garbage they leave, about 40% of the fixed cost of a client update (README, "A thousand
+garbage they leave: 5 of the 17 ms a message spent outside its DP steps (README, "A thousand
 institutions"). ``borrowed_model`` lends an idle copy instead. Nothing of a client stays behind:
 on the way back every tensor that is not the shared frozen base is overwritten with the fresh
-adapter's values, gradients are dropped, and a copy whose structure changed in a way a reset
-does not undo (a layer folded into a private base, Opacus' or checkpointing's attributes left
-on a module, a hook, a new parameter, an error mid-message) is not kept at all.
+adapter's values, gradients are dropped, attributes the message added are removed and flags set
+back; a copy whose structure changed (a layer folded into a private base, a hook left on a module,
+a parameter added or replaced, an error mid-message) is not kept at all.
 """
 
 from __future__ import annotations
