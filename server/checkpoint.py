@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import CheckpointError
@@ -39,8 +39,10 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in ckpt.adapter.items()}, target / ADAPTER)
-    save_file({k: v.contiguous() for k, v in ckpt.strategy.items()}, target / STRATEGY)
+    # Every file of the round on disk before the pointer names it (an OS crash, not only a process
+    # crash, must leave the previous round readable).
+    write_durably(target / ADAPTER, save({k: v.contiguous() for k, v in ckpt.adapter.items()}))
+    write_durably(target / STRATEGY, save({k: v.contiguous() for k, v in ckpt.strategy.items()}))
     state = {"round": ckpt.round, "fingerprint": ckpt.fingerprint, "history": ckpt.history}
     write_durably(target / STATE, json.dumps(state, indent=1, default=float).encode())
     write_durably(root / POINTER, target.name.encode())

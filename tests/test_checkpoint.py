@@ -51,3 +51,22 @@ def test_non_finite_adapter_is_refused(tmp_path) -> None:
     save_checkpoint(tmp_path, bad)
     with pytest.raises(CheckpointError, match="non-finite"):
         load_checkpoint(tmp_path)
+
+
+def test_every_file_of_a_round_is_on_disk_before_the_pointer_names_it(tmp_path, monkeypatch) -> None:
+    """fsync'd in order: the round's tensors and state, then the pointer (an OS crash in between
+    leaves the previous round readable)."""
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_checkpoint(tmp_path, ckpt(1))
+    files = [name for name in synced if name.startswith(".")]  # the temp files, before their rename
+    assert [name.split(".")[1] for name in files] == ["adapter", "strategy", "state", POINTER]
+    assert load_checkpoint(tmp_path).round == 1
