@@ -54,8 +54,9 @@ def adapter_state(model: nn.Module, keys: Iterable[str] | None = None) -> State:
 
 def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors (a full or partial set of the model's keys) into the model: copied into
-    PEFT's own state dict of the adapter, whose tensors are the parameters' storage (a quarter of
-    the time of PEFT's set_peft_model_state_dict, which rebuilds and remaps the whole dict)."""
+    PEFT's own state dict of the adapter, whose tensors are the parameters' storage, once every key
+    and shape is checked (PEFT's set_peft_model_state_dict rebuilds and remaps the whole dict: a
+    millisecond more per message, README "A thousand institutions")."""
     current = peft_state(model)
     unknown = sorted(set(state) - set(current))
     if unknown:

@@ -70,9 +70,10 @@ _pools: weakref.WeakKeyDictionary[nn.Module, _Pool] = weakref.WeakKeyDictionary(
 _lock = threading.Lock()
 
 
-def _pool(fresh: nn.Module, shared: Collection[int]) -> _Pool:
+def _pool(fresh: nn.Module, template: nn.Module) -> _Pool:
     pool = _pools.get(fresh)
     if pool is None:
+        shared = frozen_base(template).keys()
         pool = _pools[fresh] = _Pool(
             modules=[_part(name, module) for name, module in fresh.named_modules()],
             tensors=[_part(name, t, tensor=True, shared=shared) for name, t in _tensors(fresh)],
@@ -86,7 +87,7 @@ def borrowed_model(cfg: ModelConfig, labels: Sequence[str], vocab_size: int) -> 
     could be reset to exactly the fresh adapter model."""
     fresh, template, fingerprint = fresh_adapter(cfg, tuple(labels), vocab_size)
     with _lock:
-        pool = _pool(fresh, frozen_base(template).keys())
+        pool = _pool(fresh, template)
         model = pool.idle.pop() if pool.idle else None
     if model is None:
         model = copy.deepcopy(fresh, memo=frozen_base(template))

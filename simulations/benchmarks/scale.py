@@ -247,16 +247,17 @@ def table(results: dict[int, dict[str, Run]], title: str) -> Table:
 def measure(args: argparse.Namespace) -> int:
     check(args)
     results: dict[int, dict[str, Run]] = {}
+    bare_rounds = max(args.rounds, BARE_ROUNDS)
     for n in args.institutions:
         cfg = config(args, n)
         arrays = ArrayRecord(adapter_state(prepare(cfg).built.model))
         console.print(f"{n} institutions, bare Flower:")
-        results[n] = {"bare Flower": bare_flower(config(args, n, max(args.rounds, BARE_ROUNDS)), arrays)}
+        results[n] = {"bare Flower": bare_flower(config(args, n, bare_rounds), arrays)}
         console.print(f"{n} institutions, fedlora:")
         results[n]["fedlora"] = fedlora(cfg)
     title = (
         f"{args.model}, DP training on; {args.sampled} institutions sampled per round (all, where fewer); "
-        f"rates over rounds 2..{args.rounds} (bare Flower: 2..{max(args.rounds, BARE_ROUNDS)})"
+        f"rates over rounds 2..{args.rounds} (bare Flower: 2..{bare_rounds})"
     )
     report.print(table(results, title))
     ratios = [r["fedlora"].fixed_cost / r["bare Flower"].fixed_cost for r in results.values()]
