@@ -59,6 +59,17 @@ def per_example_grads(model, batch, task="classification"):
     return grads
 
 
+def assert_clipped_sum(trainer, expected: dict, rtol: float) -> None:
+    """After a noise-free step: each trained tensor's clipped sum is ``expected`` (by adapter key), and
+    so is the gradient the inner optimizer applied, times the expected batch size."""
+    optimizer, names = trainer.optimizer, names_by_id(trainer)
+    assert {names[id(p)] for p in optimizer.params} == set(expected)
+    for p in optimizer.params:
+        want = expected[names[id(p)]]
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-5, rtol=rtol)
+        torch.testing.assert_close(p.grad * optimizer.expected_batch_size, want, atol=1e-5, rtol=rtol)
+
+
 def norm_of(grads: dict) -> float:
     return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
 
@@ -106,13 +117,7 @@ def test_clipped_sum_equals_brute_force_loop(make_config, vocab_size, toy_classi
     optimizer.noise_multiplier = 0.0
     assert trainer._step(batch) is not None  # the trainer's own step: trim, forward, backward, step
 
-    names = names_by_id(trainer)
-    assert {names[id(p)] for p in optimizer.params} == set(expected)
-    for p in optimizer.params:
-        want = expected[names[id(p)]]
-        torch.testing.assert_close(p.summed_grad, want, atol=1e-5, rtol=1e-5)
-        # The gradient the inner optimizer applied: noise-free, divided by the expected batch size.
-        torch.testing.assert_close(p.grad * optimizer.expected_batch_size, want, atol=1e-5, rtol=1e-5)
+    assert_clipped_sum(trainer, expected, rtol=1e-5)
     assert optimizer.expected_batch_size == 4
 
 
