@@ -9,6 +9,7 @@ DP-SGD samples and clips is the person (client.privacy_unit), and every count it
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import ConfigError
 from fedlora.common.model import HEAD
+from fedlora.common.notices import without_notices
 from fedlora.common.scoring import forward_loss, trim
 
 StepCallback = Callable[[int, float], None]
@@ -51,6 +53,11 @@ class GradientHook(Protocol):
 # full backward hooks (Opacus relies on exactly that).
 _SECURE_RNG_OFF = "Secure RNG turned off"
 _FULL_BACKWARD_HOOK = "Full backward hook is firing"
+# And Opacus' log line when Poisson sampling's first batch of a loader is empty: ``_step`` runs that
+# step as a real DP step on an empty batch (noise only), so it is no news; on a command's stderr it
+# broke the one-line error convention.
+_EMPTY_FIRST_BATCH = "First batch is empty"
+_OPACUS_LOADER_LOG = logging.getLogger("opacus.data_loader")
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,10 @@ class LocalTrainer:
         else:
             self.model, self.optimizer, self.loader = wrapped
 
+    def _next_batch(self) -> tuple[torch.Tensor, ...]:
+        with without_notices(_OPACUS_LOADER_LOG, _EMPTY_FIRST_BATCH):
+            return next(self._batches)
+
     def _step(self, batch: tuple[torch.Tensor, ...]) -> float | None:
         """One optimizer step on one (logical) batch, forward and backward in slices of at most
         training.physical_batch_size examples (see ``_accumulate``)."""
@@ -323,7 +334,7 @@ class LocalTrainer:
         if self.cfg.simulation.reproducible:
             torch.manual_seed(self.round_seed(round_id))
         for step in range(steps):
-            batch = next(self._batches)
+            batch = self._next_batch()
             seen += len(batch[0])
             loss = self._step(batch)
             if proximal_mu > 0 and anchor is not None:

@@ -17,6 +17,7 @@ from flwr.simulation import run_simulation
 from fedlora.client.app import build_client_app
 from fedlora.common.config import FedloraConfig, dump_yaml
 from fedlora.common.errors import ConfigError, FedloraError
+from fedlora.common.notices import DropNotices
 from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
 from fedlora.simulations.virtual_client import partition_sizes, simulation_setup
 
@@ -60,12 +61,6 @@ def prepare_run_dir(cfg: FedloraConfig, run_dir: Path) -> None:
     saved.write_text(text)
 
 
-class _Drop(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return not any(notice in text for notice in FLOWER_NOTICES)
-
-
 @contextmanager
 def quiet_simulation() -> Iterator[None]:
     """For one simulation: Flower's warnings and errors once (Opacus gives the root logger a handler on
@@ -73,7 +68,7 @@ def quiet_simulation() -> Iterator[None]:
     returns freed tensor buffers of 128 KiB or more to the OS in the Ray actors started meanwhile
     (by default it raises that threshold after the first free and keeps each round's peak on its heap:
     README, "Memory per round"). Everything is restored afterwards."""
-    flwr, drop = logging.getLogger("flwr"), _Drop()
+    flwr, drop = logging.getLogger("flwr"), DropNotices(*FLOWER_NOTICES)
     level, propagate = flwr.level, flwr.propagate
     malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     flwr.setLevel(logging.WARNING)
