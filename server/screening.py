@@ -1,7 +1,9 @@
 """Which replies reach aggregation: each is parsed by common.codec (structure, metric keys and ranges,
 fingerprint, rank and scale within what the coordinator allows, tensor keys, shapes, dtypes, finite
 values) and its change to the weights bounded. A bad one is refused with a reason that names it, so it
-never reaches an aggregator; a failure keeps only a fixed category, never the client's text.
+never reaches an aggregator; a failure keeps only a fixed category, never the client's text. A node's
+cumulative epsilon never goes down (a lost or reset ledger), only its first reply of a round counts,
+and what is recorded of a refusal is capped in length (a client chooses the strings it quotes).
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ from fedlora.server.aggregators import Aggregator, ClientUpdate, weight_change_n
 from fedlora.server.global_adapter import GlobalAdapter, Layout
 
 log = logging.getLogger("fedlora.server")
-# Flower's own transport failures (the values of its Error codes on the wire: message unavailable,
-# reply message unavailable, node unavailable): the SuperLink writes their reasons, no client text
-TRANSPORT_ERRORS = (3, 4, 5)
+# Flower's own transport failures by the values of its Error codes on the wire, kept as their
+# category only: their text is not fedlora's to vouch for
+TRANSPORT_ERRORS = {3: "message unavailable", 4: "reply message unavailable", 5: "node unavailable"}
+MAX_REASON = 300
+"""Characters of a refusal's reason kept in the log, the round's history and every checkpoint."""
+EPSILON_SLACK = 0.01
+"""How far a node's reported cumulative epsilon may fall below its last one before the reply is
+refused: Opacus' PRV accountant computes epsilon to within 0.01 (its default eps_error)."""
 
 
 def by_node(replies: Iterable[Message]) -> list[Message]:
@@ -38,22 +45,53 @@ def by_node(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=lambda msg: msg.metadata.src_node_id)
 
 
+def capped(reason: str) -> str:
+    """``reason`` at most MAX_REASON characters, marked where it was cut."""
+    if len(reason) <= MAX_REASON:
+        return reason
+    marker = f" ... [cut: {len(reason)} characters in all]"
+    return reason[: MAX_REASON - len(marker)] + marker
+
+
 def drop(dropped: list[dict], server_round: int, msg: Message, reason: str, what: str) -> None:
-    node = msg.metadata.src_node_id
+    """A refused reply in the log and in the round's ``dropped``, its reason capped (it may quote
+    strings of the client's choosing: 4 MB of them were kept whole in every checkpoint)."""
+    node, reason = msg.metadata.src_node_id, capped(reason)
     log.warning("round %d: dropped %s reply from node %d: %s", server_round, what, node, reason)
     dropped.append({"node": node, "reason": reason})
 
 
 def failure_reason(error: Error) -> str:
-    """What the coordinator keeps of a client's failure: fedlora's fixed category, or Flower's own
-    transport reason; any other text is withheld, as it may quote the institution's data (an older
-    client, or an exception that escaped fedlora's failure mod)."""
+    """What the coordinator keeps of a client's failure: fedlora's fixed category, or the category of
+    Flower's transport failure; any other text is withheld, as it may quote the institution's data (an
+    older client, or an exception that escaped fedlora's failure mod)."""
     if error.code in P.FAILURES and error.reason == P.FAILURES[error.code]:
         return error.reason
     if error.code in TRANSPORT_ERRORS:
-        lines = [line.strip() for line in error.reason.splitlines() if line.strip()]
-        return (lines[-1] if lines else f"transport error {error.code}")[:300]
+        return f"{TRANSPORT_ERRORS[error.code]} (Flower error code {error.code}); its text is not kept"
     return f"client failure (error code {error.code}); its text is withheld: it may quote the client's data"
+
+
+def first_per_node(
+    replies: Iterable[Message], server_round: int, dropped: list[dict], what: str
+) -> list[Message]:
+    """Replies in node order, only the first of each node (a node answers a round once; a second
+    reply would count its update or its score twice); each later one dropped with its reason."""
+    seen: set[int] = set()
+    kept = []
+    for msg in by_node(replies):
+        if msg.metadata.src_node_id in seen:
+            drop(
+                dropped,
+                server_round,
+                msg,
+                "a second reply from this node this round: only its first counts",
+                what,
+            )
+        else:
+            seen.add(msg.metadata.src_node_id)
+            kept.append(msg)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -97,6 +135,8 @@ class ReplyScreen:
         self.max_rank = max_rank if aggregator.mixed_ranks else layout.lora_r
         self.max_scale_ratio = max_scale_ratio
         self.max_update_norm = max_update_norm
+        self.epsilons: dict[int, float] = {}
+        """Each node's largest reported cumulative epsilon (kept in checkpoints by the strategy)."""
 
     def rules(self, global_adapter: GlobalAdapter) -> ReplyRules:
         """What a train reply may hold this round: the coordinator's fingerprint and tensor layout,
@@ -133,7 +173,7 @@ class ReplyScreen:
         """The accepted replies in node order; each refused one logged and added to ``dropped``."""
         rules = self.rules(global_adapter)
         accepted = []
-        for msg in by_node(replies):
+        for msg in first_per_node(replies, server_round, dropped, "train"):
             try:
                 accepted.append(self.train(msg, global_adapter, rules))
             except AdapterError as err:
@@ -146,7 +186,7 @@ class ReplyScreen:
         """The accepted evaluate replies' metrics in node order; each refused one logged and added to
         ``dropped``."""
         accepted = []
-        for msg in by_node(replies):
+        for msg in first_per_node(replies, server_round, dropped, "evaluate"):
             try:
                 accepted.append(self.evaluate(msg))
             except AdapterError as err:
@@ -158,6 +198,7 @@ class ReplyScreen:
         if msg.has_error():
             raise AdapterError(failure_reason(msg.error))
         reply = parse_train_reply(msg.content, rules)
+        self.check_epsilon(msg.metadata.src_node_id, reply.metrics.epsilon)
         rank, scale = reply.metrics.lora_r, reply.metrics.lora_scale
         start = global_adapter.own(rank, scale)
         after = {**start, **{k: start[k] + v for k, v in reply.update.items()}}
@@ -177,6 +218,18 @@ class ReplyScreen:
         arrays = msg.content[P.ARRAYS].values()
         size = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
         return Screened(update=update, metrics=reply.metrics, norm=norm, bytes=size)
+
+    def check_epsilon(self, node: int, epsilon: float) -> None:
+        """Remember ``node``'s reported cumulative epsilon; AdapterError, naming the node, when it
+        went down: a spend only grows, so its ledger was lost, cleared or restored from an old copy
+        and its budget would silently start again."""
+        before = self.epsilons.get(node, 0.0)
+        if epsilon < before - EPSILON_SLACK:
+            raise AdapterError(
+                f"node {node} reports cumulative epsilon {epsilon:.4g}, below the {before:.4g} it reported "
+                "before: its privacy ledger was lost or reset; its replies are refused until it is restored"
+            )
+        self.epsilons[node] = max(before, epsilon)
 
     @staticmethod
     def evaluate(msg: Message) -> EvaluateMetrics:

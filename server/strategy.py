@@ -35,6 +35,7 @@ log = logging.getLogger("fedlora.server")
 NODE_POLL_SECONDS = 1.0
 LAYOUT = "node_layout"  # state_tensors' group of node -> (rank, scale)
 AGGREGATOR = "aggregator"  # state_tensors' group of the aggregator's own state
+EPSILONS = "node_epsilon"  # state_tensors' group of node -> largest reported cumulative epsilon
 
 
 @dataclass(frozen=True)
@@ -206,15 +207,18 @@ class LoraStrategy(Strategy):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """What the next round depends on besides the global adapter: the aggregator's and the
-        optimiser's state, and each node's known layout."""
+        optimiser's state, each node's known layout and the epsilon it last reported (so that a
+        restarted coordinator still refuses a node whose spend went down)."""
         out = {f"{AGGREGATOR}/{k}": v for k, v in self.aggregator.state_dict().items()}
         for node, (rank, scale) in self.node_layouts.items():
             out[f"{LAYOUT}/{node}"] = torch.tensor([rank, scale], dtype=torch.float64)
+        for node, epsilon in self.screen.epsilons.items():
+            out[f"{EPSILONS}/{node}"] = torch.tensor(epsilon, dtype=torch.float64)
         return {**out, **self.optimiser.state_dict()}
 
     def load_state_tensors(self, state: Mapping[str, torch.Tensor]) -> None:
         """CheckpointError for state this strategy does not keep."""
-        mine: dict[str, dict[str, torch.Tensor]] = {AGGREGATOR: {}, LAYOUT: {}}
+        mine: dict[str, dict[str, torch.Tensor]] = {AGGREGATOR: {}, LAYOUT: {}, EPSILONS: {}}
         rest = {}
         for key, value in state.items():
             group, _, name = key.partition("/")
@@ -227,6 +231,7 @@ class LoraStrategy(Strategy):
         except AdapterError as err:
             raise CheckpointError(str(err)) from None
         self.node_layouts = {int(n): (int(v[0]), float(v[1])) for n, v in mine[LAYOUT].items()}
+        self.screen.epsilons = {int(n): float(v) for n, v in mine[EPSILONS].items()}
         self.optimiser.load_state_dict(rest)
 
 

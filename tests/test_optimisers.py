@@ -103,7 +103,7 @@ def test_fedprox_tells_the_clients_its_mu() -> None:
 def test_the_transport_error_codes_are_flowers() -> None:
     """Flower's ErrorCode is not public API: the codes are pinned here so an upgrade that moves them
     fails a test instead of withholding (or keeping) the wrong failure texts."""
-    assert TRANSPORT_ERRORS == (
+    assert tuple(TRANSPORT_ERRORS) == (
         ErrorCode.MESSAGE_UNAVAILABLE,
         ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
         ErrorCode.NODE_UNAVAILABLE,

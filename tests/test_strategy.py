@@ -19,7 +19,9 @@ from fedlora.common.config import load_config
 from fedlora.common.errors import FedloraError
 from fedlora.common.lora_math import layer_products
 from fedlora.common.model import lora_scale
+from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlora.server.optimisers import FedAdam
+from fedlora.server.screening import MAX_REASON, capped
 from fedlora.server.strategy import build_strategy
 
 FP = "f1ngerpr1nt"
@@ -151,7 +153,7 @@ def test_bad_reply_is_dropped_and_round_completes(strategy, bad, reason) -> None
         (2, "DataError: label 'Patient Jane Roe, 54, chest pain' is not one of", "text is withheld"),
         (102, "data error: Patient Jane Roe, 54, chest pain", "text is withheld"),
         (0, "Patient Jane Roe, 54, chest pain", "text is withheld"),
-        (5, "Error: node 7 is unavailable", "node 7 is unavailable"),
+        (5, "Error: node 7 is unavailable: Patient Jane Roe", "node unavailable (Flower error code 5)"),
     ],
     ids=["fedlora-category", "flower-exception-text", "category-with-text", "unknown", "transport"],
 )
@@ -210,7 +212,7 @@ def test_server_optimiser_state_round_trips() -> None:
     got = from_record(arrays)
     assert any(not torch.allclose(got[k], plain_mean[k]) for k in SHAPES)  # Adam moved it differently
     saved = s.state_tensors()
-    assert {k.split("/")[0] for k in saved} == {"m_t", "v_t", "node_layout"}
+    assert {k.split("/")[0] for k in saved} == {"m_t", "v_t", "node_layout", "node_epsilon"}
     fresh = build_strategy(cfg, FP, num_clients=2)
     fresh.load_state_tensors(saved)
     for name in ("m_t", "v_t"):
@@ -540,3 +542,77 @@ def test_default_bounds_keep_the_benchmarks_mixed_rank_settings_valid() -> None:
             scale = lora_scale(dataclasses.replace(cfg.model, lora_r=rank))
             assert rules.ranks[0] <= rank <= rules.ranks[1], setting.name
             assert rules.scales[0] <= scale <= rules.scales[1], setting.name
+
+
+# --- A node's spend never goes down; a client's strings and claims stay bounded (issue 26) ---
+
+
+def test_a_reply_whose_epsilon_went_down_is_dropped_naming_the_node(tmp_path) -> None:
+    """A lost or reset ledger restarts an institution's budget: the coordinator remembers each node's
+    cumulative epsilon, refuses a lower one, and still does after a restart from its checkpoint."""
+    s = federation("fedavg")
+    s.aggregate_train(1, [honest(s, 1, epsilon=2.0), honest(s, 2, epsilon=2.0)])
+    s.aggregate_train(2, [honest(s, 1, epsilon=3.5), honest(s, 2, epsilon=3.5)])
+    arrays, _ = s.aggregate_train(3, [honest(s, 1, epsilon=1.2), honest(s, 2, epsilon=4.4)])
+    assert arrays is not None and [c["node"] for c in s.rounds[-1].clients] == [2]
+    dropped = s.rounds[-1].dropped
+    assert [d["node"] for d in dropped] == [1]
+    assert dropped[0]["reason"].startswith("node 1 reports cumulative epsilon 1.2, below the 3.5")
+    assert "\n" not in dropped[0]["reason"]
+
+    save_checkpoint(tmp_path, Checkpoint(3, FP, s.global_adapter.state, s.state_tensors(), []))
+    restarted = federation("fedavg")
+    restarted.load_state_tensors(load_checkpoint(tmp_path).strategy)
+    restarted.aggregate_train(4, [honest(restarted, 1, epsilon=3.0), honest(restarted, 2, epsilon=4.4)])
+    assert [d["node"] for d in restarted.rounds[-1].dropped] == [1]
+    assert "below the 3.5" in restarted.rounds[-1].dropped[0]["reason"]
+    restarted.aggregate_train(5, [honest(restarted, 1, epsilon=3.5), honest(restarted, 2, epsilon=5.0)])
+    assert restarted.rounds[-1].dropped == []  # back at its spend (restored ledger): accepted again
+
+
+def test_a_refused_replys_client_strings_are_recorded_cut_short(caplog) -> None:
+    """4 MB of a client's metric key, fingerprint or array key were kept whole in the log, the round's
+    history and every checkpoint; what is recorded of a refusal is now at most MAX_REASON characters."""
+    caplog.set_level(logging.WARNING, "fedlora.server")
+    s = federation("fedavg")
+    huge = "x" * 4_000_000
+    hostile = [
+        raw_reply(7, wire(s, state(7, 0.01)), 20, **{huge: 1.0}),
+        reply(8, wire(s, state(8, 0.01)), 20, fingerprint=huge),
+        reply(9, {**wire(s, state(9, 0.01)), huge: torch.zeros(2)}, 20),
+    ]
+    s.aggregate_train(1, [honest(s, 1), *hostile])
+    reasons = [d["reason"] for d in s.rounds[-1].dropped]
+    assert [d["node"] for d in s.rounds[-1].dropped] == [7, 8, 9]
+    assert all(len(r) <= MAX_REASON and "xxxx" in r for r in reasons), [len(r) for r in reasons]
+    assert len(caplog.text) < 10 * MAX_REASON
+    assert len(capped("y" * 10_000)) == MAX_REASON and capped("y" * 10_000).endswith(
+        "10000 characters in all]"
+    )
+
+
+def test_a_nodes_second_reply_in_one_round_is_dropped() -> None:
+    """Two replies of one node in one batch counted its update (or its score) twice: only its
+    first counts."""
+    s, arrays, _ = round_of("fedavg", lambda s: [honest(s, 1), honest(s, 2), honest(s, 2, 1000)])
+    assert [c["node"] for c in s.rounds[-1].clients] == [1, 2]
+    assert [d["node"] for d in s.rounds[-1].dropped] == [2]
+    assert "second reply" in s.rounds[-1].dropped[0]["reason"]
+    _, clean, _ = round_of("fedavg", lambda s: [honest(s, 1), honest(s, 2)])
+    assert_same(arrays, clean)
+    score = [reply_message(n, evaluate_reply(EvaluateMetrics(10, accuracy=0.8))) for n in (1, 2)]
+    metrics = s.aggregate_evaluate(
+        1, [*score, reply_message(2, evaluate_reply(EvaluateMetrics(10, accuracy=0.0)))]
+    )
+    assert metrics[P.ACCURACY] == pytest.approx(0.8) and metrics[P.NUM_EXAMPLES] == 20
+    assert [d["node"] for d in s.rounds[-1].evaluate_dropped] == [2]
+
+
+def test_a_huge_evaluate_claim_weighs_as_a_training_claim_would() -> None:
+    """An evaluate reply claiming 1e12 examples takes at most the share cap, as in training."""
+    s = federation("fedavg")
+    honest_scores = [reply_message(n, evaluate_reply(EvaluateMetrics(10, accuracy=0.8))) for n in (1, 2, 3)]
+    liar = reply_message(4, evaluate_reply(EvaluateMetrics(1e12, accuracy=0.0)))
+    metrics = s.aggregate_evaluate(1, [*honest_scores, liar])
+    assert s.weighting([10, 10, 10, 1e12]) == [10, 10, 10, 30]
+    assert metrics[P.ACCURACY] == pytest.approx(0.4)
