@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +95,24 @@ def first_per_node(
 
 
 @dataclass(frozen=True)
+class NormBounds:
+    """How far one reply may move the weights: at most ``absolute``, and at most ``ratio`` times the
+    round's median (its lower median for an even count), an adaptive bound that needs no knowledge
+    of the learning rates and steps the institutions planned; None disables either."""
+
+    absolute: float | None = None
+    ratio: float | None = None
+
+    def median(self, norms: Sequence[float]) -> float | None:
+        """The round's reference norm; None when there is nothing to compare with (fewer than two
+        replies, or a median of 0: replies that trained no step)."""
+        if self.ratio is None or len(norms) < 2:
+            return None
+        reference = sorted(norms)[(len(norms) - 1) // 2]
+        return reference if reference > 0 else None
+
+
+@dataclass(frozen=True)
 class Screened:
     """An accepted train reply: the client's adapter after training, what it said, what it did."""
 
@@ -125,7 +143,7 @@ class ReplyScreen:
         aggregator: Aggregator,
         max_rank: int,
         max_scale_ratio: float,
-        max_update_norm: float | None,
+        norms: NormBounds,
     ) -> None:
         if aggregator.mixed_ranks and max_rank < layout.lora_r:
             raise ConfigError(
@@ -134,7 +152,7 @@ class ReplyScreen:
         self.layout, self.aggregator = layout, aggregator
         self.max_rank = max_rank if aggregator.mixed_ranks else layout.lora_r
         self.max_scale_ratio = max_scale_ratio
-        self.max_update_norm = max_update_norm
+        self.norms = norms
         self.epsilons: dict[int, float] = {}
         """Each node's largest reported cumulative epsilon (kept in checkpoints by the strategy)."""
 
@@ -172,12 +190,23 @@ class ReplyScreen:
     ) -> list[Screened]:
         """The accepted replies in node order; each refused one logged and added to ``dropped``."""
         rules = self.rules(global_adapter)
-        accepted = []
+        screened = []
         for msg in first_per_node(replies, server_round, dropped, "train"):
             try:
-                accepted.append(self.train(msg, global_adapter, rules))
+                screened.append((msg, self.train(msg, global_adapter, rules)))
             except AdapterError as err:
                 drop(dropped, server_round, msg, str(err), "train")
+        median = self.norms.median([s.norm for _, s in screened])
+        accepted = []
+        for msg, s in screened:
+            if median is not None and s.norm > self.norms.ratio * median:
+                reason = (
+                    f"weight change norm {s.norm:.4g} is {s.norm / median:.3g} times the round's median "
+                    f"{median:.4g} (federation.max_norm_ratio {self.norms.ratio:g})"
+                )
+                drop(dropped, server_round, msg, reason, "train")
+            else:
+                accepted.append(s)
         return accepted
 
     def evaluate_replies(
@@ -203,10 +232,10 @@ class ReplyScreen:
         start = global_adapter.own(rank, scale)
         after = {**start, **{k: start[k] + v for k, v in reply.update.items()}}
         norm = weight_change_norm(start, after, scale)
-        if self.max_update_norm is not None and norm > self.max_update_norm:
+        bound = self.norms.absolute
+        if bound is not None and norm > bound:
             raise AdapterError(
-                f"weight change norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g} "
-                "(federation.max_update_norm)"
+                f"weight change norm {norm:.4g} exceeds the bound {bound:.4g} (federation.max_update_norm)"
             )
         update = ClientUpdate(
             node_id=msg.metadata.src_node_id,

@@ -29,7 +29,7 @@ from fedlora.server.aggregators import Aggregator, bounded_weights, create_aggre
 from fedlora.server.global_adapter import GlobalAdapter, Layout
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
-from fedlora.server.screening import ReplyScreen
+from fedlora.server.screening import NormBounds, ReplyScreen
 
 log = logging.getLogger("fedlora.server")
 NODE_POLL_SECONDS = 1.0
@@ -250,7 +250,13 @@ def build_strategy(cfg: FedloraConfig, fingerprint: str, num_clients: int) -> Lo
             node_wait_timeout=fed.node_wait_timeout,
             round_timeout=fed.round_timeout,
         ),
-        screen=ReplyScreen(layout, aggregator, fed.max_rank, fed.max_scale_ratio, fed.max_update_norm),
+        screen=ReplyScreen(
+            layout,
+            aggregator,
+            fed.max_rank,
+            fed.max_scale_ratio,
+            NormBounds(fed.max_update_norm, fed.max_norm_ratio),
+        ),
         weighting=Weighting(fed.max_examples, fed.max_weight_share),
         aggregator=aggregator,
         optimiser=create_optimiser(

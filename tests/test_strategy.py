@@ -616,3 +616,28 @@ def test_a_huge_evaluate_claim_weighs_as_a_training_claim_would() -> None:
     metrics = s.aggregate_evaluate(1, [*honest_scores, liar])
     assert s.weighting([10, 10, 10, 1e12]) == [10, 10, 10, 30]
     assert metrics[P.ACCURACY] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("honest_nodes", [(1,), (1, 2), (1, 2, 3)])
+def test_by_default_an_update_far_above_the_rounds_median_is_dropped(honest_nodes) -> None:
+    """The default configuration accepted a well-formed update 15,000x the honest norm (weight 0.5):
+    federation.max_norm_ratio (10 by default) drops it, with two replies as with more."""
+    s = federation("fedavg")
+    huge = reply(9, {k: 15_000 * v for k, v in wire(s, state(9, 0.01)).items()}, 20)
+    s.aggregate_train(1, [*(honest(s, n) for n in honest_nodes), huge])
+    assert [c["node"] for c in s.rounds[-1].clients] == list(honest_nodes)
+    assert [d["node"] for d in s.rounds[-1].dropped] == [9]
+    assert "times the round's median" in s.rounds[-1].dropped[0]["reason"]
+    assert "federation.max_norm_ratio 10" in s.rounds[-1].dropped[0]["reason"]
+
+
+def test_the_median_bound_keeps_honest_spread_and_can_be_switched_off() -> None:
+    s = federation("fedavg")
+    spread = [reply(n, wire(s, state(n, 0.01 * n)), 20) for n in (1, 2, 3)]  # norms 1x, 2x, 3x
+    s.aggregate_train(1, spread)
+    assert s.rounds[-1].dropped == []
+    off = federation("fedavg", "federation.max_norm_ratio=null")
+    off.aggregate_train(
+        1, [honest(off, 1), reply(9, {k: 15_000 * v for k, v in wire(off, state(9, 0.01)).items()}, 20)]
+    )
+    assert off.rounds[-1].dropped == []
