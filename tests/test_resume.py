@@ -140,3 +140,20 @@ def test_a_checkpoint_with_state_the_optimiser_does_not_keep_is_refused_in_one_l
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "checkpoint") in message
     assert "'momentum_vector' is not kept by federation.strategy fedavgm" in message
+
+
+def test_a_node_whose_ledger_was_lost_is_refused_after_the_coordinator_restarts(tmp_path) -> None:
+    """Issue 26, severe 2 (server side), with real DP training (Opacus) and the real restore: a virtual
+    institution's ledger deleted while the coordinator is down reports a lower cumulative epsilon in
+    the next round; the restarted coordinator still knows the old one and refuses it, naming the node."""
+    dp = [*BASE, "privacy.enabled=true", "privacy.epsilon=8", "privacy.planned_rounds=3"]
+    run(load_config(overrides=[*dp, "federation.rounds=2"]), tmp_path)
+    before = load_checkpoint(tmp_path / "checkpoint").history[-1]["clients"]
+    (tmp_path / "ledgers" / "client-0.json").unlink()
+    run(load_config(overrides=[*dp, "federation.rounds=3"]), tmp_path)
+    third = load_checkpoint(tmp_path / "checkpoint").history[-1]
+    assert third["round"] == 3 and [c["node"] for c in third["clients"]] == [NODES[1]]
+    assert [d["node"] for d in third["dropped"]] == [NODES[0]]
+    spent = next(c[P.EPSILON] for c in before if c["node"] == NODES[0])
+    assert third["dropped"][0]["reason"].startswith(f"node {NODES[0]} reports cumulative epsilon ")
+    assert f"below the {spent:.4g} it reported before" in third["dropped"][0]["reason"]
