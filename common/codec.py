@@ -23,7 +23,7 @@ from fedlora.common import protocol as P
 from fedlora.common.adapter import State, non_finite, to_record
 from fedlora.common.errors import AdapterError, TrainingDiverged
 
-SHOWN = 60
+_SHOWN = 60
 """Characters of a client's string that a refusal quotes."""
 Shape = tuple[int | None, ...]
 """A tensor's expected shape; None where the replying client's own LoRA rank goes."""
@@ -130,7 +130,7 @@ def parse_train_reply(content: RecordDict, rules: ReplyRules) -> TrainReply:
     metrics = _train_structure(content)
     theirs = content[P.CONFIG][P.FINGERPRINT]
     if theirs != rules.fingerprint:
-        raise AdapterError(f"fingerprint {shown(theirs)} is not the federation's {rules.fingerprint}")
+        raise AdapterError(f"fingerprint {_shown(theirs)} is not the federation's {rules.fingerprint}")
     _check_layout(metrics, rules)
     shapes = {
         key: tuple(metrics.lora_r if dim is None else dim for dim in shape)
@@ -166,7 +166,7 @@ def decode_arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) ->
         raise AdapterError(f"missing key {missing[0]!r} ({len(missing)} missing)")
     extra = sorted(set(record) - set(shapes))
     if extra:
-        raise AdapterError(f"unexpected key {shown(extra[0])} ({len(extra)} unexpected)")
+        raise AdapterError(f"unexpected key {_shown(extra[0])} ({len(extra)} unexpected)")
     state = {key: _decode(key, record[key], shapes[key]) for key in shapes}
     bad = non_finite(state)
     if bad:
@@ -174,7 +174,7 @@ def decode_arrays(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) ->
     return state
 
 
-def shown(value: object, limit: int = SHOWN) -> str:
+def _shown(value: object, limit: int = _SHOWN) -> str:
     """``repr(value)`` of something a client chose (a key, a fingerprint), cut to ``limit`` characters
     with a marker: a refusal quotes it, and the coordinator keeps its refusals."""
     text = repr(value)
@@ -184,10 +184,10 @@ def shown(value: object, limit: int = SHOWN) -> str:
 def _decode(key: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
     if array.dtype not in P.REPLY_DTYPES:
         raise AdapterError(
-            f"{key!r}: dtype {shown(array.dtype)}, expected one of {', '.join(P.REPLY_DTYPES)}"
+            f"{key!r}: dtype {_shown(array.dtype)}, expected one of {', '.join(P.REPLY_DTYPES)}"
         )
     if tuple(array.shape) != shape:
-        raise AdapterError(f"{key!r}: shape {shown(tuple(array.shape))}, expected {shape}")
+        raise AdapterError(f"{key!r}: shape {_shown(tuple(array.shape))}, expected {shape}")
     data = array.data if isinstance(array.data, bytes) else b""
     buffer = io.BytesIO(data)
     try:
@@ -195,7 +195,7 @@ def _decode(key: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
         read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
         header_shape, fortran, dtype = read_header(buffer)
     except (ValueError, TypeError) as err:
-        raise AdapterError(f"{key!r}: not a numpy array ({shown(str(err))})") from None
+        raise AdapterError(f"{key!r}: not a numpy array ({_shown(str(err))})") from None
     if header_shape != shape or dtype != np.dtype(array.dtype) or fortran:
         raise AdapterError(
             f"{key!r}: payload holds {dtype} {header_shape}, its metadata says {array.dtype} {shape}"
@@ -213,7 +213,7 @@ def _train_structure(content: RecordDict) -> TrainMetrics:
     config = content[P.CONFIG]
     if set(config) != {P.FINGERPRINT}:
         raise AdapterError(
-            f"config record: keys {shown(sorted(config))}, expected exactly [{P.FINGERPRINT!r}]"
+            f"config record: keys {_shown(sorted(config))}, expected exactly [{P.FINGERPRINT!r}]"
         )
     return _train_metrics(content[P.METRICS])
 
@@ -221,7 +221,7 @@ def _train_structure(content: RecordDict) -> TrainMetrics:
 def _check_records(content: RecordDict, expected: Mapping[str, type]) -> None:
     names = sorted(content)
     if names != sorted(expected):
-        raise AdapterError(f"records {shown(names)}, expected exactly {sorted(expected)}")
+        raise AdapterError(f"records {_shown(names)}, expected exactly {sorted(expected)}")
     for name, kind in expected.items():
         if not isinstance(content[name], kind):
             raise AdapterError(
@@ -239,12 +239,12 @@ def _check_metrics(
     extra = sorted(set(record) - set(required) - set(optional))
     if extra:
         raise AdapterError(
-            f"unexpected metric {shown(extra[0])} (known: {', '.join((*required, *optional))})"
+            f"unexpected metric {_shown(extra[0])} (known: {', '.join((*required, *optional))})"
         )
     values: dict[str, int | float] = {}
     for key, value in record.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise AdapterError(f"metric {key!r}: {shown(value)}, expected a single number")
+            raise AdapterError(f"metric {key!r}: {_shown(value)}, expected a single number")
         if not math.isfinite(value):
             raise AdapterError(f"metric {key!r}: {value!r}, expected a finite number")
         values[key] = value

@@ -168,3 +168,26 @@ def test_a_payload_whose_header_disagrees_with_its_metadata_is_refused_before_de
 def test_malformed_evaluate_reply_is_refused_by_name(record: RecordDict, reason: str) -> None:
     with pytest.raises(AdapterError, match=reason):
         parse_evaluate_reply(record)
+
+
+
+LONG = "k" * 4_000_000
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        lambda: with_metrics(**{LONG: 1.0}),
+        lambda: train_reply(update(), METRICS, LONG),
+        lambda: with_array(LONG, Array(np.zeros(2, np.float32))),
+        lambda: with_records(**{LONG: ConfigRecord({"a": 1})}),
+        lambda: with_records(**{P.CONFIG: ConfigRecord({P.FINGERPRINT: FP, LONG: 1})}),
+    ],
+    ids=["metric-key", "fingerprint", "array-key", "record-name", "config-key"],
+)
+def test_a_refusal_quotes_at_most_a_short_piece_of_a_clients_string(content) -> None:
+    """Issue 26: a 4 MB key was quoted whole in the refusal, then in the coordinator's log, history
+    and every checkpoint."""
+    with pytest.raises(AdapterError) as err:
+        parse_train_reply(content(), RULES)
+    assert "kkkk" in str(err.value) and len(str(err.value)) < 250, len(str(err.value))
