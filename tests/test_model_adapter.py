@@ -361,6 +361,27 @@ def test_missing_local_model_folder_names_the_path(tmp_path, vocab_size, make):
     assert str(path) in str(info.value)
 
 
+CODE_NAMING = {
+    "tokenizer-auto-map": ("tokenizer_config.json", {"auto_map": {"AutoTokenizer": ["hub--tok.Slow", None]}}),
+    "custom-pipelines": ("config.json", {"custom_pipelines": {"x": {"impl": "pipe.Pipe"}}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CODE_NAMING))
+def test_a_model_folder_naming_its_own_code_is_refused_before_transformers_reads_it(tmp_path, case):
+    tiny = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    tiny.save_pretrained(tmp_path)
+    name, extra = CODE_NAMING[case]
+    path = tmp_path / name
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **extra}))
+    cfg = ModelConfig(source=str(tmp_path))
+    for load in (lambda: load_tokenizer(cfg), lambda: build_base_model(cfg, ("a", "b"), 30522)):
+        with pytest.raises(ModelError, match=f"{tmp_path} asks to run its own code \\({name}") as info:
+            load()
+        assert "\n" not in str(info.value)
+    assert ("tok.py" if "tokenizer" in case else "pipe.py") in str(info.value)
+
+
 def test_tiny_models_refuse_the_other_task(vocab_size):
     with pytest.raises(ModelError, match="tiny-llama"):
         build_base_model(ModelConfig(source="tiny-llama"), ("a", "b"), vocab_size)

