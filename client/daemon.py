@@ -1,5 +1,6 @@
 """The institution's SuperNode: TLS, the node's authentication key, and its own YAML as node config;
-beside it, the institution's worker, which keeps the base model loaded (client.worker).
+beside it, the institution's worker, which keeps the base model loaded (client.worker), and the
+SuperExec that runs only fedlora's own ClientApp for its messages (client.own_app).
 
 Only the institution's YAML decides the data, the budget, the ledger and the device: the ClientApp
 reads it from the node config, which the coordinator cannot change. The SuperNode and the worker run
