@@ -19,6 +19,7 @@ from fedlora.client.daemon import (
     ACTIVATION_PATIENCE,
     RUNTIME_PORT,
     SuperNodeOptions,
+    own_superexec,
     run_supernode,
     supernode_command,
     worker_running,
@@ -373,7 +374,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.insecure:
         console.print("[bold yellow]warning:[/] --insecure: no TLS and no node authentication; tests only")
     console.print(f"{cfg.name}: SuperNode connecting to {cfg.federation.superlink_address}", soft_wrap=True)
-    with worker_running(args.grace) as worker:
+    with worker_running(args.grace) as worker, own_superexec(worker, args.runtime_port, args.grace):
         cmd = supernode_command(cfg, Path(args.config), options, worker)
         run_supernode(cmd, args.grace, args.activation_patience)
     console.print(f"{cfg.name}: SuperNode stopped")

@@ -1,5 +1,6 @@
 """The institution's SuperNode: TLS, the node's authentication key, and its own YAML as node config;
-beside it, the institution's worker, which keeps the base model loaded (client.worker).
+beside it, the institution's worker, which keeps the base model loaded (client.worker), and the
+SuperExec that runs only fedlora's own ClientApp for its messages (client.own_app).
 
 Only the institution's YAML decides the data, the budget, the ledger and the device: the ClientApp
 reads it from the node config, which the coordinator cannot change. The SuperNode and the worker run
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from fedlora.client.own_app import superexec_command
 from fedlora.client.relay import open_folder
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
@@ -62,7 +64,8 @@ def supernode_command(
     cfg: FedloraConfig, config_path: Path, options: SuperNodeOptions, worker: Path | None = None
 ) -> list[str]:
     """The flower-supernode command line for this institution; its ClientApp hands every message to
-    the ``worker`` folder's worker (None: each message is handled, and the model loaded, on its own)."""
+    the ``worker`` folder's worker (None: each message is handled, and the model loaded, on its own).
+    With a worker, the SuperNode launches no app itself: `own_superexec` runs fedlora's (client.own_app)."""
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise ConfigError(f"data.path: {cfg.data.path} does not exist")
     cmd = [
@@ -78,6 +81,8 @@ def supernode_command(
             {P.NODE_CONFIG: str(config_path.resolve())} | ({P.NODE_WORKER: str(worker)} if worker else {})
         ),
     ]
+    if worker:
+        cmd += ["--isolation", "process"]
     if options.insecure:
         cmd.append("--insecure")
     else:
@@ -173,6 +178,18 @@ def _supervise(folder: Path, grace: float, stop: threading.Event) -> None:
         sys.stdout.write(f"fedlora: worker exited with code {proc.returncode}; starting it again\n")
         if stop.wait(RETRY_SECONDS):
             return
+
+
+@contextmanager
+def own_superexec(folder: Path, runtime_port: int, grace: float) -> Iterator[None]:
+    """Flower's SuperExec for the SuperNode, echoed, for as long as the block runs: it launches
+    fedlora's own ClientApp runner from ``folder`` (client.own_app), never a run's app bundle."""
+    proc = start_child(superexec_command(folder, runtime_port), flower_env())
+    threading.Thread(target=_echo, args=(proc.stdout, deque(maxlen=0)), daemon=True).start()
+    try:
+        yield
+    finally:
+        stop_child(proc, grace)
 
 
 @contextmanager

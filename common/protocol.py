@@ -53,3 +53,8 @@ NODE_WORKER = "worker"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 RUN_DIR = "run-dir"
+
+# fedlora's identity as a Flower App (pyproject.toml's [tool.flwr.app]): an institution runs a run's
+# messages only when its app bundle names these (client.own_app), and then with its own installed code
+APP_PUBLISHER = "fedlora"
+APP_COMPONENTS = {"serverapp": "fedlora.server.app:app", "clientapp": "fedlora.client.relay:app"}

@@ -31,7 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     folder = model_dir(cfg.model.source)
     found = {
         "config": args.config or "defaults",
-        "SuperLink": f"{host}:{port}",
+        "SuperLink": f"{host}:{port} (Fleet API only; Control on loopback)",
         "federation": f"{cfg.federation.rounds} rounds, at least {cfg.federation.min_clients} institutions, "
         f"strategy {cfg.federation.strategy}, aggregator {cfg.federation.aggregator}",
         "model": cfg.model.source + (f" ({folder})" if folder else " (built from a config)"),
@@ -39,7 +39,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.insecure:
         found["security"] = "--insecure: no TLS, no node authentication (tests only)"
     else:
-        command = deploy.superlink_command(cfg, deploy.RunFolder(Path(".")), insecure=False)
+        command = deploy.superlink_command(cfg, deploy.RunFolder(Path(".")), insecure=False, port=0)
         found["TLS"] = ", ".join(command[i + 1] for i, arg in enumerate(command) if arg.startswith("--ssl-"))
         found["admitted keys"] = ", ".join(deploy.admitted_keys(cfg))
     for key, value in found.items():
@@ -53,7 +53,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.insecure:
         say(
             "[bold yellow]warning:[/] --insecure: no TLS and no SuperNode authentication; anyone who "
-            "reaches the port can join or submit runs. Local tests only."
+            "reaches the port can join as a SuperNode. Local tests only."
         )
     deploy.start(cfg, Path(args.config), _run_dir(args), app, args.insecure, say)
     return 0

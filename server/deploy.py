@@ -1,5 +1,11 @@
 """The coordinator's SuperLink: start it secured, admit the institutions, submit the run, follow it.
 
+The SuperLink listens on loopback only (a free port chosen at each start): its one HTTP port also
+serves Flower's Control API, which authenticates no one, so only this machine may reach it. The
+federation's address is served by the Fleet gate (server.fleet_gate), a child of `fedlora-server
+start` that passes SuperNodes' Fleet calls through and nothing else. No party but the coordinator can
+start a run: no foreign ServerApp runs in this folder, and ``flwr log`` answers only here.
+
 Everything lives in the run folder's ``superlink/``: the SuperLink's state database (so a restarted
 SuperLink still knows the admitted nodes, and their SuperNodes reconnect on their own), its log and
 pid file, the ServerApp's log, and the FLWR_HOME whose config.toml tells ``flwr`` how to reach it.
@@ -12,6 +18,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +58,7 @@ FLWR_SECONDS = 120.0
 FOLLOW_POLL_SECONDS = 1.0
 STATUS_POLL_SECONDS = 10.0
 COMPLETED = "finished:completed"
+LOOPBACK = "127.0.0.1"
 Say = Callable[[str], None]
 
 
@@ -79,6 +87,10 @@ class RunFolder:
     @property
     def supervisor_pid_file(self) -> Path:
         return self.work / "start.pid"
+
+    @property
+    def gate_log(self) -> Path:
+        return self.work / "fleet-gate.log"
 
     @property
     def serverapp_log(self) -> Path:
@@ -119,10 +131,17 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def control_address(address: str) -> str:
-    """Where ``flwr`` reaches a SuperLink listening on ``address`` (all interfaces: via loopback)."""
+def reachable_address(address: str) -> str:
+    """Where this machine reaches a server listening on ``address`` (all interfaces: via loopback)."""
     host, port = split_address(address)
     return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else address
+
+
+def loopback_port() -> int:
+    """A free port on loopback for the SuperLink (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 def find_app_dir(explicit: Path | None = None) -> Path:
@@ -156,12 +175,13 @@ def admitted_keys(cfg: FedloraConfig) -> list[str]:
     return keys
 
 
-def superlink_command(cfg: FedloraConfig, folder: RunFolder, insecure: bool) -> list[str]:
-    host, port = split_address(cfg.federation.superlink_address)
+def superlink_command(cfg: FedloraConfig, folder: RunFolder, insecure: bool, port: int) -> list[str]:
+    """The SuperLink on loopback ``port``: Fleet, Control and Runtime APIs for this machine only."""
+    split_address(cfg.federation.superlink_address)
     cmd = [
         flower_program(SUPERLINK),
         "--host",
-        host,
+        LOOPBACK,
         "--port",
         str(port),
         "--database",
@@ -183,9 +203,31 @@ def superlink_command(cfg: FedloraConfig, folder: RunFolder, insecure: bool) -> 
     ]
 
 
-def write_connection(cfg: FedloraConfig, folder: RunFolder, insecure: bool) -> None:
-    """FLWR_HOME/config.toml: the one connection the ``flwr`` commands of this run use."""
-    address = control_address(cfg.federation.superlink_address)
+def gate_command(cfg: FedloraConfig, insecure: bool, port: int) -> list[str]:
+    """The Fleet gate on the federation's address, in front of the SuperLink on loopback ``port``."""
+    host, public_port = split_address(cfg.federation.superlink_address)
+    cmd = [sys.executable, "-m", "fedlora.server.fleet_gate", "--host", host, "--port", str(public_port)]
+    cmd += ["--parent-pid", str(os.getpid())]
+    if insecure:
+        return [*cmd, "--upstream", f"http://{LOOPBACK}:{port}"]
+    sec = cfg.security
+    return [
+        *cmd,
+        "--upstream",
+        f"https://{LOOPBACK}:{port}",
+        "--certfile",
+        _tls_file(sec.server_cert, "server_cert"),
+        "--keyfile",
+        _tls_file(sec.server_key, "server_key"),
+        "--ca",
+        _tls_file(sec.ca_cert, "ca_cert"),
+    ]
+
+
+def write_connection(cfg: FedloraConfig, folder: RunFolder, insecure: bool, port: int) -> None:
+    """FLWR_HOME/config.toml: the one connection the ``flwr`` commands of this run use, on loopback
+    (the server certificate must name 127.0.0.1, as `fedlora-server dev-certs` makes it)."""
+    address = f"{LOOPBACK}:{port}"
     if insecure:
         security = "insecure = true"
     else:
@@ -309,18 +351,20 @@ def run_status(folder: RunFolder, run_id: int) -> str:
     return str(answer["runs"][0]["status"])
 
 
-def wait_until_listening(proc: subprocess.Popen, address: str, log: Path) -> None:
-    host, port = split_address(control_address(address))
+def wait_until_listening(
+    proc: subprocess.Popen, address: str, log: Path, what: str = "the SuperLink"
+) -> None:
+    host, port = split_address(reachable_address(address))
     deadline = time.monotonic() + READY_SECONDS
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise FedloraError(f"the SuperLink exited with code {proc.returncode}: {last_line(log)}")
+            raise FedloraError(f"{what} exited with code {proc.returncode}: {last_line(log)}")
         try:
             socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.3)
-    raise FedloraError(f"the SuperLink did not listen on {address} within {READY_SECONDS:g} s; see {log}")
+    raise FedloraError(f"{what} did not listen on {address} within {READY_SECONDS:g} s; see {log}")
 
 
 def last_line(log: Path, marker: str = "") -> str:
@@ -342,7 +386,9 @@ def history(folder: RunFolder) -> list[dict]:
     return [entry for entry in ckpt.history if entry.get("round")] if ckpt is not None else []
 
 
-def follow(folder: RunFolder, run_id: int, superlink: subprocess.Popen, rounds: int, say: Say) -> str:
+def follow(
+    folder: RunFolder, run_id: int, serving: dict[str, subprocess.Popen], rounds: int, say: Say
+) -> str:
     """Report rounds as the checkpoint gains them until the run finishes; its final status."""
     logs = start_child(
         [flower_program("flwr"), "log", str(run_id), CONNECTION, "--stream"],
@@ -370,11 +416,12 @@ def follow(folder: RunFolder, run_id: int, superlink: subprocess.Popen, rounds: 
     try:
         while True:
             report()
-            if superlink.poll() is not None:
-                raise FedloraError(
-                    f"the SuperLink stopped (exit code {superlink.returncode}) during run {run_id}; "
-                    f"{seen} rounds are checkpointed: `fedlora-server start` again resumes"
-                )
+            for what, proc in serving.items():
+                if proc.poll() is not None:
+                    raise FedloraError(
+                        f"{what} stopped (exit code {proc.returncode}) during run {run_id}; "
+                        f"{seen} rounds are checkpointed: `fedlora-server start` again resumes"
+                    )
             if logs.poll() is not None and time.monotonic() >= next_status:
                 status = run_status(folder, run_id)
                 if status.startswith("finished"):
@@ -392,21 +439,29 @@ def start(cfg: FedloraConfig, config_path: Path, run_dir: Path, app: Path, insec
     running = folder.superlink_pid()
     if running is not None:
         raise FedloraError(f"{run_dir}: its SuperLink is already running (pid {running}); stop it first")
-    cmd = superlink_command(cfg, folder, insecure)
+    port = loopback_port()
+    cmd, gate_cmd = superlink_command(cfg, folder, insecure, port), gate_command(cfg, insecure, port)
     keys = [] if insecure else admitted_keys(cfg)
-    write_connection(cfg, folder, insecure)
+    write_connection(cfg, folder, insecure, port)
     superlink = start_child(cmd, flower_env(folder.flwr_home), folder.superlink_log)
     write_number(folder.pid_file, superlink.pid)
     write_number(folder.supervisor_pid_file, os.getpid())
+    gate = start_child(gate_cmd, flower_env(), folder.gate_log)
     try:
         with sigterm_as_interrupt():
-            wait_until_listening(superlink, cfg.federation.superlink_address, folder.superlink_log)
-            say(f"SuperLink listening on {cfg.federation.superlink_address} (pid {superlink.pid})")
+            wait_until_listening(superlink, f"{LOOPBACK}:{port}", folder.superlink_log)
+            wait_until_listening(gate, cfg.federation.superlink_address, folder.gate_log, "the Fleet gate")
+            say(
+                f"SuperLink listening on {cfg.federation.superlink_address} for SuperNodes only "
+                f"(pid {superlink.pid}; its Control API on {LOOPBACK}:{port})"
+            )
             register_nodes(folder, keys, say)
             run_id = submit_run(folder, app, config_path)
             say(f"run {run_id} submitted; ServerApp log: {folder.serverapp_log}")
-            status = follow(folder, run_id, superlink, cfg.federation.rounds, say)
+            serving = {"the SuperLink": superlink, "the Fleet gate": gate}
+            status = follow(folder, run_id, serving, cfg.federation.rounds, say)
     finally:
+        stop_child(gate, grace=5.0)
         stop_child(superlink)
         folder.pid_file.unlink(missing_ok=True)
         folder.supervisor_pid_file.unlink(missing_ok=True)

@@ -96,14 +96,14 @@ def test_superlink_is_secured_unless_told_otherwise(tmp_path) -> None:
     cfg = load_config(config)
     folder = deploy.RunFolder(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"security\.ca_cert"):
-        deploy.superlink_command(cfg, folder, insecure=False)
+        deploy.superlink_command(cfg, folder, insecure=False, port=9100)
     for name in ("ca.crt", "server.pem", "server.key"):
         (tmp_path / name).write_text("x")
-    cmd = deploy.superlink_command(cfg, folder, insecure=False)
+    cmd = deploy.superlink_command(cfg, folder, insecure=False, port=9100)
     assert {"--enable-supernode-auth", "--disable-runtime-dependency-installation"} <= set(cmd)
     assert cmd[cmd.index("--ssl-certfile") + 1] == str(tmp_path / "server.pem")
     assert cmd[cmd.index("--database") + 1] == str(folder.work / "state.db")
-    insecure = deploy.superlink_command(cfg, folder, insecure=True)
+    insecure = deploy.superlink_command(cfg, folder, insecure=True, port=9100)
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
     with pytest.raises(ConfigError, match="no institution is admitted"):
         deploy.admitted_keys(cfg)
@@ -113,7 +113,7 @@ def test_flower_configs_and_addresses(tmp_path) -> None:
     assert config_pairs({"config": "/a b/c.yaml", "run-dir": "/r"}) == "config='/a b/c.yaml' run-dir='/r'"
     with pytest.raises(FedloraError, match="quote"):
         config_pairs({"config": "/it's.yaml"})
-    assert deploy.control_address("0.0.0.0:9092") == "127.0.0.1:9092"
+    assert deploy.reachable_address("0.0.0.0:9092") == "127.0.0.1:9092"
     assert deploy.split_address("[::1]:9092") == ("::1", 9092)
     with pytest.raises(ConfigError, match="host:port"):
         deploy.split_address("localhost")
