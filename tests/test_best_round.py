@@ -222,3 +222,49 @@ def test_the_report_flags_a_collapse_and_only_a_collapse(tmp_path) -> None:
     assert report.count("collapse:") == 1  # 90% exactly is not over 90%
     healthy = [_entry(0, 0.4, 0.4, share=0.5), _entry(1, 0.5, 0.5, share=0.6)]
     assert "collapse" not in write_report(tmp_path, healthy, "run").read_text().lower()
+
+
+DESTRUCTIVE = [
+    "model.source=tiny-bert",
+    "data.max_length=32",
+    "data.train_rows=32",
+    "data.eval_rows=60",
+    "training.local_steps=2",
+    "training.batch_size=8",
+    "training.learning_rate=5.0",  # destructive: the rounds jump between classes
+    "training.head_learning_rate=5.0",
+    "privacy.enabled=false",
+    "federation.rounds=3",
+    "federation.min_clients=2",
+    "federation.fraction_evaluate=0",
+    "simulation.num_clients=2",
+    "simulation.partition=iid",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_real_run_exports_the_round_validation_chose(tmp_path) -> None:
+    """Real Flower simulation, real PEFT: the held-out rows are split once into validation and test,
+    the export is the adapter of the round best on validation (the last one only if it is the best),
+    and report.md names that round and flags exactly the rounds whose predictions collapse."""
+    from fedlora.common.config import load_config
+    from fedlora.simulations.report import write_all
+    from fedlora.simulations.run import simulate
+
+    simulate(load_config(overrides=DESTRUCTIVE), tmp_path)
+    history = write_all(tmp_path, "destructive")
+    assert [e["round"] for e in history] == [0, 1, 2, 3]
+    for entry in history:
+        assert entry["central"]["examples"] + entry[VALIDATION]["examples"] == 60
+    chosen = max(history, key=lambda e: (e[VALIDATION]["macro_f1"], -e["round"]))["round"]
+    assert exported_round(history)["round"] == chosen
+    exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    ckpt = load_checkpoint(tmp_path / "checkpoint")
+    assert all(torch.equal(exported[k], ckpt.best[k]) for k in exported)
+    last_differs = any(not torch.equal(exported[k], ckpt.adapter[k]) for k in exported)
+    assert last_differs == (chosen != 3), chosen
+    report = (tmp_path / "report.md").read_text()
+    assert f"exported adapter: round {chosen}," in report
+    collapsed = [e["round"] for e in history if e["central"]["top_share"] > 0.9]
+    assert [int(line.split()[2][:-1]) for line in report.splitlines() if "collapse:" in line] == collapsed
