@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,11 @@ RECALL = P.RECALL
 """Per-class recall keys: ``recall_<label index>``, for the classes the held-out rows contain."""
 TOP_CLASS, TOP_SHARE = "top_class", "top_share"
 """The class predicted most often (its label index) and its share of the rows: a collapse shows here."""
+
+
+def headline(scores: Mapping[str, float]) -> dict[str, float]:
+    """The scores a one-line summary shows: all but the per-class detail (recall, the top class)."""
+    return {k: v for k, v in scores.items() if not k.startswith(RECALL) and k != TOP_CLASS}
 
 
 def class_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:

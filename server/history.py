@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from fedlora.common import protocol as P
 from fedlora.common.held_out import VALIDATION, selection
-from fedlora.common.scoring import TOP_CLASS
+from fedlora.common.scoring import headline
 
 
 @dataclass
@@ -50,8 +50,7 @@ class RoundSummary:
             if self.client_loss is not None:
                 text += f", loss {self.client_loss:.4f}"
             text += f", epsilon {self.epsilon:.3f}"
-        shown = {k: v for k, v in self.central.items() if not k.startswith(P.RECALL) and k != TOP_CLASS}
-        text += "".join(f", central {k} {v:.4g}" for k, v in shown.items())
+        text += "".join(f", central {k} {v:.4g}" for k, v in headline(self.central).items())
         chosen = selection(self.validation)
         return text + (f", validation {chosen[0]} {chosen[1]:.4g}" if chosen else "")
 

@@ -168,8 +168,8 @@ def test_final_adapter_loads_with_peft(federation: Path) -> None:
     model = PeftModel.from_pretrained(base, federation / "adapter")
     ckpt = load_checkpoint(federation / "checkpoint")
     loaded = adapter_state(model)
-    assert set(loaded) == set(ckpt.adapter)
-    for key, value in ckpt.adapter.items():
+    assert set(loaded) == set(ckpt.best)  # the exported adapter: the round best on validation
+    for key, value in ckpt.best.items():
         torch.testing.assert_close(loaded[key], value)
 
 
