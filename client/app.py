@@ -6,8 +6,9 @@ cached per process.
 
 What leaves: the adapter delta and the few scalars the server needs to weigh and place it (rows,
 steps, rank, scale, epsilon spent). Statistics computed on the private data (training loss,
-evaluation loss and accuracy) leave only if the institution opts in (privacy.release_metrics): they
-are outside the DP guarantee. A failure leaves as a fixed category (client.failures).
+evaluation loss, accuracy, macro-F1 and per-class recall) leave only if the institution opts in
+(privacy.release_metrics): they are outside the DP guarantee. A failure leaves as a fixed category
+(client.failures).
 """
 
 from __future__ import annotations
@@ -220,10 +221,13 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
         scores = evaluate(built.model.to(device), cfg.model.task, ev, device, cfg.training.eval_batch_size)
     log.info("evaluation of the global adapter on %d local rows (kept here): %s", len(ev), scores)
     released = cfg.privacy.release_metrics
+    recall = {int(k.removeprefix(P.RECALL)): v for k, v in scores.items() if k.startswith(P.RECALL)}
     metrics = EvaluateMetrics(
         num_examples=len(ev),
         loss=scores["loss"] if released else None,
         accuracy=scores.get("accuracy") if released else None,
+        macro_f1=scores.get(P.MACRO_F1) if released else None,
+        recall=recall if released else {},
     )
     return Message(content=evaluate_reply(metrics), reply_to=msg)
 

@@ -58,18 +58,21 @@ class TrainMetrics:
 
 @dataclass(frozen=True)
 class EvaluateMetrics:
-    """What an evaluate reply says (P.EVALUATE_REQUIRED, and the opt-in loss and accuracy)."""
+    """What an evaluate reply says (P.EVALUATE_REQUIRED, and the opt-in loss, accuracy, macro-F1
+    and per-class recall by label index)."""
 
     num_examples: float
     loss: float | None = None
     accuracy: float | None = None
+    macro_f1: float | None = None
+    recall: Mapping[int, float] = field(default_factory=dict)
 
     def values(self) -> dict[str, float]:
         out: dict[str, float] = {P.NUM_EXAMPLES: self.num_examples}
-        for key, value in ((P.LOSS, self.loss), (P.ACCURACY, self.accuracy)):
+        for key, value in ((P.LOSS, self.loss), (P.ACCURACY, self.accuracy), (P.MACRO_F1, self.macro_f1)):
             if value is not None:
                 out[key] = value
-        return out
+        return out | {f"{P.RECALL}{c}": value for c, value in sorted(self.recall.items())}
 
 
 @dataclass(frozen=True)
@@ -287,13 +290,27 @@ def _check_layout(m: TrainMetrics, rules: ReplyRules) -> None:
 
 
 def _evaluate_metrics(record: MetricRecord) -> EvaluateMetrics:
-    values = _check_metrics(record, P.EVALUATE_REQUIRED, P.EVALUATE_OPTIONAL)
-    metrics = EvaluateMetrics(values[P.NUM_EXAMPLES], values.get(P.LOSS), values.get(P.ACCURACY))
+    recall_keys = tuple(k for k in record if k.startswith(P.RECALL))
+    for key in recall_keys:
+        index = key.removeprefix(P.RECALL)
+        if not (index.isascii() and index.isdigit() and str(int(index)) == index):
+            raise AdapterError(f"unexpected metric {key!r} (per-class recall is {P.RECALL}<label index>)")
+    values = _check_metrics(record, P.EVALUATE_REQUIRED, P.EVALUATE_OPTIONAL + recall_keys)
+    metrics = EvaluateMetrics(
+        values[P.NUM_EXAMPLES],
+        values.get(P.LOSS),
+        values.get(P.ACCURACY),
+        values.get(P.MACRO_F1),
+        {int(k.removeprefix(P.RECALL)): values[k] for k in recall_keys},
+    )
     _at_least(P.NUM_EXAMPLES, metrics.num_examples, 1)
     if metrics.loss is not None:
         _at_least(P.LOSS, metrics.loss, 0)
-    if metrics.accuracy is not None and not 0 <= metrics.accuracy <= 1:
-        raise AdapterError(f"metric {P.ACCURACY!r}: {metrics.accuracy!r}, expected between 0 and 1")
+    shares = {P.ACCURACY: metrics.accuracy, P.MACRO_F1: metrics.macro_f1}
+    shares |= {k: values[k] for k in recall_keys}
+    for key, value in shares.items():
+        if value is not None and not 0 <= value <= 1:
+            raise AdapterError(f"metric {key!r}: {value!r}, expected between 0 and 1")
     return metrics
 
 

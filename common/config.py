@@ -284,7 +284,8 @@ class PrivacyConfig:
     )
     release_metrics: bool = _f(
         False,
-        "Send the coordinator the training loss and the local evaluation loss and accuracy. These are "
+        "Send the coordinator the training loss and the local evaluation loss, accuracy, macro-F1 and "
+        "per-class recall. These are "
         "computed on the private data without noise: they are outside the DP guarantee (epsilon covers "
         "only the adapter). Off: only the adapter delta, rows, steps, rank, scale and epsilon leave.",
     )
@@ -364,6 +365,14 @@ class FederationConfig:
     )
     central_eval: bool = _f(
         True, "The server scores the global adapter on the held-out data after every round."
+    )
+    validation_share: float = _f(
+        0.5,
+        "Share of the coordinator's held-out rows set aside (by a hash of each row, per class) to choose "
+        "the exported round: the round best on them, round 0 included; the rest is the final test, "
+        "scored every round and never used to choose. 0: no validation, the last round is exported.",
+        ge=0,
+        le=0.9,
     )
     round_timeout: float = _f(3600.0, "Seconds a round waits for replies.", gt=0)
     node_wait_timeout: float = _f(

@@ -20,7 +20,9 @@ from typing import Any
 from fedlora.common import protocol as P
 from fedlora.common.adapter import CARD_FILE, METADATA_FILE, PEFT_CONFIG_FILE
 from fedlora.common.errors import CheckpointError
+from fedlora.common.held_out import exported_round
 from fedlora.common.model import HUB_IDS
+from fedlora.common.scoring import RECALL, TOP_CLASS, TOP_SHARE
 
 ADAPTER_DIR = "adapter"
 HISTORY_FILE = "history.json"
@@ -94,6 +96,16 @@ def reported_spends(history: Sequence[Mapping[str, Any]]) -> list[Spend]:
     return [Spend(f"node {node}", eps, "its last reply") for node, eps in sorted(last.items())]
 
 
+def _metric_name(key: str, labels: Sequence[str]) -> str:
+    """A score's name for people: per-class recall by the label's name."""
+    if key == TOP_SHARE:
+        return "share of rows in the most predicted class"
+    if key.startswith(RECALL):
+        index = int(key.removeprefix(RECALL))
+        return f"recall of {labels[index] if index < len(labels) else f'class {index}'}"
+    return key
+
+
 def _figure(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # a count, such as the examples evaluated
@@ -108,12 +120,17 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
     ledgers = sorted((run_dir / LEDGERS_DIR).glob("*.json"))
     spends = [ledger_spend(p, p.stem) for p in ledgers] or reported_spends(history)
     scored = [e for e in history if e.get("central")]
+    chosen = exported_round(history)
     evaluation = []
     if scored:
-        first, final = scored[0], scored[-1]
+        first = scored[0]
+        final = next((e for e in scored if e["round"] == chosen["round"]), scored[-1])
+        labels = list(meta.get("labels") or [])
         for key in final["central"]:
+            if key == TOP_CLASS:
+                continue
             before = first["central"].get(key, "-") if first is not final else "-"
-            evaluation.append((key, _figure(before), _figure(final["central"][key])))
+            evaluation.append((_metric_name(key, labels), _figure(before), _figure(final["central"][key])))
     fed = meta["config"]["federation"]
     released = sorted({k for e in history for c in e.get("clients", []) for k in c if k in P.TRAIN_OPTIONAL})
     return Records(
@@ -124,8 +141,9 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
         aggregation=f"{fed['aggregator']} (LoRA aggregator) under the {fed['strategy']} strategy",
         evaluation=evaluation,
         evaluated_on=(
-            f"Measured on the coordinator's held-out set, before round 1 (round {scored[0]['round']}) and "
-            f"after round {scored[-1]['round']}."
+            f"Measured on the coordinator's held-out final test set, before round 1 (round "
+            f"{scored[0]['round']}) and for this adapter, the global adapter of round {chosen['round']} of "
+            f"{rounds}, exported as {chosen['chosen_by']}; the final test set never chose it."
             if scored
             else "Not evaluated: no central evaluation ran (federation.central_eval off, or no held-out set)."
         ),

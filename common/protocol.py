@@ -17,6 +17,8 @@ PROXIMAL_MU = "proximal-mu"
 NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 ACCURACY = "accuracy"
+MACRO_F1 = "macro_f1"
+RECALL = "recall_"  # + a class's label index: its recall (evaluate replies; the server averages by rows)
 EPSILON = "epsilon"
 LORA_R = "lora-r"
 LORA_SCALE = "lora-scale"
@@ -27,7 +29,7 @@ TRAIN_SECONDS = "train-seconds"
 TRAIN_REQUIRED = (NUM_EXAMPLES, EPSILON, LORA_R, LORA_SCALE, STEPS, TRAIN_SECONDS)
 TRAIN_OPTIONAL = (LOSS,)
 EVALUATE_REQUIRED = (NUM_EXAMPLES,)
-EVALUATE_OPTIONAL = (LOSS, ACCURACY)
+EVALUATE_OPTIONAL = (LOSS, ACCURACY, MACRO_F1)  # and RECALL keys, all with privacy.release_metrics
 # tensor dtypes a reply may carry (Flower's Array.dtype names)
 REPLY_DTYPES = ("float32", "float16")
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedlora.common import protocol as P
 from fedlora.common.adapter import peft_module
 from fedlora.common.data import IGNORE_INDEX, ChoiceSet, TokenizedDataset
 
@@ -64,6 +66,39 @@ def option_loglikelihoods(
     return torch.cat(scores)
 
 
+MACRO_F1 = P.MACRO_F1
+RECALL = P.RECALL
+"""Per-class recall keys: ``recall_<label index>``, for the classes the held-out rows contain."""
+TOP_CLASS, TOP_SHARE = "top_class", "top_share"
+"""The class predicted most often (its label index) and its share of the rows: a collapse shows here."""
+
+
+def headline(scores: Mapping[str, float]) -> dict[str, float]:
+    """The scores a one-line summary shows: all but the per-class detail (recall, the top class)."""
+    return {k: v for k, v in scores.items() if not k.startswith(RECALL) and k != TOP_CLASS}
+
+
+def class_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Macro-F1, per-class recall and the most predicted class's share: accuracy alone hides a model
+    that predicts the majority class everywhere. Macro-F1 averages over the classes that occur in
+    the truth or the predictions (scikit-learn's ``f1_score(average="macro")``), F1 0 where a class is
+    never right; recall is given for each class the truth contains."""
+    classes = torch.unique(torch.cat([truth, predicted]))
+    out: dict[str, float] = {}
+    f1s = []
+    for c in classes.tolist():
+        hits = int(((predicted == c) & (truth == c)).sum())
+        support, chosen = int((truth == c).sum()), int((predicted == c).sum())
+        f1s.append(2 * hits / (support + chosen))
+        if support:
+            out[f"{RECALL}{c}"] = hits / support
+    counts = torch.bincount(predicted)
+    out[MACRO_F1] = sum(f1s) / max(len(f1s), 1)
+    out[TOP_CLASS] = float(int(counts.argmax())) if len(predicted) else 0.0
+    out[TOP_SHARE] = float(counts.max()) / len(predicted) if len(predicted) else 0.0
+    return dict(sorted(out.items()))
+
+
 def choice_accuracy(loglik: torch.Tensor, choices: ChoiceSet) -> dict[str, float]:
     """lm-evaluation-harness' two scores: ``accuracy`` picks the option of highest log-likelihood,
     ``accuracy_norm`` the highest per character (long options are not penalised for their length);
@@ -80,26 +115,31 @@ def choice_accuracy(loglik: torch.Tensor, choices: ChoiceSet) -> dict[str, float
 def evaluate(
     model: nn.Module, task: str, data: TokenizedDataset, device: torch.device, batch_size: int = 64
 ) -> dict[str, float]:
-    """Mean loss, and accuracy for classification, on held-out data. Causal LM: the perplexity of the
-    responses (their token-mean log-likelihood), and where the data carry multiple-choice questions
-    their accuracy (``choice_accuracy``)."""
+    """Mean loss, and for classification accuracy with ``class_scores``, on held-out data. Causal
+    LM: the perplexity of the responses (their token-mean log-likelihood), and where the data carry
+    multiple-choice questions their accuracy (``choice_accuracy``)."""
     module = peft_module(model)
     was_training = module.training
     module.eval()
-    total_loss, correct, count, nll, tokens = 0.0, 0, 0, 0.0, 0
+    total_loss, count, nll, tokens = 0.0, 0, 0.0, 0
+    predicted, truth = [], []
     for batch in DataLoader(data, batch_size=batch_size):
         batch = tuple(t.to(device) for t in trim(batch))
         loss, logits = forward_loss(module, task, batch)
         total_loss += float(loss) * len(batch[0])
         count += len(batch[0])
         if task == "classification":
-            correct += int((logits.argmax(-1) == batch[2]).sum())
+            predicted.append(logits.argmax(-1).cpu())
+            truth.append(batch[2].cpu())
         else:
             summed, counted = token_losses(logits, batch[2])
             nll, tokens = nll + float(summed.sum()), tokens + int(counted.sum())
     metrics = {"loss": total_loss / max(count, 1), "examples": float(count)}
     if task == "classification":
-        metrics["accuracy"] = correct / max(count, 1)
+        none = torch.zeros(0, dtype=torch.int64)
+        picks, labels = torch.cat([none, *predicted]), torch.cat([none, *truth])
+        metrics["accuracy"] = float((picks == labels).sum()) / max(count, 1)
+        metrics |= class_scores(picks, labels)
     else:
         metrics["perplexity"] = math.exp(nll / max(tokens, 1))
         if data.choices is not None:

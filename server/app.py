@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.common import protocol as P
@@ -19,6 +19,7 @@ from fedlora.common.adapter import State, adapter_state, export_adapter, from_re
 from fedlora.common.config import FedloraConfig, load_config, to_dict
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import CheckpointError, ConfigError
+from fedlora.common.held_out import VALIDATION, best_round, exported_round, split_held_out
 from fedlora.common.model import BuiltModel, device_for
 from fedlora.common.model_card import write_model_card
 from fedlora.common.scoring import evaluate
@@ -60,20 +61,23 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
         strategy=strategy,
         score=central_evaluation(cfg, bench.built.model, eval_set),
         history=start.history,
+        best=start.best,
         on_round=on_round,
     )
     final = run_rounds(grid, strategy, start, after_round, cfg.federation.round_timeout)
-    export(run_dir, cfg, bench, final, after_round.history)
+    export(run_dir, cfg, bench, final if after_round.best is None else after_round.best, after_round.history)
     return after_round.history
 
 
 @dataclass(frozen=True)
 class Start:
-    """Where the federation stands: rounds done, the global adapter, the history so far."""
+    """Where the federation stands: rounds done, the global adapter, the history so far, and the
+    adapter of the round best on validation (None without validation scores)."""
 
     done: int
     arrays: ArrayRecord
     history: list[dict]
+    best: ArrayRecord | None = None
 
 
 def restore(ckpt_dir: Path, built: BuiltModel, strategy: LoraStrategy) -> Start:
@@ -95,8 +99,13 @@ def restore(ckpt_dir: Path, built: BuiltModel, strategy: LoraStrategy) -> Start:
     except CheckpointError as err:
         raise CheckpointError(f"{ckpt_dir}: {err}") from None
     log.info("resuming after round %d from %s", ckpt.round, ckpt_dir)
+    if best_round(ckpt.history) is not None and (ckpt.best is None or ckpt.best.keys() != initial.keys()):
+        raise CheckpointError(f"{ckpt_dir}: the best round's adapter is missing or not this model's")
     return Start(
-        done=ckpt.round, arrays=as_record({k: ckpt.adapter[k] for k in initial}), history=ckpt.history
+        done=ckpt.round,
+        arrays=as_record({k: ckpt.adapter[k] for k in initial}),
+        history=ckpt.history,
+        best=as_record({k: ckpt.best[k] for k in initial}) if ckpt.best is not None else None,
     )
 
 
@@ -104,28 +113,36 @@ def as_record(state: State) -> ArrayRecord:
     return ArrayRecord({k: v.contiguous() for k, v in state.items()})
 
 
-Scorer = Callable[[ArrayRecord], dict[str, float]]
+Scorer = Callable[[ArrayRecord], dict[str, dict[str, float]]]
+"""A global adapter's scores by history key: ``central`` (the final test) and ``validation``."""
 
 
 def central_evaluation(
     cfg: FedloraConfig, model: torch.nn.Module, eval_set: TokenizedDataset | None
 ) -> Scorer:
-    """The coordinator's held-out scores of a global adapter; none without central data."""
+    """The coordinator's held-out scores of a global adapter, on the final test and on the validation
+    part (federation.validation_share) that chooses the exported round; none without central data."""
     if eval_set is None or not cfg.federation.central_eval:
-        return lambda _arrays: {}
+        return lambda _arrays: {"central": {}}
+    validation, test = split_held_out(eval_set, cfg.federation.validation_share)
+    parts = {"central": test, VALIDATION: validation}
     device = device_for(cfg.training.device)
 
-    def score(arrays: ArrayRecord) -> dict[str, float]:
+    def score(arrays: ArrayRecord) -> dict[str, dict[str, float]]:
         load_adapter_state(model, from_record(arrays))
-        return evaluate(model.to(device), cfg.model.task, eval_set, device, cfg.training.eval_batch_size)
+        return {
+            key: evaluate(model.to(device), cfg.model.task, part, device, cfg.training.eval_batch_size)
+            for key, part in parts.items()
+            if part is not None
+        }
 
     return score
 
 
 @dataclass
 class AfterRound:
-    """What follows every round, in order: central scores, the history entry, the checkpoint (the
-    complete round, atomically), then the caller's callback."""
+    """What follows every round, in order: central scores, the history entry, the best round so far
+    on validation, the checkpoint (the complete round, atomically), then the caller's callback."""
 
     checkpoint: Path
     fingerprint: str
@@ -133,20 +150,30 @@ class AfterRound:
     strategy: LoraStrategy
     score: Scorer
     history: list[dict]
+    best: ArrayRecord | None = None
+    """The adapter of the round best on validation (``held_out.best_round``), round 0 included."""
     on_round: RoundCallback | None = None
 
     def before_first(self, arrays: ArrayRecord) -> None:
         """Round 0 of a new federation: the scores of the adapter nobody has trained yet."""
         if not self.history:
-            self.history.append({"round": 0, "central": self.score(arrays), "time": time.time()})
+            self.history.append({"round": 0, **self.score(arrays), "time": time.time()})
+            self._keep_if_best(arrays)
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+    def _keep_if_best(self, arrays: ArrayRecord) -> None:
+        if best_round(self.history) is self.history[-1]:
+            self.best = arrays
+
+    def __call__(self, server_round: int, arrays: ArrayRecord, federated: MetricRecord | None = None) -> None:
         logged = self.strategy.rounds[-1] if self.strategy.rounds else None
         entry = (
             asdict(logged) if logged is not None and logged.round == server_round else {"round": server_round}
         )
-        entry.update({"central": self.score(arrays), "time": time.time()})
+        entry.update({**self.score(arrays), "time": time.time()})
+        if federated is not None:
+            entry["federated"] = dict(federated)
         self.history.append(entry)
+        self._keep_if_best(arrays)
         save_checkpoint(
             self.checkpoint,
             Checkpoint(
@@ -155,6 +182,7 @@ class AfterRound:
                 adapter=arrays.to_torch_state_dict(),  # as the next round starts from it (FedAdam: float64)
                 strategy=self.strategy.state_tensors(),
                 history=self.history,
+                best=self.best.to_torch_state_dict() if self.best is not None else None,
             ),
         )
         log.info("%s", summarise_round(entry).line(self.rounds))
@@ -178,18 +206,24 @@ def run_rounds(
         )
         arrays = aggregated if aggregated is not None else arrays
         messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        if messages:
+        federated = (
             strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
-        after_round(server_round, arrays)
+            if messages
+            else None
+        )
+        after_round(server_round, arrays, federated)
     return arrays
 
 
 def export(
     run_dir: Path, cfg: FedloraConfig, bench: Workbench, final: ArrayRecord, history: list[dict]
 ) -> None:
-    """The final adapter as a standard PEFT folder, and the history beside it."""
+    """The exported adapter (``final``: the round best on validation, else the last) as a standard
+    PEFT folder, its round named in the adapter's record, and the history beside it."""
     model = bench.built.model
     load_adapter_state(model, from_record(final))
+    chosen = exported_round(history)
+    log.info("exporting the global adapter of round %d (%s)", chosen["round"], chosen["chosen_by"])
     export_adapter(
         model,
         run_dir / "adapter",
@@ -197,6 +231,7 @@ def export(
             "fingerprint": bench.built.fingerprint,
             "labels": list(bench.labels),
             "rounds": cfg.federation.rounds,
+            "exported_round": chosen,
             "config": to_dict(cfg),
         },
     )

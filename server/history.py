@@ -1,9 +1,10 @@
 """The record of one round, and the one summary of it that every report shows.
 
-A history entry is a `RoundLog` as a dict plus the central scores and a time; it is kept in the
-checkpoint and `history.json`. The coordinator's status, the simulation's progress and report, and
-the benchmarks all read entries through `summarise_round`, so they count replies, drops and privacy
-spend the same way.
+A history entry is a `RoundLog` as a dict plus the central scores (the final test), the validation
+scores (common.held_out), the federated evaluation's aggregate when clients evaluated, and a time; it
+is kept in the checkpoint and `history.json`. The coordinator's status, the simulation's progress and
+report, and the benchmarks all read entries through `summarise_round`, so they count replies, drops
+and privacy spend the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedlora.common import protocol as P
+from fedlora.common.held_out import VALIDATION, selection
+from fedlora.common.scoring import headline
 
 
 @dataclass
@@ -38,6 +41,7 @@ class RoundSummary:
     client_loss: float | None
     """The mean training loss of the clients that released one (privacy.release_metrics), else None."""
     central: Mapping[str, float]
+    validation: Mapping[str, float] = field(default_factory=dict)
 
     def line(self, rounds: int) -> str:
         """The round in one line, e.g. for a log file or a terminal that is not interactive."""
@@ -46,7 +50,9 @@ class RoundSummary:
             if self.client_loss is not None:
                 text += f", loss {self.client_loss:.4f}"
             text += f", epsilon {self.epsilon:.3f}"
-        return text + "".join(f", central {k} {v:.4g}" for k, v in self.central.items())
+        text += "".join(f", central {k} {v:.4g}" for k, v in headline(self.central).items())
+        chosen = selection(self.validation)
+        return text + (f", validation {chosen[0]} {chosen[1]:.4g}" if chosen else "")
 
 
 def summarise_round(entry: Mapping) -> RoundSummary:
@@ -60,4 +66,5 @@ def summarise_round(entry: Mapping) -> RoundSummary:
         epsilon=max((float(c.get(P.EPSILON, 0.0)) for c in clients), default=0.0),
         client_loss=sum(losses) / len(losses) if losses else None,
         central=dict(entry.get("central") or {}),
+        validation=dict(entry.get(VALIDATION) or {}),
     )

@@ -25,11 +25,20 @@ from fedlora.common.cli_support import (
     run_folder,
 )
 from fedlora.common.config import FedloraConfig
+from fedlora.common.held_out import exported_round
 from fedlora.common.model import model_dir
+from fedlora.common.scoring import headline
 from fedlora.server.history import summarise_round
 from fedlora.simulations.compare import compare, markdown
 from fedlora.simulations.federated_audit import RESULT_FILE, audit_federation
-from fedlora.simulations.report import SEEDED, audit_section, federated_result, write_all, write_report
+from fedlora.simulations.report import (
+    SEEDED,
+    audit_section,
+    exported_entry,
+    federated_result,
+    write_all,
+    write_report,
+)
 from fedlora.simulations.run import backend_config, simulate
 from fedlora.simulations.virtual_client import partition_sizes
 
@@ -129,12 +138,17 @@ def run(args: argparse.Namespace) -> int:
     title = f"{cfg.name}: federated simulation"
     audited = "\n" + audit_section(audits) if args.audit else ""
     history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n{audited}")
-    final = next((e["central"] for e in reversed(history) if e.get("central")), {})
+    final = exported_entry(history).get("central", {})
+    chosen = exported_round(history)
     if args.compare:
         summary = compare(cfg, out, federated_result(history))
         write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n{audited}\n" + markdown(summary))
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "examples")
-    report.print(f"done in {seconds:.0f} s: {shown}; report at {out / 'report.md'}", soft_wrap=True)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in headline(final).items() if k != "examples")
+    report.print(
+        f"done in {seconds:.0f} s: exported round {chosen['round']} ({chosen['chosen_by']}), test {shown}; "
+        f"report at {out / 'report.md'}",
+        soft_wrap=True,
+    )
     for audit in audits:
         require_no_leak(audit.result, out / RESULT_FILE)
     return 0

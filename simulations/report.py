@@ -1,4 +1,9 @@
-"""Turns a run's history into files people use: metrics.json/csv, PNG plots and report.md."""
+"""Turns a run's history into files people use: metrics.json/csv, PNG plots and report.md.
+
+The figures "after" training are the exported round's (common.held_out: the round best on
+validation), scored on the final test set; report.md flags every round whose test predictions
+collapse onto one class.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedlora.common.adapter import METADATA_FILE
 from fedlora.common.config import read_yaml
+from fedlora.common.held_out import exported_round
+from fedlora.common.model_card import ADAPTER_DIR
+from fedlora.common.scoring import MACRO_F1, TOP_CLASS, TOP_SHARE
 from fedlora.server.history import summarise_round
 from fedlora.simulations.run import CONFIG_FILE
 
 SEEDED = "seeded noise, not for production"
 CLIENT_FIELDS = ("loss", "epsilon", "num-examples", "steps", "train-seconds", "update_norm", "bytes")
+COLLAPSE_SHARE = 0.9
+"""A round whose test predictions give one class more than this share of the rows has collapsed."""
 
 
 def client_names(history: list[dict]) -> dict[int, str]:
@@ -34,7 +45,11 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
     for entry in history:
         central = entry.get("central", {})
         rows.append(
-            {"round": entry["round"], "client": "global", **{k: central.get(k) for k in ("loss", "accuracy")}}
+            {
+                "round": entry["round"],
+                "client": "global",
+                **{k: central.get(k) for k in ("loss", "accuracy", MACRO_F1)},
+            }
         )
         for client in entry.get("clients", []):
             rows.append(
@@ -52,13 +67,17 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
                     "dropped": drop["reason"],
                 }
             )
-    fields = ["round", "client", "accuracy", *CLIENT_FIELDS, "dropped"]
+    fields = ["round", "client", "accuracy", MACRO_F1, *CLIENT_FIELDS, "dropped"]
     with (run_dir / "metrics.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     (run_dir / "metrics.json").write_text(
-        json.dumps({"rounds": history, "clients": names}, indent=1, default=float)
+        json.dumps(
+            {"rounds": history, "clients": names, "exported_round": exported_round(history)},
+            indent=1,
+            default=float,
+        )
     )
 
 
@@ -68,9 +87,12 @@ def plot_rounds(run_dir: Path, history: list[dict]) -> list[Path]:
     if rounds:
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
         central = [e["central"] for e in history if e.get("central")]
-        if all("accuracy" in c for c in central):
-            ax[0].plot(rounds, [c["accuracy"] for c in central], marker="o")
-        ax[0].set(title="Global held-out accuracy", xlabel="round", ylabel="accuracy")
+        for key in ("accuracy", MACRO_F1):
+            if all(key in c for c in central):
+                ax[0].plot(rounds, [c[key] for c in central], marker="o", label=key)
+        ax[0].set(title="Global held-out test scores", xlabel="round", ylabel="score")
+        if ax[0].lines:
+            ax[0].legend(fontsize=8)
         ax[1].plot(rounds, [c["loss"] for c in central], marker="o", color="tab:red")
         ax[1].set(title="Global held-out loss", xlabel="round", ylabel="loss")
         fig.tight_layout()
@@ -94,10 +116,17 @@ def plot_rounds(run_dir: Path, history: list[dict]) -> list[Path]:
     return out
 
 
+def exported_entry(history: list[dict]) -> dict:
+    """The history entry of the exported round (the best on validation, else the last scored)."""
+    chosen = exported_round(history)["round"]
+    entry = next((e for e in history if e["round"] == chosen and e.get("central")), None)
+    return entry or next((e for e in reversed(history) if e.get("central")), {})
+
+
 def federated_result(history: list[dict]) -> dict[str, float]:
-    """The federation's last central scores, with its rows and largest epsilon: what compare() puts
-    beside each institution alone and centralised."""
-    final = next((e["central"] for e in reversed(history) if e.get("central")), {})
+    """The exported round's test scores, with the run's rows and largest epsilon: what compare()
+    puts beside each institution alone and centralised."""
+    final = exported_entry(history).get("central", {})
     last = summarise_round(history[-1]) if history else None
     return {**final, "rows": last.examples if last else 0.0, "epsilon": last.epsilon if last else 0.0}
 
@@ -109,10 +138,31 @@ def seeded_noise(run_dir: Path) -> bool:
     return bool(((saved or {}).get("simulation") or {}).get("reproducible"))
 
 
+def run_labels(run_dir: Path) -> list[str]:
+    """The label names the exported adapter records (empty before export or for a causal LM)."""
+    path = run_dir / ADAPTER_DIR / METADATA_FILE
+    return list(json.loads(path.read_text()).get("labels") or []) if path.exists() else []
+
+
+def collapse_lines(history: list[dict], labels: list[str]) -> list[str]:
+    """One line per round whose test predictions put over COLLAPSE_SHARE of the rows in one class."""
+    lines = []
+    for entry in history:
+        central = entry.get("central") or {}
+        share = central.get(TOP_SHARE)
+        if share is not None and share > COLLAPSE_SHARE:
+            index = int(central[TOP_CLASS])
+            name = labels[index] if index < len(labels) else f"class {index}"
+            lines.append(f"- round {entry['round']}: collapse: predicts {name} for {share:.0%} of rows")
+    return lines
+
+
 def write_report(run_dir: Path, history: list[dict], title: str, extra: str = "") -> Path:
-    last = next((e for e in reversed(history) if e.get("central")), {})
+    last = exported_entry(history)
     first = history[0].get("central", {}) if history else {}
     rounds = [summarise_round(e) for e in history]
+    chosen = exported_round(history)
+    collapses = collapse_lines(history, run_labels(run_dir))
     lines = [
         f"# {title}",
         "",
@@ -123,13 +173,18 @@ def write_report(run_dir: Path, history: list[dict], title: str, extra: str = ""
         ),
         f"- rounds: {max((r.round for r in rounds), default=0)}",
         f"- clients: {len(client_names(history))}",
-        f"- global held-out accuracy: {first.get('accuracy', float('nan')):.4f} before, "
-        f"{last.get('central', {}).get('accuracy', float('nan')):.4f} after",
-        f"- global held-out loss: {first.get('loss', float('nan')):.4f} before, "
-        f"{last.get('central', {}).get('loss', float('nan')):.4f} after",
+        f"- exported adapter: round {chosen['round']}, {chosen['chosen_by']}; the test set below never "
+        "chose it",
+        *(
+            f"- global held-out test {key}: {first.get(key, float('nan')):.4f} before, "
+            f"{last.get('central', {}).get(key, float('nan')):.4f} after (round {chosen['round']})"
+            for key in ("accuracy", MACRO_F1, "loss")
+            if key in first or key in last.get("central", {})
+        ),
         f"- largest epsilon spent by a client: {max((r.epsilon for r in rounds), default=0.0):.3f}",
         f"- replies dropped: {sum(r.dropped for r in rounds)}",
         "",
+        *(["## Collapse", "", *collapses, ""] if collapses else []),
         "![accuracy and loss](accuracy_loss.png)",
         "",
         "![epsilon](epsilon.png)",
