@@ -180,7 +180,11 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
     if setup.canaries is not None:
         spec = spec_for_client(setup.canaries, cfg, built.model, len(tokenizer), len(bundle.labels))
         train = with_input_canaries(train, spec)
-    ledger = PrivacyLedger.from_config(cfg.privacy, setup.ledger_path) if cfg.privacy.enabled else None
+    ledger = (
+        PrivacyLedger.from_config(cfg.privacy, setup.ledger_path, setup.audit_path)
+        if cfg.privacy.enabled
+        else None
+    )
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:

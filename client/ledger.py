@@ -6,6 +6,12 @@ steps runs: under an exclusive lock on a sidecar file, the ledger is re-read fro
 composed with everything on disk, refused if it would cross the budget, and appended durably (temp
 file, fsync, rename) before the lock is released. Spend is on disk before anything trains or leaves;
 a crash can cost a round's budget but never lose its record, and no two processes can overspend.
+
+A ledger that is lost (deleted, cleared, its steps lowered, an older backup, a relative path that
+moved) would reset the budget. Each reservation therefore first checks the file against itself (its
+entries must compose to every epsilon it recorded) and against the institution's audit log
+(client.audit.released: every training reply that left, with its round, steps and epsilon): a ledger
+that covers less than was provably sent is refused, never silently restarted.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
+from fedlora.client.audit import Released, released
 from fedlora.client.rdp_memo import memoize_opacus_rdp
 from fedlora.common.config import PrivacyConfig
 from fedlora.common.durable import write_durably
@@ -40,6 +47,9 @@ HEAD_START_ROUND = 0
 ROW_UNIT = "row"
 # How close below the budget a calibration lands (Opacus' get_noise_multiplier uses the same).
 EPSILON_TOLERANCE = 0.01
+# Slack when comparing a ledger's composed epsilon with epsilons it or the audit log recorded: the
+# same composition gives the same float, so this only absorbs a JSON round trip.
+RECORDED_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,8 @@ def _accounting() -> Iterator[None]:
 
 
 def compose(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
-    return composed(accountant, tuple(history), delta)
+    """Epsilon of ``history``; mechanisms of no steps spend nothing (PRV divides by their count)."""
+    return composed(accountant, tuple(h for h in history if h[2] > 0), delta)
 
 
 @lru_cache(maxsize=1024)
@@ -187,7 +198,14 @@ def _entry(raw: object) -> LedgerEntry:
 
 
 class PrivacyLedger:
-    def __init__(self, path: str | Path, budget: float, delta: float, accountant: str) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        budget: float,
+        delta: float,
+        accountant: str,
+        audit_log: str | Path | None = None,
+    ) -> None:
         if not _is_number(budget) or budget <= 0:
             raise ConfigError(f"privacy.epsilon: {budget!r}; expected a finite budget above 0")
         if not _is_number(delta) or not 0 < delta < 1:
@@ -197,6 +215,8 @@ class PrivacyLedger:
         self.budget = budget
         self.delta = delta
         self.accountant = accountant
+        # The institution's audit log (privacy.audit_log): what left, which this ledger must cover.
+        self.audit_log = Path(audit_log) if audit_log else None
         # What one epsilon protects, "row" or the data.privacy_unit column (a person): as the file
         # records it, and as this process spends (require_unit; None: not declared, the file's kept).
         self.recorded_unit = ROW_UNIT
@@ -206,9 +226,18 @@ class PrivacyLedger:
         self.refresh()
 
     @classmethod
-    def from_config(cls, privacy: PrivacyConfig, path: str | Path | None = None) -> PrivacyLedger:
-        """The ledger at ``privacy.ledger_path``, or at ``path`` (a virtual institution's, a benchmark's)."""
-        return cls(path or privacy.ledger_path, privacy.epsilon, privacy.delta, privacy.accountant)
+    def from_config(
+        cls, privacy: PrivacyConfig, path: str | Path | None = None, audit_log: str | Path | None = None
+    ) -> PrivacyLedger:
+        """The ledger at ``privacy.ledger_path``, or at ``path`` (a virtual institution's, a benchmark's),
+        checked against the audit log at ``audit_log``, else ``privacy.audit_log``."""
+        return cls(
+            path or privacy.ledger_path,
+            privacy.epsilon,
+            privacy.delta,
+            privacy.accountant,
+            audit_log or privacy.audit_log,
+        )
 
     def refresh(self) -> None:
         """Adopt what is on disk. Writes are atomic renames, so reading needs no lock; a noise
@@ -300,6 +329,32 @@ class PrivacyLedger:
             "privacy.ledger_path"
         )
 
+    def require_covers(self, sent: Released) -> None:
+        """Refuse (CheckpointError, one line) a ledger that accounts for less than it recorded itself or
+        than the audit log proves has left: its epsilon would restart below what was spent."""
+        now = compose(self.accountant, self.history(), self.delta)
+        recorded = max((e.epsilon for e in self.entries), default=0.0)
+        recover = (
+            f"restore {self.path} from its backup or point privacy.ledger_path back at the ledger that "
+            "recorded these rounds; a budget is never restarted"
+        )
+        if now < recorded - RECORDED_SLACK:
+            raise CheckpointError(
+                f"{self.path}: the ledger's entries compose to epsilon {now:.3f} but it recorded "
+                f"{recorded:.3f}: entries were removed or steps lowered; refusing to train: {recover}"
+            )
+        short = sorted(r for r, steps in sent.steps.items() if self._steps_of(r) < steps)
+        if sent.epsilon > now + RECORDED_SLACK or short:
+            rounds = ", ".join(map(str, short[:5])) + (" ..." if len(short) > 5 else "")
+            what = f"; updates of rounds {rounds} left without their steps in the ledger" if short else ""
+            raise CheckpointError(
+                f"{self.path}: the ledger accounts for epsilon {now:.3f} but the audit log {sent.path} "
+                f"records epsilon {sent.epsilon:.3f} already reported{what}; refusing to train: {recover}"
+            )
+
+    def _steps_of(self, round_id: int) -> int:
+        return sum(e.steps for e in self.entries if e.round == round_id)
+
     def has_head_start(self) -> bool:
         return any(e.round == HEAD_START_ROUND for e in self.entries)
 
@@ -349,6 +404,7 @@ class PrivacyLedger:
         with self._locked():
             self.refresh()
             self._same_unit()
+            self.require_covers(released(self.audit_log))
             if self.noise_multiplier is None:
                 raise BudgetExceeded(f"{self.path}: no noise calibrated yet; call calibrate() first")
             noise = self.noise_multiplier if noise_multiplier is None else noise_multiplier
