@@ -86,7 +86,8 @@ def _accounting() -> Iterator[None]:
 
 def compose(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon of ``history``; mechanisms of no steps spend nothing (PRV divides by their count)."""
-    return composed(accountant, tuple(h for h in history if h[2] > 0), delta)
+    spending = tuple(h for h in history if h[2] > 0)
+    return composed(accountant, spending, delta) if spending else 0.0
 
 
 @lru_cache(maxsize=1024)
