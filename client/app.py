@@ -191,7 +191,7 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
         hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate) if spec is not None else None
         trainer.gradient_hook = hook
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
-        result = trainer.train_round(server_round, proximal_mu=mu, anchor=start)
+        result = trainer.train_round(server_round, proximal_mu=mu, anchor=start, federated=True)
         final = adapter_state(trainer.model)
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)

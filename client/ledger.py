@@ -12,12 +12,18 @@ moved) would reset the budget. Each reservation therefore first checks the file 
 entries must compose to every epsilon it recorded) and against the institution's audit log
 (client.audit.released: every training reply that left, with its round, steps and epsilon): a ledger
 that covers less than was provably sent is refused, never silently restarted.
+
+A federation resumed after a crash sends again, with the same absolute round number, the round it
+was in. A reservation the ClientApp made for that round (``federated``) whose update never left (no
+training reply of that round in the audit log) released nothing: the round re-run uses it instead of
+charging the round twice. An update that did leave is charged again.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import time
@@ -38,6 +44,7 @@ from fedlora.common.config import PrivacyConfig
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 
+log = logging.getLogger("fedlora.client")
 LEDGER_VERSION = 1
 # The ledger entry of the DP head start (client.head_start), which runs before round 1 of the
 # institution: one Gaussian mechanism of L2 sensitivity S and noise std sigma * S is exactly one
@@ -60,6 +67,8 @@ class LedgerEntry:
     steps: int
     epsilon: float
     time: float
+    federated: bool = False
+    """Reserved by the ClientApp for the federation's round ``round`` (see reserve's ``federated``)."""
 
 
 def merged_history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:
@@ -186,9 +195,11 @@ def _is_number(value: object, integer: bool = False) -> bool:
 
 
 def _entry(raw: object) -> LedgerEntry:
-    names = [f.name for f in fields(LedgerEntry)]
-    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
-        raise ValueError(f"an entry must have exactly the fields {names}, got {raw!r}")
+    names = [f.name for f in fields(LedgerEntry) if f.name != "federated"]
+    if not isinstance(raw, dict) or sorted(set(raw) - {"federated"}) != sorted(names):
+        raise ValueError(f"an entry must have exactly the fields {names} (and 'federated'), got {raw!r}")
+    if not isinstance(raw.get("federated", False), bool):
+        raise ValueError(f"entry field 'federated' is {raw['federated']!r}, expected true or false")
     integers = {"round", "steps"}
     bad = [n for n in names if not _is_number(raw[n], integer=n in integers)]
     if bad:
@@ -396,19 +407,29 @@ class PrivacyLedger:
             os.close(fd)  # closing releases the lock
 
     def reserve(
-        self, round_id: int, sample_rate: float, steps: int, noise_multiplier: float | None = None
+        self,
+        round_id: int,
+        sample_rate: float,
+        steps: int,
+        noise_multiplier: float | None = None,
+        federated: bool = False,
     ) -> LedgerEntry:
         """Charge a round before it runs: under the lock, against what is on disk now. Raises
         BudgetExceeded, writing nothing, if the round would cross the budget. The entry carries
         the noise the round must use: the file's, once any process has recorded one; a mechanism
-        of its own noise (the head start) passes ``noise_multiplier``."""
+        of its own noise (the head start) passes ``noise_multiplier``. ``federated``: the
+        ClientApp's reservation for the federation's round ``round_id``, which a resumed federation
+        re-running that round reuses while its update has not left (``unreleased``)."""
         with self._locked():
             self.refresh()
             self._same_unit()
-            self.require_covers(released(self.audit_log))
+            sent = released(self.audit_log)
+            self.require_covers(sent)
             if self.noise_multiplier is None:
                 raise BudgetExceeded(f"{self.path}: no noise calibrated yet; call calibrate() first")
             noise = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+            if federated and (kept := self.unreleased(round_id, (noise, sample_rate, steps), sent)):
+                return kept
             after = self.projected(noise, sample_rate, steps)
             if after > self.budget:
                 raise BudgetExceeded(
@@ -417,10 +438,30 @@ class PrivacyLedger:
                     f"steps would reach {after:.3f}; "
                     f"rounds the budget still affords: {self.rounds_affordable(sample_rate, steps)}"
                 )
-            entry = LedgerEntry(round_id, noise, sample_rate, steps, after, time.time())
+            entry = LedgerEntry(round_id, noise, sample_rate, steps, after, time.time(), federated)
             self._write([*self.entries, entry])
             self.entries.append(entry)
         return entry
+
+    def unreleased(
+        self, round_id: int, mechanism: tuple[float, float, int], sent: Released
+    ) -> LedgerEntry | None:
+        """The ClientApp's reservation of the same mechanism for round ``round_id``, when it is the
+        ledger's last entry and the audit log (which records a reply before it leaves) has no update
+        of that round: a crash ended that round before anything left, so its noise was never
+        released and running the round now spends what was reserved. None otherwise (charge)."""
+        last = self.entries[-1] if self.entries else None
+        if (
+            sent.path is None
+            or last is None
+            or not last.federated
+            or last.round != round_id
+            or (last.noise_multiplier, last.sample_rate, last.steps) != mechanism
+            or round_id in sent.steps
+        ):
+            return None
+        log.info("round %d: reservation in %s reused: its update never left", round_id, self.path)
+        return last
 
     def _write(self, entries: list[LedgerEntry]) -> None:
         data = {
@@ -430,6 +471,6 @@ class PrivacyLedger:
             "budget": self.budget,
             "noise_multiplier": self.noise_multiplier,
             "privacy_unit": self.unit or self.recorded_unit,
-            "entries": [asdict(e) for e in entries],
+            "entries": [{k: v for k, v in asdict(e).items() if k != "federated" or v} for e in entries],
         }
         write_durably(self.path, json.dumps(data, indent=1).encode())
