@@ -82,7 +82,8 @@ def require_budget_for_every_round(history: list[dict], rounds: int) -> None:
     ]
     if refused:
         raise FedloraError(
-            f"rounds {', '.join(map(str, refused))} of {rounds} trained nothing: every node answered "
+            f"round{'s' if len(refused) > 1 else ''} {', '.join(map(str, refused))} of {rounds} trained "
+            "nothing: every node answered "
             "'budget exhausted' (its privacy budget is spent); the exported adapter is that of the "
             "rounds before, fewer than planned"
         )

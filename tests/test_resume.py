@@ -216,7 +216,7 @@ def test_a_round_whose_updates_left_is_charged_again_and_a_starved_run_fails(tmp
     with pytest.raises(FedloraError) as err:
         run_server(AuditedGrid(cfg, tmp_path), ServerSettings(cfg, tmp_path, len(NODES)))
     message = str(err.value)
-    assert "\n" not in message and "rounds 3 of 3 trained nothing" in message and "budget" in message
+    assert "\n" not in message and "round 3 of 3 trained nothing" in message and "budget" in message
     for pid in range(len(NODES)):
         assert round_entries(ledger_file(tmp_path, pid)) == [1, 2, 2]
     assert (tmp_path / "adapter").is_dir()
