@@ -181,14 +181,18 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
     if setup.canaries is not None:
         spec = spec_for_client(setup.canaries, cfg, built.model, len(tokenizer), len(bundle.labels))
         train = with_input_canaries(train, spec)
-    ledger = PrivacyLedger.from_config(cfg.privacy, setup.ledger_path) if cfg.privacy.enabled else None
+    ledger = (
+        PrivacyLedger.from_config(cfg.privacy, setup.ledger_path, setup.audit_path)
+        if cfg.privacy.enabled
+        else None
+    )
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
         hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate) if spec is not None else None
         trainer.gradient_hook = hook
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
-        result = trainer.train_round(server_round, proximal_mu=mu, anchor=start)
+        result = trainer.train_round(server_round, proximal_mu=mu, anchor=start, federated=True)
         final = adapter_state(trainer.model)
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -19,7 +20,7 @@ from flwr.app import Context, Message
 from fedlora.client.failures import failure_reply, reason_for
 from fedlora.common import protocol as P
 from fedlora.common.codec import check_outgoing
-from fedlora.common.errors import AdapterError
+from fedlora.common.errors import AdapterError, CheckpointError
 
 log = logging.getLogger("fedlora.client")
 Next = Callable[[Message, Context], Message]
@@ -89,3 +90,49 @@ def audit_mod(path_for: Callable[[Context], Path | None]) -> Callable[[Message, 
         return reply
 
     return mod
+
+
+@dataclass(frozen=True)
+class Released:
+    """What the audit log proves has left in training replies: the steps each round's update
+    reported, and the highest cumulative epsilon any of them reported. The ledger must cover it."""
+
+    path: Path | None = None
+    steps: dict[int, int] = field(default_factory=dict)
+    epsilon: float = 0.0
+
+
+def released(path: Path | None) -> Released:
+    """Read the audit log at ``path`` (none kept, or none yet: nothing proven). A line that is not an
+    audit line is refused naming the file and line, except a torn last line (a crash mid-write)."""
+    if path is None or not path.exists():
+        return Released(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise CheckpointError(f"{path}: audit log is unreadable ({err}); refusing to train") from None
+    lines = text.split("\n")
+    steps: dict[int, int] = {}
+    epsilon = 0.0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if entry.get("type") != "train" or "error" in entry:
+                continue
+            metrics = entry["metrics"][P.METRICS]
+            server_round, reported = entry["round"], metrics[P.EPSILON]
+            round_steps = metrics[P.STEPS]
+            if not all(isinstance(v, int | float) for v in (server_round, reported, round_steps)):
+                raise ValueError("round, epsilon and steps must be numbers")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            if number == len(lines):
+                continue  # torn by a crash mid-append: the reply it describes never left
+            raise CheckpointError(
+                f"{path}:{number}: not an audit line ({type(err).__name__}: {err}); refusing to train "
+                "without knowing what left"
+            ) from None
+        steps[int(server_round)] = max(steps.get(int(server_round), 0), int(round_steps))
+        epsilon = max(epsilon, float(reported))
+    return Released(path, steps, epsilon)

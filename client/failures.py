@@ -40,7 +40,7 @@ INTERNAL = 100
 CODES: tuple[tuple[type[Exception], int], ...] = (
     (FingerprintMismatch, 105),
     (TrainingDiverged, 107),
-    (BudgetExceeded, 106),
+    (BudgetExceeded, P.BUDGET_EXHAUSTED),
     (ConfigError, 101),
     (DataError, 102),
     (ModelError, 103),

@@ -6,12 +6,24 @@ steps runs: under an exclusive lock on a sidecar file, the ledger is re-read fro
 composed with everything on disk, refused if it would cross the budget, and appended durably (temp
 file, fsync, rename) before the lock is released. Spend is on disk before anything trains or leaves;
 a crash can cost a round's budget but never lose its record, and no two processes can overspend.
+
+A ledger that is lost (deleted, cleared, its steps lowered, an older backup, a relative path that
+moved) would reset the budget. Each reservation therefore first checks the file against itself (its
+entries must compose to every epsilon it recorded) and against the institution's audit log
+(client.audit.released: every training reply that left, with its round, steps and epsilon): a ledger
+that covers less than was provably sent is refused, never silently restarted.
+
+A federation resumed after a crash sends again, with the same absolute round number, the round it
+was in. A reservation the ClientApp made for that round (``federated``) whose update never left (no
+training reply of that round in the audit log) released nothing: the round re-run uses it instead of
+charging the round twice. An update that did leave is charged again.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import time
@@ -26,11 +38,13 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
+from fedlora.client.audit import Released, released
 from fedlora.client.rdp_memo import memoize_opacus_rdp
 from fedlora.common.config import PrivacyConfig
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 
+log = logging.getLogger("fedlora.client")
 LEDGER_VERSION = 1
 # The ledger entry of the DP head start (client.head_start), which runs before round 1 of the
 # institution: one Gaussian mechanism of L2 sensitivity S and noise std sigma * S is exactly one
@@ -40,6 +54,9 @@ HEAD_START_ROUND = 0
 ROW_UNIT = "row"
 # How close below the budget a calibration lands (Opacus' get_noise_multiplier uses the same).
 EPSILON_TOLERANCE = 0.01
+# Slack when comparing a ledger's composed epsilon with epsilons it or the audit log recorded: the
+# same composition gives the same float, so this only absorbs a JSON round trip.
+RECORDED_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,8 @@ class LedgerEntry:
     steps: int
     epsilon: float
     time: float
+    federated: bool = False
+    """Reserved by the ClientApp for the federation's round ``round`` (see reserve's ``federated``)."""
 
 
 def merged_history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:
@@ -75,7 +94,9 @@ def _accounting() -> Iterator[None]:
 
 
 def compose(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
-    return composed(accountant, tuple(history), delta)
+    """Epsilon of ``history``; mechanisms of no steps spend nothing (PRV divides by their count)."""
+    spending = tuple(h for h in history if h[2] > 0)
+    return composed(accountant, spending, delta) if spending else 0.0
 
 
 @lru_cache(maxsize=1024)
@@ -174,9 +195,11 @@ def _is_number(value: object, integer: bool = False) -> bool:
 
 
 def _entry(raw: object) -> LedgerEntry:
-    names = [f.name for f in fields(LedgerEntry)]
-    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
-        raise ValueError(f"an entry must have exactly the fields {names}, got {raw!r}")
+    names = [f.name for f in fields(LedgerEntry) if f.name != "federated"]
+    if not isinstance(raw, dict) or sorted(set(raw) - {"federated"}) != sorted(names):
+        raise ValueError(f"an entry must have exactly the fields {names} (and 'federated'), got {raw!r}")
+    if not isinstance(raw.get("federated", False), bool):
+        raise ValueError(f"entry field 'federated' is {raw['federated']!r}, expected true or false")
     integers = {"round", "steps"}
     bad = [n for n in names if not _is_number(raw[n], integer=n in integers)]
     if bad:
@@ -187,7 +210,14 @@ def _entry(raw: object) -> LedgerEntry:
 
 
 class PrivacyLedger:
-    def __init__(self, path: str | Path, budget: float, delta: float, accountant: str) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        budget: float,
+        delta: float,
+        accountant: str,
+        audit_log: str | Path | None = None,
+    ) -> None:
         if not _is_number(budget) or budget <= 0:
             raise ConfigError(f"privacy.epsilon: {budget!r}; expected a finite budget above 0")
         if not _is_number(delta) or not 0 < delta < 1:
@@ -197,6 +227,8 @@ class PrivacyLedger:
         self.budget = budget
         self.delta = delta
         self.accountant = accountant
+        # The institution's audit log (privacy.audit_log): what left, which this ledger must cover.
+        self.audit_log = Path(audit_log) if audit_log else None
         # What one epsilon protects, "row" or the data.privacy_unit column (a person): as the file
         # records it, and as this process spends (require_unit; None: not declared, the file's kept).
         self.recorded_unit = ROW_UNIT
@@ -206,9 +238,18 @@ class PrivacyLedger:
         self.refresh()
 
     @classmethod
-    def from_config(cls, privacy: PrivacyConfig, path: str | Path | None = None) -> PrivacyLedger:
-        """The ledger at ``privacy.ledger_path``, or at ``path`` (a virtual institution's, a benchmark's)."""
-        return cls(path or privacy.ledger_path, privacy.epsilon, privacy.delta, privacy.accountant)
+    def from_config(
+        cls, privacy: PrivacyConfig, path: str | Path | None = None, audit_log: str | Path | None = None
+    ) -> PrivacyLedger:
+        """The ledger at ``privacy.ledger_path``, or at ``path`` (a virtual institution's, a benchmark's),
+        checked against the audit log at ``audit_log``, else ``privacy.audit_log``."""
+        return cls(
+            path or privacy.ledger_path,
+            privacy.epsilon,
+            privacy.delta,
+            privacy.accountant,
+            audit_log or privacy.audit_log,
+        )
 
     def refresh(self) -> None:
         """Adopt what is on disk. Writes are atomic renames, so reading needs no lock; a noise
@@ -300,6 +341,32 @@ class PrivacyLedger:
             "privacy.ledger_path"
         )
 
+    def require_covers(self, sent: Released) -> None:
+        """Refuse (CheckpointError, one line) a ledger that accounts for less than it recorded itself or
+        than the audit log proves has left: its epsilon would restart below what was spent."""
+        now = compose(self.accountant, self.history(), self.delta)
+        recorded = max((e.epsilon for e in self.entries), default=0.0)
+        recover = (
+            f"restore {self.path} from its backup or point privacy.ledger_path back at the ledger that "
+            "recorded these rounds; a budget is never restarted"
+        )
+        if now < recorded - RECORDED_SLACK:
+            raise CheckpointError(
+                f"{self.path}: the ledger's entries compose to epsilon {now:.3f} but it recorded "
+                f"{recorded:.3f}: entries were removed or steps lowered; refusing to train: {recover}"
+            )
+        short = sorted(r for r, steps in sent.steps.items() if self._steps_of(r) < steps)
+        if sent.epsilon > now + RECORDED_SLACK or short:
+            rounds = ", ".join(map(str, short[:5])) + (" ..." if len(short) > 5 else "")
+            what = f"; updates of rounds {rounds} left without their steps in the ledger" if short else ""
+            raise CheckpointError(
+                f"{self.path}: the ledger accounts for epsilon {now:.3f} but the audit log {sent.path} "
+                f"records epsilon {sent.epsilon:.3f} already reported{what}; refusing to train: {recover}"
+            )
+
+    def _steps_of(self, round_id: int) -> int:
+        return sum(e.steps for e in self.entries if e.round == round_id)
+
     def has_head_start(self) -> bool:
         return any(e.round == HEAD_START_ROUND for e in self.entries)
 
@@ -340,18 +407,29 @@ class PrivacyLedger:
             os.close(fd)  # closing releases the lock
 
     def reserve(
-        self, round_id: int, sample_rate: float, steps: int, noise_multiplier: float | None = None
+        self,
+        round_id: int,
+        sample_rate: float,
+        steps: int,
+        noise_multiplier: float | None = None,
+        federated: bool = False,
     ) -> LedgerEntry:
         """Charge a round before it runs: under the lock, against what is on disk now. Raises
         BudgetExceeded, writing nothing, if the round would cross the budget. The entry carries
         the noise the round must use: the file's, once any process has recorded one; a mechanism
-        of its own noise (the head start) passes ``noise_multiplier``."""
+        of its own noise (the head start) passes ``noise_multiplier``. ``federated``: the
+        ClientApp's reservation for the federation's round ``round_id``, which a resumed federation
+        re-running that round reuses while its update has not left (``unreleased``)."""
         with self._locked():
             self.refresh()
             self._same_unit()
+            sent = released(self.audit_log)
+            self.require_covers(sent)
             if self.noise_multiplier is None:
                 raise BudgetExceeded(f"{self.path}: no noise calibrated yet; call calibrate() first")
             noise = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+            if federated and (kept := self.unreleased(round_id, (noise, sample_rate, steps), sent)):
+                return kept
             after = self.projected(noise, sample_rate, steps)
             if after > self.budget:
                 raise BudgetExceeded(
@@ -360,10 +438,30 @@ class PrivacyLedger:
                     f"steps would reach {after:.3f}; "
                     f"rounds the budget still affords: {self.rounds_affordable(sample_rate, steps)}"
                 )
-            entry = LedgerEntry(round_id, noise, sample_rate, steps, after, time.time())
+            entry = LedgerEntry(round_id, noise, sample_rate, steps, after, time.time(), federated)
             self._write([*self.entries, entry])
             self.entries.append(entry)
         return entry
+
+    def unreleased(
+        self, round_id: int, mechanism: tuple[float, float, int], sent: Released
+    ) -> LedgerEntry | None:
+        """The ClientApp's reservation of the same mechanism for round ``round_id``, when it is the
+        ledger's last entry and the audit log (which records a reply before it leaves) has no update
+        of that round: a crash ended that round before anything left, so its noise was never
+        released and running the round now spends what was reserved. None otherwise (charge)."""
+        last = self.entries[-1] if self.entries else None
+        if (
+            sent.path is None
+            or last is None
+            or not last.federated
+            or last.round != round_id
+            or (last.noise_multiplier, last.sample_rate, last.steps) != mechanism
+            or round_id in sent.steps
+        ):
+            return None
+        log.info("round %d: reservation in %s reused: its update never left", round_id, self.path)
+        return last
 
     def _write(self, entries: list[LedgerEntry]) -> None:
         data = {
@@ -373,6 +471,6 @@ class PrivacyLedger:
             "budget": self.budget,
             "noise_multiplier": self.noise_multiplier,
             "privacy_unit": self.unit or self.recorded_unit,
-            "entries": [asdict(e) for e in entries],
+            "entries": [{k: v for k, v in asdict(e).items() if k != "federated" or v} for e in entries],
         }
         write_durably(self.path, json.dumps(data, indent=1).encode())

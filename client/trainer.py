@@ -312,9 +312,11 @@ class LocalTrainer:
         on_step: StepCallback | None = None,
         proximal_mu: float = 0.0,
         anchor: State | None = None,
+        federated: bool = False,
     ) -> RoundResult:
         """Run ``steps`` optimizer steps; in DP mode, reserve their spend first (BudgetExceeded if the
-        budget can't pay for them: nothing trained)."""
+        budget can't pay for them: nothing trained). ``federated``: the federation's round
+        ``round_id`` (the ClientApp), whose unreleased reservation a resumed run reuses."""
         steps = self.cfg.training.local_steps if steps is None else steps
         spends = self.ledger is not None and steps > 0
         if spends and self.cfg.training.head_start == "dp" and not self.ledger.entries:
@@ -328,7 +330,7 @@ class LocalTrainer:
                 self.device,
                 self.cfg.training.eval_batch_size,
             )
-        epsilon = self._reserve(round_id, steps) if spends else None
+        epsilon = self._reserve(round_id, steps, federated) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0
         if self.cfg.simulation.reproducible:
@@ -362,9 +364,9 @@ class LocalTrainer:
         round). Without it nothing is seeded: DP draws from the unseeded RNG."""
         return derive_seed(self.cfg.simulation.seed, self.seed, round_id)
 
-    def _reserve(self, round_id: int, steps: int) -> float:
+    def _reserve(self, round_id: int, steps: int, federated: bool) -> float:
         """The ledger's noise rules: another process may have recorded its calibration first."""
-        entry = self.ledger.reserve(round_id, self.sample_rate, steps)
+        entry = self.ledger.reserve(round_id, self.sample_rate, steps, federated=federated)
         if entry.noise_multiplier != self.noise_multiplier:
             self.noise_multiplier = self.optimizer.noise_multiplier = entry.noise_multiplier
         return entry.epsilon

@@ -46,6 +46,8 @@ FAILURES: dict[int, str] = {
     107: "training diverged",
     108: "ledger error",
 }
+# the code of a node whose privacy budget cannot pay for the round (the server tells it apart)
+BUDGET_EXHAUSTED = 106
 
 # node config (what only the institution decides) and run config
 NODE_CONFIG = "config"

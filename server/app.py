@@ -18,7 +18,7 @@ from fedlora.common import protocol as P
 from fedlora.common.adapter import State, adapter_state, export_adapter, from_record, load_adapter_state
 from fedlora.common.config import FedloraConfig, load_config, to_dict
 from fedlora.common.data import TokenizedDataset
-from fedlora.common.errors import CheckpointError, ConfigError
+from fedlora.common.errors import CheckpointError, ConfigError, FedloraError
 from fedlora.common.held_out import VALIDATION, best_round, exported_round, split_held_out
 from fedlora.common.model import BuiltModel, device_for
 from fedlora.common.model_card import write_model_card
@@ -66,7 +66,29 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
     )
     final = run_rounds(grid, strategy, start, after_round, cfg.federation.round_timeout)
     export(run_dir, cfg, bench, final if after_round.best is None else after_round.best, after_round.history)
+    require_budget_for_every_round(after_round.history, cfg.federation.rounds)
     return after_round.history
+
+
+def require_budget_for_every_round(history: list[dict], rounds: int) -> None:
+    """A round every node refused because its privacy budget was spent trained nothing: the
+    federation ran fewer rounds than planned, an error (after the export, so what was trained is
+    kept) rather than a completed run."""
+    refused = [
+        entry["round"]
+        for entry in history
+        if entry.get("round")
+        and not entry.get("clients")
+        and entry.get("dropped")
+        and all(d.get("reason") == P.FAILURES[P.BUDGET_EXHAUSTED] for d in entry["dropped"])
+    ]
+    if refused:
+        raise FedloraError(
+            f"round{'s' if len(refused) > 1 else ''} {', '.join(map(str, refused))} of {rounds} trained "
+            "nothing: every node answered "
+            "'budget exhausted' (its privacy budget is spent); the exported adapter is that of the "
+            "rounds before, fewer than planned"
+        )
 
 
 @dataclass(frozen=True)

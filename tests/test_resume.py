@@ -8,22 +8,26 @@ replies returned in node order), so any difference between the two runs is the s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora.client.app import handle_train
+from fedlora.client.app import build_client_app, handle_train
+from fedlora.client.ledger import HEAD_START_ROUND, PrivacyLedger
+from fedlora.client.trainer import LocalTrainer
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig, load_config
-from fedlora.common.errors import CheckpointError
+from fedlora.common.errors import CheckpointError, FedloraError
 from fedlora.server.app import ServerSettings, run_server
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
-from fedlora.simulations.virtual_client import simulation_setup
+from fedlora.simulations.virtual_client import ledger_file, simulation_setup
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +161,79 @@ def test_a_node_whose_ledger_was_lost_is_refused_after_the_coordinator_restarts(
     spent = next(c[P.EPSILON] for c in before if c["node"] == NODES[0])
     assert third["dropped"][0]["reason"].startswith(f"node {NODES[0]} reports cumulative epsilon ")
     assert f"below the {spent:.4g} it reported before" in third["dropped"][0]["reason"]
+
+
+class Killed(BaseException):
+    """The whole site dies (kill -9, power): no handler or mod of the ClientApp sees it."""
+
+
+DP = [
+    *BASE,
+    "privacy.enabled=true",
+    "privacy.epsilon=8",
+    "federation.rounds=3",
+    "federation.strategy=fedavg",
+    "federation.aggregator=fedavg",
+]
+
+
+class AuditedGrid(InProcessGrid):
+    """Nodes that run the whole ClientApp (its audit and failure mods, so each keeps an audit log).
+    ``kill`` = (round, when): in that round the coordinator dies with node 101 "training" (after its
+    reservation, before its update left) or "after replies" (both updates left, none aggregated)."""
+
+    def __init__(self, cfg: FedloraConfig, run_dir: Path, kill: tuple[int, str] | None = None) -> None:
+        super().__init__(cfg, run_dir)
+        self.kill = kill
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+            absolute, node = int(msg.content[P.CONFIG][P.ROUND]), msg.metadata.dst_node_id
+            setup = self.setups[node]
+            app = build_client_app(lambda _context, setup=setup: setup)
+            context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+            if self.kill == (absolute, "training") and node == NODES[0]:
+                with mock.patch.object(LocalTrainer, "_step", side_effect=Killed("site lost mid-round")):
+                    app(msg, context)
+            replies.append(app(msg, context))
+        if self.kill == (absolute, "after replies"):
+            raise Killed("coordinator lost before aggregating")
+        return replies
+
+
+def round_entries(ledger: Path) -> list[int]:
+    return [e["round"] for e in json.loads(ledger.read_text())["entries"] if e["round"] != HEAD_START_ROUND]
+
+
+def test_a_round_killed_before_its_update_left_reuses_its_reservation_and_all_rounds_train(tmp_path) -> None:
+    """Before issue 26 the re-sent round 2 was charged again and round 3 refused ('budget exhausted')."""
+    cfg = load_config(overrides=DP)
+    with pytest.raises(Killed):
+        run_server(AuditedGrid(cfg, tmp_path, kill=(2, "training")), ServerSettings(cfg, tmp_path, 2))
+    assert round_entries(ledger_file(tmp_path, 0)) == [1, 2]  # reserved, never sent
+
+    run_server(AuditedGrid(cfg, tmp_path), ServerSettings(cfg, tmp_path, len(NODES)))
+
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [len(e["clients"]) for e in history[1:]] == [2, 2, 2], history
+    for pid in range(len(NODES)):
+        assert round_entries(ledger_file(tmp_path, pid)) == [1, 2, 3]
+    spent = PrivacyLedger.from_config(cfg.privacy, ledger_file(tmp_path, 0)).spent
+    assert spent == max(c[P.EPSILON] for c in history[-1]["clients"]) <= 8
+
+
+def test_a_round_whose_updates_left_is_charged_again_and_a_starved_run_fails(tmp_path) -> None:
+    """The updates of round 2 left before the coordinator died: re-running round 2 releases new
+    noise and is charged; round 3 then finds every budget spent, and the coordinator says so and
+    fails instead of reporting a completed run (the adapter of the rounds before is exported)."""
+    cfg = load_config(overrides=DP)
+    with pytest.raises(Killed):
+        run_server(AuditedGrid(cfg, tmp_path, kill=(2, "after replies")), ServerSettings(cfg, tmp_path, 2))
+    with pytest.raises(FedloraError) as err:
+        run_server(AuditedGrid(cfg, tmp_path), ServerSettings(cfg, tmp_path, len(NODES)))
+    message = str(err.value)
+    assert "\n" not in message and "round 3 of 3 trained nothing" in message and "budget" in message
+    for pid in range(len(NODES)):
+        assert round_entries(ledger_file(tmp_path, pid)) == [1, 2, 2]
+    assert (tmp_path / "adapter").is_dir()
