@@ -58,6 +58,7 @@ from fedlora.common.errors import BudgetExceeded, ConfigError, FedloraError, Tra
 from fedlora.common.launch import STOP_GRACE_SECONDS
 from fedlora.common.model import device_for
 from fedlora.common.model_card import write_model_card
+from fedlora.common.noise_check import NoiseCheck
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import prepare
 
@@ -287,6 +288,27 @@ def audit_table(title: str, result: AuditResult) -> Table:
     return table
 
 
+def noise_table(check: NoiseCheck) -> Table:
+    table = Table(title="noise check: the noise every DP step added against the calibrated sigma x C")
+    for column in ("measured std", "calibrated std", "ratio", f"interval ({1 - check.false_alarm:.1%})"):
+        table.add_column(column)
+    for column in ("samples", "chi-square", "p-value", "false alarm", "passed"):
+        table.add_column(column)
+    low, high = check.ratio_interval
+    table.add_row(
+        f"{check.measured_std:.4g}",
+        f"{check.calibrated_std:.4g}",
+        f"{check.ratio:.4f}",
+        f"{low:.4f}-{high:.4f}",
+        str(check.samples),
+        f"{check.statistic:.6g}",
+        f"{check.p_value:.3g}",
+        f"{check.false_alarm:g}",
+        "yes" if check.passed else "NO",
+    )
+    return table
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Train the planned rounds with canaries on this institution's own setup and data, against a
     ledger of the audit's own in --out; fails when the measured bound exceeds the claim."""
@@ -300,6 +322,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     claim = "none (privacy off)" if result.claimed_epsilon is None else f"{result.claimed_epsilon:.3f}"
     title = f"privacy audit: claimed epsilon {claim} (delta {result.delta:g}), {result.seconds:.0f} s"
     report.print(audit_table(title, result))
+    if result.noise is not None:
+        report.print(noise_table(result.noise))
     report.print(f"lower bounds at {result.white_box.confidence:.0%} confidence; written to {out}")
     require_no_leak(result, out)
     return 0

@@ -27,7 +27,13 @@ from fedlora.client.canaries import (
 )
 from fedlora.client.cli import main as client_main
 from fedlora.client.ledger import PrivacyLedger
-from fedlora.client.privacy_audit import AUDIT_LEDGER, LEAK_MESSAGE, RESULT_FILE, run_local_audit
+from fedlora.client.privacy_audit import (
+    AUDIT_LEDGER,
+    LEAK_MESSAGE,
+    RESULT_FILE,
+    UNDER_NOISE_MESSAGE,
+    run_local_audit,
+)
 from fedlora.client.trainer import LocalTrainer, trained_parameters
 from fedlora.common import protocol as P
 from fedlora.common.config import load_config
@@ -103,12 +109,19 @@ def test_dp_bound_never_exceeds_the_claim(make_config, rows_csv, tmp_path, epsil
     assert not (tmp_path / "real-ledger.json").exists()  # the institution's ledger is never touched
 
 
-class NoiselessTrainer(LocalTrainer):
-    """A broken implementation: the ledger records its calibrated noise, the optimizer adds none."""
+def noise_scaled(scale: float) -> type[LocalTrainer]:
+    """A broken implementation: the ledger records its calibrated noise, the optimizer adds ``scale``
+    times it."""
 
-    def _make_private(self, loader):
-        super()._make_private(loader)
-        self.optimizer.noise_multiplier = 0.0
+    class BrokenTrainer(LocalTrainer):
+        def _make_private(self, loader):
+            super()._make_private(loader)
+            self.optimizer.noise_multiplier = self.noise_multiplier * scale
+
+    return BrokenTrainer
+
+
+NoiselessTrainer = noise_scaled(0.0)
 
 
 def test_broken_trainer_is_caught_and_the_command_fails(rows_csv, tmp_path, monkeypatch, capsys):
@@ -124,6 +137,57 @@ def test_broken_trainer_is_caught_and_the_command_fails(rows_csv, tmp_path, monk
     assert saved["claimed_epsilon"] <= 1.0
     assert saved["white_box"]["epsilon"] > 2 * saved["claimed_epsilon"]
     assert not (tmp_path / "real-ledger.json").exists()
+
+
+def test_half_noise_is_caught_and_the_command_fails(rows_csv, tmp_path, monkeypatch, capsys):
+    """Half the calibrated noise (true epsilon far above the claim): the epsilon bound alone cannot
+    show it from one run, the noise check does (ratio 0.5, p far below its false alarm rate)."""
+    monkeypatch.setattr(privacy_audit, "LocalTrainer", noise_scaled(0.5))
+    config = tmp_path / "institution.yaml"
+    config.write_text(yaml.safe_dump(settings(rows_csv, tmp_path, epsilon=1.0)))
+    out = tmp_path / "audit"
+    code = client_main(["audit", str(config), "--out", str(out), "--black-box-canaries", "0"])
+    assert code != 0
+    captured = capsys.readouterr()
+    assert UNDER_NOISE_MESSAGE in captured.err and "p = " in captured.err
+    assert "noise check" in captured.out
+    noise = json.loads((out / RESULT_FILE).read_text())["noise"]
+    assert noise["ratio"] == pytest.approx(0.5, abs=0.02)
+    assert noise["p_value"] < noise["false_alarm"] == 1e-3
+    assert noise["samples"] == 30 * sum(p.numel() for p in trained_of(config))
+
+
+def trained_of(config) -> list[torch.nn.Parameter]:
+    bench = prepare(load_config(config))
+    return list(trained_parameters(bench.built.model).values())
+
+
+def test_noise_probe_recomputes_what_opacus_clipped_and_measures_its_noise(make_config, rows_csv, tmp_path):
+    """The probe's own clipped sum (rows and canaries) equals Opacus' summed_grad, and the noise it
+    measures is what Opacus added: exactly zero when Opacus adds none, sigma x C per coordinate when
+    it adds sigma."""
+    cfg = make_config(settings(rows_csv, tmp_path, max_grad_norm=0.5))
+    bench = prepare(cfg)
+    spec = new_spec(cfg, bench.built.model, len(bench.tokenizer), len(bench.labels), 20, 0)
+    ledger = PrivacyLedger(tmp_path / "l.json", 8.0, cfg.privacy.delta, "rdp")
+    ledger.noise_multiplier = 1.0
+    trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, torch.device("cpu"), ledger)
+    hook = GradientCanaries(spec, cfg, 1.0, trainer.expected_batch)
+    trainer.gradient_hook = hook
+    batch = tuple(
+        t[:6] for t in (bench.data.train.input_ids, bench.data.train.attention_mask, bench.data.train.labels)
+    )
+    params = trained_parameters(trainer.model)
+    for sigma in (0.0, 2.0):
+        trainer.optimizer.noise_multiplier = sigma
+        trainer._step(batch)
+        squares, samples = hook.noise.take()
+        assert samples == sum(p.numel() for p in params.values())
+        added = [(p.grad * trainer.expected_batch - p.summed_grad).flatten() for p in params.values()]
+        noise = torch.cat(added)
+        assert squares == pytest.approx(float(noise.double().square().sum()), rel=1e-4, abs=1e-8)
+        assert (squares / samples) ** 0.5 == pytest.approx(sigma * 0.5, rel=0.05, abs=1e-5)
+    trainer.close()
 
 
 def test_canaries_follow_from_the_stored_seed(make_config, rows_csv, tmp_path):
@@ -153,7 +217,7 @@ def test_included_canary_is_clipped_like_a_row(make_config, rows_csv, tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.json", 8.0, cfg.privacy.delta, "rdp")
     ledger.noise_multiplier = 1.0
     trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, torch.device("cpu"), ledger)
-    hook = GradientCanaries(spec, cfg, sample_rate=1.0)  # every included canary, every step
+    hook = GradientCanaries(spec, cfg, 1.0, trainer.expected_batch)  # every included canary, every step
     trainer.optimizer.noise_multiplier = 0.0
     for group in trainer.optimizer.param_groups:
         group["lr"] = 0.0  # both steps see the same weights, so the same row gradients
