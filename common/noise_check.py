@@ -68,10 +68,8 @@ class NoiseCheck:
     false_alarm: float
     detectable_ratio: float
     """The largest std ratio this many samples reject with probability 1 - false_alarm (the power)."""
-
-    @property
-    def passed(self) -> bool:
-        return self.p_value >= self.false_alarm
+    passed: bool
+    """p_value >= false_alarm."""
 
 
 def noise_check(sums: NoiseSums, false_alarm: float = FALSE_ALARM) -> NoiseCheck:
@@ -83,6 +81,7 @@ def noise_check(sums: NoiseSums, false_alarm: float = FALSE_ALARM) -> NoiseCheck
     n, stat = sums.samples, sums.statistic
     chi2 = stats.chi2(n)
     low, high = chi2.ppf(1 - false_alarm / 2), chi2.ppf(false_alarm / 2)
+    p_value = float(chi2.cdf(stat))
     return NoiseCheck(
         samples=n,
         calibrated_std=math.sqrt(sums.calibrated / n),
@@ -90,7 +89,8 @@ def noise_check(sums: NoiseSums, false_alarm: float = FALSE_ALARM) -> NoiseCheck
         ratio=math.sqrt(stat / n),
         ratio_interval=(math.sqrt(stat / low), math.sqrt(stat / high)),
         statistic=stat,
-        p_value=float(chi2.cdf(stat)),
+        p_value=p_value,
         false_alarm=false_alarm,
         detectable_ratio=math.sqrt(chi2.ppf(false_alarm) / chi2.ppf(1 - false_alarm)),
+        passed=p_value >= false_alarm,
     )

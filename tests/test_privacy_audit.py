@@ -8,6 +8,7 @@ about 5 times, and missed altogether about 1 time in 240.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import yaml
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlora.client import app as client_app
 from fedlora.client import privacy_audit
 from fedlora.client.app import handle_train
 from fedlora.client.canaries import (
@@ -153,7 +155,7 @@ def test_half_noise_is_caught_and_the_command_fails(rows_csv, tmp_path, monkeypa
     assert "noise check" in captured.out
     noise = json.loads((out / RESULT_FILE).read_text())["noise"]
     assert noise["ratio"] == pytest.approx(0.5, abs=0.02)
-    assert noise["p_value"] < noise["false_alarm"] == 1e-3
+    assert noise["p_value"] < noise["false_alarm"] == 1e-3 and noise["passed"] is False
     assert noise["samples"] == 30 * sum(p.numel() for p in trained_of(config))
 
 
@@ -266,14 +268,8 @@ class InProcessGrid:
 NODES = (101, 202)
 
 
-def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch):
-    """Each institution's canaries, re-made from its stored seed by a trainer per message, in every
-    round, its sums of privatized gradients and sent updates kept beside them; without DP scored on
-    the updates it sent, where they separate as in a local audit; the report's Audit section lists
-    both institutions."""
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
-    cfg = load_config(
+def federated_config(rows_csv, *privacy: str):
+    return load_config(
         overrides=[
             "model.source=tiny-bert",
             "model.lora_r=64",
@@ -282,7 +278,7 @@ def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch
             "training.local_steps=10",
             "training.batch_size=8",
             "training.learning_rate=0.01",
-            "privacy.enabled=false",
+            *privacy,
             "federation.rounds=3",
             "federation.min_clients=2",
             "federation.fraction_evaluate=0",
@@ -291,6 +287,38 @@ def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch
             "simulation.partition=iid",
         ]
     )
+
+
+def test_federated_audit_checks_each_institutions_noise(rows_csv, tmp_path, monkeypatch):
+    """Under DP each institution's noise check is kept over its rounds (a trainer per message) beside
+    its canary sums; an implementation adding half the calibrated noise fails it at every institution,
+    and the report's Audit section shows the check."""
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    monkeypatch.setattr(client_app, "LocalTrainer", noise_scaled(0.5))
+    cfg = federated_config(rows_csv, "privacy.epsilon=2.0", "privacy.accountant=rdp")
+    run_dir = tmp_path / "run"
+    run_server(InProcessGrid(cfg, run_dir, (WHITE, 0)), ServerSettings(cfg, run_dir, len(NODES)))
+    audits = audit_federation(cfg, run_dir)
+    assert [a.client for a in audits] == [0, 1]
+    for audit in audits:
+        noise = audit.result.noise
+        assert audit.result.failed and not noise.passed, audit
+        assert noise.ratio == pytest.approx(0.5, abs=0.03)
+        assert noise.samples % 30 == 0 and noise.samples > 30 * 10_000  # every coordinate of 30 steps
+    section = audit_section(audits)
+    assert "Noise check" in section and "| client-1 |" in section and "| NO |" in section
+    assert json.loads((run_dir / FEDERATED_RESULT).read_text())[0]["result"]["noise"]["passed"] is False
+
+
+def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch):
+    """Each institution's canaries, re-made from its stored seed by a trainer per message, in every
+    round, its sums of privatized gradients and sent updates kept beside them; without DP scored on
+    the updates it sent, where they separate as in a local audit; the report's Audit section lists
+    both institutions."""
+    for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    cfg = federated_config(rows_csv, "privacy.enabled=false")
     run_dir = tmp_path / "run"
     run_server(InProcessGrid(cfg, run_dir, (WHITE, 10)), ServerSettings(cfg, run_dir, len(NODES)))
     audits = audit_federation(cfg, run_dir)
@@ -305,3 +333,42 @@ def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch
     section = audit_section(audits)
     assert section.startswith("## Audit") and "client-0" in section and "client-1" in section
     assert json.loads((run_dir / FEDERATED_RESULT).read_text())[1]["client"] == 1
+
+
+HOSPITAL = Path(__file__).parents[1] / "configs" / "hospital-a.yaml"
+
+
+def audit_hospital(tmp_path, monkeypatch, epsilon: float, scale: float, *overrides: str):
+    """The shipped hospital-a config (its data, recipe and budget planned over its rounds) audited
+    with an implementation that adds ``scale`` times the calibrated noise."""
+    monkeypatch.setattr(privacy_audit, "LocalTrainer", noise_scaled(scale))
+    cfg = load_config(HOSPITAL, overrides=[f"privacy.epsilon={epsilon}", "training.device=cpu", *overrides])
+    return run_local_audit(cfg, tmp_path / f"audit-{epsilon}-{scale}", WHITE, 0)
+
+
+def assert_caught_and_passed(tmp_path, monkeypatch, epsilon: float, *overrides: str) -> None:
+    correct = audit_hospital(tmp_path, monkeypatch, epsilon, 1.0, *overrides)
+    assert not correct.failed, correct
+    assert correct.noise.ratio == pytest.approx(1.0, abs=0.02)
+    for scale in (0.5, 0.0):
+        broken = audit_hospital(tmp_path, monkeypatch, epsilon, scale, *overrides)
+        assert broken.failed and broken.under_noised, (scale, broken)
+        assert broken.noise.ratio == pytest.approx(scale, abs=0.02)
+        assert broken.noise.p_value < broken.noise.false_alarm
+        # The claim the ledger makes is the calibrated one, whatever the optimizer added.
+        assert broken.claimed_epsilon == pytest.approx(correct.claimed_epsilon)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epsilon", [1.0, 2.0, 4.0, 8.0])
+def test_hospital_config_on_tiny_bert_catches_half_and_zero_noise(tmp_path, monkeypatch, epsilon):
+    """Issue 26: the shipped hospital-a setup (600 reviews, batch 64, 10 rounds of 10 steps) on
+    tiny-bert; about 30 s per audit on a shared 2-core machine."""
+    assert_caught_and_passed(tmp_path, monkeypatch, epsilon, "model.source=tiny-bert")
+
+
+@pytest.mark.slow
+def test_hospital_config_with_minilm_catches_half_and_zero_noise(tmp_path, monkeypatch):
+    """The same with the shipped MiniLM, one epsilon, one round of the planned ten (the budget planned
+    for that one round): 10 steps of 64 reviews per audit, minutes on a shared 2-core CPU."""
+    assert_caught_and_passed(tmp_path, monkeypatch, 2.0, "federation.rounds=1")
