@@ -290,22 +290,21 @@ def audit_table(title: str, result: AuditResult) -> Table:
 
 def noise_table(check: NoiseCheck) -> Table:
     table = Table(title="noise check: the noise every DP step added against the calibrated sigma x C")
-    for column in ("measured std", "calibrated std", "ratio", f"interval ({1 - check.false_alarm:.1%})"):
-        table.add_column(column)
-    for column in ("samples", "chi-square", "p-value", "false alarm", "passed"):
-        table.add_column(column)
+    table.add_column("noise check")
+    table.add_column("value")
     low, high = check.ratio_interval
-    table.add_row(
-        f"{check.measured_std:.4g}",
-        f"{check.calibrated_std:.4g}",
-        f"{check.ratio:.4f}",
-        f"{low:.4f}-{high:.4f}",
-        str(check.samples),
-        f"{check.statistic:.6g}",
-        f"{check.p_value:.3g}",
-        f"{check.false_alarm:g}",
-        "yes" if check.passed else "NO",
+    rows = (
+        ("measured std", f"{check.measured_std:.4g}"),
+        ("calibrated std (sigma x C)", f"{check.calibrated_std:.4g}"),
+        ("ratio", f"{check.ratio:.4f} ({low:.4f}-{high:.4f} at {1 - check.false_alarm:.1%})"),
+        ("samples (coordinates x steps)", str(check.samples)),
+        ("chi-square, p-value", f"{check.statistic:.6g}, p = {check.p_value:.3g}"),
+        ("fails below (false alarm)", f"p = {check.false_alarm:g}"),
+        ("catches (with 1 - false alarm)", f"a ratio <= {check.detectable_ratio:.4f}"),
+        ("passed", "yes" if check.passed else "NO: less noise than the ledger accounts for"),
     )
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
