@@ -74,8 +74,10 @@ class AddedNoise:
 def round_noise(added: AddedNoise, ledger: PrivacyLedger, round_id: int) -> NoiseSums:
     """The noise measured since the last take, against sigma x C with the sigma the ledger records
     for ``round_id`` (never the optimizer's own, which is what is being checked)."""
+    squares, samples = added.take()
+    if samples == 0:
+        return NoiseSums()  # no DP step ran (and so the ledger may record nothing for the round)
     entries = [e for e in ledger.entries if e.round == round_id]
     if not entries:
-        raise ValueError(f"the ledger records no round {round_id}")
-    squares, samples = added.take()
+        raise ValueError(f"the ledger records no round {round_id}, yet {samples} noised values were measured")
     return NoiseSums.of(squares, samples, entries[-1].noise_multiplier * added.clip)
