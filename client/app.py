@@ -37,6 +37,7 @@ from fedlora.client.canaries import (
 )
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.noise_probe import round_noise
 from fedlora.client.trainer import LocalTrainer, derive_seed
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
@@ -189,7 +190,9 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
-        hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate) if spec is not None else None
+        hook = None
+        if spec is not None:
+            hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate, trainer.expected_batch)
         trainer.gradient_hook = hook
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
         result = trainer.train_round(server_round, proximal_mu=mu, anchor=start, federated=True)
@@ -197,7 +200,8 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
     keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
     if setup.canaries is not None and hook is not None:
-        record_round(setup.canaries, hook.spec, hook.released, update)
+        noise = round_noise(hook.noise, ledger, server_round) if hook.noise is not None else None
+        record_round(setup.canaries, hook.spec, hook, update, noise)
     log.info(
         "round %d: trained %d steps, training loss %.4f (kept here)", server_round, result.steps, result.loss
     )

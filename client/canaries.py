@@ -8,8 +8,12 @@ probability 1/2:
   data.privacy_unit: a canary is a person) at every step and, when drawn,
   joins the batch as one more per-example gradient of norm CANARY_NORM_FACTOR x the clipping norm;
   Opacus clips it to the clipping norm like any row (a broken clip lets it through whole), sums and
-  noises it. Its score is how far the adapter's change went against its direction (a step descends
-  it). This audits the implementation: sampling, clipping, noise and accounting.
+  noises it. Under DP its score is its share of the summed privatized gradients minus the rows' own
+  clipped gradients (recomputed at each step by client.noise_probe: an adversary who knows every
+  row, the one DP protects against, can compute them), so the rows do not blur the canaries at
+  all; without DP, how far the adapter's change went against its direction. This audits the
+  implementation: sampling, clipping, noise and accounting. The same per-step recomputation gives
+  the audit's direct noise check (common.noise_check).
 - black-box (input) canaries: rows of random tokens with a random label (causal LM: a random
   response), added to the training rows when included (they count as rows: the sample rate is over
   the enlarged set). Score: how much the adapter's training lowered the canary's loss; what an
@@ -33,12 +37,14 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from fedlora.client.noise_probe import AddedNoise
 from fedlora.client.trainer import trained_parameters
 from fedlora.common.adapter import State, peft_module
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import IGNORE_INDEX, TokenizedDataset
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import ConfigError
+from fedlora.common.noise_check import NoiseSums
 from fedlora.common.scoring import forward_loss
 
 WHITE_BOX_CANARIES = 1000
@@ -49,7 +55,8 @@ CANARY_NORM_FACTOR = 2.0
 FIRST_TOKEN = 1000
 """Random canary tokens are drawn above the ids tokenizers keep for special tokens."""
 _WHITE, _BLACK = 1, 2  # sub-streams of the seed
-RELEASED, SENT = "released", "sent"  # the running sums' names
+RELEASED, SENT, ROWS, NOISE = "released", "sent", "rows", "noise"  # the running sums' names
+NOISE_FIELDS = ("statistic", "samples", "squares", "calibrated")  # NOISE's entries: a NoiseSums
 
 
 @dataclass(frozen=True)
@@ -153,17 +160,27 @@ def sums_file(plan: CanaryPlan) -> Path:
     return plan.path.with_suffix(".sums.safetensors")
 
 
-def record_round(plan: CanaryPlan, spec: CanarySpec, released: torch.Tensor, sent: State) -> None:
+def record_round(
+    plan: CanaryPlan, spec: CanarySpec, hook: GradientCanaries, sent: State, noise: NoiseSums | None
+) -> None:
     """Add a round to the institution's running sums over every round (the ClientApp makes a trainer
-    per message): its privatized gradients and the update it sent, over the canaries' space."""
-    rounds = {RELEASED: released.detach().double().cpu(), SENT: flatten(spec, sent).double()}
+    per message): its privatized gradients, the rows' clipped share of them and the update it sent,
+    over the canaries' space, and its noise check's sums (``noise``, under DP)."""
+    measured = noise if noise is not None else NoiseSums()
+    rounds = {
+        RELEASED: hook.released.detach().double().cpu(),
+        ROWS: hook.rows.detach().double().cpu(),
+        SENT: flatten(spec, sent).double(),
+        NOISE: torch.tensor([float(getattr(measured, f)) for f in NOISE_FIELDS], dtype=torch.float64),
+    }
     total = recorded_sums(plan)
     summed = {k: v + total[k] for k, v in rounds.items()} if total is not None else rounds
     write_durably(sums_file(plan), save_tensors(summed))
 
 
 def recorded_sums(plan: CanaryPlan) -> dict[str, torch.Tensor] | None:
-    """The running sums (RELEASED, SENT) of the institution's rounds; None before its first."""
+    """The running sums (RELEASED, ROWS, SENT, NOISE) of the institution's rounds; None before its
+    first."""
     path = sums_file(plan)
     if not path.exists():
         return None
@@ -171,9 +188,16 @@ def recorded_sums(plan: CanaryPlan) -> dict[str, torch.Tensor] | None:
         sums = load_tensors(path.read_bytes())
     except SafetensorError as err:
         raise ConfigError(f"{path}: not a readable file of canary sums ({err})") from None
-    if set(sums) != {RELEASED, SENT}:
-        raise ConfigError(f"{path}: expected the tensors {RELEASED!r} and {SENT!r}, found {sorted(sums)}")
+    if set(sums) != {RELEASED, ROWS, SENT, NOISE}:
+        expected = sorted((RELEASED, ROWS, SENT, NOISE))
+        raise ConfigError(f"{path}: expected the tensors {expected}, found {sorted(sums)}")
     return sums
+
+
+def recorded_noise(sums: dict[str, torch.Tensor]) -> NoiseSums:
+    """The noise check's sums over the recorded rounds."""
+    values = sums[NOISE].tolist()
+    return NoiseSums(values[0], int(values[1]), values[2], values[3])
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -199,13 +223,18 @@ class GradientCanaries:
     (before it), and the sum over steps of the gradient each step used, clipped and noised (after it):
     what DP-SGD releases at every step, and so what its epsilon covers. Scoring that sum rather than
     the adapter's final change keeps the optimiser (Adam rescales every coordinate) and the rows'
-    own descent out of the audit of sampling, clipping, noise and accounting."""
+    own descent out of the audit of sampling, clipping, noise and accounting. Under DP it also sums
+    the rows' own clipped gradients over steps (``rows``, in the released scale) and measures the
+    noise each step added (``noise``, client.noise_probe); ``expected_batch`` is the trainer's."""
 
-    def __init__(self, spec: CanarySpec, cfg: FedloraConfig, sample_rate: float) -> None:
+    def __init__(self, spec: CanarySpec, cfg: FedloraConfig, sample_rate: float, expected_batch: int) -> None:
         self.spec = spec
         self.sample_rate = sample_rate
         self.private = cfg.privacy.enabled
+        self.clip = cfg.privacy.max_grad_norm
         self.length = CANARY_NORM_FACTOR * cfg.privacy.max_grad_norm
+        self.noise = AddedNoise(self.clip, expected_batch) if self.private else None
+        self.rows = torch.zeros(spec.dimension, dtype=torch.float64)
         # Without DP there is no clip: a canary weighs what a row at the clipping norm would in the mean.
         self.weight = cfg.privacy.max_grad_norm / cfg.training.batch_size
         self.members = np.flatnonzero(spec.white_box_included)
@@ -219,7 +248,12 @@ class GradientCanaries:
             self._directions = torch.stack(rows) if rows else torch.zeros((0, self.spec.dimension))
         return self._directions
 
+    def before_partial_sum(self, params: dict[str, nn.Parameter]) -> None:
+        if self.noise is not None:
+            self.noise.add_examples(params)
+
     def before_step(self, params: dict[str, nn.Parameter]) -> None:
+        self.before_partial_sum(params)  # the rows' last slice, before canaries join it
         drawn = torch.rand(len(self.members)) < self.sample_rate
         if not drawn.any():
             return
@@ -232,21 +266,28 @@ class GradientCanaries:
             offset += size
             if self.private:
                 param.grad_sample = torch.cat([param.grad_sample, self.length * part])
+                self.noise.add_clipped(key, self.clip * part.sum(0))  # each clipped to exactly C
             else:
                 param.grad = param.grad + self.weight * part.sum(0)
 
     def after_step(self, params: dict[str, nn.Parameter]) -> None:
         grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
         self.released += flatten(self.spec, grads).double()
+        if self.noise is not None:
+            rows = self.noise.after_step(params)
+            self.rows += flatten(self.spec, rows).double() / self.noise.expected_batch
 
 
-def white_box_evidence(private: bool, released: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
-    """What white-box canaries are scored on: under DP the summed privatized gradients (``released``);
-    without DP, where nothing is clipped or noised and the rows' unclipped gradients would drown a
-    canary in that sum, the summed change the institution sent (``sent``, flattened), against its
-    direction (training descends gradients). The choice follows the config alone, so each audit is
-    one test, not the best of two."""
-    return released.double() if private else -sent.double()
+def white_box_evidence(
+    private: bool, released: torch.Tensor, rows: torch.Tensor, sent: torch.Tensor
+) -> torch.Tensor:
+    """What white-box canaries are scored on: under DP the summed privatized gradients (``released``)
+    less the rows' own clipped share of them (``rows``), leaving the canaries and the noise: the score
+    of an adversary who knows every other row, as DP allows; without DP, where nothing is clipped or
+    noised and the rows' unclipped gradients would drown a canary in that sum, the summed change the
+    institution sent (``sent``, flattened), against its direction (training descends gradients). The
+    choice follows the config alone, so each audit is one test, not the best of two."""
+    return released.double() - rows.double() if private else -sent.double()
 
 
 def white_box_scores(spec: CanarySpec, evidence: torch.Tensor) -> np.ndarray:

@@ -59,6 +59,7 @@ from fedlora.common.errors import BudgetExceeded, ConfigError, FedloraError, Tra
 from fedlora.common.launch import STOP_GRACE_SECONDS
 from fedlora.common.model import device_for
 from fedlora.common.model_card import write_model_card
+from fedlora.common.noise_check import NoiseCheck
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import prepare
 
@@ -288,6 +289,26 @@ def audit_table(title: str, result: AuditResult) -> Table:
     return table
 
 
+def noise_table(check: NoiseCheck) -> Table:
+    table = Table(title="noise check: the noise every DP step added against the calibrated sigma x C")
+    table.add_column("noise check")
+    table.add_column("value")
+    low, high = check.ratio_interval
+    rows = (
+        ("measured std", f"{check.measured_std:.4g}"),
+        ("calibrated std (sigma x C)", f"{check.calibrated_std:.4g}"),
+        ("ratio", f"{check.ratio:.4f} ({low:.4f}-{high:.4f} at {1 - check.false_alarm:.1%})"),
+        ("samples (coordinates x steps)", str(check.samples)),
+        ("chi-square, p-value", f"{check.statistic:.6g}, p = {check.p_value:.3g}"),
+        ("fails below (false alarm)", f"p = {check.false_alarm:g}"),
+        ("catches (with 1 - false alarm)", f"a ratio <= {check.detectable_ratio:.4f}"),
+        ("passed", "yes" if check.passed else "NO: less noise than the ledger accounts for"),
+    )
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Train the planned rounds with canaries on this institution's own setup and data, against a
     ledger of the audit's own in --out; fails when the measured bound exceeds the claim."""
@@ -301,6 +322,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     claim = "none (privacy off)" if result.claimed_epsilon is None else f"{result.claimed_epsilon:.3f}"
     title = f"privacy audit: claimed epsilon {claim} (delta {result.delta:g}), {result.seconds:.0f} s"
     report.print(audit_table(title, result))
+    if result.noise is not None:
+        report.print(noise_table(result.noise))
     report.print(f"lower bounds at {result.white_box.confidence:.0%} confidence; written to {out}")
     require_no_leak(result, out)
     return 0

@@ -6,7 +6,10 @@ of the audit's own in the audit's folder; the institution's real ledger is never
 Not to be confused with client.audit, the log of outgoing messages.
 
 A white-box bound above the claim means the implementation leaks more than it accounts for (the
-bound holds at 95% confidence, so an honest implementation shows one at most 1 time in 20).
+bound holds at 95% confidence, so an honest implementation shows one at most 1 time in 20). Under DP
+the audit also tests the noise every step actually added against the calibrated sigma x C
+(common.noise_check, a chi-square test with a false alarm rate of 1e-3): far more sensitive to an
+implementation that adds too little noise than any one-run epsilon bound can be.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fedlora.client.canaries import (
     with_input_canaries,
 )
 from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.noise_probe import round_noise
 from fedlora.client.trainer import LocalTrainer, StepCallback
 from fedlora.common.adapter import State, adapter_state, delta, load_adapter_state
 from fedlora.common.audit_bound import CONFIDENCE, AuditBound, audit_bound
@@ -41,10 +45,12 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.model import device_for
+from fedlora.common.noise_check import NoiseCheck, NoiseSums, noise_check
 from fedlora.common.workbench import prepare
 
 AUDIT_LEDGER, CANARY_FILE, RESULT_FILE = "audit-ledger.json", "canaries.json", "privacy-audit.json"
 LEAK_MESSAGE = "the implementation leaks more than it accounts for"
+UNDER_NOISE_MESSAGE = "the implementation adds less noise than it accounts for"
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,21 @@ class AuditResult:
     delta: float
     white_box: AuditBound
     black_box: AuditBound | None
+    noise: NoiseCheck | None = None
+    """The direct test of the noise added at every DP step; None without DP."""
     seconds: float = 0.0
 
     @property
     def leaks(self) -> bool:
         return self.claimed_epsilon is not None and self.white_box.epsilon > self.claimed_epsilon
+
+    @property
+    def under_noised(self) -> bool:
+        return self.noise is not None and not self.noise.passed
+
+    @property
+    def failed(self) -> bool:
+        return self.leaks or self.under_noised
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,15 +86,17 @@ def score_canaries(
     losses: tuple[np.ndarray, np.ndarray] | None,
     claimed: float | None,
     dp_delta: float,
+    noise: NoiseSums | None = None,
 ) -> AuditResult:
     """Bounds from the white-box evidence (canaries.white_box_evidence) and each input canary's loss
-    before and after (black-box)."""
+    before and after (black-box); the noise check from the measured ``noise`` (under DP)."""
     white = audit_bound(white_box_scores(spec, evidence), spec.white_box_included, dp_delta, CONFIDENCE)
     black = None
     if spec.black_box and losses is not None:
         before, after = losses
         black = audit_bound(before - after, spec.black_box_included, dp_delta, CONFIDENCE)
-    return AuditResult(claimed, dp_delta, white, black)
+    checked = noise_check(noise) if noise is not None and noise.samples else None
+    return AuditResult(claimed, dp_delta, white, black, checked)
 
 
 def losses_at(model: nn.Module, state: State, spec: CanarySpec, device: torch.device) -> np.ndarray:
@@ -117,11 +135,14 @@ def run_local_audit(
     before = losses_at(model, start, spec, device) if spec.black_box else None
     ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
     trainer = LocalTrainer(cfg, model, train, device, ledger)
-    hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate)
+    hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate, trainer.expected_batch)
     trainer.gradient_hook = hook
+    noise = NoiseSums() if ledger is not None else None
     try:
         for r in range(1, cfg.planned_rounds + 1):
             trainer.train_round(r, on_step=on_step)
+            if noise is not None:
+                noise += round_noise(hook.noise, ledger, r)
         final = adapter_state(trainer.model)
     finally:
         trainer.close()
@@ -129,10 +150,11 @@ def run_local_audit(
     claimed = ledger.spent if ledger is not None else None
     result = score_canaries(
         spec,
-        white_box_evidence(cfg.privacy.enabled, hook.released, flatten(spec, delta(final, start))),
+        white_box_evidence(cfg.privacy.enabled, hook.released, hook.rows, flatten(spec, delta(final, start))),
         (before, after) if before is not None else None,
         claimed,
         cfg.privacy.delta,
+        noise,
     )
     result = dataclasses.replace(result, seconds=time.perf_counter() - started)
     write_durably(out / RESULT_FILE, json.dumps(result.to_dict(), indent=1).encode())
@@ -140,9 +162,18 @@ def run_local_audit(
 
 
 def require_no_leak(result: AuditResult, where: Path) -> None:
-    """The audit's verdict as an error a command exits on."""
-    if result.leaks:
-        raise FedloraError(
-            f"privacy audit: {LEAK_MESSAGE}: white-box lower bound epsilon {result.white_box.epsilon:.3f} > "
-            f"claimed {result.claimed_epsilon:.3f} ({result.white_box.confidence:.0%} confidence; {where})"
+    """The audit's verdict as an error a command exits on (one line, every failed part named)."""
+    found = []
+    if result.under_noised:
+        n = result.noise
+        found.append(
+            f"{UNDER_NOISE_MESSAGE}: measured noise std {n.measured_std:.4g} = {n.ratio:.3f} x the "
+            f"calibrated {n.calibrated_std:.4g} (sigma x C), p = {n.p_value:.2g} < {n.false_alarm:g}"
         )
+    if result.leaks:
+        found.append(
+            f"{LEAK_MESSAGE}: white-box lower bound epsilon {result.white_box.epsilon:.3f} > "
+            f"claimed {result.claimed_epsilon:.3f} ({result.white_box.confidence:.0%} confidence)"
+        )
+    if found:
+        raise FedloraError(f"privacy audit: {'; '.join(found)} ({where})")

@@ -41,7 +41,11 @@ StepCallback = Callable[[int, float], None]
 class GradientHook(Protocol):
     """Called around every optimizer step with the trained parameters by adapter key: before (the
     batch's per-sample gradients, or the gradients without DP, may be added to), and after (the
-    gradient the step used, noise included, may be read)."""
+    gradient the step used, noise included, may be read); under DP also before Opacus clips and sums
+    each slice of a batch but its last (training.physical_batch_size), whose per-sample gradients
+    it then frees."""
+
+    def before_partial_sum(self, params: dict[str, nn.Parameter]) -> None: ...
 
     def before_step(self, params: dict[str, nn.Parameter]) -> None: ...
 
@@ -164,6 +168,8 @@ class LocalTrainer:
         self.ledger = ledger
         self.train_set = train
         self.sample_rate = poisson_rate(sampled, cfg.training.batch_size)
+        # What Opacus' mean divides each step's noisy sum by (its make_private computes the same).
+        self.expected_batch = int(sampled * self.sample_rate)
         # DP: Poisson sampling must be unpredictable (privacy amplification assumes it), so it draws
         # from torch's unseeded RNG; only non-private baselines shuffle reproducibly, and research
         # simulations with simulation.reproducible seed each round (round_seed).
@@ -284,6 +290,8 @@ class LocalTrainer:
         batch's last slice takes the real step. Without DP, gradients simply add up."""
         if not self.cfg.privacy.enabled:
             return
+        if self.gradient_hook is not None:
+            self.gradient_hook.before_partial_sum(self._trained)
         self.optimizer.signal_skip_step(do_skip=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -5,9 +5,10 @@ their seed in its own file and, beside it, the sums over its rounds of the priva
 DP-SGD releases at each step, and its epsilon covers) and of the updates it sent. The simulation is
 one machine, so the driver reads those files and the institutions' ledgers (the claim). White-box
 canaries are scored on the institution's own sums (the audit of the implementation, not diluted by
-the others' updates); black-box canaries on the global adapter before and after the run (what anyone
-holding the final model could measure). In deployment an institution audits itself with
-``fedlora-client audit``.
+the others' updates, the rows' own clipped gradients taken out), next to the direct check of the
+noise every step added (common.noise_check); black-box canaries on the global adapter before and
+after the run (what anyone holding the final model could measure). In deployment an institution
+audits itself with ``fedlora-client audit``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from pathlib import Path
 
 import torch
 
-from fedlora.client.canaries import RELEASED, SENT, CanaryPlan, CanarySpec, recorded_sums, white_box_evidence
+from fedlora.client.canaries import (
+    RELEASED,
+    ROWS,
+    SENT,
+    CanaryPlan,
+    CanarySpec,
+    recorded_noise,
+    recorded_sums,
+    white_box_evidence,
+)
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.privacy_audit import AuditResult, losses_at, score_canaries
 from fedlora.common.adapter import adapter_state
@@ -64,8 +74,9 @@ def audit_federation(cfg: FedloraConfig, run_dir: Path) -> list[InstitutionAudit
         claimed = None
         if cfg.privacy.enabled:
             claimed = PrivacyLedger.from_config(cfg.privacy, ledger_file(run_dir, pid)).spent
-        evidence = white_box_evidence(cfg.privacy.enabled, sums[RELEASED], sums[SENT])
-        result = score_canaries(spec, evidence, losses, claimed, cfg.privacy.delta)
+        evidence = white_box_evidence(cfg.privacy.enabled, sums[RELEASED], sums[ROWS], sums[SENT])
+        noise = recorded_noise(sums) if cfg.privacy.enabled else None
+        result = score_canaries(spec, evidence, losses, claimed, cfg.privacy.delta, noise)
         audits.append(InstitutionAudit(pid, result))
     (run_dir / RESULT_FILE).write_text(json.dumps([asdict(a) for a in audits], indent=1))
     return audits

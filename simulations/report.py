@@ -223,6 +223,22 @@ def audit_section(audits: list) -> str:
                 )
     confidence = audits[0].result.white_box.confidence if audits else 0.95
     lines += ["", f"Lower bounds at {confidence:.0%} confidence.", ""]
+    checked = [a for a in audits if a.result.noise is not None]
+    if checked:
+        lines += [
+            "Noise check: the noise every DP step added (released gradient less the clipped sum, "
+            "recomputed) against the calibrated sigma x C, a one-sided chi-square test.",
+            "",
+            "| institution | measured std | calibrated std | ratio | p-value | passed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for audit in checked:
+            n = audit.result.noise
+            lines.append(
+                f"| client-{audit.client} | {n.measured_std:.4g} | {n.calibrated_std:.4g} | {n.ratio:.4f} "
+                f"| {n.p_value:.3g} | {'yes' if n.passed else 'NO'} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 

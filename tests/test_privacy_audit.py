@@ -8,6 +8,7 @@ about 5 times, and missed altogether about 1 time in 240.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import yaml
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlora.client import app as client_app
 from fedlora.client import privacy_audit
 from fedlora.client.app import handle_train
 from fedlora.client.canaries import (
@@ -27,7 +29,13 @@ from fedlora.client.canaries import (
 )
 from fedlora.client.cli import main as client_main
 from fedlora.client.ledger import PrivacyLedger
-from fedlora.client.privacy_audit import AUDIT_LEDGER, LEAK_MESSAGE, RESULT_FILE, run_local_audit
+from fedlora.client.privacy_audit import (
+    AUDIT_LEDGER,
+    LEAK_MESSAGE,
+    RESULT_FILE,
+    UNDER_NOISE_MESSAGE,
+    run_local_audit,
+)
 from fedlora.client.trainer import LocalTrainer, trained_parameters
 from fedlora.common import protocol as P
 from fedlora.common.config import load_config
@@ -103,12 +111,19 @@ def test_dp_bound_never_exceeds_the_claim(make_config, rows_csv, tmp_path, epsil
     assert not (tmp_path / "real-ledger.json").exists()  # the institution's ledger is never touched
 
 
-class NoiselessTrainer(LocalTrainer):
-    """A broken implementation: the ledger records its calibrated noise, the optimizer adds none."""
+def noise_scaled(scale: float) -> type[LocalTrainer]:
+    """A broken implementation: the ledger records its calibrated noise, the optimizer adds ``scale``
+    times it."""
 
-    def _make_private(self, loader):
-        super()._make_private(loader)
-        self.optimizer.noise_multiplier = 0.0
+    class BrokenTrainer(LocalTrainer):
+        def _make_private(self, loader):
+            super()._make_private(loader)
+            self.optimizer.noise_multiplier = self.noise_multiplier * scale
+
+    return BrokenTrainer
+
+
+NoiselessTrainer = noise_scaled(0.0)
 
 
 def test_broken_trainer_is_caught_and_the_command_fails(rows_csv, tmp_path, monkeypatch, capsys):
@@ -124,6 +139,57 @@ def test_broken_trainer_is_caught_and_the_command_fails(rows_csv, tmp_path, monk
     assert saved["claimed_epsilon"] <= 1.0
     assert saved["white_box"]["epsilon"] > 2 * saved["claimed_epsilon"]
     assert not (tmp_path / "real-ledger.json").exists()
+
+
+def test_half_noise_is_caught_and_the_command_fails(rows_csv, tmp_path, monkeypatch, capsys):
+    """Half the calibrated noise (true epsilon far above the claim): the epsilon bound alone cannot
+    show it from one run, the noise check does (ratio 0.5, p far below its false alarm rate)."""
+    monkeypatch.setattr(privacy_audit, "LocalTrainer", noise_scaled(0.5))
+    config = tmp_path / "institution.yaml"
+    config.write_text(yaml.safe_dump(settings(rows_csv, tmp_path, epsilon=1.0)))
+    out = tmp_path / "audit"
+    code = client_main(["audit", str(config), "--out", str(out), "--black-box-canaries", "0"])
+    assert code != 0
+    captured = capsys.readouterr()
+    assert UNDER_NOISE_MESSAGE in captured.err and "p = " in captured.err
+    assert "noise check" in captured.out
+    noise = json.loads((out / RESULT_FILE).read_text())["noise"]
+    assert noise["ratio"] == pytest.approx(0.5, abs=0.02)
+    assert noise["p_value"] < noise["false_alarm"] == 1e-3 and noise["passed"] is False
+    assert noise["samples"] == 30 * sum(p.numel() for p in trained_of(config))
+
+
+def trained_of(config) -> list[torch.nn.Parameter]:
+    bench = prepare(load_config(config))
+    return list(trained_parameters(bench.built.model).values())
+
+
+def test_noise_probe_recomputes_what_opacus_clipped_and_measures_its_noise(make_config, rows_csv, tmp_path):
+    """The probe's own clipped sum (rows and canaries) equals Opacus' summed_grad, and the noise it
+    measures is what Opacus added: exactly zero when Opacus adds none, sigma x C per coordinate when
+    it adds sigma."""
+    cfg = make_config(settings(rows_csv, tmp_path, max_grad_norm=0.5))
+    bench = prepare(cfg)
+    spec = new_spec(cfg, bench.built.model, len(bench.tokenizer), len(bench.labels), 20, 0)
+    ledger = PrivacyLedger(tmp_path / "l.json", 8.0, cfg.privacy.delta, "rdp")
+    ledger.noise_multiplier = 1.0
+    trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, torch.device("cpu"), ledger)
+    hook = GradientCanaries(spec, cfg, 1.0, trainer.expected_batch)
+    trainer.gradient_hook = hook
+    batch = tuple(
+        t[:6] for t in (bench.data.train.input_ids, bench.data.train.attention_mask, bench.data.train.labels)
+    )
+    params = trained_parameters(trainer.model)
+    for sigma in (0.0, 2.0):
+        trainer.optimizer.noise_multiplier = sigma
+        trainer._step(batch)
+        squares, samples = hook.noise.take()
+        assert samples == sum(p.numel() for p in params.values())
+        added = [(p.grad * trainer.expected_batch - p.summed_grad).flatten() for p in params.values()]
+        noise = torch.cat(added)
+        assert squares == pytest.approx(float(noise.double().square().sum()), rel=1e-4, abs=1e-8)
+        assert (squares / samples) ** 0.5 == pytest.approx(sigma * 0.5, rel=0.05, abs=1e-5)
+    trainer.close()
 
 
 def test_canaries_follow_from_the_stored_seed(make_config, rows_csv, tmp_path):
@@ -153,7 +219,7 @@ def test_included_canary_is_clipped_like_a_row(make_config, rows_csv, tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.json", 8.0, cfg.privacy.delta, "rdp")
     ledger.noise_multiplier = 1.0
     trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, torch.device("cpu"), ledger)
-    hook = GradientCanaries(spec, cfg, sample_rate=1.0)  # every included canary, every step
+    hook = GradientCanaries(spec, cfg, 1.0, trainer.expected_batch)  # every included canary, every step
     trainer.optimizer.noise_multiplier = 0.0
     for group in trainer.optimizer.param_groups:
         group["lr"] = 0.0  # both steps see the same weights, so the same row gradients
@@ -202,14 +268,8 @@ class InProcessGrid:
 NODES = (101, 202)
 
 
-def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch):
-    """Each institution's canaries, re-made from its stored seed by a trainer per message, in every
-    round, its sums of privatized gradients and sent updates kept beside them; without DP scored on
-    the updates it sent, where they separate as in a local audit; the report's Audit section lists
-    both institutions."""
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
-    cfg = load_config(
+def federated_config(rows_csv, *privacy: str):
+    return load_config(
         overrides=[
             "model.source=tiny-bert",
             "model.lora_r=64",
@@ -218,7 +278,7 @@ def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch
             "training.local_steps=10",
             "training.batch_size=8",
             "training.learning_rate=0.01",
-            "privacy.enabled=false",
+            *privacy,
             "federation.rounds=3",
             "federation.min_clients=2",
             "federation.fraction_evaluate=0",
@@ -227,6 +287,38 @@ def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch
             "simulation.partition=iid",
         ]
     )
+
+
+def test_federated_audit_checks_each_institutions_noise(rows_csv, tmp_path, monkeypatch):
+    """Under DP each institution's noise check is kept over its rounds (a trainer per message) beside
+    its canary sums; an implementation adding half the calibrated noise fails it at every institution,
+    and the report's Audit section shows the check."""
+    for attribute in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    monkeypatch.setattr(client_app, "LocalTrainer", noise_scaled(0.5))
+    cfg = federated_config(rows_csv, "privacy.epsilon=2.0", "privacy.accountant=rdp")
+    run_dir = tmp_path / "run"
+    run_server(InProcessGrid(cfg, run_dir, (WHITE, 0)), ServerSettings(cfg, run_dir, len(NODES)))
+    audits = audit_federation(cfg, run_dir)
+    assert [a.client for a in audits] == [0, 1]
+    for audit in audits:
+        noise = audit.result.noise
+        assert audit.result.failed and not noise.passed, audit
+        assert noise.ratio == pytest.approx(0.5, abs=0.03)
+        assert noise.samples % 30 == 0 and noise.samples > 30 * 10_000  # every coordinate of 30 steps
+    section = audit_section(audits)
+    assert "Noise check" in section and "| client-1 |" in section and "| NO |" in section
+    assert json.loads((run_dir / FEDERATED_RESULT).read_text())[0]["result"]["noise"]["passed"] is False
+
+
+def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch):
+    """Each institution's canaries, re-made from its stored seed by a trainer per message, in every
+    round, its sums of privatized gradients and sent updates kept beside them; without DP scored on
+    the updates it sent, where they separate as in a local audit; the report's Audit section lists
+    both institutions."""
+    for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    cfg = federated_config(rows_csv, "privacy.enabled=false")
     run_dir = tmp_path / "run"
     run_server(InProcessGrid(cfg, run_dir, (WHITE, 10)), ServerSettings(cfg, run_dir, len(NODES)))
     audits = audit_federation(cfg, run_dir)
@@ -241,3 +333,42 @@ def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch
     section = audit_section(audits)
     assert section.startswith("## Audit") and "client-0" in section and "client-1" in section
     assert json.loads((run_dir / FEDERATED_RESULT).read_text())[1]["client"] == 1
+
+
+HOSPITAL = Path(__file__).parents[1] / "configs" / "hospital-a.yaml"
+
+
+def audit_hospital(tmp_path, monkeypatch, epsilon: float, scale: float, *overrides: str):
+    """The shipped hospital-a config (its data, recipe and budget planned over its rounds) audited
+    with an implementation that adds ``scale`` times the calibrated noise."""
+    monkeypatch.setattr(privacy_audit, "LocalTrainer", noise_scaled(scale))
+    cfg = load_config(HOSPITAL, overrides=[f"privacy.epsilon={epsilon}", "training.device=cpu", *overrides])
+    return run_local_audit(cfg, tmp_path / f"audit-{epsilon}-{scale}", WHITE, 0)
+
+
+def assert_caught_and_passed(tmp_path, monkeypatch, epsilon: float, *overrides: str) -> None:
+    correct = audit_hospital(tmp_path, monkeypatch, epsilon, 1.0, *overrides)
+    assert not correct.failed, correct
+    assert correct.noise.ratio == pytest.approx(1.0, abs=0.02)
+    for scale in (0.5, 0.0):
+        broken = audit_hospital(tmp_path, monkeypatch, epsilon, scale, *overrides)
+        assert broken.failed and broken.under_noised, (scale, broken)
+        assert broken.noise.ratio == pytest.approx(scale, abs=0.02)
+        assert broken.noise.p_value < broken.noise.false_alarm
+        # The claim the ledger makes is the calibrated one, whatever the optimizer added.
+        assert broken.claimed_epsilon == pytest.approx(correct.claimed_epsilon)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epsilon", [1.0, 2.0, 4.0, 8.0])
+def test_hospital_config_on_tiny_bert_catches_half_and_zero_noise(tmp_path, monkeypatch, epsilon):
+    """Issue 26: the shipped hospital-a setup (600 reviews, batch 64, 10 rounds of 10 steps) on
+    tiny-bert; about 30 s per audit on a shared 2-core machine."""
+    assert_caught_and_passed(tmp_path, monkeypatch, epsilon, "model.source=tiny-bert")
+
+
+@pytest.mark.slow
+def test_hospital_config_with_minilm_catches_half_and_zero_noise(tmp_path, monkeypatch):
+    """The same with the shipped MiniLM, one epsilon, one round of the planned ten (the budget planned
+    for that one round): 10 steps of 64 reviews per audit, minutes on a shared 2-core CPU."""
+    assert_caught_and_passed(tmp_path, monkeypatch, 2.0, "federation.rounds=1")

@@ -420,6 +420,8 @@ def test_audit_with_persons_claims_per_person_and_its_canaries_are_persons(make_
     assert {e.sample_rate for e in ledger.entries} == {poisson_rate(persons, 4)}
     assert result.claimed_epsilon == pytest.approx(ledger.spent) and ledger.spent <= 4.0
     assert not result.leaks and result.white_box.epsilon <= result.claimed_epsilon
+    # The noise check recomputes the clipped sum over persons (per-person mean gradients) as Opacus does.
+    assert result.noise.passed and result.noise.ratio == pytest.approx(1.0, abs=0.05)
 
 
 def test_recipe_plans_batches_of_persons(make_config):
