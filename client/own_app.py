@@ -23,6 +23,7 @@ that handles the message is ``fedlora.client.relay.app`` from this installation.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shlex
 import sys
@@ -34,6 +35,7 @@ from typing import Any
 import flwr.supernode.runtime.run_clientapp as flower_runner
 from flwr.clientapp import ClientApp
 from flwr.common.config import get_fab_config
+from flwr.common.logger import LOGGER_NAME
 from flwr.supercore.cli.flower_superexec import flower_superexec
 from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
@@ -64,6 +66,16 @@ def check_app(fab_content: bytes, skip_prompt: bool = True) -> None:
             f"the run's app is not fedlora's (publisher {publisher!r}, components {components}); "
             "this institution runs only fedlora's own ClientApp"
         )
+
+
+class OneLineRefusal(logging.Filter):
+    """Flower logs a ClientApp's exception with its traceback; a refused app is one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        refused = record.exc_info[1] if record.exc_info else None
+        if isinstance(refused, ForeignApp):
+            record.msg, record.args, record.exc_info = f"refused: {refused}", (), None
+        return True
 
 
 def load_own_app(**_flower_options: Any) -> Callable[[str, str, str], ClientApp]:
@@ -106,6 +118,7 @@ def main() -> None:
     if not hasattr(flower_runner, "install_from_fab") or not hasattr(flower_runner, "get_load_client_app_fn"):
         raise SystemExit(f"{PROGRAM}: this Flower's runner cannot be pinned to fedlora's ClientApp; refusing")
     flower_runner.install_from_fab = check_app
+    logging.getLogger(LOGGER_NAME).addFilter(OneLineRefusal())
     flower_runner.get_load_client_app_fn = load_own_app
     sys.argv = [PROGRAM, *(arg for arg in sys.argv[1:] if arg != NO_INSTALL)]
     flwr_clientapp()

@@ -137,11 +137,14 @@ def reachable_address(address: str) -> str:
     return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else address
 
 
-def loopback_port() -> int:
-    """A free port on loopback for the SuperLink (the OS's choice)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+def loopback_port(avoid: int) -> int:
+    """A free port on loopback for the SuperLink (the OS's choice), never the gate's ``avoid``."""
+    while True:
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if port != avoid:
+            return port
 
 
 def find_app_dir(explicit: Path | None = None) -> Path:
@@ -177,7 +180,7 @@ def admitted_keys(cfg: FedloraConfig) -> list[str]:
 
 def superlink_command(cfg: FedloraConfig, folder: RunFolder, insecure: bool, port: int) -> list[str]:
     """The SuperLink on loopback ``port``: Fleet, Control and Runtime APIs for this machine only."""
-    split_address(cfg.federation.superlink_address)
+    split_address(cfg.federation.superlink_address)  # refused before anything starts: the gate's address
     cmd = [
         flower_program(SUPERLINK),
         "--host",
@@ -439,7 +442,7 @@ def start(cfg: FedloraConfig, config_path: Path, run_dir: Path, app: Path, insec
     running = folder.superlink_pid()
     if running is not None:
         raise FedloraError(f"{run_dir}: its SuperLink is already running (pid {running}); stop it first")
-    port = loopback_port()
+    port = loopback_port(avoid=split_address(cfg.federation.superlink_address)[1])
     cmd, gate_cmd = superlink_command(cfg, folder, insecure, port), gate_command(cfg, insecure, port)
     keys = [] if insecure else admitted_keys(cfg)
     write_connection(cfg, folder, insecure, port)

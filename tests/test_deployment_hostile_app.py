@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 import tomllib
@@ -116,6 +117,12 @@ def test_only_a_bundle_naming_fedloras_app_is_taken_part_in() -> None:
         own_app.check_app(fab(ours.replace('clientapp = "fedlora.client.relay:app"', 'clientapp = "x:app"')))
     with pytest.raises(own_app.ForeignApp, match="not a valid Flower App"):
         own_app.check_app(b"not a zip")
+    try:
+        own_app.check_app(fab(HOSTILE_PYPROJECT))
+    except own_app.ForeignApp:
+        record = logging.LogRecord("flwr", logging.ERROR, "", 0, "%s raised", ("ClientApp",), sys.exc_info())
+    assert own_app.OneLineRefusal().filter(record) and record.exc_info is None
+    assert record.getMessage().startswith("refused: the run's app is not fedlora's (publisher 'mallory'")
     loaded = own_app.load_own_app(default_app_ref="", app_path=None, multi_app=True)("@m/h", "1", "ff")
     from fedlora.client.relay import app as relay_app
 
@@ -221,7 +228,8 @@ def test_a_hostile_app_runs_nowhere_and_reads_nothing(tmp_path, processes) -> No
     assert not (marks / "client-ran").exists()
     got = (marks / "server-got").read_text()
     assert got == "['error']", got
-    assert "not fedlora's" in processes.log("a"), processes.tails(60)
+    assert "refused: the run's app is not fedlora's" in processes.log("a"), processes.tails(60)
+    assert "Traceback" not in processes.log("a"), processes.tails(60)
     installed = tmp_path / "flwr-home" / "apps"
     assert not installed.exists() or not any("mallory" in p.name for p in installed.iterdir())
     history = [e for e in json.loads((fed.run_dir / "history.json").read_text()) if e["round"]]
