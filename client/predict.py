@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.common.adapter import METADATA_FILE, PEFT_CONFIG_FILE
+from fedlora.common.adapter import METADATA_FILE, PEFT_CONFIG_FILE, load_adapter_folder
 from fedlora.common.config import FedloraConfig, config_from_dict
 from fedlora.common.data import FORMATS, eos_id, pad_id, text_column_values, token_limit
 from fedlora.common.errors import AdapterError, ConfigError, DataError
@@ -111,8 +111,7 @@ def load_trained(path: str | Path, device: str = "auto") -> Trained:
             f"model.source {cfg.model.source!r} now gives {found} (another model, labels or layout)"
         )
     target = device_for(device)
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).to(target)
-    model.eval()
+    model = load_adapter_folder(base, adapter_dir).to(target)
     return Trained(model, tokenizer, labels, cfg, adapter_dir, target)
 
 

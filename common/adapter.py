@@ -1,5 +1,5 @@
 """The adapter wire format shared by server and clients: tensors <-> Flower records, deltas,
-validation of what arrives, and export as a standard PEFT adapter folder."""
+validation of what arrives, and export as a standard PEFT adapter folder and its checked reload."""
 
 from __future__ import annotations
 
@@ -11,17 +11,22 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
-from peft import PeftModel, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from fedlora.common.errors import AdapterError
-from fedlora.common.model import base_reference
+from fedlora.common.model import LORA_LAYERS, base_reference
 
 State = dict[str, torch.Tensor]
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 METADATA_FILE = "fedlora.json"
 CARD_FILE = "README.md"
 PEFT_CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Settings fedlora never writes that would change the layout beyond target_modules and r.
+UNWRITTEN_SETTINGS = ("rank_pattern", "alpha_pattern")
 
 
 def peft_module(model: nn.Module) -> PeftModel:
@@ -151,3 +156,70 @@ def export_adapter(model: nn.Module, out_dir: str | Path, metadata: Mapping[str,
         recorded["base_model"] = {"name_or_path": base, "fingerprint": metadata.get("fingerprint")}
     (out / METADATA_FILE).write_text(json.dumps(recorded, indent=2, default=str))
     return out
+
+
+def load_adapter_folder(base: nn.Module, folder: Path) -> PeftModel:
+    """A PEFT adapter folder onto ``base``, for inference, refusing in one line what PEFT would load
+    unsafely, wastefully or silently wrong: weights other than safetensors (a pickle runs code), a
+    layout or rank the base cannot hold (checked before PEFT allocates: r of 1e6 is gigabytes), and
+    any adapter tensor that does not land in the model (PEFT drops it with a warning) or is missing."""
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        found = f" ({pickles[0]} is a pickle file, never loaded)" if pickles else ""
+        raise AdapterError(f"{folder}: no {WEIGHTS_FILE}{found}; adapter weights are read from safetensors")
+    model = PeftModel(base, checked_lora_config(folder, base))
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{weights}: unreadable safetensors ({err})") from None
+    missing = sorted(set(peft_state(model)) - set(state))
+    if missing:
+        raise AdapterError(f"{weights}: no tensor for {missing[0]!r} ({len(missing)} of the layout missing)")
+    try:
+        load_adapter_state(model, state)
+    except AdapterError as err:
+        raise AdapterError(f"{weights}: {err} (adapter_config.json and the weights disagree)") from None
+    return model.eval()
+
+
+def checked_lora_config(folder: Path, base: nn.Module) -> LoraConfig:
+    """The folder's LoRA config for inference, once its targets are layers of ``base`` that LoRA
+    adapts, named in a list (a pattern string matches unseen layers), and its rank fits them."""
+    path = folder / PEFT_CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{path}: unreadable JSON ({err})") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
+        raise AdapterError(f"{path}: peft_type {kind!r}; expected 'LORA'")
+    targets = raw.get("target_modules")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"{path}: target_modules {str(targets)[:80]!r}; expected a list of layer names")
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LORA_LAYERS)}
+    adapted: set[str] = set()
+    for target in targets:
+        hits = {name for name in layers if name == target or name.endswith(f".{target}")}
+        if not hits:
+            raise AdapterError(f"{path}: target_modules names {target[:80]!r}, no layer of the base model")
+        adapted |= hits
+    bound = min(min(layers[name].weight.shape[:2]) for name in adapted)
+    rank = raw.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= bound:
+        raise AdapterError(f"{path}: r {str(rank)[:40]}; expected 1 to {bound}, the adapted layers' size")
+    alpha = raw.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{path}: lora_alpha {str(alpha)[:40]}; expected a finite number")
+    unwritten = [key for key in UNWRITTEN_SETTINGS if raw.get(key)]
+    if unwritten:
+        raise AdapterError(f"{path}: {unwritten[0]} is set; a fedlora adapter has one rank and alpha for all")
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise AdapterError(f"{path}: not a LoRA config PEFT accepts ({first})") from None
+    config.inference_mode = True
+    # The base is already built; named here, PEFT would look it up (a hub query) at every state dict.
+    config.base_model_name_or_path = None
+    return config

@@ -169,7 +169,8 @@ def _code_files(entry: object) -> list[str]:
     """The .py files an ``auto_map`` / ``custom_pipelines`` entry names ("[repo--]module.Class", lists,
     nested mappings)."""
     if isinstance(entry, str):
-        return [entry.rpartition("--")[2].rpartition(".")[0] + ".py"]
+        module = entry.rpartition("--")[2].rpartition(".")[0]
+        return [f"{module}.py"] if module else []
     if isinstance(entry, dict):
         return [f for value in entry.values() for f in _code_files(value)]
     if isinstance(entry, list):

