@@ -124,7 +124,9 @@ def run_local_audit(
     out = audit_folder(out)
     started = time.perf_counter()
     ledger_path = out / AUDIT_LEDGER
-    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, ledger_path=str(ledger_path)))
+    # The audit's own ledger: its training sends nothing, so the institution's audit log is not its record.
+    own = dataclasses.replace(cfg.privacy, ledger_path=str(ledger_path), audit_log=None)
+    cfg = dataclasses.replace(cfg, privacy=own)
     bench = prepare(cfg)
     device = device_for(cfg.training.device)
     model = bench.built.model

@@ -5,6 +5,7 @@ statistic computed on the private data unless the institution opts in."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -145,7 +146,9 @@ def test_every_error_path_leaves_as_a_fixed_reason_and_is_audited(institution, t
     good = institution()
     diverging = institution({"model": {"lora_alpha": 1e38}}, ledger="diverging.json")
     budget = institution({"privacy": {"planned_rounds": 1}}, ledger="budget.json")
-    assert not send(budget, server_message(budget, server_round=1)).has_error()
+    # Its first round is audited apart: the shared log's ledgers must cover what it proves sent.
+    first = dataclasses.replace(budget, audit_path=tmp_path / "budget-audit.jsonl")
+    assert not send(first, server_message(budget, server_round=1)).has_error()
     cases = [
         (good, server_message(good, **{P.FINGERPRINT: "f00"}), "fingerprint mismatch", "does not match"),
         (good, empty_message(), "internal error", "KeyError"),  # no config record

@@ -6,6 +6,7 @@ or trained. Before issue 26 the third round (and more) trained on a budget resta
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from helpers_messages import metadata
 from fedlora.client.app import ClientSetup, build_client_app, shared_data
 from fedlora.client.audit import released
 from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.privacy_audit import run_local_audit
 from fedlora.common import protocol as P
 from fedlora.common.adapter import adapter_state, to_record
 from fedlora.common.errors import CheckpointError
@@ -143,3 +145,16 @@ def test_a_torn_last_audit_line_is_a_reply_that_never_left_but_a_bad_line_is_ref
     log.write_text("not json\n" + json.dumps(good) + "\n")
     with pytest.raises(CheckpointError, match=rf"{log}:1: not an audit line"):
         released(log)
+
+
+def test_the_local_privacy_audit_keeps_its_own_ledger_apart_from_the_audit_log(institution, tmp_path) -> None:
+    """`fedlora-client audit` trains against a ledger of its own and sends nothing: the institution's
+    audit log (what its federation rounds released) is not that ledger's record, and must not make
+    the audit refuse."""
+    for server_round in (1, 2):
+        assert not train(institution, server_round).has_error()
+    cfg = institution.cfg
+    privacy = dataclasses.replace(cfg.privacy, audit_log=str(institution.audit_path))
+    cfg = dataclasses.replace(cfg, privacy=privacy, federation=dataclasses.replace(cfg.federation, rounds=1))
+    result = run_local_audit(cfg, tmp_path / "audit", 10, 0)
+    assert 0 < result.claimed_epsilon <= 8
