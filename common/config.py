@@ -319,7 +319,7 @@ class FederationConfig:
         "Replies whose change to the weights exceeds this L2 norm are dropped: per LoRA layer the "
         "change of scale*B@A from what the client started at, plus the change of the other tensors "
         "(the head), so a claimed lora-scale cannot shrink or inflate it. An absolute bound, none by "
-        "default: an honest norm depends on the model, learning rate and steps (1.9 to 5.5 on the "
+        "default: an honest norm depends on the model, learning rate and steps (1.9 to 9.7 on the "
         "shipped presets), which the institutions plan; max_norm_ratio bounds every round relative to "
         "its own replies. history.json records each reply's update_norm. None disables.",
         gt=0,
