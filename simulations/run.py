@@ -43,7 +43,14 @@ def backend_config(cfg: FedloraConfig) -> dict:
         raise ConfigError(f"simulation.client_cpus: {sim.client_cpus} exceeds this machine's {cpus} CPUs")
     return {
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+        # logging_level: Flower's run_simulation default, given here because start_ray starts Ray
+        # before it (else Ray's INFO lines reach the console).
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": "WARNING",
+        },
     }
 
 
