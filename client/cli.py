@@ -18,6 +18,7 @@ from fedlora.client.canaries import BLACK_BOX_CANARIES, WHITE_BOX_CANARIES
 from fedlora.client.daemon import (
     ACTIVATION_PATIENCE,
     RUNTIME_PORT,
+    SUPERNODE_PROGRAMS,
     SuperNodeOptions,
     own_superexec,
     run_supernode,
@@ -56,7 +57,7 @@ from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.data import read_table
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, ConfigError, FedloraError, TrainingDiverged
-from fedlora.common.launch import STOP_GRACE_SECONDS
+from fedlora.common.launch import STOP_GRACE_SECONDS, flower_program
 from fedlora.common.model import device_for
 from fedlora.common.model_card import write_model_card
 from fedlora.common.noise_check import NoiseCheck
@@ -394,6 +395,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     cfg = read_config(args.config, persona="institution")
     options = SuperNodeOptions(args.insecure, args.runtime_port, args.max_wait_time)
     supernode_command(cfg, Path(args.config), options)  # bad input is refused before anything starts
+    for program in SUPERNODE_PROGRAMS:
+        flower_program(program)  # the SuperNode starts them by name: refused here, not in its traceback
     if args.insecure:
         console.print("[bold yellow]warning:[/] --insecure: no TLS and no node authentication; tests only")
     console.print(f"{cfg.name}: SuperNode connecting to {cfg.federation.superlink_address}", soft_wrap=True)

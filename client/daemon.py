@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from fedlora.client.own_app import superexec_command
-from fedlora.client.relay import open_folder
+from fedlora.client.relay import SOCKET, open_folder
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ConfigError, FedloraError
@@ -43,6 +44,11 @@ RUNTIME_PORT = 9094
 ACTIVATION_PATIENCE = 90.0  # Flower: online until 2 heartbeats (2 x 30 s) are missed, plus a margin
 RETRY_SECONDS = 10.0
 ACTIVATION_REFUSED = "[code: 2004]"  # Flower's FLEET_NODE_ACTIVATION_FAILED
+# What the SuperNode starts by bare name (found through the PATH that flower_env gives it).
+SUPERNODE_PROGRAMS = ("flower-superexec", "flwr-clientapp")
+WORKER_PREFIX = "fedlora-worker-"
+MAX_SOCKET_PATH = 107  # bytes: Linux's sun_path holds 108 with the final NUL (macOS: 104)
+SHORT_TEMP = "/tmp"
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ def _echo(stream: IO[str], tail: deque[str]) -> None:
 def _lifetime(cmd: list[str], grace: float) -> tuple[int, deque[str]]:
     """One SuperNode, echoed, until it exits (then what it left behind is stopped too); its exit code
     and last lines."""
-    proc = start_child(cmd, flower_env())
+    proc = start_child(cmd, flower_env(), death_signal=signal.SIGTERM)  # gone when this process is killed
     tail: deque[str] = deque(maxlen=400)  # room for the SuperExec's traceback after the exit code
     reader = threading.Thread(target=_echo, args=(proc.stdout, tail), daemon=True)
     reader.start()
@@ -180,11 +186,29 @@ def _supervise(folder: Path, grace: float, stop: threading.Event) -> None:
             return
 
 
+def _socket_fits(parent: str) -> bool:
+    """Whether a worker folder made in ``parent`` (mkdtemp adds 8 characters) holds a Unix socket."""
+    return len(os.fsencode(os.path.join(parent, WORKER_PREFIX + "x" * 8, SOCKET))) <= MAX_SOCKET_PATH
+
+
+def worker_parent() -> str:
+    """The temporary folder for worker folders: the usual one (TMPDIR), else /tmp when TMPDIR is too
+    long for the worker's socket path; refused in one line, before anything starts, when neither fits."""
+    usual = tempfile.gettempdir()
+    for parent in (usual, SHORT_TEMP):
+        if _socket_fits(parent) and os.access(parent, os.W_OK | os.X_OK):
+            return parent
+    raise ConfigError(
+        f"TMPDIR: {usual} is too long for the worker's Unix socket (a path of at most {MAX_SOCKET_PATH} "
+        f"bytes) and {SHORT_TEMP} is not writable; expected TMPDIR set to a short writable folder"
+    )
+
+
 @contextmanager
 def own_superexec(folder: Path, runtime_port: int, grace: float) -> Iterator[None]:
     """Flower's SuperExec for the SuperNode, echoed, for as long as the block runs: it launches
     fedlora's own ClientApp runner from ``folder`` (client.own_app), never a run's app bundle."""
-    proc = start_child(superexec_command(folder, runtime_port), flower_env())
+    proc = start_child(superexec_command(folder, runtime_port), flower_env(), death_signal=signal.SIGTERM)
     threading.Thread(target=_echo, args=(proc.stdout, deque(maxlen=0)), daemon=True).start()
     try:
         yield
@@ -195,8 +219,8 @@ def own_superexec(folder: Path, runtime_port: int, grace: float) -> Iterator[Non
 @contextmanager
 def worker_running(grace: float) -> Iterator[Path]:
     """A worker in a new private folder (client.relay) for as long as the block runs; the folder it
-    yields goes into the SuperNode's node config."""
-    folder = Path(tempfile.mkdtemp(prefix="fedlora-worker-"))
+    yields goes into the SuperNode's node config. If this process is killed, the worker removes it."""
+    folder = Path(tempfile.mkdtemp(prefix=WORKER_PREFIX, dir=worker_parent()))
     open_folder(folder)
     stop = threading.Event()
     supervisor = threading.Thread(target=_supervise, args=(folder, grace, stop), daemon=True)

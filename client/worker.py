@@ -8,6 +8,8 @@ are written as before. Only read-only inputs stay cached, keyed on the instituti
 data files or a local model folder change on disk, what depends on them is dropped and loaded again.
 
     python -m fedlora.client.worker FOLDER [--parent-pid PID]
+
+With --parent-pid it exits when that process (its daemon) is gone, and removes the folder with its key.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import threading
+import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
 from flwr.app import Context
-from flwr.supercore.app_utils import start_parent_process_monitor
 
 from fedlora.client.app import app, forget_shared_data
 from fedlora.client.relay import read_key, socket_path
@@ -30,6 +34,7 @@ from fedlora.common.errors import FedloraError
 from fedlora.common.model import BUILTIN_SOURCES, forget_base_models
 
 log = logging.getLogger("fedlora.worker")
+PARENT_POLL_SECONDS = 0.2
 
 Stamp = tuple[tuple[str, int, int], ...]
 
@@ -110,17 +115,34 @@ def serve(folder: Path) -> None:
                     log.exception("the message could not be handled; the relay reports it")
 
 
+def leave_with(parent_pid: int, folder: Path) -> None:
+    """Once ``parent_pid`` (the daemon) is no longer this process's parent, however it ended (SIGKILL
+    included), remove the folder with its key and socket, which nobody else will, and exit at once.
+    A thread of its own: the main thread may be blocked in accept() or busy with a message, and
+    Flower's parent monitor (a SIGINT only that thread sees) does not reach it there."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        shutil.rmtree(folder, ignore_errors=True)
+        os._exit(0)  # nothing to report to: the daemon held this process's output
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fedlora.client.worker", description=__doc__)
     ap.add_argument("folder", type=Path, help="the worker folder its daemon prepared (client.relay)")
-    ap.add_argument("--parent-pid", type=int, help="exit when this process (the daemon) is gone")
+    ap.add_argument(
+        "--parent-pid", type=int, help="exit, removing FOLDER, when this process (the daemon) is gone"
+    )
     args = ap.parse_args(argv)
     # force: a library imported above already put a WARNING handler on the root logger
     logging.basicConfig(
         level=logging.INFO, format="fedlora-worker %(levelname)s %(name)s: %(message)s", force=True
     )
     if args.parent_pid is not None:
-        start_parent_process_monitor(args.parent_pid)
+        leave_with(args.parent_pid, args.folder)
     try:
         serve(args.folder)
     except KeyboardInterrupt:

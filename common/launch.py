@@ -7,6 +7,8 @@ that a later command must find (``fedlora-server stop``) is named by a pid file.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import os
 import re
 import shutil
@@ -23,6 +25,7 @@ from fedlora.common.errors import FedloraError
 
 STOP_GRACE_SECONDS = 20.0
 POLL_SECONDS = 0.2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -31,19 +34,40 @@ def plain(line: str) -> str:
     return _ANSI.sub("", line).strip()
 
 
+def flower_folders() -> list[str]:
+    """Where this Python's Flower programs are: beside the interpreter (a virtual environment), then
+    where the imported flwr installed its scripts (a venv over system site packages, a user install).
+    Flower starts its own helpers by bare name (the SuperNode its ``flower-superexec``, that one each
+    ``flwr-clientapp``), so these lead the PATH of every Flower child."""
+    folders = [str(Path(sys.executable).parent)]
+    with suppress(importlib.metadata.PackageNotFoundError):
+        dist = importlib.metadata.distribution("flwr")
+        folders += [str(dist.locate_file(f).resolve().parent) for f in dist.files or () if f.name == "flwr"]
+    return list(dict.fromkeys(folders))
+
+
+def flower_path() -> str:
+    """The PATH of a Flower child: `flower_folders` first, then this process's PATH."""
+    return os.pathsep.join([*flower_folders(), os.environ.get("PATH", os.defpath)])
+
+
 def flower_program(name: str) -> str:
     """A Flower executable from this Python's environment (the same flwr as fedlora's), else PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
+    found = shutil.which(name, path=flower_path())
     if found is None:
-        raise FedloraError(f"{name}: not found beside {sys.executable} nor on PATH; is flwr installed?")
+        raise FedloraError(
+            f"{name}: not found beside {sys.executable}, in flwr's scripts folder nor on PATH; "
+            "is flwr installed in this environment?"
+        )
     return found
 
 
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """The environment of a Flower child: never install app dependencies at run time; Transformers'
-    advice and loading bars (our apps load only local models) off unless the caller chose otherwise."""
+    """The environment of a Flower child: this Python's Flower programs first on PATH; never install app
+    dependencies at run time; Transformers' advice and loading bars (our apps load only local models)
+    off unless the caller chose otherwise."""
     env = {"TRANSFORMERS_VERBOSITY": "error", **os.environ}
+    env["PATH"] = flower_path()
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
@@ -58,15 +82,45 @@ def config_pairs(values: Mapping[str, str]) -> str:
     return " ".join(f"{key}='{value}'" for key, value in values.items())
 
 
-def start_child(cmd: list[str], env: Mapping[str, str], log: Path | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in a new session; its output goes to ``log`` (appended) or is piped as text."""
+def _die_with(parent: int, sig: signal.Signals) -> Callable[[], None]:
+    """A child's preexec: the kernel sends it ``sig`` when the thread that started it ends, which a
+    SIGKILL of this process does too (Linux PR_SET_PDEATHSIG); a parent that died before the prctl
+    took effect is caught by the pid check. The libc call is looked up here, before the fork."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig))
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def start_child(
+    cmd: list[str],
+    env: Mapping[str, str],
+    log: Path | None = None,
+    death_signal: signal.Signals | None = None,
+) -> subprocess.Popen:
+    """Start ``cmd`` in a new session; its output goes to ``log`` (appended) or is piped as text. With
+    ``death_signal`` (Linux) the child gets that signal when the calling thread or this process ends,
+    however it ends: call it from a thread that outlives the child."""
+    preexec = _die_with(os.getpid(), death_signal) if death_signal and sys.platform == "linux" else None
     if log is None:
         return subprocess.Popen(
-            cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=preexec,
         )
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec
+        )
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -30,6 +30,10 @@ CONFIG_FILE = "config.yaml"
 FLOWER_NOTICES = ("The `run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
 # Ray's notice that it will stop hiding GPUs from actors with num_gpus 0: about a future version.
 RAY_NOTICE = "Tip: In future versions of Ray, Ray will no longer override accelerator"
+# What ray.init raises (a bare Exception, ray/_private/node.py) when its raylet has not registered with
+# the GCS within 30 s (a constant in Ray 2.55).
+RAY_START_TIMEOUT = "The current node timed out during startup"
+RAY_START_SECONDS = 30
 
 
 def backend_config(cfg: FedloraConfig) -> dict:
@@ -39,7 +43,14 @@ def backend_config(cfg: FedloraConfig) -> dict:
         raise ConfigError(f"simulation.client_cpus: {sim.client_cpus} exceeds this machine's {cpus} CPUs")
     return {
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+        # logging_level: Flower's run_simulation default, given here because start_ray starts Ray
+        # before it (else Ray's INFO lines reach the console).
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": "WARNING",
+        },
     }
 
 
@@ -103,14 +114,34 @@ def simulate(
     settings = ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients)
     server_app = build_server_app(lambda _context: settings, on_round)
     client_app = build_client_app(partial(simulation_setup, cfg, run_dir, canaries=canaries))
+    backend = backend_config(cfg)
     with quiet_simulation():
+        start_ray(backend)
         run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=cfg.simulation.num_clients,
-            backend_config=backend_config(cfg),
+            backend_config=backend,
         )
     check_something_trained(run_dir)
+
+
+def start_ray(backend: dict) -> None:
+    """Ray started as Flower's Ray backend starts it (which then finds it running), before Flower's
+    simulation starts the ServerApp: a Ray that does not start in time (a loaded machine) is one line
+    with what to do, not pages of tracebacks followed by a ServerApp waiting round_timeout for replies
+    that cannot come."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend  # imports Ray: only here
+
+    try:
+        RayBackend(backend)
+    except Exception as err:
+        if RAY_START_TIMEOUT not in str(err):
+            raise
+        raise FedloraError(
+            f"Ray did not start within its fixed {RAY_START_SECONDS} s (is the machine loaded?); nothing "
+            "was trained: retry the same command when the machine is less busy (it resumes in --out)"
+        ) from None
 
 
 def check_something_trained(run_dir: Path) -> None:

@@ -108,6 +108,15 @@ class Processes:
                 pids.append(int(entry.name))
         return pids
 
+    def alive(self, role: str) -> list[str]:
+        """Command lines of the role's processes still running (descendants included; not zombies,
+        whose environment can no longer be read)."""
+        lines = []
+        for pid in self._tagged(role):
+            with contextlib.suppress(OSError):
+                lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        return lines
+
     def kill(self, role: str | None = None) -> None:
         """SIGKILL the role (every role when None) and all its descendants, then reap."""
         for _ in range(3):  # a dying parent may still be starting a child
