@@ -279,7 +279,6 @@ def test_a_person_in_two_institutions_is_refused(make_config, tokenizer, tmp_pat
             {"privacy": {"grad_sample_mode": "ghost"}},
             r"privacy.grad_sample_mode: 'ghost' never forms per-row",
         ),
-        ({"training": {"head_start": "dp"}}, r"training.head_start: 'dp' releases per-row class means"),
         ({"data": {"privacy_unit": " "}}, r"data.privacy_unit: expected a column name"),
         ({"data": {"max_rows_per_unit": 0}}, r"data.max_rows_per_unit: must be >= 1"),
         (
@@ -429,7 +428,8 @@ def test_recipe_plans_batches_of_persons(make_config):
     assert (recipe.batch_size.value, recipe.local_steps.value) == (21, 3)
     assert recipe.sample_rate.value == 1 / math.ceil(60 / 21)
     assert "over persons" in recipe.sample_rate.reason and "persons 60" in recipe.batch_size.reason
-    assert recipe.head_start.value == "shared" and "per row" in recipe.head_start.reason
+    assert recipe.statistics_noise.value is None and "per row" in recipe.statistics_noise.reason
+    assert recipe.fine_tune.value  # no statistics to put the budget on: the rounds keep it
 
 
 def test_empty_person_batches_step_and_count(make_config, vocab_size, toy_classification, tmp_path):
