@@ -227,7 +227,7 @@ class TrainingConfig:
         "recipe auto: the institutions whose updates the server averages each round (K), as the "
         "coordinator announces it; the noise of an average of K falls as sqrt(K), so the planner weighs "
         "DP-SGD's use with it (1: as if alone, the cautious value). A simulation with this left at 1 "
-        "uses simulation.num_clients x federation.fraction_train.",
+        "uses its number of virtual institutions x federation.fraction_train.",
         ge=1,
     )
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
