@@ -206,7 +206,8 @@ def test_simulate_exits_non_zero_when_every_reply_was_dropped(tmp_path, monkeypa
     )
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "all 2 replies of the 1 rounds were dropped" in " ".join(err.split())
+    # Round 0 (the statistics) counts: 2 replies there and 2 in round 1, all dropped.
+    assert "all 4 replies of the 2 rounds were dropped" in " ".join(err.split())
     assert json.loads((tmp_path / "run" / "history.json").read_text())[1]["clients"] == []
 
 
