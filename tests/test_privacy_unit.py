@@ -468,7 +468,14 @@ def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatc
             "data": {"path": path, "max_length": 16, "privacy_unit": "patient"},
             "training": {"batch_size": 2, "local_steps": 2, "device": "cpu"},
             "privacy": {"accountant": "rdp"},
-            "federation": {"rounds": 2, "min_clients": 2, "fraction_evaluate": 0, "central_eval": False},
+            "federation": {
+                "rounds": 2,
+                "min_clients": 2,
+                "fraction_evaluate": 0,
+                "central_eval": False,
+                # per person, the institutions do not answer the per-row round-0 statistics
+                "statistics_first": False,
+            },
             "simulation": {"num_clients": 2, "partition": "column", "partition_column": "site"},
         }
     )
