@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
@@ -38,7 +39,8 @@ from fedlora.client.canaries import (
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.noise_probe import round_noise
-from fedlora.client.trainer import LocalTrainer, derive_seed
+from fedlora.client.statistics import release_statistics
+from fedlora.client.trainer import LocalTrainer, derive_seed, institution_recipe
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
     State,
@@ -48,7 +50,13 @@ from fedlora.common.adapter import (
     from_record,
     load_adapter_state,
 )
-from fedlora.common.codec import EvaluateMetrics, TrainMetrics, evaluate_reply, train_reply
+from fedlora.common.codec import (
+    EvaluateMetrics,
+    TrainMetrics,
+    evaluate_reply,
+    statistics_reply,
+    train_reply,
+)
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
 from fedlora.common.errors import ConfigError
@@ -165,10 +173,53 @@ def wire_keys(cfg: FedloraConfig, state: dict[str, torch.Tensor]) -> list[str]:
 def handle_train(msg: Message, setup: ClientSetup) -> Message:
     cfg = setup.cfg
     tokenizer, bundle = shared_data(cfg)
-    with borrowed_model(cfg.model, bundle.labels, len(tokenizer)) as built:
-        update, metrics = train_update(msg, setup, built)
     dtype = str(msg.content[P.CONFIG].get(P.WIRE_DTYPE, "fp32"))
-    return Message(content=train_reply(update, metrics, built.fingerprint, dtype), reply_to=msg)
+    with borrowed_model(cfg.model, bundle.labels, len(tokenizer)) as built:
+        if msg.content[P.CONFIG].get(P.STAGE) == P.STATISTICS:
+            content = statistics_content(msg, setup, built)
+        else:
+            update, metrics = train_update(msg, setup, built)
+            content = train_reply(update, metrics, built.fingerprint, dtype)
+    return Message(content=content, reply_to=msg)
+
+
+def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> RecordDict:
+    """Round 0: this institution's class statistics, released under the planner's share of its budget
+    (client.statistics), charged in its ledger before a row is read."""
+    cfg = setup.cfg
+    if cfg.privacy.enabled and cfg.data.privacy_unit is not None:
+        raise ConfigError(
+            "data.privacy_unit: the round-0 class statistics are a per-row release, not a per-person one; "
+            "this institution does not answer them (its head comes from the others' statistics)"
+        )
+    train, _ = client_data(setup)
+    load_global(msg, cfg, built)
+    ledger = PrivacyLedger.from_config(cfg.privacy, setup.ledger_path) if cfg.privacy.enabled else None
+    if ledger is not None:
+        ledger.require_unit(cfg.data.privacy_unit)
+    device = device_for(cfg.training.device)
+    recipe = institution_recipe(cfg, built.model, train, ledger)
+    start = time.perf_counter()
+    sums, counts, noise_std, entry = release_statistics(
+        built.model.to(device),
+        train,
+        recipe,
+        ledger,
+        device,
+        cfg.training.eval_batch_size,
+        cfg.planned_rounds,
+    )
+    log.info("round 0: released class statistics of %d rows (%s)", len(train), recipe.statistics_noise.reason)
+    metrics = TrainMetrics(
+        num_examples=len(train),
+        epsilon=entry.epsilon if entry is not None else 0.0,
+        lora_r=cfg.model.lora_r,
+        lora_scale=lora_scale(cfg.model),
+        steps=0,
+        train_seconds=time.perf_counter() - start,
+        noise_std=noise_std,
+    )
+    return statistics_reply(sums, counts, metrics, built.fingerprint)
 
 
 def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[State, TrainMetrics]:
@@ -187,6 +238,18 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
         if cfg.privacy.enabled
         else None
     )
+    keys = wire_keys(cfg, start)
+    recipe = institution_recipe(cfg, built.model, train, ledger)
+    if not recipe.fine_tune.value:
+        log.info("round %d: not trained: %s", server_round, recipe.fine_tune.reason)
+        return delta({k: start[k] for k in keys}, start), TrainMetrics(
+            num_examples=len(train),
+            epsilon=ledger.spent if ledger is not None else 0.0,
+            lora_r=cfg.model.lora_r,
+            lora_scale=lora_scale(cfg.model),
+            steps=0,
+            train_seconds=0.0,
+        )
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
@@ -197,7 +260,6 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
         result = trainer.train_round(server_round, proximal_mu=mu, anchor=start, federated=True)
         final = adapter_state(trainer.model)
-    keys = wire_keys(cfg, final)
     update = delta({k: final[k] for k in keys}, start)
     if setup.canaries is not None and hook is not None:
         noise = round_noise(hook.noise, ledger, server_round) if hook.noise is not None else None

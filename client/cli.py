@@ -77,30 +77,35 @@ def reported_rounds(planned: int) -> list[int]:
 
 
 def plan(
-    cfg: FedloraConfig, rows: int, labels: int, units: UnitCounts | None = None
+    cfg: FedloraConfig, rows: int, labels: int, trainable: int, units: UnitCounts | None = None
 ) -> tuple[Recipe, dict | None]:
-    """The recipe for this institution's counts (``units``: its persons, with data.privacy_unit), and
-    with DP what the budget buys from the ledger's state: noise, and epsilon (per person with
-    ``units``) after some planned rounds (a head start still to come included)."""
+    """The recipe for this institution's counts (``units``: its persons, with data.privacy_unit;
+    ``trainable``: the values DP-SGD trains), and with DP what the budget buys from the ledger's
+    state: noise, and epsilon (per person with ``units``) after some planned rounds (the round-0
+    statistics still to come included; round 0 alone when the planner skips fine-tuning)."""
     persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
     if not cfg.privacy.enabled:
-        return plan_recipe(facts(cfg, rows, labels), cfg), None
+        return plan_recipe(facts(cfg, rows, labels, trainable=trainable), cfg), None
     if units is not None:
         require_meaningful_delta(cfg.privacy.delta, units.persons, "persons")
     else:
         require_meaningful_delta(cfg.privacy.delta, rows)
     ledger = PrivacyLedger.from_config(cfg.privacy)
     ledger.require_unit(cfg.data.privacy_unit)
-    recipe = plan_recipe(facts(cfg, rows, labels, *persons), cfg, ledger.noise_multiplier)
+    recipe = plan_recipe(
+        facts(cfg, rows, labels, *persons, trainable=trainable), cfg, ledger.noise_multiplier
+    )
     cfg = applied(cfg, recipe)
     sample_rate = recipe.sample_rate.value
     steps = cfg.training.local_steps
-    # As the trainer does: a head start runs only on a fresh ledger, composed before the rounds.
-    first = recipe.head_start_history() if not ledger.entries else ()
-    noise = ledger.calibrate(sample_rate, cfg.planned_rounds * steps, also=recipe.head_start_history())
-    after = {
-        k: ledger.projected(noise, sample_rate, steps * k, first) for k in reported_rounds(cfg.planned_rounds)
-    }
+    noise = ledger.calibrate(*recipe.calibration(cfg.planned_rounds))
+    # As the client does: the statistics are released at round 0 of a fresh ledger, before the rounds.
+    first = recipe.statistics_history() if not ledger.entries else ()
+    if recipe.fine_tune.value:
+        rounds = reported_rounds(cfg.planned_rounds)
+        after = {k: ledger.projected(noise, sample_rate, steps * k, first) for k in rounds}
+    else:
+        after = {0: ledger.projected(*first[0])} if first else {}
     budget = {
         "sample_rate": sample_rate,
         "noise_multiplier": noise,
@@ -109,7 +114,9 @@ def plan(
         "epsilon_after_round": after,
         "rounds_affordable": ledger.rounds_affordable(
             sample_rate, steps, limit=max(10_000, 2 * cfg.planned_rounds), also=first
-        ),
+        )
+        if recipe.fine_tune.value
+        else 0,
     }
     return recipe, budget
 
@@ -155,7 +162,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{units.cap} (data.max_rows_per_unit): a sampled person's step uses at most {units.cap} rows, "
             "their mean gradient clipped as one",
         )
-    recipe, p = plan(cfg, len(data.train), len(data.labels), units)
+    trainable = sum(p.numel() for p in bench.built.model.parameters() if p.requires_grad)
+    recipe, p = plan(cfg, len(data.train), len(data.labels), trainable, units)
     table.add_row("recipe", cfg.training.recipe)
     for name, choice in recipe.items():
         table.add_row(name.replace("_", " "), f"{_shown(choice.value)}: {choice.reason}")

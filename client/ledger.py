@@ -46,10 +46,10 @@ from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 
 log = logging.getLogger("fedlora.client")
 LEDGER_VERSION = 1
-# The ledger entry of the DP head start (client.head_start), which runs before round 1 of the
+# The ledger entry of the round-0 statistics release (client.statistics), before round 1 of the
 # institution: one Gaussian mechanism of L2 sensitivity S and noise std sigma * S is exactly one
 # DP-SGD step at sample rate 1 and noise multiplier sigma, so Opacus composes it with the rounds.
-HEAD_START_ROUND = 0
+STATISTICS_ROUND = 0
 # The ledger's privacy unit when data.privacy_unit is unset (and in ledgers written before it existed).
 ROW_UNIT = "row"
 # How close below the budget a calibration lands (Opacus' get_noise_multiplier uses the same).
@@ -135,7 +135,7 @@ def calibrate_noise(
     also: tuple[tuple[float, float, int], ...] = (),
 ) -> float:
     """The noise multiplier at which ``steps`` DP-SGD steps at ``sample_rate``, composed after the
-    mechanisms ``also`` (Opacus history entries, e.g. the head start), spend ``budget``. Pure, so
+    mechanisms ``also`` (Opacus history entries, e.g. the statistics release), spend ``budget``. Pure, so
     cached: the planner and the ledger ask the same question once per process."""
     if not also:
         try:
@@ -303,7 +303,8 @@ class PrivacyLedger:
         steps: int,
         also: tuple[tuple[float, float, int], ...] = (),
     ) -> float:
-        """Epsilon after what is on disk, the mechanisms ``also`` (a planned head start), then these steps."""
+        """Epsilon after what is on disk, the mechanisms ``also`` (a planned statistics release), then
+        these steps."""
         planned = [
             LedgerEntry(-1, *mechanism, 0.0, 0.0)
             for mechanism in (*also, (noise_multiplier, sample_rate, steps))
@@ -314,7 +315,7 @@ class PrivacyLedger:
         self, sample_rate: float, planned_steps: int, also: tuple[tuple[float, float, int], ...] = ()
     ) -> float:
         """Noise for the plan, fixed at the ledger's first round and kept for its whole life; the
-        mechanisms ``also`` (the head start) are composed first, so that they and every planned
+        mechanisms ``also`` (the statistics release) are composed first, so that they and every planned
         step together spend the budget."""
         if self.noise_multiplier is None:
             self.noise_multiplier = calibrate_noise(
@@ -367,9 +368,6 @@ class PrivacyLedger:
     def _steps_of(self, round_id: int) -> int:
         return sum(e.steps for e in self.entries if e.round == round_id)
 
-    def has_head_start(self) -> bool:
-        return any(e.round == HEAD_START_ROUND for e in self.entries)
-
     def rounds_affordable(
         self,
         sample_rate: float,
@@ -377,7 +375,7 @@ class PrivacyLedger:
         limit: int = 10_000,
         also: tuple[tuple[float, float, int], ...] = (),
     ) -> int:
-        """How many more rounds of ``steps`` fit in the budget after ``also`` (a planned head start):
+        """How many more rounds of ``steps`` fit in the budget after ``also`` (a planned statistics release):
         doubling, then bisection, since each probe is a full composition."""
         if self.noise_multiplier is None:
             return 0
@@ -417,7 +415,7 @@ class PrivacyLedger:
         """Charge a round before it runs: under the lock, against what is on disk now. Raises
         BudgetExceeded, writing nothing, if the round would cross the budget. The entry carries
         the noise the round must use: the file's, once any process has recorded one; a mechanism
-        of its own noise (the head start) passes ``noise_multiplier``. ``federated``: the
+        of its own noise (the statistics release) passes ``noise_multiplier``. ``federated``: the
         ClientApp's reservation for the federation's round ``round_id``, which a resumed federation
         re-running that round reuses while its update has not left (``unreleased``)."""
         with self._locked():

@@ -14,12 +14,18 @@ value comes with a one-line reason naming its rule and source:
   the norm's scale, so CLIP only has to be below the per-example gradient norms.
 - learning rates: Li et al. 2022: the rate grows with the batch; linear in the expected batch,
   anchored at the hand-tuned drug-review preset (REFERENCE_*), at most MAX_LR_SCALE times it.
-- head start: Tramer & Boneh 2021, "Differentially Private Learning Needs Better Features" (a linear
-  model on good features is a strong DP baseline) and Kumar et al. 2022, "Fine-Tuning can Distort
-  Pretrained Features" (linear probe, then fine-tune): start from the data's noisy class means
-  (client.head_start) when the expected rows per class carry more signal on a logit than the
-  release's noise (ASSUMED_GAP x rows / labels >= MIN_SIGNAL_TO_NOISE x noise), else from the
-  label names, which are free. The release takes HEAD_START_SHARE of the budget on its own.
+- statistics first (client.statistics): every classifier releases its class statistics once, in
+  round 0, at STATISTICS_SHARE of the budget (the measurement of issue 27: the summed release at
+  epsilon 2 of 8 reached 0.683 where ten rounds of DP-LoRA stayed at the majority class); the rest
+  pays the LoRA rounds.
+- fine-tune or not: the server averages the K institutions a round samples (training.peers_per_round),
+  so over the run's R rounds x T steps of expected batch B, with d trainable values and noise sigma,
+  the averaged update's signal-to-noise is at best sqrt(R T) x B sqrt(K) / (sigma sqrt(d)) (every
+  clipped per-example gradient pointing the same way). The run of issue 27, whose rounds were noise
+  (all 24 LoRA tensors at one norm, majority class throughout), had about 5.4 on this scale; below
+  MIN_RUN_SNR (twice that) DP-SGD is planned to add nothing measurable: no LoRA steps (the institution
+  answers LoRA rounds with an empty update that the server does not average in) and the whole budget
+  on the statistics. A config that sets local_steps keeps its rounds.
 """
 
 from __future__ import annotations
@@ -40,13 +46,10 @@ REFERENCE_LR = 1e-3
 REFERENCE_HEAD_LR = 5e-2
 MAX_LR_SCALE = 4.0
 CLIP = 0.1
-HEAD_START_SHARE = 0.25
-# Mean cosine margin of a row's own class mean over the others' for MiniLM sentence embeddings
-# (an assumption about the base's features, not a measurement of the institution's data).
-ASSUMED_GAP = 0.05
-MIN_SIGNAL_TO_NOISE = 2.0
-# One head-start row adds a unit vector to its class's sum and 1 to its count: L2 sensitivity sqrt(2).
-HEAD_START_SENSITIVITY = math.sqrt(2.0)
+STATISTICS_SHARE = 0.25
+# One row adds a unit vector to its class's sum and 1 to its count: L2 sensitivity sqrt(2).
+STATISTICS_SENSITIVITY = math.sqrt(2.0)
+MIN_RUN_SNR = 10.0
 
 SET = "set in the config"
 
@@ -67,6 +70,10 @@ class Institution:
     """data.privacy_unit: the persons DP-SGD samples; None: rows are the unit."""
     rows_per_person: float = 1.0
     """Mean rows one sampled person contributes to a step (data.max_rows_per_unit caps each)."""
+    peers: int = 1
+    """Institutions whose updates the server averages each round (K)."""
+    trainable: int = 1
+    """Values DP-SGD trains (LoRA factors and head): each one receives the noise."""
 
     @property
     def units(self) -> int:
@@ -92,17 +99,23 @@ class Recipe:
     max_grad_norm: Choice
     learning_rate: Choice
     head_learning_rate: Choice
-    head_start: Choice
-    head_start_noise: Choice
+    statistics_noise: Choice
+    fine_tune: Choice
 
     def items(self) -> list[tuple[str, Choice]]:
         return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
 
-    def head_start_history(self) -> tuple[tuple[float, float, int], ...]:
-        """The head start as Opacus history (one step at sample rate 1), composed before the rounds."""
-        if self.head_start.value != "dp":
-            return ()
-        return ((self.head_start_noise.value, 1.0, 1),)
+    def statistics_history(self) -> tuple[tuple[float, float, int], ...]:
+        """The statistics release as Opacus history (one step at sample rate 1), before the rounds."""
+        return stats_history(self.statistics_noise)
+
+    def calibration(self, rounds: int) -> tuple[float, int, tuple[tuple[float, float, int], ...]]:
+        """What the ledger calibrates its noise for (sample rate, steps, what composes first): the
+        rounds after the statistics; with no LoRA steps, the statistics alone, one step at rate 1
+        that then spends the whole budget."""
+        if not self.fine_tune.value:
+            return 1.0, 1, ()
+        return self.sample_rate.value, rounds * self.local_steps.value, self.statistics_history()
 
 
 def poisson_rate(rows: int, batch_size: int) -> float:
@@ -114,55 +127,26 @@ def _kept(value: Any, manual: bool) -> Choice:
     return Choice(value, "recipe manual: the config's value or its manual default" if manual else SET)
 
 
-def head_start_noise(inst: Institution) -> float:
-    """Noise multiplier of the head start: the Gaussian mechanism spending HEAD_START_SHARE alone."""
-    return calibrate_noise(HEAD_START_SHARE * inst.epsilon, inst.delta, inst.accountant, 1.0, 1)
+def statistics_noise(inst: Institution, share: float) -> float:
+    """Noise multiplier of the statistics release: the Gaussian mechanism spending ``share`` alone."""
+    return calibrate_noise(share * inst.epsilon, inst.delta, inst.accountant, 1.0, 1)
 
 
-def _head_start(inst: Institution, asked: str, manual: bool) -> tuple[Choice, Choice]:
-    none = Choice(None, "no DP head start")
+def _no_statistics(inst: Institution) -> str | None:
+    """Why this institution releases no statistics, or None."""
     if inst.labels == 0:
-        return Choice("shared", "no classification head"), none
+        return "no classification head"
     if inst.persons is not None:
-        return Choice(
-            "shared", "privacy unit person: the class-mean release is per row, not per person"
-        ), none
+        return "privacy unit person: the class-statistics release is per row, not per person"
     if not inst.private:
-        return Choice("shared", "privacy off: no budget to release class means from"), none
-    if asked == "shared" or (asked == "auto" and manual):
-        who = SET if asked == "shared" else "recipe manual"
-        return Choice("shared", f"{who}: the head every party built (model.head_init)"), none
-    try:
-        sigma = head_start_noise(inst)
-    except ConfigError as err:
-        if asked == "dp":
-            raise ConfigError(
-                f"training.head_start: 'dp' on {HEAD_START_SHARE:.0%} of the budget: {err}"
-            ) from None
-        return Choice("shared", f"{HEAD_START_SHARE:.0%} of epsilon buys no release at all"), none
-    noise = sigma * HEAD_START_SENSITIVITY
-    per_class = inst.rows / inst.labels
-    signal = ASSUMED_GAP * per_class
-    chosen = Choice(
-        sigma,
-        f"{HEAD_START_SHARE:.0%} of epsilon alone: one Gaussian release of class sums and counts "
-        f"(sensitivity sqrt(2), noise std {noise:.2f}), one DP-SGD step at sample rate 1 in the ledger",
-    )
-    if asked == "dp":
-        return Choice("dp", SET), chosen
-    if signal >= MIN_SIGNAL_TO_NOISE * noise:
-        reason = (
-            f"{per_class:.0f} rows per class x assumed margin {ASSUMED_GAP} = {signal:.1f} >= "
-            f"{MIN_SIGNAL_TO_NOISE:g} x noise {noise:.2f}: noisy class means beat label names "
-            "(Tramer & Boneh 2021; linear probe then fine-tune, Kumar et al. 2022)"
-        )
-        return Choice("dp", reason), chosen
-    reason = (
-        f"{per_class:.0f} rows per class x assumed margin {ASSUMED_GAP} = {signal:.1f} < "
-        f"{MIN_SIGNAL_TO_NOISE:g} x noise {noise:.2f}: class means would be mostly noise; the label "
-        "names are free (model.head_init)"
-    )
-    return Choice("shared", reason), none
+        return "privacy off: the exact statistics leave (a non-private baseline)"
+    return None
+
+
+def run_snr(inst: Institution, expected: float, steps: int, sigma: float) -> float:
+    """The best-case signal-to-noise of the run's averaged updates (see the module's docstring)."""
+    signal = math.sqrt(inst.rounds * steps) * expected * math.sqrt(inst.peers)
+    return signal / (sigma * math.sqrt(inst.trainable))
 
 
 def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = None) -> Recipe:
@@ -197,21 +181,54 @@ def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = Non
     rate_choice = Choice(
         rate, f"Poisson sampling over {noun}, 1 / ceil({noun} / batch): expected batch {expected:.0f} {noun}"
     )
-    head, head_noise = _head_start(inst, training.head_start, manual)
-    if inst.private and ledger_noise is not None:
-        noise = Choice(ledger_noise, "fixed by the privacy ledger's first round, kept for its whole life")
-    elif inst.private and steps.value > 0:
-        history = ((head_noise.value, 1.0, 1),) if head.value == "dp" else ()
+    no_release = _no_statistics(inst)
+    stats = Choice(None, no_release or "")
+    fine = Choice(True, "privacy off: no noise to weigh" if not inst.private else SET)
+    if inst.private and steps.value > 0:
         planned = inst.rounds * steps.value
-        sigma = calibrate_noise(inst.epsilon, inst.delta, inst.accountant, rate, planned, history)
-        after = " after the head start" if history else ""
+        if no_release is None:
+            try:
+                stats = Choice(
+                    statistics_noise(inst, STATISTICS_SHARE),
+                    f"{STATISTICS_SHARE:.0%} of epsilon alone: one Gaussian release of class sums and "
+                    "counts (sensitivity sqrt(2)), one DP-SGD step at sample rate 1 in the ledger, round 0",
+                )
+            except ConfigError:
+                no_release = f"{STATISTICS_SHARE:.0%} of epsilon buys no release at all"
+                stats = Choice(None, no_release)
+        sigma = calibrate_noise(
+            inst.epsilon, inst.delta, inst.accountant, rate, planned, stats_history(stats)
+        )
+        after = " after the statistics" if stats.value is not None else ""
         noise = Choice(
             sigma,
             f"{inst.accountant} calibration: {inst.rounds} rounds x {steps.value} steps{after} spend "
             f"epsilon {inst.epsilon:g} at delta {inst.delta:g}",
         )
+        snr = run_snr(inst, expected, steps.value, sigma)
+        why = (
+            f"best-case signal-to-noise of the averaged updates sqrt({inst.rounds} rounds x {steps.value} "
+            f"steps) x batch {expected:.0f} x sqrt({inst.peers} peers) / (noise {sigma:.2f} x "
+            f"sqrt({inst.trainable} trained values)) = {snr:.1f}"
+        )
+        if training.local_steps is not None:
+            fine = Choice(True, f"{SET} (training.local_steps); {why}")
+        elif snr >= MIN_RUN_SNR or no_release is not None:
+            fine = Choice(True, f"{why} >= {MIN_RUN_SNR:g}" if snr >= MIN_RUN_SNR else f"{why}; {no_release}")
+        else:
+            fine = Choice(
+                False,
+                f"{why} < {MIN_RUN_SNR:g}: DP-SGD would add nothing measurable on these rows; the whole "
+                "budget goes to the round-0 statistics and LoRA rounds are answered without training",
+            )
+            whole = statistics_noise(inst, 1.0)
+            stats = Choice(whole, "the whole epsilon: one Gaussian release of class sums and counts, round 0")
+            steps = Choice(0, "no LoRA steps: " + fine.reason.split(": ", 1)[0])
+            noise = Choice(None, "no DP-SGD steps: the statistics spend the budget")
     else:
         noise = Choice(None, "no DP-SGD steps" if inst.private else "privacy off")
+    if ledger_noise is not None and noise.value is not None:
+        noise = Choice(ledger_noise, "fixed by the privacy ledger's first round, kept for its whole life")
     if privacy.max_grad_norm is not None:
         clip = _kept(privacy.max_grad_norm, manual)
     else:
@@ -233,13 +250,24 @@ def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = Non
         head_lr = Choice(lr.value, "recipe manual: the LoRA learning rate")
     else:
         head_lr = Choice(REFERENCE_HEAD_LR * scale, f"{REFERENCE_HEAD_LR:g} {why}")
-    return Recipe(batch, rate_choice, steps, noise, clip, lr, head_lr, head, head_noise)
+    return Recipe(batch, rate_choice, steps, noise, clip, lr, head_lr, stats, fine)
+
+
+def stats_history(stats: Choice) -> tuple[tuple[float, float, int], ...]:
+    """A planned release (its noise multiplier, or None) as Opacus history."""
+    return ((stats.value, 1.0, 1),) if stats.value is not None else ()
 
 
 def facts(
-    cfg: FedloraConfig, rows: int, labels: int, persons: int | None = None, rows_per_person: float = 1.0
+    cfg: FedloraConfig,
+    rows: int,
+    labels: int,
+    persons: int | None = None,
+    rows_per_person: float = 1.0,
+    trainable: int = 1,
 ) -> Institution:
-    """What the planner may know; ``persons`` and ``rows_per_person`` with data.privacy_unit."""
+    """What the planner may know; ``persons`` and ``rows_per_person`` with data.privacy_unit;
+    ``trainable``: the values DP-SGD trains (the model's trainable parameters)."""
     return Institution(
         rows=rows,
         labels=labels if cfg.model.task == "classification" else 0,
@@ -251,6 +279,8 @@ def facts(
         examples_per_round=cfg.training.examples_per_round,
         persons=persons,
         rows_per_person=rows_per_person,
+        peers=cfg.training.peers_per_round,
+        trainable=trainable,
     )
 
 
@@ -262,7 +292,6 @@ def applied(cfg: FedloraConfig, recipe: Recipe) -> FedloraConfig:
         local_steps=recipe.local_steps.value,
         learning_rate=recipe.learning_rate.value,
         head_learning_rate=recipe.head_learning_rate.value,
-        head_start=recipe.head_start.value,
     )
     privacy = dataclasses.replace(cfg.privacy, max_grad_norm=recipe.max_grad_norm.value)
     return dataclasses.replace(cfg, training=training, privacy=privacy)

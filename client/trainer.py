@@ -23,10 +23,10 @@ from opacus.grad_sample import AbstractGradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedlora.client.head_start import head_rows, start_head
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
 from fedlora.client.privacy_unit import PersonRows, UnitCounts, group_by_person, unit_counts
 from fedlora.client.recipe import Recipe, applied, facts, plan, poisson_rate
+from fedlora.client.statistics import head_rows
 from fedlora.common.adapter import State, peft_module, peft_state
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
@@ -127,6 +127,22 @@ def private_engine(accountant: str, secure_mode: bool) -> PrivacyEngine:
             ) from None
 
 
+def institution_recipe(
+    cfg: FedloraConfig, model: nn.Module, train: TokenizedDataset, ledger: PrivacyLedger | None
+) -> Recipe:
+    """The planner's recipe for this institution's counts (persons with data.privacy_unit): the values
+    its config leaves unset, and whether it fine-tunes at all (client.recipe)."""
+    units = (
+        unit_counts(train.units, cfg.data.max_rows_per_unit)
+        if cfg.privacy.enabled and cfg.data.privacy_unit is not None and train.units is not None
+        else None
+    )
+    fixed = ledger.noise_multiplier if ledger is not None else None
+    persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return plan(facts(cfg, len(train), head_rows(model), *persons, trainable=trainable), cfg, fixed)
+
+
 class LocalTrainer:
     def __init__(
         self,
@@ -157,10 +173,7 @@ class LocalTrainer:
         if cfg.privacy.enabled:
             require_meaningful_delta(cfg.privacy.delta, sampled, noun)
             ledger.require_unit(cfg.data.privacy_unit)
-        # The planner fills what the config leaves unset, from counts this institution holds.
-        fixed = ledger.noise_multiplier if ledger is not None else None
-        persons = (self.units.persons, self.units.rows_per_person) if self.units is not None else (None, 1.0)
-        self.recipe: Recipe = plan(facts(cfg, len(train), head_rows(model), *persons), cfg, fixed)
+        self.recipe: Recipe = institution_recipe(cfg, model, train, ledger)
         cfg = applied(cfg, self.recipe)
         self.cfg = cfg
         self.task = cfg.model.task
@@ -212,10 +225,7 @@ class LocalTrainer:
 
     def _make_private(self, loader: DataLoader) -> None:
         privacy = self.cfg.privacy
-        planned = self.cfg.planned_rounds * self.cfg.training.local_steps
-        self.noise_multiplier = self.ledger.calibrate(
-            self.sample_rate, planned, also=self.recipe.head_start_history()
-        )
+        self.noise_multiplier = self.ledger.calibrate(*self.recipe.calibration(self.cfg.planned_rounds))
         engine = private_engine(privacy.accountant, privacy.secure_mode)
         mode = privacy.grad_sample_mode
         kwargs = {"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}
@@ -327,17 +337,6 @@ class LocalTrainer:
         ``round_id`` (the ClientApp), whose unreleased reservation a resumed run reuses."""
         steps = self.cfg.training.local_steps if steps is None else steps
         spends = self.ledger is not None and steps > 0
-        if spends and self.cfg.training.head_start == "dp" and not self.ledger.entries:
-            # The institution's first round: its DP head start, charged before a row is read.
-            start_head(
-                self.model,
-                self.train_set,
-                self.ledger,
-                self.recipe.head_start_noise.value,
-                self.cfg.model.head_scale,
-                self.device,
-                self.cfg.training.eval_batch_size,
-            )
         epsilon = self._reserve(round_id, steps, federated) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0

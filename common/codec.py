@@ -40,9 +40,11 @@ class TrainMetrics:
     steps: int
     train_seconds: float
     loss: float | None = None
+    noise_std: float | None = None
+    """A statistics reply only: the noise std of its release."""
 
     def values(self) -> dict[str, float]:
-        """The metrics by wire key, without an absent loss."""
+        """The metrics by wire key, without an absent loss or noise std."""
         out = {
             P.NUM_EXAMPLES: self.num_examples,
             P.EPSILON: self.epsilon,
@@ -53,6 +55,8 @@ class TrainMetrics:
         }
         if self.loss is not None:
             out[P.LOSS] = self.loss
+        if self.noise_std is not None:
+            out[P.NOISE_STD] = self.noise_std
         return out
 
 
@@ -119,6 +123,38 @@ def train_reply(
             P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint}),
         }
     )
+
+
+@dataclass(frozen=True)
+class StatisticsReply:
+    """A parsed round-0 statistics reply: its metrics and its (noisy) class sums and counts, fp32."""
+
+    metrics: TrainMetrics
+    sums: torch.Tensor = field(repr=False)
+    counts: torch.Tensor = field(repr=False)
+
+
+def statistics_reply(
+    sums: torch.Tensor, counts: torch.Tensor, metrics: TrainMetrics, fingerprint: str
+) -> RecordDict:
+    """The content of a statistics reply: a train reply whose arrays are exactly the class sums and
+    counts (fp32), so the audit mod's check of what leaves applies to it unchanged."""
+    return train_reply({P.CLASS_SUMS: sums, P.CLASS_COUNTS: counts}, metrics, fingerprint)
+
+
+def parse_statistics_reply(
+    content: RecordDict, fingerprint: str, classes: int, width: int
+) -> StatisticsReply:
+    """A statistics reply for ``classes`` x ``width`` sums, or AdapterError naming the first thing wrong."""
+    metrics = _train_structure(content)
+    theirs = content[P.CONFIG][P.FINGERPRINT]
+    if theirs != fingerprint:
+        raise AdapterError(f"fingerprint {theirs!r} is not the federation's {fingerprint}")
+    if metrics.noise_std is None:
+        raise AdapterError(f"metric {P.NOISE_STD!r} missing: a statistics reply says its release's noise")
+    shapes = {P.CLASS_SUMS: (classes, width), P.CLASS_COUNTS: (classes,)}
+    arrays = decode_arrays(content[P.ARRAYS], shapes)
+    return StatisticsReply(metrics, arrays[P.CLASS_SUMS], arrays[P.CLASS_COUNTS])
 
 
 def evaluate_reply(metrics: EvaluateMetrics) -> RecordDict:
@@ -267,12 +303,15 @@ def _train_metrics(record: MetricRecord) -> TrainMetrics:
         steps=int(values[P.STEPS]),
         train_seconds=values[P.TRAIN_SECONDS],
         loss=values.get(P.LOSS),
+        noise_std=values.get(P.NOISE_STD),
     )
     _at_least(P.NUM_EXAMPLES, m.num_examples, 1)
     _at_least(P.EPSILON, m.epsilon, 0)
     _at_least(P.LORA_R, m.lora_r, 1)
     _at_least(P.STEPS, m.steps, 0)
     _at_least(P.TRAIN_SECONDS, m.train_seconds, 0)
+    if m.noise_std is not None:
+        _at_least(P.NOISE_STD, m.noise_std, 0)
     if not m.lora_scale > 0:
         raise AdapterError(f"metric {P.LORA_SCALE!r}: {m.lora_scale!r}, expected > 0")
     return m

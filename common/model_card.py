@@ -58,6 +58,8 @@ class Records:
     spends: list[Spend]
     released: list[str]  # statistics that left an institution in the clear
     local: bool
+    statistics: str = ""
+    """Round 0 (statistics first): what each institution released and at what epsilon; "" if none."""
 
 
 def _json(path: Path) -> Any:
@@ -132,7 +134,7 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
             before = first["central"].get(key, "-") if first is not final else "-"
             evaluation.append((_metric_name(key, labels), _figure(before), _figure(final["central"][key])))
     fed = meta["config"]["federation"]
-    released = sorted({k for e in history for c in e.get("clients", []) for k in c if k in P.TRAIN_OPTIONAL})
+    released = sorted({k for e in history for c in e.get("clients", []) for k in c if k == P.LOSS})
     return Records(
         meta=meta,
         peft=_json(adapter_dir / PEFT_CONFIG_FILE),
@@ -150,6 +152,24 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
         spends=spends,
         released=[f"training {k} (privacy.release_metrics)" for k in released],
         local=False,
+        statistics=statistics_statement(history),
+    )
+
+
+def statistics_statement(history: Sequence[Mapping[str, Any]]) -> str:
+    """Round 0's release in one line, from its history entry (server.app.statistics_first)."""
+    round0 = next((e for e in history if e.get("round") == 0 and e.get("clients")), None)
+    if round0 is None:
+        return ""
+    clients = round0["clients"]
+    eps = sorted(float(c[P.EPSILON]) for c in clients)
+    noise = sorted(float(c.get(P.NOISE_STD, 0.0)) for c in clients)
+    spent = f"epsilon {eps[0]:.3g} to {eps[-1]:.3g}" if eps[-1] > 0 else "no DP (exact statistics)"
+    return (
+        f"- round 0, statistics first: {len(clients)} institutions each released once its per-class sums "
+        "of L2-normalised pooled embeddings and its row counts (one Gaussian mechanism, L2 sensitivity "
+        f"sqrt(2), noise std {noise[0]:.3g} to {noise[-1]:.3g}) at {spent} of its budget, charged in its "
+        "ledger as round 0 and composed with the rounds; the server summed them into the shared head."
     )
 
 
@@ -242,6 +262,8 @@ def _privacy_lines(rec: Records) -> list[str]:
             f"person's gradient is the mean over up to {cap} of their rows, clipped as one; Gaussian noise "
             "on the sum), run by each institution on its own data before its update leaves.",
         ]
+    if rec.statistics:
+        lines.append(rec.statistics)
     if from_ledgers:
         clip = privacy["max_grad_norm"]
         each = "per-example" if unit is None else "per-person"

@@ -12,6 +12,12 @@ ROUND = "fedlora-round"  # the federation's absolute round, which a resumed run 
 FINGERPRINT = "fingerprint"
 WIRE_DTYPE = "wire-dtype"
 PROXIMAL_MU = "proximal-mu"
+# what a train message asks for: absent, a LoRA round; STATISTICS, the round-0 class statistics
+STAGE = "fedlora-stage"
+STATISTICS = "statistics"
+# the arrays of a statistics reply: per class the sum of normalised pooled embeddings, and the count
+CLASS_SUMS = "class-sums"
+CLASS_COUNTS = "class-counts"
 
 # client -> server (MetricRecord): the keys below, checked by common.codec
 NUM_EXAMPLES = "num-examples"
@@ -24,10 +30,13 @@ LORA_R = "lora-r"
 LORA_SCALE = "lora-scale"
 STEPS = "steps"
 TRAIN_SECONDS = "train-seconds"
+# a statistics reply: the standard deviation of the Gaussian noise on its release (a function of the
+# institution's budget alone, not of its data), which the server weighs the public start against
+NOISE_STD = "noise-std"
 
 # which metric keys a reply must carry, and which it may add (statistics an institution opts in to)
 TRAIN_REQUIRED = (NUM_EXAMPLES, EPSILON, LORA_R, LORA_SCALE, STEPS, TRAIN_SECONDS)
-TRAIN_OPTIONAL = (LOSS,)
+TRAIN_OPTIONAL = (LOSS, NOISE_STD)
 EVALUATE_REQUIRED = (NUM_EXAMPLES,)
 EVALUATE_OPTIONAL = (LOSS, ACCURACY, MACRO_F1)  # and RECALL keys, all with privacy.release_metrics
 # tensor dtypes a reply may carry (Flower's Array.dtype names)

@@ -64,6 +64,8 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
         best=start.best,
         on_round=on_round,
     )
+    if not start.history and cfg.federation.statistics_first and cfg.model.task == "classification":
+        start = statistics_first(grid, strategy, start, after_round, cfg)
     final = run_rounds(grid, strategy, start, after_round, cfg.federation.round_timeout)
     export(run_dir, cfg, bench, final if after_round.best is None else after_round.best, after_round.history)
     require_budget_for_every_round(after_round.history, cfg.federation.rounds)
@@ -210,6 +212,20 @@ class AfterRound:
         log.info("%s", summarise_round(entry).line(self.rounds))
         if self.on_round is not None:
             self.on_round(entry)
+
+
+def statistics_first(
+    grid: Grid, strategy: LoraStrategy, start: Start, after_round: AfterRound, cfg: FedloraConfig
+) -> Start:
+    """Round 0 of a new federation: the shared head from the institutions' summed class statistics
+    (server.statistics_head), then the after-round step, so that round 0 is scored and checkpointed and
+    a resumed federation never asks (and charges) the institutions again."""
+    messages = strategy.configure_statistics(start.arrays, grid)
+    replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+    built = strategy.aggregate_statistics(replies, cfg.model.head_scale)
+    arrays = built if built is not None else start.arrays
+    after_round(0, arrays)
+    return Start(done=0, arrays=arrays, history=after_round.history)
 
 
 def run_rounds(

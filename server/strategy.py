@@ -22,14 +22,16 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora.common import protocol as P
 from fedlora.common.adapter import from_record, to_record
+from fedlora.common.codec import parse_statistics_reply
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import AdapterError, CheckpointError, FedloraError
-from fedlora.common.model import lora_scale
+from fedlora.common.model import HEAD, lora_scale
 from fedlora.server.aggregators import Aggregator, bounded_weights, create_aggregator
 from fedlora.server.global_adapter import GlobalAdapter, Layout
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
-from fedlora.server.screening import NormBounds, ReplyScreen
+from fedlora.server.screening import NormBounds, ReplyScreen, by_node, drop, failure_reason
+from fedlora.server.statistics_head import class_mean_head, prior_rows, summed
 
 log = logging.getLogger("fedlora.server")
 NODE_POLL_SECONDS = 1.0
@@ -167,6 +169,47 @@ class LoraStrategy(Strategy):
             messages.append(msg)
         return messages
 
+    # --- round 0, statistics first (server.statistics_head) ---
+
+    def configure_statistics(self, arrays: ArrayRecord, grid: Grid) -> list[Message]:
+        """A train message asking every connected node for its class statistics (P.STAGE)."""
+        self.set_global(arrays)
+        config = self._round_config(0, ConfigRecord({P.STAGE: P.STATISTICS}))
+        nodes = self._sample(grid, 1.0, 0)
+        return self._messages(nodes, arrays, config, MessageType.TRAIN)
+
+    def aggregate_statistics(self, replies: Iterable[Message], head_scale: float) -> ArrayRecord | None:
+        """The global adapter with the head built from the sum of every usable release; None when no
+        reply was usable (the head stays as model.head_init made it)."""
+        record = RoundLog(round=0)
+        self.rounds.append(record)
+        state = self.global_adapter.state
+        weight_key = next(k for k in state if f".{HEAD}." in k and k.endswith(".weight"))
+        bias_key = next(k for k in state if f".{HEAD}." in k and k.endswith(".bias"))
+        classes, width = state[weight_key].shape
+        releases, noise = [], []
+        for msg in by_node(replies):
+            if msg.has_error():
+                drop(record.dropped, 0, msg, failure_reason(msg.error), "statistics")
+                continue
+            try:
+                reply = parse_statistics_reply(msg.content, self.layout.fingerprint, classes, width)
+            except AdapterError as err:
+                drop(record.dropped, 0, msg, str(err), "statistics")
+                continue
+            releases.append((reply.sums, reply.counts))
+            noise.append(float(reply.metrics.noise_std))
+            values = {k: float(v) for k, v in reply.metrics.values().items()}
+            record.clients.append({"node": msg.metadata.src_node_id, **values})
+        if not releases:
+            log.warning("round 0: no usable statistics; the head stays as model.head_init made it")
+            return None
+        start = state[weight_key]
+        weight, bias = class_mean_head(*summed(releases), head_scale, start, prior_rows(noise, width))
+        log.info("round 0: shared head from the summed statistics of %d institutions", len(releases))
+        head = {weight_key: weight, bias_key: bias}
+        return ArrayRecord({k: Array(np.ascontiguousarray(head.get(k, v).numpy())) for k, v in state.items()})
+
     # --- from the nodes ---
 
     def aggregate_train(
@@ -176,6 +219,9 @@ class LoraStrategy(Strategy):
         record = RoundLog(round=server_round)
         self.rounds.append(record)
         accepted = self.screen.train_replies(replies, self.global_adapter, server_round, record.dropped)
+        # A reply of no steps is an institution whose planner found DP-SGD would add nothing
+        # (client.recipe): its empty update is not averaged in, or it would shrink the others'.
+        accepted = [s for s in accepted if s.metrics.steps > 0]
         if not accepted:
             log.warning("round %d: no usable reply; the global adapter stays as it was", server_round)
             return None, None

@@ -13,8 +13,10 @@ from importlib.resources import files
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedlora.client.app import shared_data
 from fedlora.client.canaries import BLACK_BOX_CANARIES, WHITE_BOX_CANARIES
 from fedlora.client.privacy_audit import require_no_leak
+from fedlora.client.recipe import Recipe, facts, plan
 from fedlora.common.cli_support import (
     add_config_arguments,
     add_out_argument,
@@ -26,7 +28,7 @@ from fedlora.common.cli_support import (
 )
 from fedlora.common.config import FedloraConfig
 from fedlora.common.held_out import exported_round
-from fedlora.common.model import model_dir
+from fedlora.common.model import build_model, model_dir
 from fedlora.common.scoring import headline
 from fedlora.server.history import summarise_round
 from fedlora.simulations.compare import compare, markdown
@@ -40,7 +42,7 @@ from fedlora.simulations.report import (
     write_report,
 )
 from fedlora.simulations.run import backend_config, simulate
-from fedlora.simulations.virtual_client import partition_sizes
+from fedlora.simulations.virtual_client import partition_sizes, with_peers
 
 DEFAULT_CONFIG = "hospitals.yaml"
 
@@ -106,6 +108,31 @@ def spread(sizes: list[int]) -> str:
     return f"{len(sizes)} institutions, training rows min {ordered[0]} / median {median} / max {ordered[-1]}"
 
 
+def planner_decisions(cfg: FedloraConfig) -> str:
+    """What the recipe planner decides for the smallest and the largest virtual institution: fine-tune
+    after the round-0 statistics, or statistics only, and why (client.recipe)."""
+    if cfg.data.privacy_unit is not None and cfg.privacy.enabled:
+        return "per person: each institution plans from its persons at its first message"
+    cfg = with_peers(cfg)
+    tokenizer, bundle = shared_data(cfg)
+    model = build_model(cfg.model, bundle.labels, len(tokenizer)).model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sizes = partition_sizes(cfg)
+    labels = len(bundle.labels)
+
+    def decided(rows: int) -> Recipe:
+        return plan(facts(cfg, rows, labels, trainable=trainable), cfg)
+
+    tuning = sum(1 for rows in sizes if decided(rows).fine_tune.value)
+    shown = []
+    for name, rows in (("smallest", min(sizes)), ("largest", max(sizes))):
+        choice = decided(rows).fine_tune
+        what = "fine-tunes" if choice.value else "statistics only"
+        shown.append(f"{name} ({rows} rows) {what}: {choice.reason}")
+    summary = f"{tuning} of {len(sizes)} institutions fine-tune after the round-0 statistics"
+    return "; ".join([summary, *shown])
+
+
 def check(args: argparse.Namespace) -> int:
     """What a run would refuse in its config, its resources and its base model, without starting one."""
     cfg = read_config(args.config or default_config(), args.set, "simulation")
@@ -118,6 +145,7 @@ def check(args: argparse.Namespace) -> int:
         "data": cfg.data.path or f"the packaged drug reviews ({cfg.data.demo_task})",
         "partition": f"{cfg.simulation.partition}, {spread(partition_sizes(cfg))}",
         "per client": f"{backend['client_resources']['num_cpus']:g} CPU",
+        "planner": planner_decisions(cfg),
     }
     for key, value in found.items():
         report.print(f"{key}: {value}", highlight=False, soft_wrap=True)

@@ -19,7 +19,7 @@ from fedlora.common.config_yaml import parse_yaml
 from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.notices import DropNotices
 from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
-from fedlora.simulations.virtual_client import partition_sizes, simulation_setup
+from fedlora.simulations.virtual_client import partition_sizes, simulation_setup, with_peers
 
 CONFIG_FILE = "config.yaml"
 # What Flower and Ray say at the start of every simulation that is no news to a fedlora user:
@@ -110,6 +110,7 @@ def simulate(
     if canaries and cfg.simulation.client_ranks:
         raise ConfigError("--audit: simulation.client_ranks is set; the audit needs one rank for all clients")
     partition_sizes(cfg)
+    cfg = with_peers(cfg)
     prepare_run_dir(cfg, run_dir)
     settings = ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients)
     server_app = build_server_app(lambda _context: settings, on_round)
@@ -145,9 +146,10 @@ def start_ray(backend: dict) -> None:
 
 
 def check_something_trained(run_dir: Path) -> None:
-    """A run in which every reply of every round was dropped trained nothing: an error, not a result."""
+    """A run in which every reply of every round was dropped trained nothing: an error, not a result.
+    Round 0's statistics count: the shared head built from them is a result."""
     path = run_dir / "history.json"
-    rounds = [entry for entry in json.loads(path.read_text()) if entry.get("round")]
+    rounds = [entry for entry in json.loads(path.read_text()) if "round" in entry]
     if not rounds or any(entry.get("clients") for entry in rounds):
         return
     dropped = [d for entry in rounds for d in entry.get("dropped", [])]

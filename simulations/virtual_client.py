@@ -6,6 +6,7 @@ client side, not the ServerApp, the strategies or Flower's simulation engine.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from flwr.app import Context
@@ -21,6 +22,16 @@ def partition_sizes(cfg: FedloraConfig) -> list[int]:
     run refuses before Ray starts what every actor would otherwise fail on at every message."""
     trains, _ = simulation_partitions(cfg)
     return [len(rows) for rows in trains]
+
+
+def with_peers(cfg: FedloraConfig) -> FedloraConfig:
+    """``cfg`` with training.peers_per_round, left at 1, set to the institutions a simulated round
+    averages (num_clients x fraction_train, at least min_clients), which the planner weighs."""
+    if cfg.training.peers_per_round != 1:
+        return cfg
+    sim, fed = cfg.simulation, cfg.federation
+    peers = min(sim.num_clients, max(int(sim.num_clients * fed.fraction_train), fed.min_clients))
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, peers_per_round=peers))
 
 
 def canary_file(run_dir: Path, pid: int) -> Path:

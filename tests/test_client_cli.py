@@ -229,12 +229,18 @@ def test_check_prints_the_plan(runs):
     assert float(field(output, "sample rate").split(":")[0]) == pytest.approx(BATCH / len(ROWS), abs=1e-4)
     after = [float(x.split(":")[1]) for x in field(output, "epsilon per row after round").split(",")]
     assert len(after) == ROUNDS and after == sorted(after) and after[0] > 0
-    # Independent: Opacus' RDP accountant on the printed noise gives the printed epsilons.
+    # Independent: Opacus' RDP accountant on the printed noise gives the printed epsilons, after the
+    # round-0 statistics release at a quarter of the budget (one step at sample rate 1).
     from opacus.accountants import create_accountant
+    from opacus.accountants.utils import get_noise_multiplier
 
+    release = get_noise_multiplier(
+        target_epsilon=EPSILON / 4, target_delta=1e-5, sample_rate=1.0, steps=1, accountant="rdp"
+    )
+    assert field(output, "statistics noise").startswith(f"{release:.4g}: 25% of epsilon")
     for k, printed in enumerate(after, start=1):
         accountant = create_accountant("rdp")
-        accountant.history = [(noise, BATCH / len(ROWS), STEPS * k)]
+        accountant.history = [(release, 1.0, 1), (noise, BATCH / len(ROWS), STEPS * k)]
         assert accountant.get_epsilon(delta=1e-5) == pytest.approx(printed, abs=0.011)
     # Calibrated to spend the budget over the planned rounds: they fit, with little to spare.
     assert 0.9 * EPSILON <= after[-1] <= EPSILON

@@ -279,7 +279,6 @@ def test_a_person_in_two_institutions_is_refused(make_config, tokenizer, tmp_pat
             {"privacy": {"grad_sample_mode": "ghost"}},
             r"privacy.grad_sample_mode: 'ghost' never forms per-row",
         ),
-        ({"training": {"head_start": "dp"}}, r"training.head_start: 'dp' releases per-row class means"),
         ({"data": {"privacy_unit": " "}}, r"data.privacy_unit: expected a column name"),
         ({"data": {"max_rows_per_unit": 0}}, r"data.max_rows_per_unit: must be >= 1"),
         (
@@ -431,7 +430,8 @@ def test_recipe_plans_batches_of_persons(make_config):
     assert (recipe.batch_size.value, recipe.local_steps.value) == (21, 3)
     assert recipe.sample_rate.value == 1 / math.ceil(60 / 21)
     assert "over persons" in recipe.sample_rate.reason and "persons 60" in recipe.batch_size.reason
-    assert recipe.head_start.value == "shared" and "per row" in recipe.head_start.reason
+    assert recipe.statistics_noise.value is None and "per row" in recipe.statistics_noise.reason
+    assert recipe.fine_tune.value  # no statistics to put the budget on: the rounds keep it
 
 
 def test_empty_person_batches_step_and_count(make_config, vocab_size, toy_classification, tmp_path):
@@ -470,7 +470,14 @@ def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatc
             "data": {"path": path, "max_length": 16, "privacy_unit": "patient"},
             "training": {"batch_size": 2, "local_steps": 2, "device": "cpu"},
             "privacy": {"accountant": "rdp"},
-            "federation": {"rounds": 2, "min_clients": 2, "fraction_evaluate": 0, "central_eval": False},
+            "federation": {
+                "rounds": 2,
+                "min_clients": 2,
+                "fraction_evaluate": 0,
+                "central_eval": False,
+                # per person, the institutions do not answer the per-row round-0 statistics
+                "statistics_first": False,
+            },
             "simulation": {"num_clients": 2, "partition": "column", "partition_column": "site"},
         }
     )

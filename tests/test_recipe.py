@@ -19,9 +19,10 @@ from fedlora.common.errors import ConfigError
 INSTITUTIONS = {"tiny": (20, 4), "small": (53, 8), "large": (1150, 3)}
 EPSILONS = {"low": 1.0, "high": 8.0}
 ROUNDS, DELTA = 8, 1e-5
+TRAINABLE = 75_000  # MiniLM's LoRA (r 8 on query and value) and a small head
 
 
-def planned(rows: int, labels: int, epsilon: float, **training):
+def planned(rows: int, labels: int, epsilon: float, trainable: int = 1, **training):
     cfg = config_from_dict(
         {
             "training": training,
@@ -29,7 +30,7 @@ def planned(rows: int, labels: int, epsilon: float, **training):
             "privacy": {"epsilon": epsilon, "delta": DELTA, "planned_rounds": ROUNDS, "accountant": "rdp"},
         }
     )
-    return R.plan(R.facts(cfg, rows, labels), cfg), cfg
+    return R.plan(R.facts(cfg, rows, labels, trainable=trainable), cfg), cfg
 
 
 def composed(history, delta=DELTA) -> float:
@@ -48,22 +49,29 @@ def test_plan_follows_its_documented_rules(size, level):
     budget = cfg.training.examples_per_round
     batch = min(rows, budget // R.MIN_STEPS)
     assert recipe.batch_size.value == batch
-    assert recipe.local_steps.value == min(R.MAX_STEPS, budget // batch)
+    steps = min(R.MAX_STEPS, budget // batch)
     assert recipe.sample_rate.value == 1 / math.ceil(rows / batch)
     expected = recipe.sample_rate.value * rows
     scale = min(R.MAX_LR_SCALE, expected / R.REFERENCE_BATCH)
     assert recipe.learning_rate.value == pytest.approx(R.REFERENCE_LR * scale)
     assert recipe.head_learning_rate.value == pytest.approx(R.REFERENCE_HEAD_LR * scale)
     assert recipe.max_grad_norm.value == R.CLIP
-    # The head-start rule, recomputed here from its documented constants.
-    sigma_h = calibrate_noise(R.HEAD_START_SHARE * epsilon, DELTA, "rdp", 1.0, 1)
-    dp = R.ASSUMED_GAP * rows / labels >= R.MIN_SIGNAL_TO_NOISE * sigma_h * math.sqrt(2)
-    assert recipe.head_start.value == ("dp" if dp else "shared")
-    # The noise spends the budget: head start (if any) and every planned step, within tolerance.
-    history = [
-        *recipe.head_start_history(),
-        (recipe.noise_multiplier.value, expected / rows, ROUNDS * recipe.local_steps.value),
-    ]
+    # The statistics at their documented share, the rounds' noise after them, and the fine-tune rule
+    # (one trained value, one peer) recomputed here from its documented formula.
+    share = calibrate_noise(R.STATISTICS_SHARE * epsilon, DELTA, "rdp", 1.0, 1)
+    sigma = calibrate_noise(epsilon, DELTA, "rdp", expected / rows, ROUNDS * steps, ((share, 1.0, 1),))
+    fine = math.sqrt(ROUNDS * steps) * expected / sigma >= R.MIN_RUN_SNR
+    assert recipe.fine_tune.value == fine
+    if fine:
+        assert (recipe.local_steps.value, recipe.statistics_noise.value) == (steps, share)
+        history = [
+            *recipe.statistics_history(),
+            (recipe.noise_multiplier.value, expected / rows, ROUNDS * recipe.local_steps.value),
+        ]
+    else:
+        assert (recipe.local_steps.value, recipe.noise_multiplier.value) == (0, None)
+        history = list(recipe.statistics_history())
+    # Either way the plan spends the budget, within tolerance.
     assert epsilon - 0.02 <= composed(history) <= epsilon + 1e-6
     for name, choice in recipe.items():
         assert choice.reason, name
@@ -76,13 +84,6 @@ def test_institutions_get_what_their_size_and_budget_allow():
     # A tiny institution trains on all its rows every step (sample rate 1), with more, smaller steps.
     assert tiny.sample_rate.value == 1.0 and tiny.local_steps.value > large.local_steps.value
     assert large.sample_rate.value < 0.1
-    # Only the large institution at the high budget can afford to start its head from its data.
-    assert (tiny.head_start.value, large.head_start.value, large_low.head_start.value) == (
-        "shared",
-        "dp",
-        "shared",
-    )
-    assert "Tramer & Boneh" in large.head_start.reason and "free" in tiny.head_start.reason
     # A smaller budget buys more noise for the same plan.
     assert large_low.noise_multiplier.value > large.noise_multiplier.value
     for choice, source in (
@@ -108,14 +109,15 @@ def test_manual_recipe_is_todays_fixed_defaults():
     assert cfg.privacy.max_grad_norm == 1.0
     assert recipe.batch_size.value == 32 and recipe.local_steps.value == 10
     assert recipe.head_learning_rate.value == 2e-3  # the LoRA rate, as before
-    assert recipe.head_start.value == "shared"  # auto means no DP start under manual
+    assert recipe.fine_tune.value and "local_steps" in recipe.fine_tune.reason  # manual steps are kept
     assert all("manual" in c.reason for n, c in recipe.items() if n in ("batch_size", "local_steps"))
 
 
-def test_private_off_plans_no_noise_and_no_head_start():
+def test_private_off_plans_no_noise_and_exact_statistics():
     cfg = config_from_dict({"privacy": {"enabled": False, "accountant": "rdp"}})
     recipe = R.plan(R.facts(cfg, 1150, 3), cfg)
-    assert recipe.noise_multiplier.value is None and recipe.head_start.value == "shared"
+    assert recipe.noise_multiplier.value is None and recipe.statistics_noise.value is None
+    assert "exact statistics" in recipe.statistics_noise.reason and recipe.fine_tune.value
     assert R.applied(cfg, recipe).training.batch_size == recipe.batch_size.value
 
 
@@ -125,8 +127,6 @@ def test_config_modes_and_refusals():
     # The coordinator plans nothing: its learning rate (FedAdam's eta_l) takes the manual default.
     coordinator = config_from_dict({"data": {"labels": ["a", "b"]}}, persona="coordinator")
     assert coordinator.training.learning_rate == 2e-3
-    with pytest.raises(ConfigError, match=r"training\.head_start: 'dp'.*privacy\.enabled"):
-        config_from_dict({"training": {"head_start": "dp"}, "privacy": {"enabled": False}}, source="x.yaml")
     with pytest.raises(ConfigError, match=r"training\.recipe: must be one of auto, manual"):
         config_from_dict({"training": {"recipe": "magic"}})
     assert "training.batch_size: an integer or null, default None (recipe manual: 32)" in describe(
@@ -159,7 +159,8 @@ def test_check_prints_every_planned_value_with_its_reason(tmp_path: Path, capsys
     assert main(["check", str(config)]) == 0
     shown = cells(capsys.readouterr().out)
     cfg = config_from_dict({"model": {"source": "tiny-bert"}, "privacy": {"planned_rounds": 2}})
-    expected = R.plan(R.facts(cfg, 266, 8), cfg)  # the drug-review triage demo: 266 rows, 8 labels
+    trainable = 2312  # tiny-bert's LoRA and its 8-label head
+    expected = R.plan(R.facts(cfg, 266, 8, trainable=trainable), cfg)  # drug-review triage: 266 rows
     assert shown["recipe"] == "auto"
     for name, choice in expected.items():
         value = (
@@ -177,10 +178,27 @@ def test_a_ledger_s_noise_is_kept_not_replanned():
     assert recipe.noise_multiplier.value == 1.234 and "ledger" in recipe.noise_multiplier.reason
 
 
-def test_a_budget_too_small_for_a_head_start_plans_none_and_refuses_an_explicit_one():
+def test_a_budget_too_small_for_a_statistics_release_plans_none():
     # A quarter of epsilon 0.3 is below what one release at sample rate 1 can reach; the rounds are not.
     recipe, _ = planned(1150, 3, 0.3)
-    assert recipe.head_start.value == "shared" and "no release" in recipe.head_start.reason
-    assert recipe.noise_multiplier.value > 0
-    with pytest.raises(ConfigError, match=r"training\.head_start: 'dp' on 25% of the budget"):
-        planned(1150, 3, 0.3, head_start="dp")
+    assert recipe.statistics_noise.value is None and "no release" in recipe.statistics_noise.reason
+    assert recipe.noise_multiplier.value > 0 and recipe.fine_tune.value
+
+
+def test_too_few_rows_for_dp_sgd_put_the_whole_budget_on_the_statistics_and_say_why():
+    """53 rows (a drug-review hospital), 10 peers, 75k trained values: the best-case signal-to-noise
+    of the averaged updates is far below MIN_RUN_SNR, so no LoRA step is planned and the one release
+    spends all of epsilon (its ledger noise is the statistics' own); a large institution with the
+    compute to use its rows still fine-tunes."""
+    small, _ = planned(53, 8, 8.0, trainable=TRAINABLE, peers_per_round=10)
+    assert small.fine_tune.value is False
+    assert "add nothing measurable" in small.fine_tune.reason and "< 10" in small.fine_tune.reason
+    assert small.local_steps.value == 0 and small.noise_multiplier.value is None
+    whole = calibrate_noise(8.0, DELTA, "rdp", 1.0, 1)
+    assert small.statistics_noise.value == whole and "whole epsilon" in small.statistics_noise.reason
+    assert small.calibration(ROUNDS) == (1.0, 1, ())  # the ledger calibrates exactly that release
+    assert composed(small.statistics_history()) == pytest.approx(8.0, abs=0.02)
+    large, _ = planned(20_000, 8, 8.0, trainable=TRAINABLE, peers_per_round=10, examples_per_round=2000)
+    assert large.fine_tune.value and large.local_steps.value > 0
+    assert large.statistics_noise.value == calibrate_noise(2.0, DELTA, "rdp", 1.0, 1)
+

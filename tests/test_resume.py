@@ -20,7 +20,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.client.app import build_client_app, handle_train
-from fedlora.client.ledger import HEAD_START_ROUND, PrivacyLedger
+from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig, load_config
@@ -203,7 +203,7 @@ class AuditedGrid(InProcessGrid):
 
 
 def round_entries(ledger: Path) -> list[int]:
-    return [e["round"] for e in json.loads(ledger.read_text())["entries"] if e["round"] != HEAD_START_ROUND]
+    return [e["round"] for e in json.loads(ledger.read_text())["entries"] if e["round"] != STATISTICS_ROUND]
 
 
 def test_a_round_killed_before_its_update_left_reuses_its_reservation_and_all_rounds_train(tmp_path) -> None:

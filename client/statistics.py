@@ -1,0 +1,88 @@
+"""Round 0, statistics first: this institution's class statistics of its frozen features, released
+once under DP for the server to sum into the shared head (server.statistics_head).
+
+A linear model on good features is a strong DP baseline (Tramer & Boneh 2021), and a probe before
+fine-tuning distorts the features less (Kumar et al. 2022). Each row adds its L2-normalised pooled
+embedding to its class's sum and 1 to its class's count, so adding or removing a row moves the
+released vector by at most sqrt(2): one Gaussian mechanism of noise std sigma * sqrt(2), which is
+exactly one DP-SGD step at sample rate 1 and noise multiplier sigma. The ledger records it as that
+(round STATISTICS_ROUND) before a row is read, and Opacus composes it with the rounds. The noise is
+the planner's (client.recipe: its share of the budget, or all of it when DP-SGD would add nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from fedlora.client.ledger import STATISTICS_ROUND, LedgerEntry, PrivacyLedger
+from fedlora.client.recipe import STATISTICS_SENSITIVITY, Recipe
+from fedlora.common.adapter import peft_module
+from fedlora.common.data import TokenizedDataset
+from fedlora.common.errors import ConfigError
+from fedlora.common.model import HEAD
+from fedlora.common.scoring import trim
+
+
+def head_rows(model: nn.Module) -> int:
+    """The labels of a classification head (its output rows); 0 for a model without one."""
+    head = getattr(peft_module(model).base_model.model, HEAD, None)
+    return head.original_module.out_features if head is not None else 0
+
+
+@torch.no_grad()
+def class_sums(
+    model: nn.Module, data: TokenizedDataset, classes: int, device: torch.device, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """Per class: the sum of the rows' unit-norm pooled embeddings (classes x width), and the count."""
+    classifier = peft_module(model).base_model.model
+    was_training = classifier.training
+    classifier.eval()
+    sums: Tensor | None = None
+    counts = torch.zeros(classes, dtype=torch.float64)
+    for batch in DataLoader(data, batch_size=batch_size):
+        ids, mask, labels = (t.to(device) for t in trim(batch))
+        unit = nn.functional.normalize(classifier.embed(ids, mask), dim=-1).to("cpu", torch.float64)
+        if sums is None:
+            sums = torch.zeros(classes, unit.shape[1], dtype=torch.float64)
+        sums.index_add_(0, labels.cpu(), unit)
+        counts += torch.bincount(labels.cpu(), minlength=classes).to(torch.float64)
+    classifier.train(was_training)
+    if sums is None:
+        raise ConfigError("statistics: this institution has no training rows to release statistics of")
+    return sums, counts
+
+
+def gaussian_release(sums: Tensor, counts: Tensor, noise_std: float) -> tuple[Tensor, Tensor]:
+    """The Gaussian mechanism on the sums and counts together (noise 0: the exact statistics)."""
+    noisy_sums = sums + noise_std * torch.randn(sums.shape, dtype=sums.dtype)
+    noisy_counts = counts + noise_std * torch.randn(counts.shape, dtype=counts.dtype)
+    return noisy_sums, noisy_counts
+
+
+def release_statistics(
+    model: nn.Module,
+    data: TokenizedDataset,
+    recipe: Recipe,
+    ledger: PrivacyLedger | None,
+    device: torch.device,
+    batch_size: int,
+    rounds: int,
+) -> tuple[Tensor, Tensor, float, LedgerEntry | None]:
+    """Charge the release in the ledger first (BudgetExceeded: nothing read), then release. The
+    ledger's noise for the ``rounds`` after it is calibrated first, so that the release and every
+    planned step together spend the budget. Without a ledger (privacy off, a non-private baseline)
+    the exact statistics leave. Returns the noisy sums and counts, the noise std and the entry."""
+    if recipe.statistics_noise.value is None and ledger is not None:
+        raise ConfigError(f"statistics: no release planned ({recipe.statistics_noise.reason})")
+    entry = None
+    sigma = 0.0
+    if ledger is not None:
+        sigma = recipe.statistics_noise.value
+        ledger.calibrate(*recipe.calibration(rounds))
+        entry = ledger.reserve(STATISTICS_ROUND, 1.0, 1, noise_multiplier=sigma)
+    sums, counts = class_sums(model, data, head_rows(model), device, batch_size)
+    noise_std = sigma * STATISTICS_SENSITIVITY
+    noisy_sums, noisy_counts = gaussian_release(sums, counts, noise_std)
+    return noisy_sums.float(), noisy_counts.float(), noise_std, entry
