@@ -117,6 +117,16 @@ class Processes:
                 lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
         return lines
 
+    def children(self, role: str, parent: int) -> list[str]:
+        """Command lines of the role's running processes whose parent is ``parent``."""
+        lines = []
+        for pid in self._tagged(role):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                    lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        return lines
+
     def kill(self, role: str | None = None) -> None:
         """SIGKILL the role (every role when None) and all its descendants, then reap."""
         for _ in range(3):  # a dying parent may still be starting a child

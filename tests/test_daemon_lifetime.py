@@ -3,8 +3,9 @@ takes its SuperNode, SuperExec and worker along and its worker folder (with the 
 without its environment's scripts folder on PATH; a TMPDIR too long for a Unix socket neither
 crash-loops the worker nor starts anything it cannot finish.
 
-Real processes: no SuperLink is needed, an insecure SuperNode starts its SuperExec at once and keeps
-trying to reach the coordinator's address (a free port here)."""
+Real processes: no SuperLink is needed; the daemon starts its own SuperExec (client.own_app) beside
+the worker, and an insecure SuperNode keeps trying to reach the coordinator's address (a free port
+here)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from fedlora.common.errors import ConfigError
 from fedlora.common.launch import flower_env
 
 LISTENING = re.compile(r"listening on (\S+)/socket")
+OWN_SUPEREXEC = "fedlora.client.own_app superexec"  # the daemon's SuperExec (not the SuperNode's)
 STARTUP_SECONDS = 120  # the worker imports torch and loads tiny-bert on a shared, loaded machine
 
 
@@ -34,10 +37,14 @@ def start_daemon(tmp_path: Path, processes: Processes, **env: str) -> Path:
     processes.env = {**processes.env, **env}
     processes.start("a", fed.client_cmd("a", "--insecure", "--runtime-port", str(free_port())))
     processes.wait_log("a", "listening on", STARTUP_SECONDS)
+    daemon_pid = processes.procs["a"].pid
     wait_for(
-        lambda: any("flower-superexec" in line for line in processes.alive("a")),
+        lambda: (
+            any(OWN_SUPEREXEC in line for line in processes.children("a", daemon_pid))
+            and any("flower-supernode" in line for line in processes.children("a", daemon_pid))
+        ),
         STARTUP_SECONDS,
-        "the SuperNode starting its SuperExec",
+        "the daemon starting its SuperNode and its own SuperExec",
         processes.tails,
     )
     return Path(LISTENING.search(processes.log("a")).group(1))
@@ -46,7 +53,10 @@ def start_daemon(tmp_path: Path, processes: Processes, **env: str) -> Path:
 @pytest.mark.integration
 def test_a_killed_daemon_takes_its_processes_and_worker_folder_along(tmp_path, processes) -> None:
     folder = start_daemon(tmp_path, processes)
-    assert folder.is_dir() and any("flower-supernode" in line for line in processes.alive("a"))
+    alive = processes.alive("a")
+    assert folder.is_dir() and any("flower-supernode" in line for line in alive)
+    assert any(OWN_SUPEREXEC in line for line in alive)
+    assert any("fedlora.client.worker" in line for line in alive)
 
     processes.procs["a"].send_signal(signal.SIGKILL)  # the daemon only, as the OOM killer would
     processes.wait("a", 10)
@@ -62,14 +72,18 @@ def test_a_killed_daemon_takes_its_processes_and_worker_folder_along(tmp_path, p
 @pytest.mark.integration
 def test_the_daemon_runs_without_its_scripts_folder_on_path(tmp_path, processes) -> None:
     # As a service manager whose PATH misses the environment: only flower-supernode can be found (a
-    # link to flwr's own script, not a pyenv shim that fixes PATH itself), so before the fix the
-    # SuperNode found no flower-superexec and lived on with a traceback.
+    # link to flwr's own script, not a pyenv shim that fixes PATH itself). Before the fix the
+    # SuperNode found no flower-superexec and lived on with a traceback; now the daemon starts its
+    # SuperExec with its own interpreter and the runner by full path, and neither may fail.
     flwr = importlib.metadata.distribution("flwr")
     [script] = [flwr.locate_file(f) for f in flwr.files if f.name == "flower-supernode"]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "flower-supernode").symlink_to(script)
     start_daemon(tmp_path, processes, PATH=f"{bin_dir}:/usr/bin:/bin")
+    time.sleep(3)  # a SuperExec or SuperNode that cannot start its programs fails within this
+    alive = processes.alive("a")
+    assert any(OWN_SUPEREXEC in line for line in alive) and any("flower-supernode" in line for line in alive)
     assert "Traceback" not in processes.log("a")
     assert processes.terminate("a", 60) == 0
 

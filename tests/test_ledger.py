@@ -135,11 +135,13 @@ def test_trainer_calibrates_for_the_planned_rounds(make_config, vocab_size, toy_
         }
     )
     ledger = SpyLedger(tmp_path / "l.json", 8.0, DELTA, "rdp")
-    LocalTrainer(
+    trainer = LocalTrainer(
         cfg, build_model(cfg.model, ("a", "b"), vocab_size).model, toy_classification(n=16), CPU, ledger
     )
-    # privacy.planned_rounds wins over federation.rounds; 8 rows per label: no head start to compose
-    assert ledger.asked == (4 / 16, 3 * 7, ())
+    # privacy.planned_rounds wins over federation.rounds; the round-0 statistics release composes first
+    release = trainer.recipe.statistics_history()
+    assert ledger.asked == (4 / 16, 3 * 7, release)
+    assert len(release) == 1 and release[0][1:] == (1.0, 1)
 
 
 def test_merged_history_merges_only_consecutive_equal_mechanisms():
