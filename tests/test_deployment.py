@@ -22,7 +22,7 @@ from helpers_deploy import Federation, free_port, make_federation, wait_for, wri
 from fedlora.client import cli as client_cli
 from fedlora.client import daemon
 from fedlora.client.daemon import SuperNodeOptions, exit_reason, supernode_command
-from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.common.config import load_config
 from fedlora.common.devcerts import make_dev_certs
 from fedlora.common.errors import ConfigError, FedloraError
@@ -333,8 +333,16 @@ def test_secured_federation_admits_only_registered_tls_nodes(tmp_path, processes
 def test_federation_survives_a_killed_client_and_a_killed_server(tmp_path, processes) -> None:
     # The round timeout outlasts Flower's heartbeat patience (2 x 30 s): round 1 then ends when the
     # SuperLink declares the killed node unavailable, so it is offline, not stale, when it comes back.
+    # Round 0 (the statistics release) is off: the faults below are timed on round 1's train message.
     fed = make_federation(
-        tmp_path, {"rounds": 2, "min_clients": 2, "round_timeout": 90, "node_wait_timeout": 180}
+        tmp_path,
+        {
+            "rounds": 2,
+            "min_clients": 2,
+            "round_timeout": 90,
+            "node_wait_timeout": 180,
+            "statistics_first": False,
+        },
     )
     ports = {name: str(free_port()) for name in ("a", "b")}
     processes.start("server", fed.server_cmd())
@@ -428,8 +436,8 @@ def test_a_key_removed_from_the_config_is_revoked_on_restart(tmp_path, processes
     rounds = history(fed)
     assert [e["round"] for e in rounds] == [1, 2]
     assert {c["node"] for c in rounds[1]["clients"]} == nodes - {b_node}
-    assert [e.round for e in ledger(fed, "b").entries] == [1]
-    assert [e.round for e in ledger(fed, "a").entries] == [1, 2]
+    assert [e.round for e in ledger(fed, "b").entries] == [STATISTICS_ROUND, 1]
+    assert [e.round for e in ledger(fed, "a").entries] == [STATISTICS_ROUND, 1, 2]
     assert processes.terminate("a-again", 60) == 0
 
 
@@ -459,11 +467,12 @@ def test_the_base_model_is_loaded_once_across_rounds_and_evaluations(tmp_path, p
     assert processes.wait("server", 360) == 0, processes.tails()
 
     log = processes.log("a")
-    assert log.count("Start `flwr-clientapp` process") == 6, processes.tails(60)
+    # Round 0's statistics release, then a train and an evaluate message in each of the 3 rounds.
+    assert log.count("Start `flwr-clientapp` process") == 7, processes.tails(60)
     assert len([line for line in log.splitlines() if "loaded base model tiny-bert" in line]) == 1, log
-    assert [e.round for e in ledger(fed, "a").entries] == [1, 2, 3]
+    assert [e.round for e in ledger(fed, "a").entries] == [STATISTICS_ROUND, 1, 2, 3]
     audit = [json.loads(line) for line in (tmp_path / "a" / "audit.jsonl").read_text().splitlines()]
-    assert [(a["type"], a["round"]) for a in audit] == [
+    assert [(a["type"], a["round"]) for a in audit] == [("train", STATISTICS_ROUND)] + [
         (t, r) for r in (1, 2, 3) for t in ("train", "evaluate")
     ]
     assert all("error" not in a for a in audit)
