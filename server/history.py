@@ -44,8 +44,11 @@ class RoundSummary:
     validation: Mapping[str, float] = field(default_factory=dict)
 
     def line(self, rounds: int) -> str:
-        """The round in one line, e.g. for a log file or a terminal that is not interactive."""
-        text = f"round {self.round}/{rounds}: {self.replies} replies, {self.dropped} dropped"
+        """The round in one line, e.g. for a log file or a terminal that is not interactive. Round 0
+        is named as the statistics round (the round-0 class statistics, server.statistics_head): it
+        trained no LoRA, yet spent budget and built the head."""
+        stage = " (statistics)" if self.round == 0 else ""
+        text = f"round {self.round}/{rounds}{stage}: {self.replies} replies, {self.dropped} dropped"
         if self.replies:
             if self.client_loss is not None:
                 text += f", loss {self.client_loss:.4f}"

@@ -162,7 +162,10 @@ def test_a_first_simulation_off_a_terminal_prints_a_line_per_round_and_no_notice
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert lines[0].startswith("hospitals: 2 clients, 2 rounds, tiny-bert"), lines
-    assert [line.split(":")[0] for line in lines[1:]] == [f"round {r}/{rounds}" for r in (1, 2)], lines
+    # Round 0 is the institutions' class statistics (statistics first), named as such.
+    assert [line.split(":")[0] for line in lines[1:]] == [f"round 0/{rounds} (statistics)"] + [
+        f"round {r}/{rounds}" for r in (1, 2)
+    ], lines
     assert all("2 replies, 0 dropped" in line for line in lines[1:]), lines
     for notice in ("DEPRECATED", "deprecated", "Warning", "fraction_evaluate", "\x1b["):
         assert notice not in done.stderr, done.stderr

@@ -22,10 +22,13 @@ import ray.cloudpickle
 from flwr.app import Context
 
 from fedlora.client.app import ClientSetup
+from fedlora.client.ledger import STATISTICS_ROUND
+from fedlora.client.recipe import STATISTICS_SENSITIVITY
 from fedlora.common import protocol as P
 from fedlora.common.config import load_config
 from fedlora.simulations import run as sim_run
 from fedlora.simulations.report import write_all
+from fedlora.simulations.virtual_client import ledger_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -159,6 +162,7 @@ def test_every_outgoing_message_is_audited_and_no_unnoised_statistic_leaves(fede
         assert sorted((line["type"], line["round"]) for line in lines) == [
             ("evaluate", 1),
             ("evaluate", 2),
+            ("train", 0),  # round 0: the class statistics (a train message at the statistics stage)
             ("train", 1),
             ("train", 2),
         ]
@@ -166,6 +170,19 @@ def test_every_outgoing_message_is_audited_and_no_unnoised_statistic_leaves(fede
             if "error" in line:
                 assert set(line) == {"time", "type", "error", "round", "received"}
                 assert line["error"]["category"] in {reason for *_, reason in FAILURES.values()}
+            elif line["round"] == STATISTICS_ROUND:
+                # The statistics release is noised: exactly the sums and counts, with the noise std
+                # of the ledger's round-0 entry (sigma x sensitivity), never an exact statistic.
+                assert set(line["arrays"][P.ARRAYS]) == {P.CLASS_SUMS, P.CLASS_COUNTS}
+                sent = line["metrics"][P.METRICS]
+                assert not [k for k in sent if k in P.EVALUATE_OPTIONAL or k.startswith(P.RECALL)]
+                entries = json.loads(ledger_file(run_dir, pid).read_text())["entries"]
+                [charged] = [e for e in entries if e["round"] == STATISTICS_ROUND]
+                assert sent[P.NOISE_STD] > 0
+                assert sent[P.NOISE_STD] == pytest.approx(
+                    charged["noise_multiplier"] * STATISTICS_SENSITIVITY
+                )
+                assert sent[P.EPSILON] > 0
             else:
                 sent = line["metrics"]["metrics"]
                 assert not [k for k in sent if k in P.EVALUATE_OPTIONAL or k.startswith(P.RECALL)]

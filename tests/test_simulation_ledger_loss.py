@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.client.audit import released
+from fedlora.client.ledger import STATISTICS_ROUND
 from fedlora.common.config import load_config
 from fedlora.simulations import run as sim_run
 from fedlora.simulations.virtual_client import ledger_file
@@ -49,9 +50,16 @@ def test_a_ledger_deleted_between_rounds_is_refused_and_its_epsilon_not_reset(tm
         assert trains[server_round].get("error") == {"code": 108, "category": "ledger error"}, server_round
     # Nothing was charged on a budget restarted from zero: no new ledger was started.
     assert not ledger_file(run_dir, LOST).exists()
-    assert sorted(released(run_dir / "audit" / f"client-{LOST}.jsonl").steps) == [1]
-    # The other institution trained its three planned rounds.
-    assert sorted(released(run_dir / "audit" / f"client-{1 - LOST}.jsonl").steps) == [1, 2, 3]
+    # What left: the round-0 statistics release and round 1, nothing after the loss.
+    lost = released(run_dir / "audit" / f"client-{LOST}.jsonl")
+    assert sorted(lost.steps) == [STATISTICS_ROUND, 1]
+    assert lost.epsilon > 0
+    # The other institution released its statistics and trained its three planned rounds.
+    other = released(run_dir / "audit" / f"client-{1 - LOST}.jsonl")
+    assert sorted(other.steps) == [STATISTICS_ROUND, 1, 2, 3]
     history = json.loads((run_dir / "history.json").read_text())
+    assert [e["round"] for e in history] == [STATISTICS_ROUND, 1, 2, 3]
+    for entry in history[:2]:
+        assert not entry.get("dropped"), entry
     for entry in history[2:]:
         assert [d["reason"] for d in entry["dropped"]] == ["ledger error"], entry

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Array
 
+from fedlora.client.ledger import STATISTICS_ROUND
 from fedlora.common import protocol as P
 from fedlora.common.config import load_config
 from fedlora.server.checkpoint import load_checkpoint
@@ -37,7 +38,19 @@ def audit(run_dir: Path, pid: int) -> list[dict]:
 
 
 def train_lines(run_dir: Path, pid: int) -> list[dict]:
-    return [line for line in audit(run_dir, pid) if "arrays" in line and line["type"] == "train"]
+    """The LoRA rounds' train replies. Round 0 (statistics first) is a train reply too, but it carries
+    the class sums and counts, no LoRA tensor: it is left out here and checked on its own below."""
+    return [
+        line
+        for line in audit(run_dir, pid)
+        if "arrays" in line and line["type"] == "train" and line["round"] != STATISTICS_ROUND
+    ]
+
+
+def statistics_lines(run_dir: Path, pid: int) -> list[dict]:
+    return [
+        line for line in audit(run_dir, pid) if line["type"] == "train" and line["round"] == STATISTICS_ROUND
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +70,8 @@ def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_ffa_sends_only_b_and_the_head(ffa_run: Path) -> None:
     for pid in range(3):
+        [stats] = statistics_lines(ffa_run, pid)  # round 0: sums and counts only, no LoRA tensor
+        assert set(stats["arrays"][P.ARRAYS]) == {P.CLASS_SUMS, P.CLASS_COUNTS}
         lines = train_lines(ffa_run, pid)
         assert [line["round"] for line in lines] == [1, 2, 3]
         for line in lines:
@@ -102,6 +117,8 @@ def _numel(shape: list[int]) -> int:
 
 def test_mixed_ranks_each_client_sends_and_receives_its_own_rank(mixed_run: Path) -> None:
     for pid, rank in enumerate(RANKS):
+        [stats] = statistics_lines(mixed_run, pid)  # round 0: sums and counts only, no LoRA tensor
+        assert set(stats["arrays"][P.ARRAYS]) == {P.CLASS_SUMS, P.CLASS_COUNTS}
         lines = train_lines(mixed_run, pid)
         assert [line["round"] for line in lines] == [1, 2, 3]
         for line in lines:
