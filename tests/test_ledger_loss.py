@@ -12,17 +12,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from helpers_messages import metadata
+from flwr.app import Context, Message, RecordDict
+from helpers_messages import train_message
 
-from fedlora.client.app import ClientSetup, build_client_app, shared_data
+from fedlora.client.app import ClientSetup, build_client_app
 from fedlora.client.audit import released
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.privacy_audit import run_local_audit
 from fedlora.common import protocol as P
-from fedlora.common.adapter import adapter_state, to_record
 from fedlora.common.errors import CheckpointError
-from fedlora.common.model import build_model, lora_scale
 
 LABELS = ("neg", "pos")
 
@@ -48,21 +46,7 @@ def institution(tmp_path, make_config) -> ClientSetup:
 
 def train(setup: ClientSetup, server_round: int) -> Message:
     """The coordinator's train message for ``server_round``, through the whole ClientApp."""
-    cfg = setup.cfg
-    tokenizer, bundle = shared_data(cfg)
-    built = build_model(cfg.model, bundle.labels, len(tokenizer))
-    config = ConfigRecord(
-        {
-            P.FINGERPRINT: built.fingerprint,
-            P.LORA_R: cfg.model.lora_r,
-            P.LORA_SCALE: lora_scale(cfg.model),
-            P.ROUND: server_round,
-        }
-    )
-    msg = Message(
-        content=RecordDict({P.ARRAYS: to_record(adapter_state(built.model)), P.CONFIG: config}),
-        metadata=metadata(0, 1),
-    )
+    msg = train_message(setup.cfg, server_round)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     return build_client_app(lambda _context: setup)(msg, context)
 

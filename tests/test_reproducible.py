@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
-from helpers_messages import metadata
+from helpers_messages import train_message
 
-from fedlora.client.app import ClientSetup, handle_train, shared_data
+from fedlora.client.app import ClientSetup, handle_train
 from fedlora.common import protocol as P
-from fedlora.common.adapter import adapter_state, from_record, to_record
+from fedlora.common.adapter import from_record
 from fedlora.common.config import config_from_dict
 from fedlora.common.errors import ConfigError
-from fedlora.common.model import build_model, lora_scale
 from fedlora.simulations.report import write_report
 from fedlora.simulations.run import prepare_run_dir
 
@@ -39,20 +37,7 @@ def simulation_config(**sections: dict):
 def delta_of_one_round(cfg, folder, round_id: int = 1) -> dict[str, torch.Tensor]:
     """handle_train, as the simulation's ClientApp calls it, for virtual institution 0 with a fresh
     ledger: the delta it sends."""
-    tokenizer, bundle = shared_data(cfg)
-    built = build_model(cfg.model, bundle.labels, len(tokenizer))
-    config = ConfigRecord(
-        {
-            P.FINGERPRINT: built.fingerprint,
-            P.LORA_R: cfg.model.lora_r,
-            P.LORA_SCALE: lora_scale(cfg.model),
-            P.ROUND: round_id,
-        }
-    )
-    msg = Message(
-        content=RecordDict({P.ARRAYS: to_record(adapter_state(built.model)), P.CONFIG: config}),
-        metadata=metadata(0, 1),
-    )
+    msg = train_message(cfg, round_id)
     folder.mkdir(parents=True)
     setup = ClientSetup(cfg, client_id=0, ledger_path=folder / "ledger.json", partition=0)
     reply = handle_train(msg, setup)
