@@ -164,21 +164,27 @@ def trained_of(config) -> list[torch.nn.Parameter]:
     return list(trained_parameters(bench.built.model).values())
 
 
-def test_noise_probe_recomputes_what_opacus_clipped_and_measures_its_noise(make_config, rows_csv, tmp_path):
-    """The probe's own clipped sum (rows and canaries) equals Opacus' summed_grad, and the noise it
-    measures is what Opacus added: exactly zero when Opacus adds none, sigma x C per coordinate when
-    it adds sigma."""
+def canary_trainer(make_config, rows_csv, tmp_path, rows: int):
+    """A DP trainer (clip 0.5, noise 1 on the ledger) with 20 white-box canaries, all drawn at every
+    step, and a batch of the first ``rows`` training rows."""
     cfg = make_config(settings(rows_csv, tmp_path, max_grad_norm=0.5))
     bench = prepare(cfg)
     spec = new_spec(cfg, bench.built.model, len(bench.tokenizer), len(bench.labels), 20, 0)
     ledger = PrivacyLedger(tmp_path / "l.json", 8.0, cfg.privacy.delta, "rdp")
     ledger.noise_multiplier = 1.0
     trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, torch.device("cpu"), ledger)
-    hook = GradientCanaries(spec, cfg, 1.0, trainer.expected_batch)
+    hook = GradientCanaries(spec, cfg, 1.0, trainer.expected_batch)  # every included canary, every step
+    data = bench.data.train
+    batch = tuple(t[:rows] for t in (data.input_ids, data.attention_mask, data.labels))
+    return spec, trainer, hook, batch
+
+
+def test_noise_probe_recomputes_what_opacus_clipped_and_measures_its_noise(make_config, rows_csv, tmp_path):
+    """The probe's own clipped sum (rows and canaries) equals Opacus' summed_grad, and the noise it
+    measures is what Opacus added: exactly zero when Opacus adds none, sigma x C per coordinate when
+    it adds sigma."""
+    _, trainer, hook, batch = canary_trainer(make_config, rows_csv, tmp_path, 6)
     trainer.gradient_hook = hook
-    batch = tuple(
-        t[:6] for t in (bench.data.train.input_ids, bench.data.train.attention_mask, bench.data.train.labels)
-    )
     params = trained_parameters(trainer.model)
     for sigma in (0.0, 2.0):
         trainer.optimizer.noise_multiplier = sigma
@@ -213,19 +219,10 @@ def test_canaries_follow_from_the_stored_seed(make_config, rows_csv, tmp_path):
 def test_included_canary_is_clipped_like_a_row(make_config, rows_csv, tmp_path):
     """Drawn canaries join the per-example gradients at twice the clipping norm; Opacus clips them to
     exactly the clipping norm, so they add clip x direction to the clipped sum."""
-    cfg = make_config(settings(rows_csv, tmp_path, max_grad_norm=0.5))
-    bench = prepare(cfg)
-    spec = new_spec(cfg, bench.built.model, len(bench.tokenizer), len(bench.labels), 20, 0)
-    ledger = PrivacyLedger(tmp_path / "l.json", 8.0, cfg.privacy.delta, "rdp")
-    ledger.noise_multiplier = 1.0
-    trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, torch.device("cpu"), ledger)
-    hook = GradientCanaries(spec, cfg, 1.0, trainer.expected_batch)  # every included canary, every step
+    spec, trainer, hook, batch = canary_trainer(make_config, rows_csv, tmp_path, 4)
     trainer.optimizer.noise_multiplier = 0.0
     for group in trainer.optimizer.param_groups:
         group["lr"] = 0.0  # both steps see the same weights, so the same row gradients
-    batch = tuple(
-        t[:4] for t in (bench.data.train.input_ids, bench.data.train.attention_mask, bench.data.train.labels)
-    )
     trainer._step(batch)
     plain = torch.cat([p.summed_grad.flatten() for _, p in sorted(trained_parameters(trainer.model).items())])
     trainer.gradient_hook = hook
