@@ -62,7 +62,7 @@ class ModelConfig:
         False,
         "Rank-stabilised LoRA (PEFT's use_rslora): scale = alpha / sqrt(r) instead of alpha / r, so "
         "under Adam every rank moves its product about as far per step (institutions of mixed ranks: "
-        "README's figures); to keep rank r0's scale s, set lora_alpha = s * sqrt(r0).",
+        "docs/results.md); to keep rank r0's scale s, set lora_alpha = s * sqrt(r0).",
     )
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, le=0.9)
     target_modules: tuple[str, ...] | None = _f(
@@ -334,7 +334,7 @@ class FederationConfig:
         "the round's median norm are dropped: the median of all replies that passed the other checks, "
         "the lower of the two middle ones for an even count, so that of two replies the one more than "
         "this many times the other is refused. Honest replies lay within 1.5x of their round's median "
-        "on the shipped presets and with mixed ranks (README); a hostile one was 15,000x. Needs two "
+        "on the shipped presets and with mixed ranks (docs/results.md); a hostile one was 15,000x. Needs two "
         "replies; None disables.",
         gt=1,
     )
@@ -753,21 +753,58 @@ def config_from_dict(
     return cfg
 
 
-def describe(persona: str) -> str:
-    """The keys a persona sets, each with its type, default and help: the documentation of its root."""
-    who = _persona(persona)
-    lines = [f"# {persona} configs set (YAML sections; every other key is refused):"]
+@dataclass(frozen=True)
+class KeyDoc:
+    """One settable key as its field declares it: what ``describe`` and the generated configuration
+    reference (common.config_reference) both print, so neither keeps a copy of the schema."""
+
+    path: str
+    type: str
+    default: Any
+    choices: tuple[str, ...] | None
+    bounds: tuple[tuple[str, Any], ...]
+    manual: Any
+    help: str
+    personas: tuple[str, ...]
+
+
+_BOUND_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def key_docs() -> list[KeyDoc]:
+    """Every key of the schema in declaration order, with the personas that may set it."""
     hints = typing.get_type_hints(FedloraConfig)
+    docs = []
     for path in _paths_of(FedloraConfig):
-        if path not in who.keys:
-            continue
         section, _, key = path.rpartition(".")
         cls = hints[section] if section else FedloraConfig
         f = next(x for x in dataclasses.fields(cls) if x.name == key)
-        tp = typing.get_type_hints(cls)[key]
-        choices = f" (one of {', '.join(f.metadata['choices'])})" if "choices" in f.metadata else ""
-        manual = f" (recipe manual: {f.metadata['manual']!r})" if "manual" in f.metadata else ""
-        lines.append(f"{path}: {_describe(tp)}{choices}, default {f.default!r}{manual}. {f.metadata['help']}")
+        meta = f.metadata
+        docs.append(
+            KeyDoc(
+                path=path,
+                type=_describe(typing.get_type_hints(cls)[key]),
+                default=f.default,
+                choices=tuple(meta["choices"]) if "choices" in meta else None,
+                bounds=tuple((sign, meta[k]) for k, sign in _BOUND_SIGNS.items() if k in meta),
+                manual=meta.get("manual"),
+                help=meta["help"],
+                personas=tuple(name for name, who in PERSONAS.items() if path in who.keys),
+            )
+        )
+    return docs
+
+
+def describe(persona: str) -> str:
+    """The keys a persona sets, each with its type, default and help: the documentation of its root."""
+    _persona(persona)
+    lines = [f"# {persona} configs set (YAML sections; every other key is refused):"]
+    for doc in key_docs():
+        if persona not in doc.personas:
+            continue
+        choices = f" (one of {', '.join(doc.choices)})" if doc.choices else ""
+        manual = f" (recipe manual: {doc.manual!r})" if doc.manual is not None else ""
+        lines.append(f"{doc.path}: {doc.type}{choices}, default {doc.default!r}{manual}. {doc.help}")
     return "\n".join(lines)
 
 
