@@ -12,6 +12,7 @@ from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.quantise import Quantiser
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import SecAggConfig
+from fedlora.simulations.benchmarks.secure_aggregation import measure
 
 CONTEXT = b"test-run/round-3"
 LENGTH = 2_000
@@ -204,3 +205,11 @@ def test_config_refuses_bad_values_and_rounds_that_cannot_work_in_one_line():
     ):
         SecAggConfig(threshold=6, tolerated_dropouts=2).check_round(7)
     assert SecAggConfig(tolerated_dropouts=3).check_round(7) == 4
+
+
+def test_the_benchmark_round_is_exact_and_counts_every_byte_one_institution_sends():
+    cost = measure(institutions=4, length=500, dropped_share=0.25, ring_bits=32)
+    assert cost.exact and cost.dropped == 1
+    # id + two keys; three sealed pairs of shares (id, nonce, 2 x 66, tag); the vector; 4 shares back
+    assert cost.sent_bytes == (8 + 64) + 3 * (8 + 12 + 132 + 16) + 500 * 4 + 4 * (8 + 66)
+    assert cost.plain_bytes == 2000
