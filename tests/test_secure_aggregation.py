@@ -213,3 +213,16 @@ def test_the_benchmark_round_is_exact_and_counts_every_byte_one_institution_send
     # id + two keys; three sealed pairs of shares (id, nonce, 2 x 66, tag); the vector; 4 shares back
     assert cost.sent_bytes == (8 + 64) + 3 * (8 + 12 + 132 + 16) + 500 * 4 + 4 * (8 + 66)
     assert cost.plain_bytes == 2000
+
+
+def test_a_malformed_vector_counts_as_a_dropout_and_a_malformed_answer_is_left_out():
+    run = Round(SecAggConfig(threshold=3, tolerated_dropouts=2))
+    masked = run.masked(run.to_masking())
+    bad_vector, bad_answer = NODES[2], NODES[4]
+    masked[bad_vector] = masked[bad_vector].astype(np.uint64)
+    survivors = run.server.collect_masked(masked)
+    assert bad_vector not in survivors
+    answers = {n: run.clients[n].unmask(survivors) for n in survivors}
+    answers[bad_answer].seeds[survivors[0]] = b"short"
+    alive = [n for n in NODES if n != bad_vector]
+    assert np.array_equal(run.server.unmask(answers), run.quantised_sum(alive))

@@ -9,7 +9,10 @@
 
 The checks that keep masks secret run here, where the server cannot skip them: a roster or survivor
 list below the threshold, or a threshold that is no strict majority, is refused; one survivor list
-is answered once, so no peer's seed and key are both ever revealed.
+is answered once, so no peer's seed and key are both ever revealed (with a majority threshold, no
+two survivor lists can each gather enough shares). ``context`` names the round (run and round number)
+and binds every derived key and sealed share to it. The roster's keys are not signed: a server that
+invents institutions is outside this (semi-honest) model until adverts are signed with node keys.
 """
 
 from __future__ import annotations

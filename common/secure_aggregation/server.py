@@ -76,7 +76,9 @@ class ServerRound:
         self.sharers = sorted(
             node
             for node, sealed in sent.items()
-            if node in self.roster and set(sealed) == set(self.roster) - {node}
+            if node in self.roster
+            and set(sealed) == set(self.roster) - {node}
+            and all(isinstance(text, bytes) for text in sealed.values())
         )
         self._require(len(self.sharers), "shared keys")
         return {
@@ -102,7 +104,7 @@ class ServerRound:
         """The ring sum of the survivors' quantised vectors: each survivor's self-mask rebuilt from
         shares of its seed, each dropped sharer's pairwise masks from shares of its key."""
         self._advance("unmask")
-        answers = {node: answer for node, answer in answers.items() if node in self.survivors}
+        answers = {node: answer for node, answer in answers.items() if self._well_formed(node, answer)}
         self._require(len(answers), "answered the unmasking")
         bits = self.config.ring_bits
         total = np.zeros(self.length, dtype=ring_dtype(bits))
@@ -123,12 +125,22 @@ class ServerRound:
                 total -= pairwise_mask(node, dropped, seed, self.length, bits)
         return total
 
+    def _well_formed(self, node: int, answer: UnmaskShares) -> bool:
+        """A survivor's answer with one share of each survivor's seed and each dropped sharer's key."""
+        dropped = set(self.sharers) - set(self.survivors)
+        return (
+            node in self.survivors
+            and isinstance(answer, UnmaskShares)
+            and set(answer.seeds) == set(self.survivors)
+            and set(answer.keys) == dropped
+            and all(
+                isinstance(share, bytes) and len(share) == shamir.SHARE_BYTES
+                for share in (*answer.seeds.values(), *answer.keys.values())
+            )
+        )
+
     def _shares_of(self, answers: Mapping[int, UnmaskShares], node: int, kind: str) -> dict[int, bytes]:
-        return {
-            holder: getattr(answer, kind)[node]
-            for holder, answer in answers.items()
-            if node in getattr(answer, kind)
-        }
+        return {holder: getattr(answer, kind)[node] for holder, answer in answers.items()}
 
     def aggregate(self, answers: Mapping[int, UnmaskShares]) -> np.ndarray:
         """The float sum of the survivors' clipped vectors (``unmask``, dequantised)."""
