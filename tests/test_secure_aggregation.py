@@ -77,7 +77,7 @@ def test_ring_64_bits_sums_exactly_too():
     assert np.array_equal(total, sum(quantiser.quantise(run.inputs[n]) for n in NODES))
 
 
-def test_dropouts_before_sharing_and_after_masking_are_recovered_from_the_shares():
+def test_dropouts_before_sharing_and_before_sending_the_vector_are_recovered_from_the_shares():
     run = Round(SecAggConfig(threshold=3, tolerated_dropouts=2))
     late, early = NODES[0], NODES[3]  # early: never shares keys; late: shares, then never sends its vector
     inbox = run.to_masking(silent=frozenset({early}))
@@ -89,7 +89,7 @@ def test_dropouts_before_sharing_and_after_masking_are_recovered_from_the_shares
     assert np.array_equal(run.server.unmask(answers), run.quantised_sum(alive))
 
 
-def test_a_survivor_silent_at_unmasking_still_leaves_the_sum_when_threshold_answer():
+def test_a_dropout_after_masking_silent_at_unmasking_leaves_the_sum_when_threshold_answer():
     run = Round(SecAggConfig(threshold=3, tolerated_dropouts=2))
     survivors = run.server.collect_masked(run.masked(run.to_masking()))
     answers = {n: run.clients[n].unmask(survivors) for n in survivors[:3]}

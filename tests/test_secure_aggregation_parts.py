@@ -10,6 +10,7 @@ from fedlora.common.errors import ConfigError, SecureAggregationError
 from fedlora.common.secure_aggregation import keys, prg, shamir
 from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.quantise import Quantiser
+from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import SecAggConfig
 
 
@@ -106,8 +107,8 @@ def test_a_sum_that_could_overflow_the_ring_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"257 institutions x \(2\^24 - 1\) levels overflow the ring 2\^32; "
                        r"expected quantisation_bits <= 23 or ring_bits: 64"):  # fmt: skip
         config.check_capacity(257)
-    levels = 2**23 - 1
-    assert 257 * levels < 2**32  # the suggestion fits
-    q = Quantiser.of(config)
-    top = q.quantise(np.full(3, 8.0))
-    assert int(top[0]) * 256 < 2**32 <= int(top[0]) * 257 + 2**24  # the refusal is where wrapping starts
+    top = int(Quantiser.of(config).quantise(np.array([8.0]))[0])
+    assert top == 2**24 - 1 and top * 257 >= 2**32  # the refusal is exactly where wrapping could start
+    assert 257 * (2**23 - 1) < 2**32  # and the suggested bits fit
+    with pytest.raises(ConfigError, match="257 institutions"):
+        ServerRound(config, b"ctx", 10, sampled=257)  # a round of that size never starts
