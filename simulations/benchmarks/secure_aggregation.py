@@ -1,20 +1,22 @@
 """The cost of secure aggregation (common/secure_aggregation) per institution, without Flower.
 
 Run: ``python -m fedlora.simulations.benchmarks secure_aggregation [--institutions 10 50]
-[--length 100000] [--dropped 0.1]``
+[--length 100000] [--dropped 0.1] [--ring-bits 32] [--repeats 3]``
 
 One round of the protocol in one process: every institution's four steps and the server's, each
-timed alone, with ``--dropped`` of the institutions leaving after they shared keys (so the server
-also rebuilds their keys and pairwise masks). Bytes are what one institution sends and receives
-(node ids 8 bytes each), beside the plain round's upload of the same vector as float32. The client's
-time grows with n (one pairwise mask per peer); the server's with n x dropped.
+timed alone (seconds: the median of ``--repeats`` rounds, as the machine may be shared), with
+``--dropped`` of the institutions leaving after they shared keys (so the server also rebuilds their
+keys and pairwise masks). Bytes are what one institution sends and receives (node ids 8 bytes each),
+beside the plain round's upload of the same vector as float32. The client's time grows with n (one
+pairwise mask per peer); the server's with n x dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from rich.table import Table
@@ -112,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--length", type=int, default=100_000, help="values per institution's vector")
     parser.add_argument("--dropped", type=float, default=0.1, help="share leaving after sharing keys")
     parser.add_argument("--ring-bits", type=int, default=32, choices=(32, 64))
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per size; seconds are the median")
     return parser
 
 
@@ -121,7 +124,15 @@ def run(args: argparse.Namespace) -> None:
         table.add_column(column, justify="right")
     for institutions in args.institutions:
         console.print(f"round of {institutions} institutions ...")
-        cost = measure(institutions, args.length, args.dropped, args.ring_bits)
+        costs = [
+            measure(institutions, args.length, args.dropped, args.ring_bits) for _ in range(args.repeats)
+        ]
+        cost = replace(
+            costs[0],
+            client_seconds=statistics.median(c.client_seconds for c in costs),
+            server_seconds=statistics.median(c.server_seconds for c in costs),
+            exact=all(c.exact for c in costs),
+        )
         table.add_row(
             str(cost.institutions), str(cost.dropped),
             f"{cost.client_seconds:.3f}", f"{cost.server_seconds:.3f}",
