@@ -137,6 +137,9 @@ def test_clients_refuse_a_roster_that_misstates_them_or_a_minority_threshold():
     node = NODES[0]
     with pytest.raises(SecureAggregationError, match="no strict majority"):
         run.clients[node].share_keys(roster, 2)
+    alone = ClientRound(1, SecAggConfig(), CONTEXT)
+    with pytest.raises(SecureAggregationError, match=r"threshold 1 is no strict majority of the 1 .*below 2"):
+        alone.share_keys({1: alone.advertise_keys()}, 1)  # it would hand its seed to the server alone
     forged = dict(roster)
     forged[NODES[1]] = forged[NODES[1]]._replace(mask=roster[NODES[2]].mask)
     with pytest.raises(SecureAggregationError, match="repeats a public key"):

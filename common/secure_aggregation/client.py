@@ -85,10 +85,10 @@ class ClientRound:
             raise SecureAggregationError("secure aggregation: the roster repeats a public key")
         self.config.check_capacity(len(roster))
         configured = self.config.threshold in (None, threshold)
-        if not (len(roster) < 2 * threshold and threshold <= len(roster) and configured):
+        if not (len(roster) < 2 * threshold and 2 <= threshold <= len(roster) and configured):
             raise SecureAggregationError(
                 f"secure aggregation: threshold {threshold} is no strict majority of the {len(roster)} "
-                "institutions of the roster, or not the configured one"
+                "institutions of the roster, below 2, or not the configured one"
             )
         self.threshold = threshold
         self._roster = dict(roster)
