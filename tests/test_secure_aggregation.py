@@ -229,3 +229,13 @@ def test_a_malformed_vector_counts_as_a_dropout_and_a_malformed_answer_is_left_o
     answers[bad_answer].seeds[survivors[0]] = b"short"
     alive = [n for n in NODES if n != bad_vector]
     assert np.array_equal(run.server.unmask(answers), run.quantised_sum(alive))
+
+
+def test_the_server_leaves_out_malformed_adverts_and_both_sides_of_a_copied_key():
+    nodes = list(range(101, 110))
+    run = Round(SecAggConfig(threshold=5, tolerated_dropouts=4), nodes)
+    adverts = {n: c.advertise_keys() for n, c in run.clients.items()}
+    adverts[101] = (b"short", b"keys")
+    adverts[102] = adverts[103]  # a copy of another's keys: neither can be told apart, both left out
+    adverts[104] = (adverts[104].mask, adverts[104].mask)
+    assert sorted(run.server.collect_keys(adverts)) == nodes[4:]

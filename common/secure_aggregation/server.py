@@ -9,6 +9,7 @@ malformed message counts its sender as dropped; it never stops the round for the
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -58,15 +59,23 @@ class ServerRound:
             )
 
     def collect_keys(self, adverts: Mapping[int, Advert]) -> dict[int, Advert]:
-        """The roster every advertising institution gets: well-formed adverts with distinct keys."""
+        """The roster every advertising institution gets: well-formed adverts whose keys no other
+        advert repeats (a copied key leaves out both, so a copier cannot push out its victim)."""
         self._advance("keys")
         check_nodes(list(adverts))
-        seen: set[bytes] = set()
-        for node, advert in sorted(adverts.items()):
-            valid = len(advert) == 2 and all(len(key) == keys.PUBLIC_BYTES for key in advert)
-            if valid and not seen & set(advert) and advert.cipher != advert.mask:
-                self.roster[node] = Advert(*advert)
-                seen.update(advert)
+        well_formed = {
+            node: Advert(*advert)
+            for node, advert in adverts.items()
+            if isinstance(advert, tuple)
+            and len(advert) == 2
+            and all(isinstance(key, bytes) and len(key) == keys.PUBLIC_BYTES for key in advert)
+        }
+        uses = Counter(key for advert in well_formed.values() for key in advert)
+        self.roster = {
+            node: advert
+            for node, advert in sorted(well_formed.items())
+            if all(uses[key] == 1 for key in advert)
+        }
         self._require(len(self.roster), "advertised keys")
         return dict(self.roster)
 
