@@ -31,3 +31,12 @@ class TrainingDiverged(AdapterError):
 
 class CheckpointError(FedloraError):
     """A checkpoint is missing a part or cannot be read."""
+
+
+class SecureAggregationError(FedloraError):
+    """A secure aggregation round broke its protocol (a tampered share, a roster or survivor list that
+    would reveal a mask, a message out of order): the round stops and reveals nothing more."""
+
+
+class RoundDiscarded(SecureAggregationError):
+    """Fewer institutions than the threshold are left: the round is dropped and nothing is unmasked."""

@@ -1,0 +1,95 @@
+"""The protocol's settings: threshold, tolerated dropouts, ring and quantisation.
+
+Fields carry their help in ``metadata`` as common/config.py's sections do, and ``__post_init__``
+refuses a bad value in one line, so the class can become a config section as it is. What depends
+on the number of institutions of a round is checked per round (``check_round``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedlora.common.errors import ConfigError
+
+KEY = "secure_aggregation"
+RING_BITS = (32, 64)
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    threshold: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shares needed to reconstruct a mask secret; every step of a round needs this many "
+            "institutions left. None: a strict majority of the round's institutions (n // 2 + 1)."
+        },
+    )
+    tolerated_dropouts: int = field(
+        default=0,
+        metadata={"help": "Institutions that may drop out of a round and still leave threshold ones."},
+    )
+    ring_bits: int = field(
+        default=32,
+        metadata={
+            "help": "Masked values live in Z_2^ring_bits (32 or 64): 32 halves the bytes on the wire and "
+            "leaves 2^32 / n levels per value, ample for 24-bit quantisation of up to 256 institutions."
+        },
+    )
+    quantisation_bits: int = field(
+        default=24,
+        metadata={"help": "Each value is rounded to one of 2^bits - 1 steps across [-clip, clip]."},
+    )
+    clip: float = field(
+        default=8.0,
+        metadata={"help": "Values are clipped to [-clip, clip] before quantisation (after any DP noise)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and (not isinstance(self.threshold, int) or self.threshold < 2):
+            raise ConfigError(f"{KEY}.threshold: must be an integer >= 2 or None, got {self.threshold!r}")
+        if not isinstance(self.tolerated_dropouts, int) or self.tolerated_dropouts < 0:
+            raise ConfigError(
+                f"{KEY}.tolerated_dropouts: must be an integer >= 0, got {self.tolerated_dropouts!r}"
+            )
+        if self.ring_bits not in RING_BITS:
+            raise ConfigError(f"{KEY}.ring_bits: must be 32 or 64, got {self.ring_bits!r}")
+        if not isinstance(self.quantisation_bits, int) or not 1 <= self.quantisation_bits < self.ring_bits:
+            raise ConfigError(
+                f"{KEY}.quantisation_bits: must be an integer in [1, ring_bits - 1 = {self.ring_bits - 1}], "
+                f"got {self.quantisation_bits!r}"
+            )
+        if not isinstance(self.clip, int | float) or not 0 < self.clip < float("inf"):
+            raise ConfigError(f"{KEY}.clip: must be a finite number > 0, got {self.clip!r}")
+
+    def threshold_for(self, institutions: int) -> int:
+        """The round's threshold among ``institutions`` taking part."""
+        return self.threshold if self.threshold is not None else institutions // 2 + 1
+
+    def check_round(self, institutions: int) -> int:
+        """The threshold of a round of ``institutions``, refused in one line where the round could not
+        complete with the tolerated dropouts, a minority could unmask, or the sum could overflow."""
+        threshold = self.threshold_for(institutions)
+        if threshold * 2 <= institutions:
+            raise ConfigError(
+                f"{KEY}.threshold: {threshold} of {institutions} institutions is not a strict majority "
+                f"(Bonawitz et al. need threshold > n/2); expected at least {institutions // 2 + 1}"
+            )
+        if threshold > institutions - self.tolerated_dropouts:
+            raise ConfigError(
+                f"{KEY}.threshold: {threshold} exceeds the {institutions} institutions less "
+                f"{self.tolerated_dropouts} tolerated dropouts; expected at most "
+                f"{institutions - self.tolerated_dropouts}"
+            )
+        self.check_capacity(institutions)
+        return threshold
+
+    def check_capacity(self, institutions: int) -> None:
+        """Refuse in one line a round whose sum of quantised values could wrap around the ring."""
+        levels = 2**self.quantisation_bits - 1
+        if institutions * levels >= 2**self.ring_bits:
+            most = (2**self.ring_bits - 1) // institutions
+            raise ConfigError(
+                f"{KEY}.quantisation_bits: {institutions} institutions x (2^{self.quantisation_bits} - 1) "
+                f"levels overflow the ring 2^{self.ring_bits}; expected quantisation_bits <= "
+                f"{(most + 1).bit_length() - 1} or ring_bits: 64"
+            )
