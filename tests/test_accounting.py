@@ -56,8 +56,8 @@ def test_a_composition_is_what_an_independent_opacus_accountant_says(opacus_epsi
     )
 
 
-@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
-def test_calibrated_noise_spends_the_budget_after_what_comes_first(opacus_epsilon, mechanism):
+def test_calibrated_noise_spends_the_budget_after_what_comes_first(opacus_epsilon):
+    mechanism = "rdp"  # prv takes the same code path at several times the cost
     accountant = Accountant(mechanism, DELTA)
     first = GaussianRelease(sensitivity=1.0, noise_std=3.0)
     sigma = accountant.noise_multiplier(4.0, 0.05, 40, after=first)
