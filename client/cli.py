@@ -81,7 +81,8 @@ def plan(
 ) -> tuple[Recipe, dict | None]:
     """The recipe for this institution's counts (``units``: its persons, with data.privacy_unit;
     ``trainable``: the values DP-SGD trains), and with DP what the budget buys from the ledger's
-    state: noise, and epsilon (per person with ``units``) after some planned rounds (the round-0
+    state: noise, spend (also without the aggregation assumption once a distributed-noise round is
+    recorded), and epsilon (per person with ``units``) after some planned rounds (the round-0
     statistics still to come included; round 0 alone when the planner skips fine-tuning)."""
     persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
     if not cfg.privacy.enabled:
@@ -111,6 +112,7 @@ def plan(
         "noise_multiplier": noise,
         "steps_per_round": steps,
         "spent": ledger.spent,
+        "spent_alone": ledger.spent_alone,
         "epsilon_after_round": after,
         "rounds_affordable": ledger.rounds_affordable(
             sample_rate, steps, limit=max(10_000, 2 * cfg.planned_rounds), also=first
@@ -169,6 +171,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         table.add_row(name.replace("_", " "), f"{_shown(choice.value)}: {choice.reason}")
     if p is not None:
         table.add_row("spent so far", f"epsilon {p['spent']:.3f} of {cfg.privacy.epsilon:g}")
+        if p["spent_alone"] is not None:
+            table.add_row(
+                "spent without aggregation",
+                f"epsilon {p['spent_alone']:.3f}: distributed-noise rounds at this institution's share "
+                "alone, should the coordinator see its reply outside a secure sum",
+            )
         table.add_row(
             "epsilon per person after round" if units is not None else "epsilon per row after round",
             ", ".join(f"{k}: {e:.2f}" for k, e in p["epsilon_after_round"].items()),

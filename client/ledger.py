@@ -27,20 +27,15 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
-
 from fedlora.client.audit import Released, released
-from fedlora.client.rdp_memo import memoize_opacus_rdp
+from fedlora.common.accounting import Accountant, Composition, SampledGaussian, calibrate_noise
 from fedlora.common.config import PrivacyConfig
+from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 
@@ -52,8 +47,6 @@ LEDGER_VERSION = 1
 STATISTICS_ROUND = 0
 # The ledger's privacy unit when data.privacy_unit is unset (and in ledgers written before it existed).
 ROW_UNIT = "row"
-# How close below the budget a calibration lands (Opacus' get_noise_multiplier uses the same).
-EPSILON_TOLERANCE = 0.01
 # Slack when comparing a ledger's composed epsilon with epsilons it or the audit log recorded: the
 # same composition gives the same float, so this only absorbs a JSON round trip.
 RECORDED_SLACK = 1e-9
@@ -69,113 +62,23 @@ class LedgerEntry:
     time: float
     federated: bool = False
     """Reserved by the ClientApp for the federation's round ``round`` (see reserve's ``federated``)."""
+    share_noise_multiplier: float | None = None
+    """Distributed noise (common.distributed_noise): the institution's own share, sigma / sqrt(m); the
+    entry's ``noise_multiplier`` is then the sum's, sigma."""
+    epsilon_alone: float | None = None
+    """Once any entry shared its noise: the epsilon after this entry without the aggregation
+    assumption (each shared entry at its share alone)."""
+
+    def event(self, alone: bool = False) -> SampledGaussian:
+        """The entry as a mechanism for common.accounting; ``alone``: at its own share, if it has one."""
+        shared = alone and self.share_noise_multiplier is not None
+        noise = self.share_noise_multiplier if shared else self.noise_multiplier
+        return SampledGaussian(self.sample_rate, noise, self.steps)
 
 
 def merged_history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:
-    """Opacus' history format, consecutive equal mechanisms merged (PRV's cost grows with entries)."""
-    history: list[tuple[float, float, int]] = []
-    for e in entries:
-        if history and history[-1][:2] == (e.noise_multiplier, e.sample_rate):
-            history[-1] = (e.noise_multiplier, e.sample_rate, history[-1][2] + e.steps)
-        else:
-            history.append((e.noise_multiplier, e.sample_rate, e.steps))
-    return history
-
-
-@contextmanager
-def _accounting() -> Iterator[None]:
-    """PRV takes log(1 - q): -inf at q = 1, masked out; at huge noise exp() overflows, also masked.
-    RDP notes when its best order is at the end of its range: its epsilon then errs high, which is safe.
-    One step's RDP is remembered per mechanism (client.rdp_memo): the same answers, computed once."""
-    memoize_opacus_rdp()
-    with np.errstate(divide="ignore", over="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        yield
-
-
-def compose(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of ``history``; mechanisms of no steps spend nothing (PRV divides by their count)."""
-    spending = tuple(h for h in history if h[2] > 0)
-    return composed(accountant, spending, delta) if spending else 0.0
-
-
-@lru_cache(maxsize=1024)
-def composed(accountant: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """Epsilon of ``history``: a pure function of these inputs, so cached per process. A reservation
-    composes the ledger's merged history plus the new round; institutions of one simulation with the
-    same sample rate share those histories, and one PRV composition costs a tenth of a second or more
-    (README, "A thousand institutions"). Each ledger still records every entry and re-derives its epsilon."""
-    if not history:
-        return 0.0
-    acc = create_accountant(mechanism=accountant)
-    acc.history = list(history)
-    with _accounting():
-        return float(acc.get_epsilon(delta=delta))
-
-
-def _too_little_budget(
-    budget: float, delta: float, accountant: str, sample_rate: float, steps: int, also: tuple
-) -> ConfigError:
-    floor = compose(accountant, [*also, (MAX_SIGMA, sample_rate, steps)], delta)
-    head = f" after the {len(also)} release(s) planned before them" if also else ""
-    return ConfigError(
-        f"privacy.epsilon: {budget:g} is below what any noise can reach over the planned "
-        f"{steps} steps at sample rate {sample_rate:.4g}{head} (delta {delta:g}); "
-        f"the {accountant} accountant needs privacy.epsilon of at least about {floor:.3g}"
-    )
-
-
-@lru_cache(maxsize=1024)
-def calibrate_noise(
-    budget: float,
-    delta: float,
-    accountant: str,
-    sample_rate: float,
-    steps: int,
-    also: tuple[tuple[float, float, int], ...] = (),
-) -> float:
-    """The noise multiplier at which ``steps`` DP-SGD steps at ``sample_rate``, composed after the
-    mechanisms ``also`` (Opacus history entries, e.g. the statistics release), spend ``budget``. Pure, so
-    cached: the planner and the ledger ask the same question once per process."""
-    if not also:
-        try:
-            with _accounting():
-                return float(
-                    get_noise_multiplier(
-                        target_epsilon=budget,
-                        target_delta=delta,
-                        sample_rate=sample_rate,
-                        steps=steps,
-                        accountant=accountant,
-                    )
-                )
-        except ValueError as err:
-            if "too low" not in str(err):
-                raise
-            raise _too_little_budget(budget, delta, accountant, sample_rate, steps, also) from None
-
-    def spent(sigma: float) -> float:
-        return compose(accountant, [*also, (sigma, sample_rate, steps)], delta)
-
-    if compose(accountant, list(also), delta) >= budget:
-        raise _too_little_budget(budget, delta, accountant, sample_rate, steps, also)
-    # The steps alone at the whole budget need less noise than after ``also``: a bracket's low end.
-    low = calibrate_noise(budget, delta, accountant, sample_rate, steps)
-    high = 1.25 * low
-    while spent(high) > budget:
-        low, high = high, 2 * high
-        if high > MAX_SIGMA:
-            raise _too_little_budget(budget, delta, accountant, sample_rate, steps, also)
-    while high - low > 1e-6:
-        sigma = (low + high) / 2
-        eps = spent(sigma)
-        if eps > budget:
-            low = sigma
-        elif eps < budget - EPSILON_TOLERANCE:
-            high = sigma
-        else:
-            return sigma
-    return high
+    """Opacus' history of the entries, consecutive equal mechanisms merged (common.accounting.merged)."""
+    return list(Composition(tuple(e.event() for e in entries)).history())
 
 
 def require_meaningful_delta(delta: float, rows: int, unit: str = "rows") -> None:
@@ -194,12 +97,32 @@ def _is_number(value: object, integer: bool = False) -> bool:
     return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Entry fields a ledger may leave out (written only when set): older ledgers have none of them.
+OPTIONAL_FIELDS = ("federated", "share_noise_multiplier", "epsilon_alone")
+
+
+def _set(value: object) -> bool:
+    """An optional entry field worth writing: not None, not False (0.0 is written)."""
+    return value is not None and value is not False
+
+
 def _entry(raw: object) -> LedgerEntry:
-    names = [f.name for f in fields(LedgerEntry) if f.name != "federated"]
-    if not isinstance(raw, dict) or sorted(set(raw) - {"federated"}) != sorted(names):
-        raise ValueError(f"an entry must have exactly the fields {names} (and 'federated'), got {raw!r}")
+    names = [f.name for f in fields(LedgerEntry) if f.name not in OPTIONAL_FIELDS]
+    if not isinstance(raw, dict) or sorted(set(raw) - set(OPTIONAL_FIELDS)) != sorted(names):
+        raise ValueError(
+            f"an entry must have exactly the fields {names} (and optionally {list(OPTIONAL_FIELDS)}), "
+            f"got {raw!r}"
+        )
     if not isinstance(raw.get("federated", False), bool):
         raise ValueError(f"entry field 'federated' is {raw['federated']!r}, expected true or false")
+    share, alone = raw.get("share_noise_multiplier"), raw.get("epsilon_alone")
+    if share is not None and not (_is_number(share) and share > 0 and _is_number(alone)):
+        raise ValueError(
+            f"entry field 'share_noise_multiplier' is {share!r} with 'epsilon_alone' {alone!r}, expected "
+            "a positive number with a finite epsilon"
+        )
+    if alone is not None and not (_is_number(alone) and alone >= 0):
+        raise ValueError(f"entry field 'epsilon_alone' is {alone!r}, expected a finite number >= 0")
     integers = {"round", "steps"}
     bad = [n for n in names if not _is_number(raw[n], integer=n in integers)]
     if bad:
@@ -227,6 +150,7 @@ class PrivacyLedger:
         self.budget = budget
         self.delta = delta
         self.accountant = accountant
+        self.accounting = Accountant(accountant, delta)
         # The institution's audit log (privacy.audit_log): what left, which this ledger must cover.
         self.audit_log = Path(audit_log) if audit_log else None
         # What one epsilon protects, "row" or the data.privacy_unit column (a person): as the file
@@ -305,11 +229,18 @@ class PrivacyLedger:
     ) -> float:
         """Epsilon after what is on disk, the mechanisms ``also`` (a planned statistics release), then
         these steps."""
-        planned = [
-            LedgerEntry(-1, *mechanism, 0.0, 0.0)
-            for mechanism in (*also, (noise_multiplier, sample_rate, steps))
-        ]
-        return compose(self.accountant, merged_history([*self.entries, *planned]), self.delta)
+        planned = [SampledGaussian(q, z, n) for z, q, n in (*also, (noise_multiplier, sample_rate, steps))]
+        return self.accounting.epsilon(self.composition(*planned))
+
+    def composition(self, *planned: SampledGaussian, alone: bool = False) -> Composition:
+        """The entries on disk, then ``planned``, as one event; ``alone``: without the aggregation
+        assumption (entries of distributed noise at their own share)."""
+        return Composition((*(e.event(alone) for e in self.entries), *planned))
+
+    @property
+    def spent_alone(self) -> float | None:
+        """Epsilon without the aggregation assumption, once an entry shared its noise; else None."""
+        return self.entries[-1].epsilon_alone if self.entries else None
 
     def calibrate(
         self, sample_rate: float, planned_steps: int, also: tuple[tuple[float, float, int], ...] = ()
@@ -345,17 +276,24 @@ class PrivacyLedger:
     def require_covers(self, sent: Released) -> None:
         """Refuse (CheckpointError, one line) a ledger that accounts for less than it recorded itself or
         than the audit log proves has left: its epsilon would restart below what was spent."""
-        now = compose(self.accountant, self.history(), self.delta)
+        now = self.accounting.epsilon(self.composition())
         recorded = max((e.epsilon for e in self.entries), default=0.0)
         recover = (
             f"restore {self.path} from its backup or point privacy.ledger_path back at the ledger that "
             "recorded these rounds; a budget is never restarted"
         )
-        if now < recorded - RECORDED_SLACK:
-            raise CheckpointError(
-                f"{self.path}: the ledger's entries compose to epsilon {now:.3f} but it recorded "
-                f"{recorded:.3f}: entries were removed or steps lowered; refusing to train: {recover}"
-            )
+        alone = [e.epsilon_alone for e in self.entries if e.epsilon_alone is not None]
+        checks = [(now, recorded, "")]
+        if alone:
+            now_alone = self.accounting.epsilon(self.composition(alone=True))
+            checks.append((now_alone, max(alone), " without the aggregation assumption"))
+        for composes, kept, assumption in checks:
+            if composes < kept - RECORDED_SLACK:
+                raise CheckpointError(
+                    f"{self.path}: the ledger's entries compose to epsilon {composes:.3f}{assumption} but "
+                    f"it recorded {kept:.3f}: entries were removed or steps lowered; refusing to train: "
+                    f"{recover}"
+                )
         short = sorted(r for r, steps in sent.steps.items() if self._steps_of(r) < steps)
         if sent.epsilon > now + RECORDED_SLACK or short:
             rounds = ", ".join(map(str, short[:5])) + (" ..." if len(short) > 5 else "")
@@ -411,13 +349,16 @@ class PrivacyLedger:
         steps: int,
         noise_multiplier: float | None = None,
         federated: bool = False,
+        sharing: NoiseSharing | None = None,
     ) -> LedgerEntry:
         """Charge a round before it runs: under the lock, against what is on disk now. Raises
         BudgetExceeded, writing nothing, if the round would cross the budget. The entry carries
         the noise the round must use: the file's, once any process has recorded one; a mechanism
         of its own noise (the statistics release) passes ``noise_multiplier``. ``federated``: the
         ClientApp's reservation for the federation's round ``round_id``, which a resumed federation
-        re-running that round reuses while its update has not left (``unreleased``)."""
+        re-running that round reuses while its update has not left (``unreleased``). ``sharing``:
+        distributed noise; the entry is charged at the sum's noise (the aggregation assumption: its
+        ``sigma`` is the noise) and records its share and the epsilon without the assumption."""
         with self._locked():
             self.refresh()
             self._same_unit()
@@ -426,7 +367,10 @@ class PrivacyLedger:
             if self.noise_multiplier is None:
                 raise BudgetExceeded(f"{self.path}: no noise calibrated yet; call calibrate() first")
             noise = self.noise_multiplier if noise_multiplier is None else noise_multiplier
-            if federated and (kept := self.unreleased(round_id, (noise, sample_rate, steps), sent)):
+            share = None
+            if sharing is not None:
+                noise, share = sharing.sigma, sharing.share_multiplier
+            if federated and (kept := self.unreleased(round_id, (noise, sample_rate, steps, share), sent)):
                 return kept
             after = self.projected(noise, sample_rate, steps)
             if after > self.budget:
@@ -436,25 +380,32 @@ class PrivacyLedger:
                     f"steps would reach {after:.3f}; "
                     f"rounds the budget still affords: {self.rounds_affordable(sample_rate, steps)}"
                 )
-            entry = LedgerEntry(round_id, noise, sample_rate, steps, after, time.time(), federated)
+            alone = None
+            if share is not None or self.spent_alone is not None:
+                planned = SampledGaussian(sample_rate, noise if share is None else share, steps)
+                alone = self.accounting.epsilon(self.composition(planned, alone=True))
+            entry = LedgerEntry(
+                round_id, noise, sample_rate, steps, after, time.time(), federated, share, alone
+            )
             self._write([*self.entries, entry])
             self.entries.append(entry)
         return entry
 
     def unreleased(
-        self, round_id: int, mechanism: tuple[float, float, int], sent: Released
+        self, round_id: int, mechanism: tuple[float, float, int, float | None], sent: Released
     ) -> LedgerEntry | None:
-        """The ClientApp's reservation of the same mechanism for round ``round_id``, when it is the
-        ledger's last entry and the audit log (which records a reply before it leaves) has no update
-        of that round: a crash ended that round before anything left, so its noise was never
-        released and running the round now spends what was reserved. None otherwise (charge)."""
+        """The ClientApp's reservation of the same mechanism (noise, sample rate, steps, share) for
+        round ``round_id``, when it is the ledger's last entry and the audit log (which records a
+        reply before it leaves) has no update of that round: a crash ended that round before anything
+        left, so its noise was never released and running the round now spends what was reserved.
+        None otherwise (charge)."""
         last = self.entries[-1] if self.entries else None
         if (
             sent.path is None
             or last is None
             or not last.federated
             or last.round != round_id
-            or (last.noise_multiplier, last.sample_rate, last.steps) != mechanism
+            or (last.noise_multiplier, last.sample_rate, last.steps, last.share_noise_multiplier) != mechanism
             or round_id in sent.steps
         ):
             return None
@@ -469,6 +420,9 @@ class PrivacyLedger:
             "budget": self.budget,
             "noise_multiplier": self.noise_multiplier,
             "privacy_unit": self.unit or self.recorded_unit,
-            "entries": [{k: v for k, v in asdict(e).items() if k != "federated" or v} for e in entries],
+            "entries": [
+                {k: v for k, v in asdict(e).items() if k not in OPTIONAL_FIELDS or _set(v)}
+                for e in entries
+            ],
         }
         write_durably(self.path, json.dumps(data, indent=1).encode())

@@ -9,7 +9,7 @@ value comes with a one-line reason naming its rule and source:
   Learners" (large batches, few steps): batch = min(rows, examples_per_round / MIN_STEPS), steps =
   examples_per_round / batch, at most MAX_STEPS.
 - noise: calibrated by the institution's accountant so that the head start and every planned step
-  together spend exactly the budget (client.ledger.calibrate_noise).
+  together spend exactly the budget (common.accounting.calibrate_noise).
 - clipping: Li et al. 2022: a small norm clips every example; Adam's update is then independent of
   the norm's scale, so CLIP only has to be below the per-example gradient norms.
 - learning rates: Li et al. 2022: the rate grows with the batch; linear in the expected batch,
@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.client.ledger import calibrate_noise
+from fedlora.common.accounting import calibrate_noise
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ConfigError
 

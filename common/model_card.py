@@ -19,6 +19,7 @@ from typing import Any
 
 from fedlora.common import protocol as P
 from fedlora.common.adapter import CARD_FILE, METADATA_FILE, PEFT_CONFIG_FILE
+from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.errors import CheckpointError
 from fedlora.common.held_out import exported_round
 from fedlora.common.model import HUB_IDS
@@ -294,6 +295,21 @@ def _privacy_lines(rec: Records) -> list[str]:
         steps = str(s.steps) if s.steps is not None else "its own"
         lines.append(f"| {s.name} | {s.epsilon:.4f} | {delta} | {noise} | {rates} | {steps} | {s.source} |")
     return lines
+
+
+def aggregation_assumption(sharing: NoiseSharing) -> str:
+    """The card's statement of what a distributed-noise epsilon assumes (common.distributed_noise):
+    without secure aggregation and honest peers, each institution's share alone is far less noise."""
+    m = sharing.honest
+    return (
+        f"- distributed noise: each institution added Gaussian noise of std sigma x C / sqrt({m}) "
+        f"(sigma {sharing.sigma:g}, C {sharing.clipping:g}), so that every aggregated sum, of at least "
+        f"{sharing.sampled} sampled - {sharing.dropouts} tolerated dropouts - {sharing.colluders} tolerated "
+        f"colluders = {m} institutions, carries the central noise sigma x C. Each epsilon assumes that the "
+        f"coordinator learns only that sum (secure aggregation) and that at most {sharing.colluders} "
+        "of the institutions collude with it; without that assumption an institution's epsilon is the one "
+        f"its ledger records without aggregation (its share alone: noise multiplier sigma / sqrt({m}))."
+    )
 
 
 def _not_covered(rec: Records) -> list[str]:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from opacus.accountants import create_accountant
 
-from fedlora.client.ledger import LedgerEntry, PrivacyLedger, compose, composed, merged_history
+from fedlora.client.ledger import LedgerEntry, PrivacyLedger, merged_history
 from fedlora.client.trainer import LocalTrainer
+from fedlora.common.accounting import compose, composed
 from fedlora.common.adapter import adapter_state, peft_module
 from fedlora.common.errors import BudgetExceeded, CheckpointError, ConfigError
 from fedlora.common.model import build_model

@@ -1,4 +1,4 @@
-"""client.rdp_memo: one step's RDP remembered per mechanism gives Opacus' own answers, bit for bit."""
+"""common.rdp_memo: one step's RDP remembered per mechanism gives Opacus' own answers, bit for bit."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from fedlora.client import rdp_memo
-from fedlora.client.ledger import compose
+from fedlora.common import rdp_memo
+from fedlora.common.accounting import compose
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
 
@@ -54,9 +54,10 @@ PROBE = """
 import json
 from opacus.accountants.analysis import rdp
 original = rdp.compute_rdp
-import fedlora.client.ledger as ledger
+import fedlora.client.ledger
+import fedlora.common.accounting as accounting
 imported = rdp.compute_rdp is original
-ledger.compose("rdp", [(1.0, 0.1, 5)], 1e-5)
+accounting.compose("rdp", [(1.0, 0.1, 5)], 1e-5)
 print(json.dumps({"after_import": imported, "after_compose": rdp.compute_rdp is original}))
 """
 

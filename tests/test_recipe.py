@@ -11,7 +11,7 @@ from opacus.accountants import create_accountant
 
 from fedlora.client import recipe as R
 from fedlora.client.cli import main
-from fedlora.client.ledger import calibrate_noise
+from fedlora.common.accounting import calibrate_noise
 from fedlora.common.config import config_from_dict, describe
 from fedlora.common.errors import ConfigError
 

@@ -12,9 +12,10 @@ from flwr.app import ArrayRecord
 from opacus.accountants import create_accountant
 from torch import nn
 
-from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger, calibrate_noise
+from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.client.statistics import class_sums, head_rows, release_statistics
 from fedlora.client.trainer import LocalTrainer, institution_recipe
+from fedlora.common.accounting import calibrate_noise
 from fedlora.common.adapter import adapter_state, peft_module
 from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
 from fedlora.common.model import build_model

@@ -31,7 +31,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from fedlora.client.ledger import calibrate_noise
+from fedlora.common.accounting import calibrate_noise
 from fedlora.common.cli_support import console, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import build_data, dirichlet_partition
