@@ -15,6 +15,8 @@ from fedlora.simulations import cli as sim_cli
 SIMULATION = [
     "model.source=tiny-bert",
     "data.max_length=32",
+    "data.train_rows=64",
+    "data.eval_rows=64",
     "training.local_steps=2",
     "training.batch_size=8",
     "privacy.epsilon=100",
@@ -110,3 +112,46 @@ def read_back(out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     adapter = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
     assert {"adapter/README.md", "adapter/adapter_model.safetensors"} <= adapter
     assert not any(path.startswith(("canaries", "audit", "ledger")) for path in files)
+
+
+INSTITUTION = """\
+name: hospital-a
+model: {source: tiny-bert}
+data: {path: train.csv, max_length: 16}
+training: {batch_size: 4, local_steps: 2, device: cpu}
+privacy: {epsilon: 8.0, accountant: rdp, planned_rounds: 2, ledger_path: ledger.json}
+"""
+
+
+@pytest.mark.slow
+def test_a_tracked_train_local_logs_each_round_and_its_adapter(tmp_path, monkeypatch, capsys) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    from fedlora.client import cli as client_cli
+
+    rows = [("chest pain", "cardio"), ("dry cough", "resp"), ("itchy rash", "derm")] * 4
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
+    (tmp_path / "hospital-a.yaml").write_text(INSTITUTION)
+    out = tmp_path / "local"
+    code = client_cli.main(["train-local", str(tmp_path / "hospital-a.yaml"), "--out", str(out), "--track"])
+    assert code == 0, capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient((out / STORE_FOLDER).as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("hospital-a").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["privacy.epsilon"] == "8.0"
+    spent = client.get_metric_history(run.info.run_id, "epsilon")
+    assert [m.step for m in spent] == [1, 2] and 0 < spent[0].value < spent[1].value <= 8.0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert files == {"adapter", "metrics.json"}
+
+
+def test_server_start_refuses_track_without_mlflow_first(tmp_path, monkeypatch, capsys) -> None:
+    from fedlora.server import cli as server_cli
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    config = tmp_path / "coordinator.yaml"
+    config.write_text("name: coordinator\nmodel: {source: tiny-bert}\n")
+    assert server_cli.main(["start", str(config), "--insecure", "--track"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --track: MLflow is not installed") and "fedlora[track]" in err
+    assert not (tmp_path / "run").exists()  # no run folder, no SuperLink
