@@ -24,6 +24,8 @@ STORE_FOLDER = "mlruns"
 DEFAULT = ""
 """The value of a bare ``--track``: the file store in the run folder."""
 FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
+PARAM_LIMIT = 6000
+"""MLflow refuses a param value longer than this (a long prompt template): it is cut."""
 TRACK_HELP = (
     "log the config, per-round metrics, epsilon per institution and the run's files to MLflow "
     f"(needs the '{EXTRA}' extra); URI: an MLflow tracking URI (default: a file store in "
@@ -53,14 +55,15 @@ def store_uri(track: str, out: Path) -> str:
 
 
 def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """A nested config as MLflow params: dotted keys (``privacy.epsilon``), values as text."""
+    """A nested config as MLflow params: dotted keys (``privacy.epsilon``), values as text (cut to
+    MLflow's PARAM_LIMIT)."""
     found: dict[str, str] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             found.update(flat(value, f"{name}."))
         else:
-            found[name] = str(value)
+            found[name] = str(value)[:PARAM_LIMIT]
     return found
 
 

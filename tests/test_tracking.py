@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.common.tracking import STORE_FOLDER, flat, tracked
+from fedlora.common.tracking import PARAM_LIMIT, STORE_FOLDER, flat, tracked
 from fedlora.server.history import round_metrics
 from fedlora.simulations import cli as sim_cli
 
@@ -54,6 +54,7 @@ def test_config_params_are_flattened_to_dotted_keys() -> None:
         "name": "h",
         "x.y.z": "[1]",
     }
+    assert len(flat({"data": {"prompt": "x" * 10_000}})["data.prompt"]) == PARAM_LIMIT
 
 
 def test_a_round_logs_scores_drops_and_each_institutions_epsilon() -> None:
@@ -155,3 +156,15 @@ def test_server_start_refuses_track_without_mlflow_first(tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --track: MLflow is not installed") and "fedlora[track]" in err
     assert not (tmp_path / "run").exists()  # no run folder, no SuperLink
+
+
+def test_a_store_that_cannot_be_written_is_one_line(tmp_path) -> None:
+    pytest.importorskip("mlflow")
+    from fedlora.common.errors import ConfigError
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    refused = pytest.raises(ConfigError, match=r"^--track: .*a-file/mlruns: cannot start an MLflow run")
+    with refused as err, tracked((blocked / "mlruns").as_uri(), tmp_path, "x"):
+        pass
+    assert "\n" not in str(err.value)
