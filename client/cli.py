@@ -47,6 +47,7 @@ from fedlora.common.cli_support import (
     add_out_argument,
     console,
     create_folder,
+    finish_help,
     progress_bar,
     read_config,
     report,
@@ -62,9 +63,19 @@ from fedlora.common.model import device_for
 from fedlora.common.model_card import write_model_card
 from fedlora.common.noise_check import NoiseCheck
 from fedlora.common.scoring import evaluate
+from fedlora.common.tracking import add_track_argument, tracked
 from fedlora.common.workbench import prepare
 
 ADAPTER, METRICS = "adapter", "metrics.json"
+EXAMPLES = {
+    "check": "fedlora-client check hospital-a.yaml",
+    "train-local": "fedlora-client train-local hospital-a.yaml --out local-run --track",
+    "audit": "fedlora-client audit hospital-a.yaml --out audit-run",
+    "keys": "fedlora-client keys hospital-a.yaml",
+    "start": "fedlora-client start hospital-a.yaml",
+    "predict": "fedlora-client predict local-run --input new-rows.csv --out predicted.csv",
+    "export": "fedlora-client export local-run --merged merged-model",
+}
 
 
 MAX_REPORTED_POINTS = 10
@@ -230,59 +241,63 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     if rounds < 1:
         raise ConfigError(f"--rounds: {rounds}; expected at least 1 round")
     out = usable_output(run_folder(args.out, cfg.name))
-    bench = prepare(cfg)
-    device = device_for(cfg.training.device)
-    ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
-    trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, device, ledger)
-    metadata = {
-        "fingerprint": bench.built.fingerprint,
-        "labels": list(bench.labels),
-        "config": to_dict(trainer.cfg),
-    }
-    history = []
-    start = time.perf_counter()
-    with progress_bar("train-local", rounds * trainer.cfg.training.local_steps) as advance:
-        for r in range(1, rounds + 1):
-            kept = (
-                f"the adapter of round {r - 1} is in {out / ADAPTER}" if history else "nothing was exported"
-            )
-            try:
-                result = trainer.train_round(r, on_step=lambda _step, loss: advance(loss))
-            except BudgetExceeded as err:
-                if not history:
-                    raise
-                raise BudgetExceeded(f"stopped before round {r} of {rounds}: {err}; {kept}") from None
-            require_finite(trainer, r, kept)
-            export_round(trainer, out, metadata)
-            row = {
-                "round": r,
-                "loss": result.loss,
-                "epsilon": result.epsilon,
-                "examples_per_second": result.examples_per_second,
-            }
-            if bench.data.eval is not None:
-                row.update(
-                    {
-                        f"eval_{k}": v
-                        for k, v in evaluate(
-                            trainer.model,
-                            cfg.model.task,
-                            bench.data.eval,
-                            device,
-                            cfg.training.eval_batch_size,
-                        ).items()
-                    }
-                )
-            history.append(row)
-            summary = {
-                "rounds": history,
-                "seconds": time.perf_counter() - start,
-                "noise_multiplier": trainer.noise_multiplier,
-                "recipe": {name: choice.value for name, choice in trainer.recipe.items()},
-                "sample_rate": trainer.sample_rate,
-            }
-            write_durably(out / METRICS, json.dumps(summary, indent=2).encode())
-            write_model_card(out)
+    with tracked(args.track, out, cfg.name) as tracker:
+        tracker.params(to_dict(cfg, "institution"))
+        bench = prepare(cfg)
+        device = device_for(cfg.training.device)
+        ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
+        trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, device, ledger)
+        metadata = {
+            "fingerprint": bench.built.fingerprint,
+            "labels": list(bench.labels),
+            "config": to_dict(trainer.cfg),
+        }
+        history = []
+        start = time.perf_counter()
+        with progress_bar("train-local", rounds * trainer.cfg.training.local_steps) as advance:
+            for r in range(1, rounds + 1):
+                kept = "nothing was exported"
+                if history:
+                    kept = f"the adapter of round {r - 1} is in {out / ADAPTER}"
+                try:
+                    result = trainer.train_round(r, on_step=lambda _step, loss: advance(loss))
+                except BudgetExceeded as err:
+                    if not history:
+                        raise
+                    raise BudgetExceeded(f"stopped before round {r} of {rounds}: {err}; {kept}") from None
+                require_finite(trainer, r, kept)
+                export_round(trainer, out, metadata)
+                row = {
+                    "round": r,
+                    "loss": result.loss,
+                    "epsilon": result.epsilon,
+                    "examples_per_second": result.examples_per_second,
+                }
+                if bench.data.eval is not None:
+                    row.update(
+                        {
+                            f"eval_{k}": v
+                            for k, v in evaluate(
+                                trainer.model,
+                                cfg.model.task,
+                                bench.data.eval,
+                                device,
+                                cfg.training.eval_batch_size,
+                            ).items()
+                        }
+                    )
+                history.append(row)
+                tracker.metrics({k: v for k, v in row.items() if k != "round"}, step=r)
+                summary = {
+                    "rounds": history,
+                    "seconds": time.perf_counter() - start,
+                    "noise_multiplier": trainer.noise_multiplier,
+                    "recipe": {name: choice.value for name, choice in trainer.recipe.items()},
+                    "sample_rate": trainer.sample_rate,
+                }
+                write_durably(out / METRICS, json.dumps(summary, indent=2).encode())
+                write_model_card(out)
+        tracker.artifacts([out / ADAPTER, out / METRICS])
     last = history[-1]
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
     report.print(f"adapter written to {out / ADAPTER}; final round: {shown}")
@@ -431,6 +446,7 @@ def parser() -> argparse.ArgumentParser:
     local = sub.add_parser("train-local", help="fine-tune locally only and export the adapter")
     add_out_argument(local, "adapter and metrics")
     local.add_argument("--rounds", type=int, help="rounds of local_steps (default: planned rounds)")
+    add_track_argument(local)
     local.set_defaults(handler=cmd_train_local)
     audit = sub.add_parser(
         "audit", help="measure an epsilon lower bound with canaries on this setup (its own ledger)"
@@ -479,6 +495,9 @@ def parser() -> argparse.ArgumentParser:
     for p in (check, local, keys, audit):
         add_config_arguments(p, "institution")
     add_config_arguments(start, "institution", as_is="read as it is by the SuperNode's ClientApp processes")
+    finish_help(ap, "institution", EXAMPLES["check"], EXAMPLES["start"])
+    for name, command in sub.choices.items():
+        finish_help(command, "institution", EXAMPLES[name])
     return ap
 
 

@@ -48,6 +48,18 @@ def add_out_argument(parser: argparse.ArgumentParser, holds: str) -> None:
     )
 
 
+def finish_help(parser: argparse.ArgumentParser, persona: str, *examples: str) -> None:
+    """Every command's --help the same way: plain text (docstrings' ``quotes`` dropped), then an
+    example and where every key of the persona's config is listed."""
+    parser.description = (parser.description or "").replace("``", "")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    shown = "\n".join(f"  {example}" for example in examples)
+    parser.epilog = (
+        f"example:\n{shown}\n\nevery config key, with its help and range: "
+        f"python -m fedlora.common.config {persona}"
+    )
+
+
 def create_folder(path: Path, option: str) -> Path:
     """The folder, made if missing, or one line naming the option that chose it."""
     try:
@@ -102,7 +114,8 @@ def read_config(path: str | None, overrides: Sequence[str] = (), persona: str | 
 @contextmanager
 def progress_bar(description: str, total: int | None, loss: bool = True):
     """A rich progress bar on stderr; yields ``advance(loss, steps=1)`` (no loss column for a job
-    without a loss, such as predictions; a ``total`` of None: not known in advance)."""
+    without a loss, such as predictions; a ``total`` of None: not known in advance). Off a terminal
+    (a log file, a batch job) it writes nothing: bar text would only clutter the log."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -110,7 +123,7 @@ def progress_bar(description: str, total: int | None, loss: bool = True):
         *((TextColumn("loss {task.fields[loss]}"),) if loss else ()),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=total, loss="-")
 
         def advance(loss: float = math.nan, steps: int = 1) -> None:

@@ -8,11 +8,30 @@ from pathlib import Path
 
 from rich.table import Table
 
-from fedlora.common.cli_support import add_config_arguments, console, read_config, report, run_cli
+from fedlora.common.cli_support import (
+    add_config_arguments,
+    console,
+    finish_help,
+    read_config,
+    report,
+    run_cli,
+)
+from fedlora.common.config import to_dict
 from fedlora.common.devcerts import make_dev_certs
 from fedlora.common.launch import STOP_GRACE_SECONDS
 from fedlora.common.model import model_dir
+from fedlora.common.model_card import ADAPTER_DIR
+from fedlora.common.tracking import add_track_argument, tracked
 from fedlora.server import deploy
+from fedlora.server.history import track_history
+
+EXAMPLES = {
+    "check": "fedlora-server check coordinator.yaml",
+    "start": "fedlora-server start coordinator.yaml --track",
+    "status": "fedlora-server status coordinator.yaml",
+    "stop": "fedlora-server stop coordinator.yaml",
+    "dev-certs": "fedlora-server dev-certs certs",
+}
 
 
 def say(text: str) -> None:
@@ -55,7 +74,14 @@ def cmd_start(args: argparse.Namespace) -> int:
             "[bold yellow]warning:[/] --insecure: no TLS and no SuperNode authentication; anyone who "
             "reaches the port can join as a SuperNode. Local tests only."
         )
-    deploy.start(cfg, Path(args.config), _run_dir(args), app, args.insecure, say)
+    run_dir = _run_dir(args)
+    with tracked(args.track, run_dir, cfg.name) as tracker:
+        tracker.params(to_dict(cfg, "coordinator"))
+        try:
+            deploy.start(cfg, Path(args.config), run_dir, app, args.insecure, say)
+        finally:
+            track_history(tracker, deploy.history(deploy.RunFolder(run_dir.resolve())))
+        tracker.artifacts([run_dir / ADAPTER_DIR, run_dir / "history.json"])
     return 0
 
 
@@ -97,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="start the SuperLink, admit the institutions, run the federation")
     start.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: tests only")
     start.add_argument("--app", help="the Flower App folder (fedlora's pyproject.toml; default: found)")
+    add_track_argument(start)
     start.set_defaults(handler=cmd_start)
     status = sub.add_parser("status", help="rounds done, and whether the SuperLink runs")
     status.set_defaults(handler=cmd_status)
@@ -114,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("dev-certs", help="a local CA and server certificate, to try TLS on one machine")
     certs.add_argument("out_dir", help="folder for ca.crt, server.pem, server.key")
     certs.set_defaults(handler=cmd_dev_certs)
+    finish_help(ap, "coordinator", EXAMPLES["check"], EXAMPLES["start"])
+    for name, command in sub.choices.items():
+        finish_help(command, "coordinator", EXAMPLES[name])
     return ap
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from fedlora.common import protocol as P
 from fedlora.common.held_out import VALIDATION, selection
-from fedlora.common.scoring import headline
+from fedlora.common.scoring import MACRO_F1, headline
+from fedlora.common.tracking import Tracker
 
 
 @dataclass
@@ -71,3 +72,32 @@ def summarise_round(entry: Mapping) -> RoundSummary:
         central=dict(entry.get("central") or {}),
         validation=dict(entry.get(VALIDATION) or {}),
     )
+
+
+def client_names(history: list[dict]) -> dict[int, str]:
+    """Stable names for Flower's random node ids: client-1.. in order of first appearance."""
+    names: dict[int, str] = {}
+    for entry in history:
+        for client in sorted(entry.get("clients", []), key=lambda c: c["node"]):
+            names.setdefault(int(client["node"]), f"client-{len(names) + 1}")
+    return names
+
+
+def round_metrics(entry: Mapping, names: Mapping[int, str]) -> dict[str, float]:
+    """What experiment tracking logs of a round (common.tracking): the global test scores, replies
+    and drops, and each institution's reported epsilon under its name (``epsilon/client-1``); the
+    aggregates and released scalars the history already holds, nothing per example."""
+    summary = summarise_round(entry)
+    found = {k: float(summary.central[k]) for k in ("accuracy", MACRO_F1, "loss") if k in summary.central}
+    found.update(replies=float(summary.replies), dropped=float(summary.dropped))
+    for client in entry.get("clients", []):
+        if P.EPSILON in client:
+            found[f"epsilon/{names[int(client['node'])]}"] = float(client[P.EPSILON])
+    return found
+
+
+def track_history(tracker: Tracker, history: list[dict]) -> None:
+    """Every round of a history as tracking metrics, step = round."""
+    names = client_names(history)
+    for entry in history:
+        tracker.metrics(round_metrics(entry, names), step=int(entry["round"]))

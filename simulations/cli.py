@@ -16,28 +16,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedlora.client.app import shared_data
 from fedlora.client.canaries import BLACK_BOX_CANARIES, WHITE_BOX_CANARIES
 from fedlora.client.privacy_audit import require_no_leak
-from fedlora.client.recipe import Recipe, facts, plan
+from fedlora.client.recipe import facts, plan
 from fedlora.common.cli_support import (
     add_config_arguments,
     add_out_argument,
     console,
+    finish_help,
     read_config,
     report,
     run_cli,
     run_folder,
 )
-from fedlora.common.config import FedloraConfig
+from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.held_out import exported_round
 from fedlora.common.model import build_model, model_dir
 from fedlora.common.scoring import headline
-from fedlora.server.history import summarise_round
+from fedlora.common.tracking import add_track_argument, tracked
+from fedlora.server.history import summarise_round, track_history
 from fedlora.simulations.compare import compare, markdown
 from fedlora.simulations.federated_audit import RESULT_FILE, audit_federation
 from fedlora.simulations.report import (
     SEEDED,
+    audit_metrics,
     audit_section,
     exported_entry,
     federated_result,
+    tracked_files,
     write_all,
     write_report,
 )
@@ -101,36 +105,55 @@ def round_progress(rounds: int) -> Iterator[Callable[[dict], None]]:
         yield lambda e: bar.update(task, completed=e["round"], **_progress_fields(e))
 
 
+PLANNED = ("batch_size", "local_steps", "noise_multiplier", "max_grad_norm", "learning_rate")
+"""The recipe values ``check`` shows across the virtual institutions (client.recipe.Recipe)."""
+
+
+def min_median_max(values: list[float]) -> str:
+    ordered = sorted(values)
+    shown = [f"{v:.4g}" for v in (ordered[0], ordered[len(ordered) // 2], ordered[-1])]
+    return "min {} / median {} / max {}".format(*shown)
+
+
 def spread(sizes: list[int]) -> str:
     """Training rows per virtual institution, as a researcher sizes the privacy budget by them."""
-    ordered = sorted(sizes)
-    median = ordered[len(ordered) // 2]
-    return f"{len(sizes)} institutions, training rows min {ordered[0]} / median {median} / max {ordered[-1]}"
+    return f"{len(sizes)} institutions, training rows {min_median_max(sizes)}"
 
 
-def planner_decisions(cfg: FedloraConfig) -> str:
-    """What the recipe planner decides for the smallest and the largest virtual institution: fine-tune
-    after the round-0 statistics, or statistics only, and why (client.recipe)."""
+def planner_decisions(cfg: FedloraConfig) -> dict[str, str]:
+    """What the recipe planner (client.recipe) plans for the virtual institutions: min / median / max
+    of each planned value, how many fine-tune after the round-0 statistics and how many release the
+    statistics only, and why for the smallest and the largest."""
     if cfg.data.privacy_unit is not None and cfg.privacy.enabled:
-        return "per person: each institution plans from its persons at its first message"
+        return {"planner": "per person: each institution plans from its persons at its first message"}
     cfg = with_peers(cfg)
     tokenizer, bundle = shared_data(cfg)
     model = build_model(cfg.model, bundle.labels, len(tokenizer)).model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sizes = partition_sizes(cfg)
     labels = len(bundle.labels)
-
-    def decided(rows: int) -> Recipe:
-        return plan(facts(cfg, rows, labels, trainable=trainable), cfg)
-
-    tuning = sum(1 for rows in sizes if decided(rows).fine_tune.value)
+    recipes = {rows: plan(facts(cfg, rows, labels, trainable=trainable), cfg) for rows in set(sizes)}
+    planned = [recipes[rows] for rows in sizes]
+    found = {}
+    for name in PLANNED:
+        choices = [getattr(r, name) for r in planned]
+        known = [float(c.value) for c in choices if c.value is not None]
+        unset = [c.reason for c in choices if c.value is None]
+        text = min_median_max(known) if known else "none"
+        if unset:
+            text += f" ({len(unset)} of {len(choices)} without: {unset[0]})"
+        found[f"planned {name.replace('_', ' ')}"] = text
+    tuning = sum(1 for r in planned if r.fine_tune.value)
     shown = []
     for name, rows in (("smallest", min(sizes)), ("largest", max(sizes))):
-        choice = decided(rows).fine_tune
+        choice = recipes[rows].fine_tune
         what = "fine-tunes" if choice.value else "statistics only"
         shown.append(f"{name} ({rows} rows) {what}: {choice.reason}")
-    summary = f"{tuning} of {len(sizes)} institutions fine-tune after the round-0 statistics"
-    return "; ".join([summary, *shown])
+    summary = (
+        f"{tuning} of {len(sizes)} institutions fine-tune (LoRA) after the round-0 statistics, "
+        f"{len(sizes) - tuning} release the statistics only"
+    )
+    return {**found, "planner": "; ".join([summary, *shown])}
 
 
 def check(args: argparse.Namespace) -> int:
@@ -145,7 +168,7 @@ def check(args: argparse.Namespace) -> int:
         "data": cfg.data.path or f"the packaged drug reviews ({cfg.data.demo_task})",
         "partition": f"{cfg.simulation.partition}, {spread(partition_sizes(cfg))}",
         "per client": f"{backend['client_resources']['num_cpus']:g} CPU",
-        "planner": planner_decisions(cfg),
+        **planner_decisions(cfg),
     }
     for key, value in found.items():
         report.print(f"{key}: {value}", highlight=False, soft_wrap=True)
@@ -156,35 +179,45 @@ def run(args: argparse.Namespace) -> int:
     cfg = read_config(args.config or default_config(), args.set, "simulation")
     out = run_folder(args.out, cfg.name)
     seeded = f" [bold red]({SEEDED})[/]" if cfg.simulation.reproducible else ""
-    console.print(f"[bold]{cfg.name}[/]: {describe(cfg)} -> {out}{seeded}", soft_wrap=True)
-    start = time.perf_counter()
-    with round_progress(cfg.federation.rounds) as on_round:
-        canaries = (args.white_box_canaries, args.black_box_canaries) if args.audit else None
-        simulate(cfg, out, on_round=on_round, canaries=canaries)
-    audits = audit_federation(cfg, out) if args.audit else []
-    seconds = time.perf_counter() - start
-    title = f"{cfg.name}: federated simulation"
-    audited = "\n" + audit_section(audits) if args.audit else ""
-    history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n{audited}")
-    final = exported_entry(history).get("central", {})
-    chosen = exported_round(history)
-    if args.compare:
-        summary = compare(cfg, out, federated_result(history))
-        write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n{audited}\n" + markdown(summary))
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in headline(final).items() if k != "examples")
-    report.print(
-        f"done in {seconds:.0f} s: exported round {chosen['round']} ({chosen['chosen_by']}), test {shown}; "
-        f"report at {out / 'report.md'}",
-        soft_wrap=True,
-    )
+    with tracked(args.track, out, cfg.name) as tracker:
+        tracker.params(to_dict(cfg, "simulation"))
+        console.print(f"[bold]{cfg.name}[/]: {describe(cfg)} -> {out}{seeded}", soft_wrap=True)
+        start = time.perf_counter()
+        with round_progress(cfg.federation.rounds) as on_round:
+            canaries = (args.white_box_canaries, args.black_box_canaries) if args.audit else None
+            simulate(cfg, out, on_round=on_round, canaries=canaries)
+        audits = audit_federation(cfg, out) if args.audit else []
+        seconds = time.perf_counter() - start
+        title = f"{cfg.name}: federated simulation"
+        audited = "\n" + audit_section(audits) if args.audit else ""
+        history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n{audited}")
+        if args.compare:
+            summary = compare(cfg, out, federated_result(history))
+            write_report(out, history, title, f"Wall time: {seconds:.1f} s.\n{audited}\n" + markdown(summary))
+        track_history(tracker, history)
+        tracker.metrics(audit_metrics(audits))
+        tracker.artifacts(tracked_files(out))
+    done = f"done in {seconds:.0f} s: {outcome(history)}; report at {out / 'report.md'}"
+    report.print(done, soft_wrap=True)
     for audit in audits:
         require_no_leak(audit.result, out / RESULT_FILE)
     return 0
 
 
+def outcome(history: list[dict]) -> str:
+    """The run's result in a few words: the exported round and its test scores, or that nothing was
+    scored (no held-out data)."""
+    chosen = exported_round(history)
+    exported = f"exported round {chosen['round']} ({chosen['chosen_by']})"
+    final = exported_entry(history).get("central", {})
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in headline(final).items() if k != "examples")
+    return f"{exported}, test {shown}" if shown else f"{exported}, no held-out evaluation"
+
+
 def check_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedlora-simulate check", description=check.__doc__)
     add_config_arguments(ap, "simulation", f"the packaged {DEFAULT_CONFIG}")
+    finish_help(ap, "simulation", "fedlora-simulate check --set simulation.num_clients=20")
     return ap
 
 
@@ -215,6 +248,8 @@ def parser() -> argparse.ArgumentParser:
         default=BLACK_BOX_CANARIES,
         help="--audit: input canaries (they join each institution's training rows); 0 for none",
     )
+    add_track_argument(ap)
+    finish_help(ap, "simulation", "fedlora-simulate --set federation.rounds=3 --out runs/first --track")
     return ap
 
 

@@ -21,22 +21,13 @@ from fedlora.common.config import read_yaml
 from fedlora.common.held_out import exported_round
 from fedlora.common.model_card import ADAPTER_DIR
 from fedlora.common.scoring import MACRO_F1, TOP_CLASS, TOP_SHARE
-from fedlora.server.history import summarise_round
+from fedlora.server.history import client_names, summarise_round
 from fedlora.simulations.run import CONFIG_FILE
 
 SEEDED = "seeded noise, not for production"
 CLIENT_FIELDS = ("loss", "epsilon", "num-examples", "steps", "train-seconds", "update_norm", "bytes")
 COLLAPSE_SHARE = 0.9
 """A round whose test predictions give one class more than this share of the rows has collapsed."""
-
-
-def client_names(history: list[dict]) -> dict[int, str]:
-    """Stable names for Flower's random node ids: client-1.. in order of first appearance."""
-    names: dict[int, str] = {}
-    for entry in history:
-        for client in sorted(entry.get("clients", []), key=lambda c: c["node"]):
-            names.setdefault(int(client["node"]), f"client-{len(names) + 1}")
-    return names
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -240,6 +231,27 @@ def audit_section(audits: list) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def tracked_files(run_dir: Path) -> list[Path]:
+    """What experiment tracking keeps of a run folder: the exported adapter with its model card,
+    report.md and the plots (not the canaries' secret seeds, ledgers or audit logs)."""
+    return [run_dir / ADAPTER_DIR, run_dir / "report.md", *sorted(run_dir.glob("*.png"))]
+
+
+def audit_metrics(audits: list) -> dict[str, float]:
+    """The audit section's figures for experiment tracking: per institution, the claimed epsilon
+    and each kind's measured lower bound and ceiling (``audit/client-1/white-box``)."""
+    found: dict[str, float] = {}
+    for audit in audits:
+        result, name = audit.result, f"audit/client-{audit.client}"
+        if result.claimed_epsilon is not None:
+            found[f"{name}/claimed"] = result.claimed_epsilon
+        for kind, bound in (("white-box", result.white_box), ("black-box", result.black_box)):
+            if bound is not None:
+                found[f"{name}/{kind}"] = bound.epsilon
+                found[f"{name}/{kind}-ceiling"] = bound.ceiling
+    return found
 
 
 def write_all(run_dir: Path, title: str, extra: str = "") -> list[dict]:
