@@ -15,7 +15,7 @@ PACKAGES = ("common", "client", "server", "simulations", "configs")
 PROBE = """
 import importlib, json, logging, os, warnings
 # Third-party libraries first: what they do on import is theirs, not fedlora's.
-import flwr.simulation, opacus, peft, ray, torch, transformers
+import flwr.simulation, flwr.supercore.cli.flower_superexec, opacus, peft, ray, torch, transformers
 from transformers.utils import logging as hf_logging
 
 def state():
