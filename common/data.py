@@ -12,7 +12,7 @@ import html
 import importlib.metadata
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fedlora.common.catalogue import DATASETS, DEFAULT_DATASET
 from fedlora.common.config import DataConfig, FedloraConfig, SimulationConfig
 from fedlora.common.errors import ConfigError, DataError
 from fedlora.common.medmcqa import medmcqa_qa_tables, medmcqa_tables
@@ -228,20 +229,12 @@ def demo_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return frames[0][order], frames[1][order]
 
 
-PACKAGED = {
-    "drug-reviews": "drug-review demo",
-    "medmcqa-subjects": "MedMCQA subjects",
-    "medmcqa-qa": "MedMCQA questions and answers",
+PACKAGED_TABLES: dict[str, Callable[[DataConfig], tuple[pd.DataFrame, pd.DataFrame]]] = {
+    "drug-reviews": demo_tables,
+    "medmcqa-subjects": lambda _: medmcqa_tables(),
+    "medmcqa-qa": lambda _: medmcqa_qa_tables(),
 }
-"""data.dataset -> how its sources are named in errors."""
-
-
-def _packaged_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if data.dataset == "medmcqa-subjects":
-        return medmcqa_tables()
-    if data.dataset == "medmcqa-qa":
-        return medmcqa_qa_tables()
-    return demo_tables(data)
+"""The train and test tables of each packaged data set (``fedlora.common.catalogue.DATASETS``)."""
 
 
 def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -252,9 +245,9 @@ def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
                 f"data.eval_path is '{data.eval_path}' but data.path is not set (set data.path, "
                 "or unset data.eval_path to use the packaged data)"
             )
-        train, held_out = _packaged_tables(data)
+        train, held_out = PACKAGED_TABLES[data.dataset](data)
         return _first(train, data.train_rows), _first(held_out, data.eval_rows)
-    if data.dataset != "drug-reviews":
+    if data.dataset != DEFAULT_DATASET:
         raise DataError(
             f"data.dataset is '{data.dataset}' but data.path is '{data.path}' (a packaged data set "
             "replaces the files: unset one of them)"
@@ -486,8 +479,8 @@ def build_data(cfg: FedloraConfig, tokenizer: Any) -> DataBundle:
     """Read, check and tokenize the configured data for the configured task."""
     data = cfg.data
     train_frame, eval_frame = load_tables(data)
-    train_source = data.path or f"{PACKAGED[data.dataset]} (train)"
-    eval_source = data.eval_path or f"{PACKAGED[data.dataset]} (test)"
+    train_source = data.path or f"{DATASETS[data.dataset].title} (train)"
+    eval_source = data.eval_path or f"{DATASETS[data.dataset].title} (test)"
     if cfg.model.task == "classification":
         labels = resolve_labels(data, train_frame, train_source)
         train = tokenize_classification(train_frame, data, tokenizer, labels, train_source)
