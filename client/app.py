@@ -40,7 +40,7 @@ from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.noise_probe import round_noise
 from fedlora.client.statistics import release_statistics
-from fedlora.client.trainer import LocalTrainer, derive_seed, institution_recipe
+from fedlora.client.trainer import LocalTrainer, derive_seed, privacy_plan
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
     State,
@@ -198,7 +198,7 @@ def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> R
     if ledger is not None:
         ledger.require_unit(cfg.data.privacy_unit)
     device = device_for(cfg.training.device)
-    recipe = institution_recipe(cfg, built.model, train, ledger)
+    recipe = privacy_plan(cfg, built.model, train, ledger).recipe
     start = time.perf_counter()
     sums, counts, noise_std, entry = release_statistics(
         built.model.to(device),
@@ -239,7 +239,8 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
         else None
     )
     keys = wire_keys(cfg, start)
-    recipe = institution_recipe(cfg, built.model, train, ledger)
+    planned = privacy_plan(cfg, built.model, train, ledger)
+    recipe = planned.recipe
     if not recipe.fine_tune.value:
         log.info("round %d: not trained: %s", server_round, recipe.fine_tune.reason)
         return delta({k: start[k] for k in keys}, start), TrainMetrics(
@@ -252,7 +253,8 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
         )
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
-    with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
+    trainer = LocalTrainer(cfg, built.model, train, device, ledger, seed=seed, planned=planned)
+    with closing(trainer):
         hook = None
         if spec is not None:
             hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate, trainer.expected_batch)

@@ -7,13 +7,17 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from opacus.accountants import create_accountant
 
 from fedlora.client import recipe as R
 from fedlora.client.cli import main
-from fedlora.client.ledger import calibrate_noise
+from fedlora.client.ledger import PrivacyLedger, calibrate_noise
+from fedlora.client.trainer import LocalTrainer
+from fedlora.common.cli_support import read_config
 from fedlora.common.config import config_from_dict, describe
 from fedlora.common.errors import ConfigError
+from fedlora.common.workbench import prepare
 
 # name -> (rows, labels): a tiny clinic, a drug-review hospital, one of ten sites of an 11,500-row set.
 INSTITUTIONS = {"tiny": (20, 4), "small": (53, 8), "large": (1150, 3)}
@@ -170,6 +174,35 @@ def test_check_prints_every_planned_value_with_its_reason(tmp_path: Path, capsys
         )
         assert shown[name.replace("_", " ")] == f"{value}: {choice.reason}"
     assert not (tmp_path / "ledger.json").exists()  # a check spends nothing
+
+
+def test_check_prints_the_plan_the_trainer_runs(tmp_path: Path, capsys):
+    """One privacy plan (client.trainer.privacy_plan): what check prints is what a trainer built on the
+    same config, data and ledger runs, a value the config fixes included."""
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "model:\n  source: tiny-bert\ndata:\n  max_length: 16\ntraining:\n  batch_size: 24\n"
+        "  peers_per_round: 10\n"
+        f"privacy:\n  ledger_path: {tmp_path / 'ledger.json'}\n  planned_rounds: 3\n"
+    )
+    assert main(["check", str(config)]) == 0
+    shown = {name: value.split(":")[0] for name, value in cells(capsys.readouterr().out).items()}
+    cfg = read_config(str(config), [], "institution")
+    bench = prepare(cfg)
+    ledger = PrivacyLedger.from_config(cfg.privacy)
+    trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, torch.device("cpu"), ledger)
+    try:
+        ran = trainer.cfg.training
+        assert shown["fine tune"] == "True"
+        assert shown["batch size"] == str(ran.batch_size) == "24"
+        assert shown["sample rate"] == f"{trainer.sample_rate:.4g}"
+        assert shown["local steps"] == str(ran.local_steps)
+        assert shown["noise multiplier"] == f"{trainer.noise_multiplier:.4g}"
+        assert shown["max grad norm"] == f"{trainer.cfg.privacy.max_grad_norm:.4g}"
+        assert shown["learning rate"] == f"{ran.learning_rate:.4g}"
+    finally:
+        trainer.close()
+    assert not (tmp_path / "ledger.json").exists()
 
 
 def test_a_ledger_s_noise_is_kept_not_replanned():

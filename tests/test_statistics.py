@@ -14,7 +14,7 @@ from torch import nn
 
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger, calibrate_noise
 from fedlora.client.statistics import class_sums, head_rows, release_statistics
-from fedlora.client.trainer import LocalTrainer, institution_recipe
+from fedlora.client.trainer import LocalTrainer, privacy_plan
 from fedlora.common.adapter import adapter_state, peft_module
 from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
 from fedlora.common.model import build_model
@@ -63,7 +63,7 @@ def test_the_release_is_charged_at_round_0_and_composed_with_the_rounds(
     data = toy_classification(64, 3)
     model = build_model(cfg.model, LABELS, vocab_size).model
     ledger = PrivacyLedger(ledger_path, EPSILON, delta, "prv")
-    recipe = institution_recipe(cfg, model, data, ledger)
+    recipe = privacy_plan(cfg, model, data, ledger).recipe
     sigma_s = recipe.statistics_noise.value
     assert sigma_s == calibrate_noise(0.25 * EPSILON, delta, "prv", 1.0, 1)
     sums, counts, noise_std, entry = release_statistics(model, data, recipe, ledger, CPU, 16, ROUNDS)
@@ -101,7 +101,7 @@ def test_without_noise_the_server_s_head_is_the_head_of_the_exact_summed_statist
     parts = [toy_classification(n, 3, seed=s) for n, s in ((9, 1), (15, 2), (6, 3))]
     replies = []
     for node, data in enumerate(parts, start=1):
-        recipe = institution_recipe(cfg, model, data, None)
+        recipe = privacy_plan(cfg, model, data, None).recipe
         sums, counts, noise_std, entry = release_statistics(model, data, recipe, None, CPU, 4, 1)
         assert (noise_std, entry) == (0.0, None)
         metrics = TrainMetrics(len(data), 0.0, cfg.model.lora_r, 2.0, 0, 0.1, noise_std=noise_std)
