@@ -15,17 +15,14 @@ from fedlora.common.data import (
     DataBundle,
     TokenizedDataset,
     build_data,
-    column_partition,
     demo_tables,
-    dirichlet_partition,
-    iid_partition,
-    partition,
     read_table,
     resolve_labels,
     tokenize_causal_lm,
     tokenize_classification,
 )
 from fedlora.common.errors import DataError
+from fedlora.simulations.partitions import column_partition, dirichlet_partition, iid_partition, partition
 
 FRAME = pd.DataFrame(
     {

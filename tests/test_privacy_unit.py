@@ -23,8 +23,9 @@ from fedlora.client.privacy_unit import PersonRows, unit_counts
 from fedlora.client.recipe import facts, plan, poisson_rate
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.config import config_from_dict
-from fedlora.common.data import build_data, partition, with_units
+from fedlora.common.data import build_data, with_units
 from fedlora.common.errors import CheckpointError, ConfigError, DataError
+from fedlora.simulations.partitions import partition
 from fedlora.simulations.synthetic_patients import LARGEST, patient_ids
 
 CPU = torch.device("cpu")

@@ -16,6 +16,7 @@ from fedlora.common import protocol as P
 from fedlora.common.adapter import from_record
 from fedlora.common.config import config_from_dict
 from fedlora.common.errors import ConfigError
+from fedlora.simulations.partitions import simulation_partitions
 from fedlora.simulations.report import write_report
 from fedlora.simulations.run import prepare_run_dir
 
@@ -39,7 +40,9 @@ def delta_of_one_round(cfg, folder, round_id: int = 1) -> dict[str, torch.Tensor
     ledger: the delta it sends."""
     msg = train_message(cfg, round_id)
     folder.mkdir(parents=True)
-    setup = ClientSetup(cfg, client_id=0, ledger_path=folder / "ledger.json", partition=0)
+    trains, evals = simulation_partitions(cfg)
+    rows = (trains[0], evals[0] if evals else None)
+    setup = ClientSetup(cfg, client_id=0, ledger_path=folder / "ledger.json", rows=rows)
     reply = handle_train(msg, setup)
     assert reply.content[P.METRICS]["epsilon"] > 0
     return from_record(reply.content[P.ARRAYS])

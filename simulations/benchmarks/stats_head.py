@@ -34,11 +34,12 @@ from torch import Tensor, nn
 from fedlora.client.ledger import calibrate_noise
 from fedlora.common.cli_support import console, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig
-from fedlora.common.data import build_data, dirichlet_partition
+from fedlora.common.data import build_data
 from fedlora.common.model import HEAD, build_model, load_tokenizer
 from fedlora.configs import simulation as presets
 from fedlora.server.statistics_head import class_mean_head, prior_rows, summed
 from fedlora.simulations.benchmarks import PROG
+from fedlora.simulations.partitions import dirichlet_partition
 from fedlora.simulations.probe import frozen_features, logistic_regression
 from fedlora.simulations.stats import mean_interval
 
