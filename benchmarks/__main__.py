@@ -1,4 +1,4 @@
-"""``python -m fedlora.simulations.benchmarks NAME [ARGS]``: every benchmark behind one entry point.
+"""``python -m benchmarks NAME [ARGS]``: every benchmark behind one entry point.
 
 Each prints its table on stdout and its progress on stderr; a FedloraError is one line and exit code
 2. ``NAME --help`` lists a benchmark's options.
@@ -29,7 +29,7 @@ BENCHMARKS = {
 
 def usage() -> str:
     names = "\n".join(f"  {name:14s} {what}" for name, what in BENCHMARKS.items())
-    return f"usage: python -m fedlora.simulations.benchmarks NAME [ARGS]\n\n{names}"
+    return f"usage: python -m benchmarks NAME [ARGS]\n\n{names}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{argv[0]}: no such benchmark; expected one of {', '.join(BENCHMARKS)}")
 
         return run_cli(refuse)
-    return import_module(f"fedlora.simulations.benchmarks.{name}").main(argv[1:])
+    return import_module(f"benchmarks.{name}").main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """fedavg vs exact vs ffa (and mixed ranks) on one simulation config, in one comparison run.
 
-Run: ``python -m fedlora.simulations.benchmarks aggregators [CONFIG] [--set K=V] [--out DIR] [--repeats N]
+Run: ``python -m benchmarks aggregators [CONFIG] [--set K=V] [--out DIR] [--repeats N]
 [--only SETTING ...] [--baseline SETTING]``
 
 Every setting is a full simulation of the same config (default: the hospital simulation) into its own
@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.table import Table
 
+from benchmarks import PROG
 from fedlora.common.cli_support import (
     add_config_arguments,
     add_out_argument,
@@ -44,7 +45,6 @@ from fedlora.common.cli_support import (
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ConfigError
 from fedlora.server.history import summarise_round
-from fedlora.simulations.benchmarks import PROG
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.report import write_all
 from fedlora.simulations.run import simulate

@@ -8,7 +8,7 @@ wall time (the coordinator's history) minus the training time the client reports
 model in both modes and is shown apart. Then, alternately, what a message costs in a fresh process
 before any training: fedlora's ClientApp loading everything vs the relay alone.
 
-    python -m fedlora.simulations.benchmarks deployment_overhead [--model smollm2] [--rounds 4]
+    python -m benchmarks deployment_overhead [--model smollm2] [--rounds 4]
         [--rows 8] [--steps 1] [--repeats 3] [--per-message-only]
 """
 
@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
+from benchmarks import PROG
 from fedlora.client import cli as client_cli
 from fedlora.client.daemon import SuperNodeOptions, supernode_command
 from fedlora.common.cli_support import console, report, run_cli
@@ -39,7 +40,6 @@ from fedlora.common.devcerts import make_dev_certs
 from fedlora.common.errors import FedloraError
 from fedlora.common.launch import flower_env, start_child, stop_child
 from fedlora.common.model import model_dir
-from fedlora.simulations.benchmarks import PROG
 
 DATA = files("fedlora.configs") / "data"
 # What a message costs the institution's side before any training, in a fresh process: fedlora's

@@ -1,6 +1,6 @@
 """Throughput of local LoRA training: non-private vs DP-SGD with Opacus hooks vs ghost clipping.
 
-Run: ``python -m fedlora.simulations.benchmarks dp_throughput [CONFIG] [--set K=V] [--steps 10 ...]``
+Run: ``python -m benchmarks dp_throughput [CONFIG] [--set K=V] [--steps 10 ...]``
 
 The default config (pretrained MiniLM, LoRA, drug-review triage) is trained by `LocalTrainer` three
 ways in one process. Each mode gets its own model (Opacus wraps a module once) and a warm-up round;
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from benchmarks import PROG
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.cli_support import add_config_arguments, console, read_config, report, run_cli
@@ -30,7 +31,6 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ConfigError
 from fedlora.common.model import build_model, device_for
 from fedlora.common.workbench import prepare
-from fedlora.simulations.benchmarks import PROG
 
 MODES = ("non-private", "dp-hooks", "dp-ghost")
 

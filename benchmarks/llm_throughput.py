@@ -1,6 +1,6 @@
 """DP vs non-DP local training of a causal LM: tokens/s and peak memory, side by side.
 
-Run: ``python -m fedlora.simulations.benchmarks llm_throughput [--model smollm2] [--dtype bf16]
+Run: ``python -m benchmarks llm_throughput [--model smollm2] [--dtype bf16]
 [--seq-len 128] [--batch-size 8] [--steps 4] [--repeats 2] [--gradient-checkpointing]
 [--physical-batch-size N] [--quantization none|8bit|4bit-nf4] [--lora-r 8] [--device auto]``
 
@@ -33,6 +33,7 @@ from peft import get_peft_model
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks import PROG
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.cli_support import console, report, run_cli
@@ -47,7 +48,6 @@ from fedlora.common.model import (
     quantization_config,
     target_modules,
 )
-from fedlora.simulations.benchmarks import PROG
 
 MODES = ("non-private", "dp-hooks")
 ROWS = 256

@@ -11,7 +11,7 @@ Two engines run the same ClientApp:
 Round 1 loads the model and data and warms the allocators, so the figure is the last round over
 round 2, per process; the target is at most 1.10.
 
-    python -m fedlora.simulations.benchmarks memory [--model minilm] [--clients 4] [--rounds 20]
+    python -m benchmarks memory [--model minilm] [--clients 4] [--rounds 20]
         [--steps 3] [--engine ray|in-process] [--set KEY=VALUE ...]
 """
 
@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from benchmarks import PROG
 from fedlora.client.app import build_client_app, shared_data
 from fedlora.common import protocol as P
 from fedlora.common.adapter import adapter_state, to_record
@@ -45,7 +46,6 @@ from fedlora.common.cli_support import (
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import FedloraError
 from fedlora.common.model import BuiltModel, build_model, lora_scale
-from fedlora.simulations.benchmarks import PROG
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.run import prepare_run_dir, simulate
 from fedlora.simulations.virtual_client import simulation_setup

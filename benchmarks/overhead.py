@@ -11,7 +11,7 @@ The echo baseline prices everything a LoRA client has to do (import torch, load 
 baseline isolates what fedlora adds on top. Run alternately and repeated; prints each wall time and
 the median ratios.
 
-    python -m fedlora.simulations.benchmarks overhead [CONFIG] [--set K=V] [--clients 5] [--rounds 3]
+    python -m benchmarks overhead [CONFIG] [--set K=V] [--clients 5] [--rounds 3]
         [--repeats 2]
 """
 
@@ -30,14 +30,14 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 from rich.table import Table
 
+from benchmarks import PROG
+from benchmarks.bare_flower import LoraSpec, echo_app, initial_adapter, lora_app
 from fedlora.common.adapter import adapter_state
 from fedlora.common.cli_support import add_config_arguments, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ModelError
 from fedlora.common.model import model_dir, target_modules
 from fedlora.common.workbench import Workbench, prepare
-from fedlora.simulations.benchmarks import PROG
-from fedlora.simulations.benchmarks.bare_flower import LoraSpec, echo_app, initial_adapter, lora_app
 from fedlora.simulations.cli import default_config
 from fedlora.simulations.run import backend_config, quiet_simulation, simulate
 

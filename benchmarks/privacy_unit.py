@@ -1,7 +1,7 @@
 """Person-level vs row-level DP on the drug reviews grouped into synthetic patients
 (fedlora.simulations.synthetic_patients: 1 to 20 reviews each, skewed; not real patients).
 
-Run: ``python -m fedlora.simulations.benchmarks privacy_unit [CONFIG] [--set K=V] [--rounds 5]
+Run: ``python -m benchmarks privacy_unit [CONFIG] [--set K=V] [--rounds 5]
 [--seeds 0 1] [--caps 8 1] [--settings person row row-group] [--throughput-steps 6]``
 
 Accuracy: one institution trains the planned rounds with `LocalTrainer` (the recipe planner's values,
@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from benchmarks import PROG
+from benchmarks.dp_throughput import interleaved
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.privacy_unit import unit_counts
 from fedlora.client.trainer import LocalTrainer
@@ -39,8 +41,6 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.model import build_model, device_for
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import Workbench, prepare
-from fedlora.simulations.benchmarks import PROG
-from fedlora.simulations.benchmarks.dp_throughput import interleaved
 from fedlora.simulations.synthetic_patients import COLUMN, LARGEST, write_drug_reviews_with_patients
 
 

@@ -1,7 +1,7 @@
 """Held-out accuracy of local LoRA training on a packaged task (the drug-review triage by default),
 private and not, against the linear-probe floor.
 
-Run: ``python -m fedlora.simulations.benchmarks recipe [CONFIG] [--set K=V] [--recipe SPEC ...]
+Run: ``python -m benchmarks recipe [CONFIG] [--set K=V] [--recipe SPEC ...]
 [--modes nondp dp]`` (MedMCQA subjects: ``--set data.dataset=medmcqa-subjects``)
 
 A recipe is a comma-separated list of ``key=value`` pairs (any key left out keeps the config
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from benchmarks import PROG
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.cli_support import add_config_arguments, console, read_config, report, run_cli
@@ -43,7 +44,6 @@ from fedlora.common.errors import ConfigError
 from fedlora.common.model import build_model, device_for
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import Workbench, prepare
-from fedlora.simulations.benchmarks import PROG
 from fedlora.simulations.probe import frozen_features, logistic_regression, score
 
 KEYS = {

@@ -20,7 +20,7 @@ Memory: the total RSS of this process and every descendant (Ray's daemons and it
 every second; the peak over each run. Goals: fedlora's fixed cost per update at most 3x bare
 Flower's; peak memory flat in the number of institutions.
 
-    python -m fedlora.simulations.benchmarks scale [CONFIG] [--set K=V] [--institutions 10 100 1000]
+    python -m benchmarks scale [CONFIG] [--set K=V] [--institutions 10 100 1000]
         [--sampled 20] [--rounds 6] [--model tiny-bert]
 """
 
@@ -43,14 +43,14 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 from rich.table import Table
 
+from benchmarks import PROG
+from benchmarks.bare_flower import echo_app
 from fedlora.common import protocol as P
 from fedlora.common.adapter import adapter_state
 from fedlora.common.cli_support import add_config_arguments, console, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import ConfigError
 from fedlora.common.workbench import prepare
-from fedlora.simulations.benchmarks import PROG
-from fedlora.simulations.benchmarks.bare_flower import echo_app
 from fedlora.simulations.run import backend_config, quiet_simulation, simulate
 
 MB = 2**20

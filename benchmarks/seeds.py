@@ -1,7 +1,7 @@
 """Settings compared on the same seeds: each one's mean held-out accuracy (or loss) with its 95%
 interval, and its paired difference from the first setting with its interval.
 
-Run: ``python -m fedlora.simulations.benchmarks seeds [CONFIG] --setting NAME [CONFIG] [KEY=VALUE ...]
+Run: ``python -m benchmarks seeds [CONFIG] --setting NAME [CONFIG] [KEY=VALUE ...]
 [--setting ...] [--seeds N] [--set KEY=VALUE ...] [--metric accuracy|loss] [--compare] [--unseeded]
 [--out DIR]``
 

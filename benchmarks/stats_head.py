@@ -1,6 +1,6 @@
 """The statistics head on frozen features: summed DP class statistics against the floor and the old way.
 
-Run: ``python -m fedlora.simulations.benchmarks stats_head [--sets triage rating medmcqa] [--seeds 3]``
+Run: ``python -m benchmarks stats_head [--sets triage rating medmcqa] [--seeds 3]``
 
 Per set (drug-review triage of the hospitals preset, drug-review 3-class rating, MedMCQA subjects),
 the frozen MiniLM's mean-pooled features at 64 tokens are computed once and cached. Per seed, the
@@ -31,6 +31,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
+from benchmarks import PROG
 from fedlora.client.ledger import calibrate_noise
 from fedlora.common.cli_support import console, read_config, report, run_cli
 from fedlora.common.config import FedloraConfig
@@ -38,7 +39,6 @@ from fedlora.common.data import build_data
 from fedlora.common.model import HEAD, build_model, load_tokenizer
 from fedlora.configs import simulation as presets
 from fedlora.server.statistics_head import class_mean_head, prior_rows, summed
-from fedlora.simulations.benchmarks import PROG
 from fedlora.simulations.partitions import dirichlet_partition
 from fedlora.simulations.probe import frozen_features, logistic_regression
 from fedlora.simulations.stats import mean_interval

@@ -10,12 +10,7 @@ import torch
 from flwr.app import ArrayRecord
 from scipy import stats
 
-from fedlora.client.app import with_rank
-from fedlora.common.adapter import adapter_state
-from fedlora.common.cli_support import read_config
-from fedlora.common.model import lora_scale
-from fedlora.common.workbench import prepare
-from fedlora.simulations.benchmarks.aggregators import (
+from benchmarks.aggregators import (
     cells,
     combine,
     difference,
@@ -23,8 +18,13 @@ from fedlora.simulations.benchmarks.aggregators import (
     settings,
     summarise,
 )
-from fedlora.simulations.benchmarks.bare_flower import initial_adapter, load_and_send
-from fedlora.simulations.benchmarks.overhead import lora_spec
+from benchmarks.bare_flower import initial_adapter, load_and_send
+from benchmarks.overhead import lora_spec
+from fedlora.client.app import with_rank
+from fedlora.common.adapter import adapter_state
+from fedlora.common.cli_support import read_config
+from fedlora.common.model import lora_scale
+from fedlora.common.workbench import prepare
 from fedlora.simulations.cli import default_config
 
 
@@ -186,7 +186,7 @@ def test_the_lora_baseline_sends_back_what_it_loaded_in_fedloras_shapes():
 
 
 def test_memory_benchmark_ratio_is_last_round_over_round_2_and_too_few_rounds_are_refused(capsys):
-    from fedlora.simulations.benchmarks import memory
+    from benchmarks import memory
 
     figures = {1: {"actor 7": 900.0}, 2: {"actor 7": 1000.0}, 3: {"actor 7": 1040.0, "actor 8": 5.0}}
     assert memory.growth(figures) == {"actor 7": pytest.approx(1.04)}
@@ -195,7 +195,7 @@ def test_memory_benchmark_ratio_is_last_round_over_round_2_and_too_few_rounds_ar
 
 
 def test_scale_benchmark_counts_updates_after_round_1_and_the_whole_run_with_the_start():
-    from fedlora.simulations.benchmarks.scale import Run
+    from benchmarks.scale import Run
 
     run = Run(ends=(30.0, 32.0, 36.0), updates=(20, 20, 20), training=(9.0, 1.0, 3.0), actors=2, peak_mb=9.0)
     assert run.per_minute == pytest.approx(60 * 40 / 6)  # rounds 2 and 3 over the 6 s after round 1
@@ -210,7 +210,7 @@ def test_scale_benchmark_memory_is_the_whole_process_tree():
     import subprocess
     import sys
 
-    from fedlora.simulations.benchmarks.scale import tree_rss
+    from benchmarks.scale import tree_rss
 
     alone = tree_rss()
     code = "import sys; b = b'x' * (200 * 2**20); print('ready', flush=True); sys.stdin.read()"
@@ -232,7 +232,7 @@ def test_scale_benchmark_memory_is_the_whole_process_tree():
     ],
 )
 def test_scale_benchmark_refuses_too_few_rounds_or_institutions_in_one_line(capsys, argv, message):
-    from fedlora.simulations.benchmarks import scale
+    from benchmarks import scale
 
     assert scale.main(argv) == 2
     err = capsys.readouterr().err.strip()

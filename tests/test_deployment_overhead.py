@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from benchmarks import deployment_overhead as bench
 from fedlora.common.config import load_config
-from fedlora.simulations.benchmarks import deployment_overhead as bench
 
 
 def test_the_benchmarks_federation_is_valid_and_secured(tmp_path) -> None:

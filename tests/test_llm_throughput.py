@@ -8,8 +8,8 @@ import importlib.util
 import pytest
 import torch
 
-from fedlora.simulations.benchmarks.__main__ import BENCHMARKS
-from fedlora.simulations.benchmarks.llm_throughput import main
+from benchmarks.__main__ import BENCHMARKS
+from benchmarks.llm_throughput import main
 
 
 def test_registered():

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from fedlora.simulations.benchmarks.memory import growth, in_process
+from benchmarks.memory import growth, in_process
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from benchmarks.seeds import Setting, main, parse_setting, scores, summarise
 from fedlora.common.errors import ConfigError
-from fedlora.simulations.benchmarks.seeds import Setting, main, parse_setting, scores, summarise
 
 
 def test_a_setting_is_a_name_an_optional_config_and_overrides():

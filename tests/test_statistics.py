@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 from opacus.accountants import create_accountant
 from torch import nn
 
+from benchmarks.stats_head import averaged_heads
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger, calibrate_noise
 from fedlora.client.statistics import class_sums, head_rows, release_statistics
 from fedlora.client.trainer import LocalTrainer, privacy_plan
@@ -20,7 +21,6 @@ from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
 from fedlora.common.model import build_model
 from fedlora.server.statistics_head import class_mean_head, summed
 from fedlora.server.strategy import build_strategy
-from fedlora.simulations.benchmarks.stats_head import averaged_heads
 from tests.helpers_messages import reply_message
 
 CPU = torch.device("cpu")

@@ -523,7 +523,7 @@ def test_a_malformed_evaluate_reply_is_dropped_not_fatal(caplog) -> None:
 def test_default_bounds_keep_the_benchmarks_mixed_rank_settings_valid() -> None:
     """Every client rank and scale of the aggregators benchmark's mixed-rank settings lies within
     what the default max_rank and max_scale_ratio allow."""
-    from fedlora.simulations.benchmarks.aggregators import settings
+    from benchmarks.aggregators import settings
     from fedlora.simulations.cli import default_config
 
     base = load_config(default_config())
