@@ -3,7 +3,7 @@
 The config's choices and cross-checks (``fedlora.common.config``), the server's strategy and
 aggregators (``fedlora.server``) and the data loader (``fedlora.common.data``) all read these tables,
 so a new aggregator, optimiser or packaged data set is named here and nowhere else. The server's
-classes are looked up by these names (``tests/test_catalogue.py`` checks both sides agree).
+classes are looked up by these names (``tests/common/test_catalogue.py`` checks both sides agree).
 """
 
 from __future__ import annotations

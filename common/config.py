@@ -252,7 +252,7 @@ class TrainingConfig:
         False,
         "Causal LM: recompute the base's activations in the backward pass instead of keeping them "
         "(Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and big "
-        "models, about a third more compute. DP-SGD stays exact (tests/test_memory_dp.py).",
+        "models, about a third more compute. DP-SGD stays exact (tests/client/test_memory_dp.py).",
     )
     physical_batch_size: int | None = _f(
         None,

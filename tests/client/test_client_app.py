@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
-from helpers_messages import metadata
 
 from fedlora.client.app import load_global
 from fedlora.common import protocol as P
@@ -13,6 +12,7 @@ from fedlora.common.adapter import adapter_state, load_adapter_state, to_record
 from fedlora.common.errors import AdapterError
 from fedlora.common.lora_math import dropped_factors, truncate_state
 from fedlora.common.model import build_model
+from helpers.messages import metadata
 
 LABELS = ("cardio", "derm", "resp")
 

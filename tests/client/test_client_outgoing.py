@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from helpers_messages import metadata
 
 from fedlora.client.app import ClientSetup, build_client_app, shared_data
 from fedlora.client.failures import FingerprintMismatch, classify
@@ -28,6 +27,7 @@ from fedlora.common.errors import (
     TrainingDiverged,
 )
 from fedlora.common.model import build_model, lora_scale
+from helpers.messages import metadata
 
 LABELS = ("neg", "pos")
 TRAIN_KEYS = {P.NUM_EXAMPLES, P.EPSILON, P.LORA_R, P.LORA_SCALE, P.STEPS, P.TRAIN_SECONDS}

@@ -11,12 +11,12 @@ import textwrap
 
 import pytest
 import torch
-from helpers_trained import train_and_export
 
 from fedlora.client import cli
 from fedlora.client.export_merged import export_merged
 from fedlora.client.predict import load_trained
 from fedlora.common.adapter import adapter_state
+from helpers.trained import train_and_export
 
 # Runs in a fresh interpreter: fedlora is made unimportable before anything else is imported.
 LOAD_WITHOUT_FEDLORA = textwrap.dedent(

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message, RecordDict
-from helpers_messages import train_message
 
 from fedlora.client.app import ClientSetup, build_client_app
 from fedlora.client.audit import released
@@ -21,6 +20,7 @@ from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.privacy_audit import run_local_audit
 from fedlora.common import protocol as P
 from fedlora.common.errors import CheckpointError
+from helpers.messages import train_message
 
 LABELS = ("neg", "pos")
 

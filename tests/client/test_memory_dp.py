@@ -10,34 +10,21 @@ from __future__ import annotations
 import copy
 import math
 
-import pandas as pd
 import pytest
 import torch
-from test_trainer_dp import (
+
+from fedlora.client.trainer import LocalTrainer
+from fedlora.common.adapter import peft_module
+from helpers.dp import (
+    CAUSAL,
     CPU,
     assert_clipped_sum,
     norm_of,
     per_example_grads,
     perturbed_model,
     preset_ledger,
+    varied_answers,
 )
-
-from fedlora.client.trainer import LocalTrainer
-from fedlora.common.adapter import peft_module
-from fedlora.common.config import DataConfig
-from fedlora.common.data import tokenize_causal_lm
-
-CAUSAL = {"model": {"source": "tiny-llama", "task": "causal-lm"}}
-
-
-def varied_answers(tokenizer, n=8):
-    frame = pd.DataFrame(
-        {
-            "prompt": [f"question {i} about item {7 * i}" for i in range(n)],
-            "response": [" ".join(["yes"] * (1 + (3 * i) % 7)) for i in range(n)],
-        }
-    )
-    return tokenize_causal_lm(frame, DataConfig(max_length=32), tokenizer, "frame")
 
 
 class ForwardCounter:

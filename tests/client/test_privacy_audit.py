@@ -332,7 +332,7 @@ def test_federated_audit_scores_each_institution(rows_csv, tmp_path, monkeypatch
     assert json.loads((run_dir / FEDERATED_RESULT).read_text())[1]["client"] == 1
 
 
-HOSPITAL = Path(__file__).parents[1] / "configs" / "hospital-a.yaml"
+HOSPITAL = Path(__file__).parents[2] / "configs" / "hospital-a.yaml"
 
 
 def audit_hospital(tmp_path, monkeypatch, epsilon: float, scale: float, *overrides: str):

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 from opacus.accountants import create_accountant
-from test_trainer_dp import causal_dataset, names_by_id, norm_of, per_example_grads, perturbed_model
 
 from fedlora.client.canaries import CanarySpec, with_input_canaries
 from fedlora.client.cli import main as client_main
@@ -27,6 +26,7 @@ from fedlora.common.data import build_data, with_units
 from fedlora.common.errors import CheckpointError, ConfigError, DataError
 from fedlora.simulations.partitions import partition
 from fedlora.simulations.synthetic_patients import LARGEST, patient_ids
+from helpers.dp import causal_dataset, names_by_id, norm_of, per_example_grads, perturbed_model
 
 CPU = torch.device("cpu")
 LABELS = ("a", "b", "c")
@@ -454,7 +454,8 @@ def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatc
     """The real ServerApp and ClientApp (test_resume's in-process grid): each institution samples its
     own persons, and its ledger records its own person sample rate."""
     from flwr.supercore.task_identity import TaskIdentity
-    from test_resume import run
+
+    from helpers.grid import run
 
     for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
         monkeypatch.setattr(TaskIdentity, attribute, 1)

@@ -21,7 +21,7 @@ from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
 from fedlora.common.model import build_model
 from fedlora.server.statistics_head import class_mean_head, summed
 from fedlora.server.strategy import build_strategy
-from tests.helpers_messages import reply_message
+from helpers.messages import reply_message
 
 CPU = torch.device("cpu")
 LABELS = ("a", "b", "c")

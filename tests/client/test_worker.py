@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from helpers_deploy import write_csv
-from helpers_messages import metadata
 
 from fedlora.client import relay
 from fedlora.client.app import shared_data
@@ -23,6 +21,8 @@ from fedlora.client.worker import Freshness
 from fedlora.common import protocol as P
 from fedlora.common.config import load_config
 from fedlora.common.model import build_model, forget_base_models
+from helpers.deploy import write_csv
+from helpers.messages import metadata
 
 
 def institution(tmp_path: Path) -> Path:

@@ -318,7 +318,7 @@ def test_each_persona_gets_its_own_cross_checks(tmp_path, persona):
 
 
 def shipped(folder: str) -> list[Path]:
-    return sorted((Path(__file__).parents[1] / "configs" / folder).glob("*.yaml"))
+    return sorted((Path(__file__).parents[2] / "configs" / folder).glob("*.yaml"))
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ import threading
 
 import pytest
 import torch
-from test_memory_dp import CAUSAL, varied_answers
 
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.adapter import fold_into_base, peft_module
 from fedlora.common.model import build_model, fresh_adapter, frozen_base
 from fedlora.common.model_pool import borrowed_model
+from helpers.dp import CAUSAL, varied_answers
 
 CPU = torch.device("cpu")
 LABELS = ("a", "b", "c")

@@ -7,14 +7,13 @@ import importlib.util
 import pytest
 import torch
 from peft import PeftModel
-from test_memory_dp import varied_answers
-from test_trainer_dp import CPU, preset_ledger
 
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.adapter import adapter_state, export_adapter, peft_module
 from fedlora.common.config import to_dict
 from fedlora.common.errors import ModelError
 from fedlora.common.model import build_base_model, build_model
+from helpers.dp import CPU, preset_ledger, varied_answers
 
 CAUSAL = {"model": {"source": "tiny-llama", "task": "causal-lm"}}
 

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_deploy import Processes, free_port, make_federation, wait_for
 
 from fedlora.client import daemon
 from fedlora.common.errors import ConfigError
 from fedlora.common.launch import flower_env
+from helpers.deploy import Processes, free_port, make_federation, wait_for
 
 LISTENING = re.compile(r"listening on (\S+)/socket")
 OWN_SUPEREXEC = "fedlora.client.own_app superexec"  # the daemon's SuperExec (not the SuperNode's)

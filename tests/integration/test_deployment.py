@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
-from helpers_deploy import Federation, free_port, make_federation, wait_for, write_csv
 
 from fedlora.client import cli as client_cli
 from fedlora.client import daemon
@@ -29,6 +28,7 @@ from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.launch import config_pairs, start_child, stop_child
 from fedlora.server import deploy, strategy
 from fedlora.server.strategy import build_strategy
+from helpers.deploy import Federation, free_port, make_federation, wait_for, write_csv
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers_deploy import free_port, make_federation, wait_for
 from starlette.testclient import TestClient
 
 from fedlora.client import own_app
@@ -29,8 +28,9 @@ from fedlora.common.config import load_config
 from fedlora.common.launch import flower_program
 from fedlora.server import deploy
 from fedlora.server.fleet_gate import gate_app
+from helpers.deploy import free_port, make_federation, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 HOSTILE_PYPROJECT = """
 [build-system]

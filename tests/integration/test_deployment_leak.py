@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_deploy import free_port, make_federation
+
+from helpers.deploy import free_port, make_federation
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

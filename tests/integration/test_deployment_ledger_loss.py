@@ -9,7 +9,8 @@ import json
 
 import pytest
 import yaml
-from helpers_deploy import free_port, make_federation, wait_for
+
+from helpers.deploy import free_port, make_federation, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -10,12 +10,12 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import strategy as flower
 from flwr.supercore.task_identity import TaskIdentity
-from helpers_messages import reply_message
 
 from fedlora.common import protocol as P
 from fedlora.common.errors import CheckpointError
 from fedlora.server.optimisers import OPTIMISERS, create_optimiser
 from fedlora.server.screening import TRANSPORT_ERRORS
+from helpers.messages import reply_message
 
 SHAPES = {"a": (4, 6), "b": (5, 4), "head": (3,)}
 OPTIONS = {"server_learning_rate": 0.05, "server_momentum": 0.9, "proximal_mu": 0.1}

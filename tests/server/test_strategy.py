@@ -10,7 +10,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from helpers_messages import metadata, reply_message
 
 from fedlora.common import protocol as P
 from fedlora.common.adapter import from_record, to_record
@@ -23,6 +22,7 @@ from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from fedlora.server.optimisers import FedAdam
 from fedlora.server.screening import MAX_REASON, capped
 from fedlora.server.strategy import build_strategy
+from helpers.messages import metadata, reply_message
 
 FP = "f1ngerpr1nt"
 A, B, HEAD = (

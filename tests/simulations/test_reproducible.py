@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_messages import train_message
 
 from fedlora.client.app import ClientSetup, handle_train
 from fedlora.common import protocol as P
@@ -19,6 +18,7 @@ from fedlora.common.errors import ConfigError
 from fedlora.simulations.partitions import simulation_partitions
 from fedlora.simulations.report import write_report
 from fedlora.simulations.run import prepare_run_dir
+from helpers.messages import train_message
 
 SETTINGS = {
     "model": {"source": "tiny-bert", "lora_dropout": 0.2},

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora.client.app import build_client_app, handle_train
+from fedlora.client.app import build_client_app
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common import protocol as P
@@ -27,11 +26,11 @@ from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.errors import CheckpointError, FedloraError
 from fedlora.server.app import ServerSettings, run_server
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
-from fedlora.simulations.virtual_client import ledger_file, simulation_setup
+from fedlora.simulations.virtual_client import ledger_file
+from helpers.grid import NODES, Crash, InProcessGrid, run
 
 pytestmark = pytest.mark.slow
 
-NODES = (101, 202)
 BASE = [
     "model.source=tiny-bert",
     "data.max_length=32",
@@ -49,44 +48,10 @@ BASE = [
 ]
 
 
-class Crash(Exception):
-    """The coordinator dies while sending a round."""
-
-
-class InProcessGrid:
-    """Nodes whose ClientApp runs here: node ``NODES[i]`` serves partition ``i``."""
-
-    def __init__(self, cfg: FedloraConfig, run_dir: Path, crash_in_round: int | None = None) -> None:
-        self.setups = {
-            node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}))
-            for i, node in enumerate(NODES)
-        }
-        self.crash_in_round = crash_in_round
-
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
-            absolute = int(msg.content[P.CONFIG][P.ROUND])
-            if absolute == self.crash_in_round:
-                raise Crash(f"killed in round {absolute}")
-            node = msg.metadata.dst_node_id
-            torch.manual_seed(node * 1000 + absolute)
-            replies.append(handle_train(msg, self.setups[node]))
-        return replies
-
-
 @pytest.fixture(autouse=True)
 def _inside_a_serverapp(monkeypatch) -> None:
     for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
         monkeypatch.setattr(TaskIdentity, attribute, 1)
-
-
-def run(cfg: FedloraConfig, run_dir: Path, crash_in_round: int | None = None) -> None:
-    grid = InProcessGrid(cfg, run_dir, crash_in_round)
-    run_server(grid, ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=len(NODES)))
 
 
 @pytest.mark.parametrize(
