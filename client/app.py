@@ -21,26 +21,20 @@ from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
-from fedlora.client.canaries import (
-    CanaryPlan,
-    GradientCanaries,
-    record_round,
-    spec_for_client,
-    with_input_canaries,
-)
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
-from fedlora.client.noise_probe import round_noise
 from fedlora.client.statistics import release_statistics
-from fedlora.client.trainer import LocalTrainer, derive_seed, institution_recipe
+from fedlora.client.trainer import GradientHook, LocalTrainer, derive_seed, privacy_plan
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
     State,
@@ -58,7 +52,7 @@ from fedlora.common.codec import (
     train_reply,
 )
 from fedlora.common.config import FedloraConfig, load_config
-from fedlora.common.data import DataBundle, TokenizedDataset, build_data, iid_partition, partition
+from fedlora.common.data import DataBundle, TokenizedDataset, build_data
 from fedlora.common.errors import ConfigError
 from fedlora.common.lora_math import dropped_by_truncation, layer_products, truncate_state
 from fedlora.common.model import BuiltModel, device_for, load_tokenizer, lora_scale
@@ -68,6 +62,19 @@ from fedlora.common.scoring import evaluate
 log = logging.getLogger("fedlora.client")
 
 
+class RoundObserver(Protocol):
+    """The seam a caller of the ClientApp may hook into one training message: the rows it trains on,
+    a gradient hook on its trainer, and the update it sends (before it leaves)."""
+
+    def rows(
+        self, train: TokenizedDataset, cfg: FedloraConfig, model: nn.Module, vocab_size: int, labels: int
+    ) -> TokenizedDataset: ...
+
+    def gradient_hook(self, trainer: LocalTrainer) -> GradientHook | None: ...
+
+    def sent(self, update: State, ledger: PrivacyLedger | None, server_round: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class ClientSetup:
     """Who this client is for one message: its config, its data and where its ledger lives."""
@@ -75,10 +82,13 @@ class ClientSetup:
     cfg: FedloraConfig
     client_id: int
     ledger_path: Path
-    partition: int | None = None
+    rows: tuple[np.ndarray, np.ndarray | None] | None = None
+    """Its training and evaluation rows of the data its config names (a simulation's partition);
+    None: all of them, as a real institution trains on its own file."""
     audit_path: Path | None = None
-    canaries: CanaryPlan | None = None
-    """Simulation --audit only: this client's privacy-audit canaries (client.canaries)."""
+    observer: RoundObserver | None = None
+    """Its caller's hook into a training message (simulation --audit: the canaries of
+    fedlora.simulations.canary_rounds); None for a real institution."""
 
     @property
     def error_log(self) -> Path:
@@ -99,30 +109,18 @@ def shared_data(cfg: FedloraConfig) -> tuple[PreTrainedTokenizerBase, DataBundle
 
 
 def forget_shared_data() -> None:
-    """Drop the cached tokenizer, data and partitions (client.worker: a file the config names changed)."""
+    """Drop the cached tokenizer and data (client.worker: a file the config names changed)."""
     shared_data.cache_clear()
-    simulation_partitions.cache_clear()
-
-
-@lru_cache(maxsize=2)
-def simulation_partitions(cfg: FedloraConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each virtual institution's training and evaluation rows (a pure function of the config)."""
-    _, bundle = shared_data(cfg)
-    evals = (
-        iid_partition(len(bundle.eval), cfg.simulation.num_clients, cfg.simulation.seed)
-        if (bundle.eval is not None)
-        else []
-    )
-    return partition(bundle, cfg.simulation), evals
 
 
 def client_data(setup: ClientSetup) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """This client's training and evaluation rows: all the process's data, or the setup's selection."""
     _, bundle = shared_data(setup.cfg)
-    if setup.partition is None:
+    if setup.rows is None:
         return bundle.train, bundle.eval
-    trains, evals = simulation_partitions(setup.cfg)
-    ev = bundle.eval.subset(evals[setup.partition]) if evals else None
-    return bundle.train.subset(trains[setup.partition]), ev
+    train_rows, eval_rows = setup.rows
+    ev = bundle.eval.subset(eval_rows) if bundle.eval is not None and eval_rows is not None else None
+    return bundle.train.subset(train_rows), ev
 
 
 def setup_from_node_config(context: Context) -> ClientSetup:
@@ -198,7 +196,7 @@ def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> R
     if ledger is not None:
         ledger.require_unit(cfg.data.privacy_unit)
     device = device_for(cfg.training.device)
-    recipe = institution_recipe(cfg, built.model, train, ledger)
+    recipe = privacy_plan(cfg, built.model, train, ledger).recipe
     start = time.perf_counter()
     sums, counts, noise_std, entry = release_statistics(
         built.model.to(device),
@@ -229,17 +227,17 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
     train, _ = client_data(setup)
     start = load_global(msg, cfg, built)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
-    spec = None
-    if setup.canaries is not None:
-        spec = spec_for_client(setup.canaries, cfg, built.model, len(tokenizer), len(bundle.labels))
-        train = with_input_canaries(train, spec)
+    observer = setup.observer
+    if observer is not None:
+        train = observer.rows(train, cfg, built.model, len(tokenizer), len(bundle.labels))
     ledger = (
         PrivacyLedger.from_config(cfg.privacy, setup.ledger_path, setup.audit_path)
         if cfg.privacy.enabled
         else None
     )
     keys = wire_keys(cfg, start)
-    recipe = institution_recipe(cfg, built.model, train, ledger)
+    planned = privacy_plan(cfg, built.model, train, ledger)
+    recipe = planned.recipe
     if not recipe.fine_tune.value:
         log.info("round %d: not trained: %s", server_round, recipe.fine_tune.reason)
         return delta({k: start[k] for k in keys}, start), TrainMetrics(
@@ -252,18 +250,15 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
         )
     seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
     device = device_for(cfg.training.device)
-    with closing(LocalTrainer(cfg, built.model, train, device, ledger, seed=seed)) as trainer:
-        hook = None
-        if spec is not None:
-            hook = GradientCanaries(spec, trainer.cfg, trainer.sample_rate, trainer.expected_batch)
-        trainer.gradient_hook = hook
+    trainer = LocalTrainer(cfg, built.model, train, device, ledger, seed=seed, planned=planned)
+    with closing(trainer):
+        trainer.gradient_hook = observer.gradient_hook(trainer) if observer is not None else None
         mu = float(msg.content[P.CONFIG].get(P.PROXIMAL_MU, 0.0))
         result = trainer.train_round(server_round, proximal_mu=mu, anchor=start, federated=True)
         final = adapter_state(trainer.model)
     update = delta({k: final[k] for k in keys}, start)
-    if setup.canaries is not None and hook is not None:
-        noise = round_noise(hook.noise, ledger, server_round) if hook.noise is not None else None
-        record_round(setup.canaries, hook.spec, hook, update, noise)
+    if observer is not None:
+        observer.sent(update, ledger, server_round)
     log.info(
         "round %d: trained %d steps, training loss %.4f (kept here)", server_round, result.steps, result.loss
     )

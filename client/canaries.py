@@ -32,9 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import nn
 
 from fedlora.client.noise_probe import AddedNoise
@@ -44,7 +41,6 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.data import IGNORE_INDEX, TokenizedDataset
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import ConfigError
-from fedlora.common.noise_check import NoiseSums
 from fedlora.common.scoring import forward_loss
 
 WHITE_BOX_CANARIES = 1000
@@ -132,72 +128,6 @@ def new_spec(
             "by least squares, which needs far fewer canaries than dimensions"
         )
     return spec
-
-
-@dataclass(frozen=True)
-class CanaryPlan:
-    """A simulated institution audited inside a federation: where its canary file lives, how many."""
-
-    path: Path
-    white_box: int = WHITE_BOX_CANARIES
-    black_box: int = BLACK_BOX_CANARIES
-
-
-def spec_for_client(
-    plan: CanaryPlan, cfg: FedloraConfig, model: nn.Module, vocab_size: int, num_labels: int
-) -> CanarySpec:
-    """The institution's canaries: made at its first message, then read back every round (the
-    ClientApp makes a trainer per message)."""
-    if plan.path.exists():
-        return CanarySpec.load(plan.path)
-    spec = new_spec(cfg, model, vocab_size, num_labels, plan.white_box, plan.black_box)
-    plan.path.parent.mkdir(parents=True, exist_ok=True)
-    spec.save(plan.path)
-    return spec
-
-
-def sums_file(plan: CanaryPlan) -> Path:
-    return plan.path.with_suffix(".sums.safetensors")
-
-
-def record_round(
-    plan: CanaryPlan, spec: CanarySpec, hook: GradientCanaries, sent: State, noise: NoiseSums | None
-) -> None:
-    """Add a round to the institution's running sums over every round (the ClientApp makes a trainer
-    per message): its privatized gradients, the rows' clipped share of them and the update it sent,
-    over the canaries' space, and its noise check's sums (``noise``, under DP)."""
-    measured = noise if noise is not None else NoiseSums()
-    rounds = {
-        RELEASED: hook.released.detach().double().cpu(),
-        ROWS: hook.rows.detach().double().cpu(),
-        SENT: flatten(spec, sent).double(),
-        NOISE: torch.tensor([float(getattr(measured, f)) for f in NOISE_FIELDS], dtype=torch.float64),
-    }
-    total = recorded_sums(plan)
-    summed = {k: v + total[k] for k, v in rounds.items()} if total is not None else rounds
-    write_durably(sums_file(plan), save_tensors(summed))
-
-
-def recorded_sums(plan: CanaryPlan) -> dict[str, torch.Tensor] | None:
-    """The running sums (RELEASED, ROWS, SENT, NOISE) of the institution's rounds; None before its
-    first."""
-    path = sums_file(plan)
-    if not path.exists():
-        return None
-    try:
-        sums = load_tensors(path.read_bytes())
-    except SafetensorError as err:
-        raise ConfigError(f"{path}: not a readable file of canary sums ({err})") from None
-    if set(sums) != {RELEASED, ROWS, SENT, NOISE}:
-        expected = sorted((RELEASED, ROWS, SENT, NOISE))
-        raise ConfigError(f"{path}: expected the tensors {expected}, found {sorted(sums)}")
-    return sums
-
-
-def recorded_noise(sums: dict[str, torch.Tensor]) -> NoiseSums:
-    """The noise check's sums over the recorded rounds."""
-    values = sums[NOISE].tolist()
-    return NoiseSums(values[0], int(values[1]), values[2], values[3])
 
 
 def _generator(*keys: int) -> torch.Generator:

@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from rich.table import Table
+from torch import nn
 
 from fedlora.client.canaries import BLACK_BOX_CANARIES, WHITE_BOX_CANARIES
 from fedlora.client.daemon import (
@@ -26,7 +27,7 @@ from fedlora.client.daemon import (
     worker_running,
 )
 from fedlora.client.export_merged import export_merged
-from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
+from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.predict import (
     Decoding,
     inputs,
@@ -37,10 +38,8 @@ from fedlora.client.predict import (
     write_predictions,
 )
 from fedlora.client.privacy_audit import AuditResult, require_no_leak, run_local_audit
-from fedlora.client.privacy_unit import UnitCounts, unit_counts
-from fedlora.client.recipe import Recipe, applied, facts
-from fedlora.client.recipe import plan as plan_recipe
-from fedlora.client.trainer import LocalTrainer, private_engine
+from fedlora.client.privacy_unit import unit_counts
+from fedlora.client.trainer import LocalTrainer, PrivacyPlan, privacy_plan, private_engine
 from fedlora.common.adapter import adapter_state, export_adapter, non_finite
 from fedlora.common.cli_support import (
     add_config_arguments,
@@ -55,7 +54,7 @@ from fedlora.common.cli_support import (
     run_folder,
 )
 from fedlora.common.config import FedloraConfig, to_dict
-from fedlora.common.data import read_table
+from fedlora.common.data import TokenizedDataset, read_table
 from fedlora.common.durable import write_durably
 from fedlora.common.errors import BudgetExceeded, ConfigError, FedloraError, TrainingDiverged
 from fedlora.common.launch import STOP_GRACE_SECONDS, flower_program
@@ -88,29 +87,19 @@ def reported_rounds(planned: int) -> list[int]:
 
 
 def plan(
-    cfg: FedloraConfig, rows: int, labels: int, trainable: int, units: UnitCounts | None = None
-) -> tuple[Recipe, dict | None]:
-    """The recipe for this institution's counts (``units``: its persons, with data.privacy_unit;
-    ``trainable``: the values DP-SGD trains), and with DP what the budget buys from the ledger's
-    state: noise, spend (also without the aggregation assumption once a distributed-noise round is
-    recorded), and epsilon (per person with ``units``) after some planned rounds (the round-0
-    statistics still to come included; round 0 alone when the planner skips fine-tuning)."""
-    persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
-    if not cfg.privacy.enabled:
-        return plan_recipe(facts(cfg, rows, labels, trainable=trainable), cfg), None
-    if units is not None:
-        require_meaningful_delta(cfg.privacy.delta, units.persons, "persons")
-    else:
-        require_meaningful_delta(cfg.privacy.delta, rows)
-    ledger = PrivacyLedger.from_config(cfg.privacy)
-    ledger.require_unit(cfg.data.privacy_unit)
-    recipe = plan_recipe(
-        facts(cfg, rows, labels, *persons, trainable=trainable), cfg, ledger.noise_multiplier
-    )
-    cfg = applied(cfg, recipe)
-    sample_rate = recipe.sample_rate.value
-    steps = cfg.training.local_steps
-    noise = ledger.calibrate(*recipe.calibration(cfg.planned_rounds))
+    cfg: FedloraConfig, model: nn.Module, train: TokenizedDataset
+) -> tuple[PrivacyPlan, dict | None]:
+    """The plan the trainer runs (client.trainer.privacy_plan, on this institution's data and
+    ledger), and with DP what the budget buys from the ledger's state: spend (also without the
+    aggregation assumption once a distributed-noise round is recorded), epsilon (per person with
+    data.privacy_unit) after some planned rounds (the round-0 statistics still to come included;
+    round 0 alone when the planner skips fine-tuning) and the rounds it affords."""
+    ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
+    planned = privacy_plan(cfg, model, train, ledger)
+    if ledger is None:
+        return planned, None
+    recipe, cfg = planned.recipe, planned.cfg
+    sample_rate, steps, noise = planned.sample_rate, cfg.training.local_steps, planned.noise_multiplier
     # As the client does: the statistics are released at round 0 of a fresh ledger, before the rounds.
     first = recipe.statistics_history() if not ledger.entries else ()
     if recipe.fine_tune.value:
@@ -131,7 +120,7 @@ def plan(
         if recipe.fine_tune.value
         else 0,
     }
-    return recipe, budget
+    return planned, budget
 
 
 def _shown(value: object) -> str:
@@ -175,8 +164,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{units.cap} (data.max_rows_per_unit): a sampled person's step uses at most {units.cap} rows, "
             "their mean gradient clipped as one",
         )
-    trainable = sum(p.numel() for p in bench.built.model.parameters() if p.requires_grad)
-    recipe, p = plan(cfg, len(data.train), len(data.labels), trainable, units)
+    planned, p = plan(cfg, bench.built.model, data.train)
+    recipe = planned.recipe
     table.add_row("recipe", cfg.training.recipe)
     for name, choice in recipe.items():
         table.add_row(name.replace("_", " "), f"{_shown(choice.value)}: {choice.reason}")

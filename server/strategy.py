@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora.common import protocol as P
 from fedlora.common.adapter import from_record, to_record
+from fedlora.common.catalogue import AGGREGATORS as AGGREGATOR_ENTRIES
 from fedlora.common.codec import parse_statistics_reply
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import AdapterError, CheckpointError, FedloraError
@@ -285,7 +286,7 @@ def build_strategy(cfg: FedloraConfig, fingerprint: str, num_clients: int) -> Lo
     """The configured strategy, sampling from the ``num_clients`` nodes the federation expects."""
     fed = cfg.federation
     layout = Layout(fingerprint=fingerprint, lora_r=cfg.model.lora_r, lora_scale=lora_scale(cfg.model))
-    options = {"error_feedback": fed.error_feedback} if fed.aggregator == "exact" else {}
+    options = {key: getattr(fed, key) for key in AGGREGATOR_ENTRIES[fed.aggregator].options}
     aggregator = create_aggregator(fed.aggregator, global_scale=layout.lora_scale, **options)
     return LoraStrategy(
         layout=layout,

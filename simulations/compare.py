@@ -57,7 +57,7 @@ def compare(cfg: FedloraConfig, run_dir: Path, federated: dict[str, float]) -> d
     setups = [
         ClientSetup(cfg, pid, out / f"ledger-{pid}.json", pid) for pid in range(cfg.simulation.num_clients)
     ]
-    everything, test = client_data(dataclasses.replace(setups[0], partition=None))
+    everything, test = client_data(dataclasses.replace(setups[0], rows=None))
     summary: dict = {}
     if cfg.model.task == "classification":
         tokenizer, bundle = shared_data(cfg)

@@ -23,10 +23,7 @@ from fedlora.client.canaries import (
     RELEASED,
     ROWS,
     SENT,
-    CanaryPlan,
     CanarySpec,
-    recorded_noise,
-    recorded_sums,
     white_box_evidence,
 )
 from fedlora.client.ledger import PrivacyLedger
@@ -37,6 +34,7 @@ from fedlora.common.errors import FedloraError
 from fedlora.common.model import device_for
 from fedlora.common.workbench import prepare
 from fedlora.server.checkpoint import load_checkpoint
+from fedlora.simulations.canary_rounds import CanaryPlan, recorded_noise, recorded_sums
 from fedlora.simulations.virtual_client import canary_file, ledger_file
 
 RESULT_FILE = "privacy-audit.json"

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from fedlora.client.app import ClientSetup, simulation_partitions, with_rank
-from fedlora.client.canaries import CanaryPlan
+from fedlora.client.app import ClientSetup, with_rank
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
+from fedlora.simulations.canary_rounds import CanaryPlan, CanaryRound
+from fedlora.simulations.partitions import simulation_partitions
 
 
 def partition_sizes(cfg: FedloraConfig) -> list[int]:
@@ -50,11 +51,12 @@ def simulation_setup(
     pid = int(context.node_config[P.PARTITION_ID])
     ranks = cfg.simulation.client_ranks
     own = with_rank(cfg, ranks[pid]) if ranks else cfg
+    trains, evals = simulation_partitions(cfg)
     return ClientSetup(
         cfg=own,
         client_id=pid,
         ledger_path=ledger_file(run_dir, pid),
-        partition=pid,
+        rows=(trains[pid], evals[pid] if evals else None),
         audit_path=run_dir / "audit" / f"client-{pid}.jsonl",
-        canaries=CanaryPlan(canary_file(run_dir, pid), *canaries) if canaries else None,
+        observer=CanaryRound(CanaryPlan(canary_file(run_dir, pid), *canaries)) if canaries else None,
     )

@@ -93,7 +93,7 @@ def processes(tmp_path):
     """Every process a deployment test starts, killed at its end, whatever the test's outcome, and
     the temporary files they made (a SIGKILLed daemon leaves its worker folder) removed. Their TMPDIR
     is a short folder of its own: a Unix socket's path must stay under about 100 bytes."""
-    from helpers_deploy import Processes, process_env
+    from helpers.deploy import Processes, process_env
 
     scratch = Path(tempfile.mkdtemp(prefix="fl-"))
     tracker = Processes(tmp_path, {**process_env(tmp_path), "TMPDIR": str(scratch)})

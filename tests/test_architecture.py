@@ -13,9 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # folder -> the fedlora packages its modules must never import
 FORBIDDEN = {
-    "common": ("fedlora.client", "fedlora.server", "fedlora.simulations"),
-    "client": ("fedlora.server", "fedlora.simulations"),
-    "server": ("fedlora.client", "fedlora.simulations"),
+    "common": ("fedlora.client", "fedlora.server", "fedlora.simulations", "benchmarks"),
+    "client": ("fedlora.server", "fedlora.simulations", "benchmarks"),
+    "server": ("fedlora.client", "fedlora.simulations", "benchmarks"),
+    # Installed, so it cannot lean on the repository's benchmarks/ (not installed).
+    "simulations": ("benchmarks",),
 }
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import __main__ as benchmarks
+from benchmarks import aggregators, dp_throughput, memory, overhead, recipe, scale
 from fedlora.client import cli as client_cli
 from fedlora.common.cli_support import run_folder
 from fedlora.common.devcerts import make_dev_certs
 from fedlora.server import cli as server_cli
 from fedlora.simulations import cli as sim_cli
-from fedlora.simulations.benchmarks import __main__ as benchmarks
-from fedlora.simulations.benchmarks import aggregators, dp_throughput, memory, overhead, recipe, scale
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:

@@ -19,6 +19,7 @@ from fedlora.server.aggregators.ffa import FfaAggregator
 AGGREGATORS: dict[str, type[Aggregator]] = {
     cls.name: cls for cls in (FedAvgAggregator, ExactAggregator, FfaAggregator)
 }
+"""The class of each name in the catalogue (``fedlora.common.catalogue.AGGREGATORS``), in its order."""
 
 
 def create_aggregator(name: str, **options: Any) -> Aggregator:

@@ -11,11 +11,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from fedlora.common.catalogue import AGGREGATORS as AGGREGATOR_ENTRIES
+from fedlora.common.catalogue import AggregatorEntry
 from fedlora.common.errors import AdapterError
 from fedlora.common.lora_math import layer_products, lora_pairs, lora_rank, product, truncate_state
 
@@ -41,10 +43,15 @@ class Aggregator(ABC):
     """Combines client adapters into the global adapter (global rank, ``global_scale``)."""
 
     name: ClassVar[str]
-    mixed_ranks: ClassVar[bool] = False
-    """Whether clients may send LoRA factors of another rank than the global adapter's."""
-    mixed_scales: ClassVar[bool] = True
-    """Whether a reply at another scale than the global one is converted exactly (same product)."""
+    entry: ClassVar[AggregatorEntry]
+    """Its name's capabilities in the catalogue; a class whose name is not there is refused."""
+    mixed_ranks: ClassVar[bool]
+    mixed_scales: ClassVar[bool]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.entry = AGGREGATOR_ENTRIES[cls.name]
+        cls.mixed_ranks, cls.mixed_scales = cls.entry.mixed_ranks, cls.entry.mixed_scales
 
     def __init__(self, global_scale: float) -> None:
         if not global_scale > 0:

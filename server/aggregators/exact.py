@@ -30,7 +30,6 @@ class ExactAggregator(Aggregator):
     """Best rank-r approximation of the weighted mean of ``scale_i * B_i @ A_i`` per layer."""
 
     name = "exact"
-    mixed_ranks = True
 
     def __init__(self, global_scale: float, *, error_feedback: bool = False) -> None:
         super().__init__(global_scale)

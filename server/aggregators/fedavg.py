@@ -24,7 +24,6 @@ class FedAvgAggregator(Aggregator):
     """Weighted mean of every tensor separately; all clients must share the global shapes."""
 
     name = "fedavg"
-    mixed_scales = False  # A and B are averaged apart: factors at another scale are not comparable
 
     def _combine(
         self,

@@ -1,0 +1,238 @@
+"""The recipe planner against its documented rules, for tiny, small and large institutions at low and
+high epsilon; the config's auto / manual modes; and `check` printing every value with its reason."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import create_accountant
+
+from fedlora.client import recipe as R
+from fedlora.client.cli import main
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.common.accounting import calibrate_noise
+from fedlora.client.trainer import LocalTrainer
+from fedlora.common.cli_support import read_config
+from fedlora.common.config import config_from_dict, describe
+from fedlora.common.errors import ConfigError
+from fedlora.common.workbench import prepare
+
+# name -> (rows, labels): a tiny clinic, a drug-review hospital, one of ten sites of an 11,500-row set.
+INSTITUTIONS = {"tiny": (20, 4), "small": (53, 8), "large": (1150, 3)}
+EPSILONS = {"low": 1.0, "high": 8.0}
+ROUNDS, DELTA = 8, 1e-5
+TRAINABLE = 75_000  # MiniLM's LoRA (r 8 on query and value) and a small head
+
+
+def planned(rows: int, labels: int, epsilon: float, trainable: int = 1, **training):
+    cfg = config_from_dict(
+        {
+            "training": training,
+            # RDP: the rules do not depend on the accountant, and it calibrates in a fraction of PRV's time.
+            "privacy": {"epsilon": epsilon, "delta": DELTA, "planned_rounds": ROUNDS, "accountant": "rdp"},
+        }
+    )
+    return R.plan(R.facts(cfg, rows, labels, trainable=trainable), cfg), cfg
+
+
+def composed(history, delta=DELTA) -> float:
+    """An accountant of our own, not the ledger's compose()."""
+    accountant = create_accountant("rdp")
+    accountant.history = list(history)
+    return accountant.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize("level", EPSILONS)
+@pytest.mark.parametrize("size", INSTITUTIONS)
+def test_plan_follows_its_documented_rules(size, level):
+    rows, labels = INSTITUTIONS[size]
+    epsilon = EPSILONS[level]
+    recipe, cfg = planned(rows, labels, epsilon)
+    budget = cfg.training.examples_per_round
+    batch = min(rows, budget // R.MIN_STEPS)
+    assert recipe.batch_size.value == batch
+    steps = min(R.MAX_STEPS, budget // batch)
+    assert recipe.sample_rate.value == 1 / math.ceil(rows / batch)
+    expected = recipe.sample_rate.value * rows
+    scale = min(R.MAX_LR_SCALE, expected / R.REFERENCE_BATCH)
+    assert recipe.learning_rate.value == pytest.approx(R.REFERENCE_LR * scale)
+    assert recipe.head_learning_rate.value == pytest.approx(R.REFERENCE_HEAD_LR * scale)
+    assert recipe.max_grad_norm.value == R.CLIP
+    # The statistics at their documented share, the rounds' noise after them, and the fine-tune rule
+    # (one trained value, one peer) recomputed here from its documented formula.
+    share = calibrate_noise(R.STATISTICS_SHARE * epsilon, DELTA, "rdp", 1.0, 1)
+    sigma = calibrate_noise(epsilon, DELTA, "rdp", expected / rows, ROUNDS * steps, ((share, 1.0, 1),))
+    fine = math.sqrt(ROUNDS * steps) * expected / sigma >= R.MIN_RUN_SNR
+    assert recipe.fine_tune.value == fine
+    if fine:
+        assert (recipe.local_steps.value, recipe.statistics_noise.value) == (steps, share)
+        history = [
+            *recipe.statistics_history(),
+            (recipe.noise_multiplier.value, expected / rows, ROUNDS * recipe.local_steps.value),
+        ]
+    else:
+        assert (recipe.local_steps.value, recipe.noise_multiplier.value) == (0, None)
+        history = list(recipe.statistics_history())
+    # Either way the plan spends the budget, within tolerance.
+    assert epsilon - 0.02 <= composed(history) <= epsilon + 1e-6
+    for name, choice in recipe.items():
+        assert choice.reason, name
+
+
+def test_institutions_get_what_their_size_and_budget_allow():
+    tiny, _ = planned(*INSTITUTIONS["tiny"], 8.0)
+    large, _ = planned(*INSTITUTIONS["large"], 8.0)
+    large_low, _ = planned(*INSTITUTIONS["large"], 1.0)
+    # A tiny institution trains on all its rows every step (sample rate 1), with more, smaller steps.
+    assert tiny.sample_rate.value == 1.0 and tiny.local_steps.value > large.local_steps.value
+    assert large.sample_rate.value < 0.1
+    # A smaller budget buys more noise for the same plan.
+    assert large_low.noise_multiplier.value > large.noise_multiplier.value
+    for choice, source in (
+        (large.batch_size, "Ponomareva"),
+        (large.local_steps, "Li et al."),
+        (large.learning_rate, "Li et al."),
+        (large.max_grad_norm, "Li et al."),
+    ):
+        assert source in choice.reason
+
+
+def test_values_the_config_sets_are_kept_and_the_rest_planned_around_them():
+    recipe, _ = planned(1150, 3, 8.0, batch_size=100, learning_rate=0.01)
+    assert (recipe.batch_size.value, recipe.learning_rate.value) == (100, 0.01)
+    assert recipe.batch_size.reason == R.SET == recipe.learning_rate.reason
+    assert recipe.local_steps.value == 192 // 100  # planned from the batch it was given
+    assert recipe.head_learning_rate.reason != R.SET
+
+
+def test_manual_recipe_is_todays_fixed_defaults():
+    recipe, cfg = planned(1150, 3, 8.0, recipe="manual")
+    assert (cfg.training.batch_size, cfg.training.local_steps, cfg.training.learning_rate) == (32, 10, 2e-3)
+    assert cfg.privacy.max_grad_norm == 1.0
+    assert recipe.batch_size.value == 32 and recipe.local_steps.value == 10
+    assert recipe.head_learning_rate.value == 2e-3  # the LoRA rate, as before
+    assert recipe.fine_tune.value and "local_steps" in recipe.fine_tune.reason  # manual steps are kept
+    assert all("manual" in c.reason for n, c in recipe.items() if n in ("batch_size", "local_steps"))
+
+
+def test_private_off_plans_no_noise_and_exact_statistics():
+    cfg = config_from_dict({"privacy": {"enabled": False, "accountant": "rdp"}})
+    recipe = R.plan(R.facts(cfg, 1150, 3), cfg)
+    assert recipe.noise_multiplier.value is None and recipe.statistics_noise.value is None
+    assert "exact statistics" in recipe.statistics_noise.reason and recipe.fine_tune.value
+    assert R.applied(cfg, recipe).training.batch_size == recipe.batch_size.value
+
+
+def test_config_modes_and_refusals():
+    auto = config_from_dict({})
+    assert auto.training.recipe == "auto" and auto.training.batch_size is None
+    # The coordinator plans nothing: its learning rate (FedAdam's eta_l) takes the manual default.
+    coordinator = config_from_dict({"data": {"labels": ["a", "b"]}}, persona="coordinator")
+    assert coordinator.training.learning_rate == 2e-3
+    with pytest.raises(ConfigError, match=r"training\.recipe: must be one of auto, manual"):
+        config_from_dict({"training": {"recipe": "magic"}})
+    assert "training.batch_size: an integer or null, default None (recipe manual: 32)" in describe(
+        "institution"
+    )
+
+
+def cells(output: str) -> dict[str, str]:
+    """Table rows as name -> value, joining the lines a long cell wraps onto."""
+    rows: dict[str, str] = {}
+    name = None
+    for line in output.splitlines():
+        parts = [c.strip() for c in line.split("│")[1:-1]]
+        if len(parts) != 2:
+            continue
+        if parts[0]:
+            name = parts[0]
+            rows[name] = parts[1]
+        elif name is not None:
+            rows[name] += " " + parts[1]
+    return rows
+
+
+def test_check_prints_every_planned_value_with_its_reason(tmp_path: Path, capsys):
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "model:\n  source: tiny-bert\ndata:\n  max_length: 16\n"
+        f"privacy:\n  ledger_path: {tmp_path / 'ledger.json'}\n  planned_rounds: 2\n"
+    )
+    assert main(["check", str(config)]) == 0
+    shown = cells(capsys.readouterr().out)
+    cfg = config_from_dict({"model": {"source": "tiny-bert"}, "privacy": {"planned_rounds": 2}})
+    trainable = 2312  # tiny-bert's LoRA and its 8-label head
+    expected = R.plan(R.facts(cfg, 266, 8, trainable=trainable), cfg)  # drug-review triage: 266 rows
+    assert shown["recipe"] == "auto"
+    for name, choice in expected.items():
+        value = (
+            "-"
+            if choice.value is None
+            else (f"{choice.value:.4g}" if isinstance(choice.value, float) else str(choice.value))
+        )
+        assert shown[name.replace("_", " ")] == f"{value}: {choice.reason}"
+    assert not (tmp_path / "ledger.json").exists()  # a check spends nothing
+
+
+def test_check_prints_the_plan_the_trainer_runs(tmp_path: Path, capsys):
+    """One privacy plan (client.trainer.privacy_plan): what check prints is what a trainer built on the
+    same config, data and ledger runs, a value the config fixes included."""
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "model:\n  source: tiny-bert\ndata:\n  max_length: 16\ntraining:\n  batch_size: 24\n"
+        "  peers_per_round: 10\n"
+        f"privacy:\n  ledger_path: {tmp_path / 'ledger.json'}\n  planned_rounds: 3\n"
+    )
+    assert main(["check", str(config)]) == 0
+    shown = {name: value.split(":")[0] for name, value in cells(capsys.readouterr().out).items()}
+    cfg = read_config(str(config), [], "institution")
+    bench = prepare(cfg)
+    ledger = PrivacyLedger.from_config(cfg.privacy)
+    trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, torch.device("cpu"), ledger)
+    try:
+        ran = trainer.cfg.training
+        assert shown["fine tune"] == "True"
+        assert shown["batch size"] == str(ran.batch_size) == "24"
+        assert shown["sample rate"] == f"{trainer.sample_rate:.4g}"
+        assert shown["local steps"] == str(ran.local_steps)
+        assert shown["noise multiplier"] == f"{trainer.noise_multiplier:.4g}"
+        assert shown["max grad norm"] == f"{trainer.cfg.privacy.max_grad_norm:.4g}"
+        assert shown["learning rate"] == f"{ran.learning_rate:.4g}"
+    finally:
+        trainer.close()
+    assert not (tmp_path / "ledger.json").exists()
+
+
+def test_a_ledger_s_noise_is_kept_not_replanned():
+    cfg = config_from_dict({"privacy": {"accountant": "rdp"}})
+    recipe = R.plan(R.facts(cfg, 1150, 3), cfg, ledger_noise=1.234)
+    assert recipe.noise_multiplier.value == 1.234 and "ledger" in recipe.noise_multiplier.reason
+
+
+def test_a_budget_too_small_for_a_statistics_release_plans_none():
+    # A quarter of epsilon 0.3 is below what one release at sample rate 1 can reach; the rounds are not.
+    recipe, _ = planned(1150, 3, 0.3)
+    assert recipe.statistics_noise.value is None and "no release" in recipe.statistics_noise.reason
+    assert recipe.noise_multiplier.value > 0 and recipe.fine_tune.value
+
+
+def test_too_few_rows_for_dp_sgd_put_the_whole_budget_on_the_statistics_and_say_why():
+    """53 rows (a drug-review hospital), 10 peers, 75k trained values: the best-case signal-to-noise
+    of the averaged updates is far below MIN_RUN_SNR, so no LoRA step is planned and the one release
+    spends all of epsilon (its ledger noise is the statistics' own); a large institution with the
+    compute to use its rows still fine-tunes."""
+    small, _ = planned(53, 8, 8.0, trainable=TRAINABLE, peers_per_round=10)
+    assert small.fine_tune.value is False
+    assert "add nothing measurable" in small.fine_tune.reason and "< 10" in small.fine_tune.reason
+    assert small.local_steps.value == 0 and small.noise_multiplier.value is None
+    whole = calibrate_noise(8.0, DELTA, "rdp", 1.0, 1)
+    assert small.statistics_noise.value == whole and "whole epsilon" in small.statistics_noise.reason
+    assert small.calibration(ROUNDS) == (1.0, 1, ())  # the ledger calibrates exactly that release
+    assert composed(small.statistics_history()) == pytest.approx(8.0, abs=0.02)
+    large, _ = planned(20_000, 8, 8.0, trainable=TRAINABLE, peers_per_round=10, examples_per_round=2000)
+    assert large.fine_tune.value and large.local_steps.value > 0
+    assert large.statistics_noise.value == calibrate_noise(2.0, DELTA, "rdp", 1.0, 1)
+

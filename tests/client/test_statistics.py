@@ -1,0 +1,167 @@
+"""Statistics first: each institution's DP release of class sums and counts (its sensitivity, its
+ledger entry re-derived by an accountant of our own and composed with the rounds), the server's head
+from the summed releases, and why summing beats averaging per-institution heads under label skew."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from opacus.accountants import create_accountant
+from torch import nn
+
+from benchmarks.stats_head import averaged_heads
+from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
+from fedlora.client.statistics import class_sums, head_rows, release_statistics
+from fedlora.client.trainer import LocalTrainer, privacy_plan
+from fedlora.common.accounting import calibrate_noise
+from fedlora.common.adapter import adapter_state, peft_module
+from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
+from fedlora.common.model import build_model
+from fedlora.server.statistics_head import class_mean_head, summed
+from fedlora.server.strategy import build_strategy
+from helpers.messages import reply_message
+
+CPU = torch.device("cpu")
+LABELS = ("a", "b", "c")
+EPSILON, ROUNDS, STEPS, BATCH = 8.0, 2, 2, 8
+
+
+def test_one_row_moves_the_released_sums_and_counts_by_sqrt_2(make_config, vocab_size, toy_classification):
+    cfg = make_config()
+    model = build_model(cfg.model, LABELS, vocab_size).model
+    data = toy_classification(12, 3)
+    assert head_rows(model) == 3
+    sums, counts = class_sums(model, data, 3, CPU, 5)
+    assert counts.tolist() == [4.0, 4.0, 4.0]
+    for row in (0, 7):
+        rest = data.subset([i for i in range(len(data)) if i != row])
+        fewer, fewer_counts = class_sums(model, rest, 3, CPU, 5)
+        moved = torch.cat([(sums - fewer).flatten(), counts - fewer_counts]).norm().item()
+        assert moved == pytest.approx(math.sqrt(2), abs=1e-6)  # a unit vector and a count of 1
+    assert model.training  # restored after the eval-mode pass
+
+
+def independent(history, delta):
+    accountant = create_accountant("prv")
+    accountant.history = list(history)
+    return accountant.get_epsilon(delta=delta)
+
+
+def test_the_release_is_charged_at_round_0_and_composed_with_the_rounds(
+    make_config, vocab_size, toy_classification, tmp_path
+):
+    ledger_path = tmp_path / "ledger.json"
+    cfg = make_config(
+        {
+            "training": {"batch_size": BATCH, "local_steps": STEPS},
+            "privacy": {"epsilon": EPSILON, "planned_rounds": ROUNDS, "ledger_path": str(ledger_path)},
+        }
+    )
+    delta = cfg.privacy.delta
+    data = toy_classification(64, 3)
+    model = build_model(cfg.model, LABELS, vocab_size).model
+    ledger = PrivacyLedger(ledger_path, EPSILON, delta, "prv")
+    recipe = privacy_plan(cfg, model, data, ledger).recipe
+    sigma_s = recipe.statistics_noise.value
+    assert sigma_s == calibrate_noise(0.25 * EPSILON, delta, "prv", 1.0, 1)
+    sums, counts, noise_std, entry = release_statistics(model, data, recipe, ledger, CPU, 16, ROUNDS)
+    assert noise_std == pytest.approx(sigma_s * math.sqrt(2))
+    assert (entry.round, entry.noise_multiplier, entry.sample_rate, entry.steps) == (
+        STATISTICS_ROUND,
+        sigma_s,
+        1.0,
+        1,
+    )
+    assert entry.epsilon == pytest.approx(independent([(sigma_s, 1.0, 1)], delta), abs=1e-6)
+    exact, exact_counts = class_sums(model, data, 3, CPU, 16)
+    assert not torch.allclose(sums.double(), exact)  # noise was added
+    assert (counts.double() - exact_counts).abs().max() < 10 * noise_std
+
+    # The rounds after it: noise calibrated so that the release and every planned step spend the budget.
+    trainer = LocalTrainer(cfg, model, data, CPU, PrivacyLedger(ledger_path, EPSILON, delta, "prv"))
+    first = trainer.train_round(1)
+    last = trainer.train_round(2)
+    rounds = (trainer.noise_multiplier, trainer.sample_rate, STEPS)
+    assert first.epsilon == pytest.approx(independent([(sigma_s, 1.0, 1), rounds], delta), abs=1e-6)
+    both = [(sigma_s, 1.0, 1), (rounds[0], rounds[1], STEPS * ROUNDS)]
+    assert last.epsilon == pytest.approx(independent(both, delta), abs=1e-6)
+    assert EPSILON - 0.05 <= last.epsilon <= EPSILON
+    assert [e.round for e in trainer.ledger.entries] == [STATISTICS_ROUND, 1, 2]
+    trainer.close()
+
+
+def test_without_noise_the_server_s_head_is_the_head_of_the_exact_summed_statistics(
+    make_config, vocab_size, toy_classification
+):
+    cfg = make_config({"privacy": {"enabled": False}, "model": {"head_init": "label-names"}})
+    built = build_model(cfg.model, LABELS, vocab_size)
+    model = built.model
+    parts = [toy_classification(n, 3, seed=s) for n, s in ((9, 1), (15, 2), (6, 3))]
+    replies = []
+    for node, data in enumerate(parts, start=1):
+        recipe = privacy_plan(cfg, model, data, None).recipe
+        sums, counts, noise_std, entry = release_statistics(model, data, recipe, None, CPU, 4, 1)
+        assert (noise_std, entry) == (0.0, None)
+        metrics = TrainMetrics(len(data), 0.0, cfg.model.lora_r, 2.0, 0, 0.1, noise_std=noise_std)
+        content = statistics_reply(sums, counts, metrics, built.fingerprint)
+        check_outgoing(content, "train")  # the audit mod lets it leave as it is
+        replies.append(reply_message(node, content))
+    strategy = build_strategy(cfg, built.fingerprint, 3)
+    start = adapter_state(model)
+    strategy.set_global(ArrayRecord({k: v.contiguous() for k, v in start.items()}))
+    arrays = strategy.aggregate_statistics(replies, cfg.model.head_scale)
+    head = {k: torch.from_numpy(a.numpy()) for k, a in arrays.items() if ".classifier." in k}
+    weight = next(v for k, v in head.items() if k.endswith(".weight"))
+    bias = next(v for k, v in head.items() if k.endswith(".bias"))
+
+    # The head built here from the exact statistics of every row, pooled by hand.
+    classifier = peft_module(model).base_model.model.eval()
+    with torch.no_grad():
+        pooled = [classifier.embed(d.input_ids, d.attention_mask) for d in parts]
+    rows = nn.functional.normalize(torch.cat(pooled), dim=-1)
+    labels = torch.cat([d.labels for d in parts])
+    means = torch.stack([rows[labels == c].sum(0) for c in range(3)])
+    shares = torch.bincount(labels, minlength=3).float() / len(labels)
+    assert torch.allclose(weight, cfg.model.head_scale * nn.functional.normalize(means, dim=-1), atol=1e-5)
+    assert torch.allclose(bias, torch.log(shares), atol=1e-6)
+    # Everything but the head is the global adapter as it was.
+    assert all(torch.equal(torch.from_numpy(arrays[k].numpy()), v) for k, v in start.items() if k not in head)
+
+
+def unit_rows(direction: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    return nn.functional.normalize(direction + 0.002 * torch.randn(n, len(direction), generator=gen), dim=-1)
+
+
+def test_summed_statistics_beat_averaged_heads_where_per_institution_heads_provably_collapse():
+    """Two classes whose mean directions are 0.05 rad apart (as MiniLM's class means are close):
+    the cosine can move a logit by at most head_scale x ||w0 - w1||. Two institutions hold 99 rows
+    of class 0 and 1 of class 1, the third 2 and 198: the averaged log-shares favour class 0 by more
+    than any cosine can undo, so the averaged head predicts class 0 for every input (checked by that
+    bound, and on the test rows); the summed statistics are balanced, and their head separates."""
+    gen = torch.Generator().manual_seed(0)
+    width, scale = 8, 20.0
+    base = torch.zeros(width)
+    base[0] = 1.0
+    directions = [base.clone(), base.clone()]
+    directions[0][1], directions[1][2] = math.sin(0.05 / math.sqrt(2)), math.sin(0.05 / math.sqrt(2))
+    holdings = [(99, 1), (99, 1), (2, 198)]
+    releases = []
+    for counts in holdings:
+        sums = torch.stack([unit_rows(directions[c], n, gen).sum(0) for c, n in enumerate(counts)])
+        releases.append((sums.double(), torch.tensor(counts, dtype=torch.float64)))
+    test_x = torch.cat([unit_rows(directions[c], 100, gen) for c in (0, 1)])
+    test_y = torch.tensor([0] * 100 + [1] * 100)
+
+    avg_w, avg_b = averaged_heads(releases, scale)
+    bound = float((avg_w[0] - avg_w[1]).norm())  # |(w0 - w1) . x| <= ||w0 - w1|| for a unit x
+    assert avg_b[0] - avg_b[1] > bound  # the prior outvotes every possible cosine: a proof of collapse
+    averaged = (test_x @ avg_w.T + avg_b).argmax(1)
+    assert (averaged == 0).all()
+
+    weight, bias = class_mean_head(*summed(releases), scale)
+    predicted = (test_x @ weight.T + bias).argmax(1)
+    assert float((predicted == test_y).float().mean()) >= 0.95
+    assert float((averaged == test_y).float().mean()) == 0.5
