@@ -21,13 +21,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 from rich.table import Table
 
+from benchmarks import PROG
 from fedlora.common.cli_support import console, report, run_cli
 from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.messages import Advert, UnmaskShares
 from fedlora.common.secure_aggregation.quantise import Quantiser
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import SecAggConfig
-from benchmarks import PROG
 
 ID_BYTES = 8
 

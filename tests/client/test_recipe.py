@@ -13,8 +13,8 @@ from opacus.accountants import create_accountant
 from fedlora.client import recipe as R
 from fedlora.client.cli import main
 from fedlora.client.ledger import PrivacyLedger
-from fedlora.common.accounting import calibrate_noise
 from fedlora.client.trainer import LocalTrainer
+from fedlora.common.accounting import calibrate_noise
 from fedlora.common.cli_support import read_config
 from fedlora.common.config import config_from_dict, describe
 from fedlora.common.errors import ConfigError

@@ -146,20 +146,23 @@ def test_a_share_raised_after_the_fact_is_refused_before_the_next_round(tmp_path
 
 def test_check_plans_with_the_spend_without_aggregation(tmp_path, make_config):
     from fedlora.client.cli import plan
+    from fedlora.common.workbench import prepare
 
     ledger = shared_ledger(tmp_path)
-    def config(path):
-        return make_config(
+
+    def planned(path):
+        cfg = make_config(
             {
                 "training": {"batch_size": 4, "local_steps": 2},
                 "privacy": {"epsilon": 8.0, "accountant": "rdp", "ledger_path": str(path)},
             }
         )
+        bench = prepare(cfg)
+        return plan(cfg, bench.built.model, bench.data.train)[1]
 
-    # labels=0: no statistics release to plan, so fewer calibrations (each composes dozens of times).
-    _, budget = plan(config(ledger.path), rows=80, labels=0, trainable=1000)
+    budget = planned(ledger.path)
     assert budget["spent"] == ledger.spent and budget["spent_alone"] == ledger.spent_alone
-    assert plan(config(tmp_path / "fresh.json"), rows=80, labels=0, trainable=1000)[1]["spent_alone"] is None
+    assert planned(tmp_path / "fresh.json")["spent_alone"] is None
 
 
 def test_the_model_card_states_the_assumption():

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from benchmarks.secure_aggregation import measure
 from fedlora.common.errors import ConfigError, RoundDiscarded, SecureAggregationError
 from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.quantise import Quantiser
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import SecAggConfig
-from benchmarks.secure_aggregation import measure
 
 CONTEXT = b"test-run/round-3"
 LENGTH = 2_000
