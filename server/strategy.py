@@ -31,7 +31,7 @@ from fedlora.server.global_adapter import GlobalAdapter, Layout
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
 from fedlora.server.screening import NormBounds, ReplyScreen, by_node, drop, failure_reason
-from fedlora.server.statistics_head import class_mean_head, prior_rows, summed
+from fedlora.server.statistics_head import class_mean_head, summed, summed_variance
 
 log = logging.getLogger("fedlora.server")
 NODE_POLL_SECONDS = 1.0
@@ -205,7 +205,7 @@ class LoraStrategy(Strategy):
             log.warning("round 0: no usable statistics; the head stays as model.head_init made it")
             return None
         start = state[weight_key]
-        weight, bias = class_mean_head(*summed(releases), head_scale, start, prior_rows(noise, width))
+        weight, bias = class_mean_head(*summed(releases), head_scale, start, summed_variance(noise))
         log.info("round 0: shared head from the summed statistics of %d institutions", len(releases))
         head = {weight_key: weight, bias_key: bias}
         return ArrayRecord({k: Array(np.ascontiguousarray(head.get(k, v).numpy())) for k, v in state.items()})

@@ -164,3 +164,34 @@ def test_summed_statistics_beat_averaged_heads_where_per_institution_heads_prova
     predicted = (test_x @ weight.T + bias).argmax(1)
     assert float((predicted == test_y).float().mean()) >= 0.95
     assert float((averaged == test_y).float().mean()) == 0.5
+
+
+def released(directions: torch.Tensor, n: int, noise_std: float, gen: torch.Generator):
+    """Summed class sums and counts of ``n`` unit rows per class, with Gaussian noise of ``noise_std``."""
+    sums = torch.stack([unit_rows(d, n, gen).sum(0) for d in directions]).double()
+    counts = torch.full((len(directions),), float(n), dtype=torch.float64)
+    return sums + noise_std * torch.randn(sums.shape, generator=gen, dtype=torch.float64), counts
+
+
+def test_the_start_weighs_what_the_release_says_not_a_constant():
+    """Pure-noise sums (5 rows a class, noise 54 x their norm): the head keeps the label names'
+    directions; plentiful sums and label names that point at the wrong classes: the head follows the
+    data. Neither case needs a tuned weight: both come from the release's own noise and spread."""
+    gen = torch.Generator().manual_seed(3)
+    width, scale = 32, 20.0
+    common = nn.functional.normalize(torch.ones(width), dim=0)
+    directions = nn.functional.normalize(common + 0.6 * torch.eye(width)[:3], dim=-1)
+    rows = torch.cat([unit_rows(d, 50, gen) for d in directions])
+    truth = torch.arange(3).repeat_interleave(50)
+
+    noise_std = 3.0 * math.sqrt(10)  # ten institutions' releases summed
+    sums, counts = released(directions, 5, noise_std, gen)
+    weight, _ = class_mean_head(sums, counts, scale, directions * scale, noise_std**2)
+    cosines = (nn.functional.normalize(weight.double(), dim=-1) * directions.double()).sum(1)
+    assert float(cosines.min()) > 0.98
+
+    sums, counts = released(directions, 400, 1.0, gen)
+    wrong = directions.roll(1, dims=0)
+    weight, bias = class_mean_head(sums, counts, scale, wrong * scale, 1.0)
+    predicted = (rows.double() @ weight.double().T + bias.double()).argmax(1)
+    assert float((predicted == truth).double().mean()) >= 0.95
