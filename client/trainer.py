@@ -128,10 +128,15 @@ def private_engine(accountant: str, secure_mode: bool) -> PrivacyEngine:
 
 
 def institution_recipe(
-    cfg: FedloraConfig, model: nn.Module, train: TokenizedDataset, ledger: PrivacyLedger | None
+    cfg: FedloraConfig,
+    model: nn.Module,
+    train: TokenizedDataset,
+    ledger: PrivacyLedger | None,
+    round_zero: bool = True,
 ) -> Recipe:
     """The planner's recipe for this institution's counts (persons with data.privacy_unit): the values
-    its config leaves unset, and whether it fine-tunes at all (client.recipe)."""
+    its config leaves unset, and whether it fine-tunes at all (client.recipe); ``round_zero`` False
+    where no federation's round 0 releases statistics first (train-local)."""
     units = (
         unit_counts(train.units, cfg.data.max_rows_per_unit)
         if cfg.privacy.enabled and cfg.data.privacy_unit is not None and train.units is not None
@@ -140,7 +145,8 @@ def institution_recipe(
     fixed = ledger.noise_multiplier if ledger is not None else None
     persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return plan(facts(cfg, len(train), head_rows(model), *persons, trainable=trainable), cfg, fixed)
+    inst = facts(cfg, len(train), head_rows(model), *persons, trainable=trainable, round_zero=round_zero)
+    return plan(inst, cfg, fixed)
 
 
 class LocalTrainer:
@@ -152,7 +158,10 @@ class LocalTrainer:
         device: torch.device,
         ledger: PrivacyLedger | None = None,
         seed: int | None = None,
+        round_zero: bool = True,
     ) -> None:
+        """``round_zero`` False where no federation's round 0 releases statistics before these rounds
+        (train-local): the planner then gives the rounds the whole budget."""
         if cfg.privacy.enabled and ledger is None:
             raise ConfigError("privacy.enabled: DP training needs a privacy ledger")
         if (
@@ -173,7 +182,7 @@ class LocalTrainer:
         if cfg.privacy.enabled:
             require_meaningful_delta(cfg.privacy.delta, sampled, noun)
             ledger.require_unit(cfg.data.privacy_unit)
-        self.recipe: Recipe = institution_recipe(cfg, model, train, ledger)
+        self.recipe: Recipe = institution_recipe(cfg, model, train, ledger, round_zero)
         cfg = applied(cfg, self.recipe)
         self.cfg = cfg
         self.task = cfg.model.task
