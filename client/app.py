@@ -40,7 +40,7 @@ from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.noise_probe import round_noise
 from fedlora.client.statistics import release_statistics
-from fedlora.client.trainer import LocalTrainer, derive_seed, institution_recipe
+from fedlora.client.trainer import LocalTrainer, derive_seed, institution_recipe, private_engine
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
     State,
@@ -208,6 +208,7 @@ def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> R
         device,
         cfg.training.eval_batch_size,
         cfg.planned_rounds,
+        private_engine(cfg.privacy.accountant, True).secure_rng if cfg.privacy.secure_mode else None,
     )
     log.info("round 0: released class statistics of %d rows (%s)", len(train), recipe.statistics_noise.reason)
     metrics = TrainMetrics(

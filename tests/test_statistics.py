@@ -10,18 +10,24 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 from opacus.accountants import create_accountant
+from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 
+from fedlora.client import app as client_app
+from fedlora.client import recipe as R
+from fedlora.client.app import ClientSetup, handle_train
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger, calibrate_noise
-from fedlora.client.statistics import class_sums, head_rows, release_statistics
+from fedlora.client.statistics import class_sums, gaussian_release, head_rows, release_statistics
 from fedlora.client.trainer import LocalTrainer, institution_recipe
-from fedlora.common.adapter import adapter_state, peft_module
+from fedlora.common import protocol as P
+from fedlora.common.adapter import adapter_state, from_record, peft_module
 from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
+from fedlora.common.config import config_from_dict
 from fedlora.common.model import build_model
 from fedlora.server.statistics_head import class_mean_head, summed
 from fedlora.server.strategy import build_strategy
 from fedlora.simulations.benchmarks.stats_head import averaged_heads
-from tests.helpers_messages import reply_message
+from tests.helpers_messages import reply_message, train_message
 
 CPU = torch.device("cpu")
 LABELS = ("a", "b", "c")
@@ -195,3 +201,40 @@ def test_the_start_weighs_what_the_release_says_not_a_constant():
     weight, bias = class_mean_head(sums, counts, scale, wrong * scale, 1.0)
     predicted = (rows.double() @ weight.double().T + bias.double()).argmax(1)
     assert float((predicted == truth).double().mean()) >= 0.95
+
+
+def test_the_release_draws_opacus_secure_mode_noise_from_the_generator_it_is_given():
+    """privacy.secure_mode hands the release Opacus' secure generator: its noise is then exactly
+    Opacus' secure-mode noise (four draws per value) from that generator, not torch's global one."""
+    sums, counts = torch.zeros(3, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    torch.manual_seed(0)
+    noisy_sums, noisy_counts = gaussian_release(sums, counts, 2.0, torch.Generator().manual_seed(7))
+    same = torch.Generator().manual_seed(7)
+    assert torch.equal(noisy_sums, _generate_noise(2.0, sums, same, secure_mode=True).double())
+    assert torch.equal(noisy_counts, _generate_noise(2.0, counts, same, secure_mode=True).double())
+    torch.manual_seed(0)
+    again, _ = gaussian_release(sums, counts, 2.0, torch.Generator().manual_seed(8))
+    assert not torch.equal(noisy_sums, again)  # the generator given decides, not torch's seed
+
+
+def test_an_institution_whose_planner_skips_lora_answers_a_round_with_an_empty_update(tmp_path, monkeypatch):
+    """The planner's no-LoRA decision for 53 rows (client.recipe), as the ClientApp meets it in a LoRA
+    round: a zero delta of every sent key, 0 steps, nothing trained and nothing spent."""
+    settings = {
+        "model": {"source": "tiny-bert"},
+        "data": {"max_length": 32},
+        "training": {"device": "cpu", "peers_per_round": 10},
+        "privacy": {"accountant": "rdp", "epsilon": 8.0},
+        "simulation": {"num_clients": 2},
+    }
+    cfg = config_from_dict(settings, source="<test>", persona="simulation")
+    skip = R.plan(R.facts(cfg, 53, 8, trainable=75_000), cfg)
+    assert skip.fine_tune.value is False
+    monkeypatch.setattr(client_app, "institution_recipe", lambda *_args: skip)
+    ledger = tmp_path / "ledger.json"
+    setup = ClientSetup(cfg, client_id=0, ledger_path=ledger, partition=0)
+    reply = handle_train(train_message(cfg, 1), setup)
+    update = from_record(reply.content[P.ARRAYS])
+    assert update and all(not v.any() for v in update.values())
+    assert reply.content[P.METRICS][P.STEPS] == 0 and reply.content[P.METRICS][P.EPSILON] == 0.0
+    assert not ledger.exists() or '"round": 1' not in ledger.read_text()
