@@ -221,10 +221,14 @@ class LoraStrategy(Strategy):
         accepted = self.screen.train_replies(replies, self.global_adapter, server_round, record.dropped)
         # A reply of no steps is an institution whose planner found DP-SGD would add nothing
         # (client.recipe): its empty update is not averaged in, or it would shrink the others'.
-        accepted = [s for s in accepted if s.metrics.steps > 0]
-        if not accepted:
-            log.warning("round %d: no usable reply; the global adapter stays as it was", server_round)
+        trained = [s for s in accepted if s.metrics.steps > 0]
+        if not trained:
+            if accepted:
+                log.info("round %d: every reply planned no LoRA steps; the global stays", server_round)
+            else:
+                log.warning("round %d: no usable reply; the global adapter stays as it was", server_round)
             return None, None
+        accepted = trained
         weights = self.weighting([s.metrics.num_examples for s in accepted])
         record.clients = [s.entry(w / sum(weights)) for s, w in zip(accepted, weights, strict=True)]
         self.node_layouts.update(

@@ -659,3 +659,14 @@ def test_an_empty_update_of_no_steps_is_left_out_of_the_average(strategy) -> Non
         torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
     assert [c["node"] for c in strategy.rounds[-1].clients] == [1, 2]
     assert metrics[P.NUM_EXAMPLES] == 40
+
+
+def test_a_round_of_only_empty_updates_keeps_the_global_without_a_warning(strategy, caplog) -> None:
+    """Where every institution's planner skipped LoRA (the default preset's hospitals), the rounds
+    are expected to change nothing: no warning of unusable replies each round."""
+    empty = {k: torch.zeros_like(v) for k, v in state(3).items()}
+    with caplog.at_level(logging.INFO):
+        result = strategy.aggregate_train(1, [reply(1, empty, 20, steps=0), reply(2, empty, 30, steps=0)])
+    assert result == (None, None)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "planned no LoRA steps" in caplog.text
