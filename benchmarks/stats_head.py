@@ -12,8 +12,10 @@ intervals over seeds (simulations.stats):
 
 - probe: the non-private logistic probe on every training row (simulations.probe), the floor;
 - label names: the public start (model.head_init), no data, no privacy cost;
-- summed NCM + start: the server's head (server.statistics_head): the summed release, the label names
-  as a prior worth PRIOR_WEIGHT x the summed noise's norm; without the start, the ablation;
+- summed NCM + start: the server's head (server.statistics_head): the summed release, each class
+  direction the posterior mean of the released one and the label names'; without the start, the
+  ablation; "fixed prior" is the former rule (the label names worth FIXED_PRIOR_WEIGHT x the summed
+  noise's norm in rows, a weight chosen on triage's test rows), kept here to compare;
 - summed LDA: a ridge LDA from the summed release with the second moment, at each epsilon;
 - averaged heads: the old way, each institution's own cosine head and log-share bias from its own
   release (client-side head start at epsilon 2, a quarter of 8), averaged as adapter tensors.
@@ -38,7 +40,7 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.data import build_data
 from fedlora.common.model import HEAD, build_model, load_tokenizer
 from fedlora.configs import simulation as presets
-from fedlora.server.statistics_head import class_mean_head, prior_rows, summed
+from fedlora.server.statistics_head import class_mean_head, summed, summed_variance
 from fedlora.simulations.partitions import dirichlet_partition
 from fedlora.simulations.probe import frozen_features, logistic_regression
 from fedlora.simulations.stats import mean_interval
@@ -46,6 +48,7 @@ from fedlora.simulations.stats import mean_interval
 DELTA = 1e-5
 HEAD_SCALE = 20.0
 OLD_EPSILON = 2.0
+FIXED_PRIOR_WEIGHT = 2.0
 SETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "triage": ("hospitals.yaml", ()),
     "rating": ("hospitals.yaml", ("data.demo_task=rating",)),
@@ -124,6 +127,14 @@ def lda_head(sums: Tensor, counts: Tensor, moment: Tensor, noise_std: float, ins
     return weight, bias
 
 
+def fixed_prior_head(sums: Tensor, counts: Tensor, start: Tensor, noise_var: float) -> Head:
+    """The former server head: the label names' unit rows added to the sums, worth
+    FIXED_PRIOR_WEIGHT x the summed noise's expected norm in rows."""
+    rows = FIXED_PRIOR_WEIGHT * math.sqrt(noise_var * sums.shape[1])
+    direction = sums + rows * nn.functional.normalize(start.double(), dim=-1)
+    return class_mean_head(direction, counts, HEAD_SCALE)
+
+
 def averaged_heads(releases: Sequence[tuple[Tensor, Tensor]], head_scale: float) -> Head:
     """The old way: each institution's own head (cosine rows, log of its own noisy class shares),
     then the heads averaged as adapter tensors are."""
@@ -152,7 +163,6 @@ def scored(head: Head, x: Tensor, y: Tensor, classes: int) -> tuple[float, float
 def run_set(name: str, args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
     x_train, y_train, x_test, y_test, classes = features(name, Path(args.cache))
     start = public_start(name, Path(args.cache))
-    width = x_train.shape[1]
     probe = logistic_regression(x_train, y_train, classes)
     with torch.no_grad():
         guess = probe(x_test.double()).argmax(1)
@@ -177,10 +187,13 @@ def run_set(name: str, args: argparse.Namespace) -> dict[str, list[tuple[float, 
             sigma = calibrate_noise(epsilon, DELTA, "prv", 1.0, 1)
             noisy = [release(s, sigma * math.sqrt(2), gen) for s in stats]
             released = summed([(s, c) for s, c, _ in noisy])
-            rows = prior_rows([sigma * math.sqrt(2)] * len(parts), width)
-            head = class_mean_head(*released, HEAD_SCALE, start, rows)
+            noise_var = summed_variance([sigma * math.sqrt(2)] * len(parts))
+            head = class_mean_head(*released, HEAD_SCALE, start, noise_var)
             results.setdefault(f"summed NCM + start, eps {epsilon:g}", []).append(
                 scored(head, x_test, y_test, classes)
+            )
+            results.setdefault(f"fixed prior (former), eps {epsilon:g}", []).append(
+                scored(fixed_prior_head(*released, start, noise_var), x_test, y_test, classes)
             )
             results.setdefault(f"summed NCM no start, eps {epsilon:g}", []).append(
                 scored(class_mean_head(*released, HEAD_SCALE), x_test, y_test, classes)
@@ -221,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--institutions", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 4.0, 8.0])
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fedlora-stats-head"))
+    cache = Path(tempfile.gettempdir()) / "fedlora-stats-head"
+    ap.add_argument("--cache", default=str(cache), help="where features are kept (outside the repository)")
     args = ap.parse_args(argv)
 
     def body() -> None:

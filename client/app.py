@@ -34,7 +34,7 @@ from fedlora.client.audit import audit_mod
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.statistics import release_statistics
-from fedlora.client.trainer import GradientHook, LocalTrainer, derive_seed, privacy_plan
+from fedlora.client.trainer import GradientHook, LocalTrainer, derive_seed, privacy_plan, private_engine
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
     State,
@@ -206,6 +206,7 @@ def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> R
         device,
         cfg.training.eval_batch_size,
         cfg.planned_rounds,
+        private_engine(cfg.privacy.accountant, True).secure_rng if cfg.privacy.secure_mode else None,
     )
     log.info("round 0: released class statistics of %d rows (%s)", len(train), recipe.statistics_noise.reason)
     metrics = TrainMetrics(

@@ -235,7 +235,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         bench = prepare(cfg)
         device = device_for(cfg.training.device)
         ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
-        trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, device, ledger)
+        trainer = LocalTrainer(cfg, bench.built.model, bench.data.train, device, ledger, round_zero=False)
         metadata = {
             "fingerprint": bench.built.fingerprint,
             "labels": list(bench.labels),

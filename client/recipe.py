@@ -74,6 +74,9 @@ class Institution:
     """Institutions whose updates the server averages each round (K)."""
     trainable: int = 1
     """Values DP-SGD trains (LoRA factors and head): each one receives the noise."""
+    round_zero: bool = True
+    """A federation's round 0 asks for the class statistics; False: no release will happen (train-local,
+    federation.statistics_first false), so the rounds get the whole budget."""
 
     @property
     def units(self) -> int:
@@ -136,6 +139,8 @@ def _no_statistics(inst: Institution) -> str | None:
     """Why this institution releases no statistics, or None."""
     if inst.labels == 0:
         return "no classification head"
+    if not inst.round_zero:
+        return "no round 0 (train-local, or federation.statistics_first false): nothing to release"
     if inst.persons is not None:
         return "privacy unit person: the class-statistics release is per row, not per person"
     if not inst.private:
@@ -265,9 +270,11 @@ def facts(
     persons: int | None = None,
     rows_per_person: float = 1.0,
     trainable: int = 1,
+    round_zero: bool = True,
 ) -> Institution:
     """What the planner may know; ``persons`` and ``rows_per_person`` with data.privacy_unit;
-    ``trainable``: the values DP-SGD trains (the model's trainable parameters)."""
+    ``trainable``: the values DP-SGD trains (the model's trainable parameters); ``round_zero``: False
+    where no federation's round 0 will ask for statistics (train-local)."""
     return Institution(
         rows=rows,
         labels=labels if cfg.model.task == "classification" else 0,
@@ -281,6 +288,7 @@ def facts(
         rows_per_person=rows_per_person,
         peers=cfg.training.peers_per_round,
         trainable=trainable,
+        round_zero=round_zero and cfg.federation.statistics_first,
     )
 
 

@@ -13,6 +13,7 @@ the planner's (client.recipe: its share of the budget, or all of it when DP-SGD 
 from __future__ import annotations
 
 import torch
+from opacus.optimizers.optimizer import _generate_noise
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -54,10 +55,16 @@ def class_sums(
     return sums, counts
 
 
-def gaussian_release(sums: Tensor, counts: Tensor, noise_std: float) -> tuple[Tensor, Tensor]:
-    """The Gaussian mechanism on the sums and counts together (noise 0: the exact statistics)."""
-    noisy_sums = sums + noise_std * torch.randn(sums.shape, dtype=sums.dtype)
-    noisy_counts = counts + noise_std * torch.randn(counts.shape, dtype=counts.dtype)
+def gaussian_release(
+    sums: Tensor, counts: Tensor, noise_std: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """The Gaussian mechanism on the sums and counts together (noise 0: the exact statistics), drawn
+    as Opacus draws DP-SGD's noise: with ``generator`` (privacy.secure_mode: Opacus' torchcsprng
+    device generator over /dev/urandom), its secure mode (four draws per value, robust to the
+    floating-point attacks), else torch's default generator (experiments only)."""
+    secure = generator is not None
+    noisy_sums = sums + _generate_noise(noise_std, sums, generator, secure_mode=secure)
+    noisy_counts = counts + _generate_noise(noise_std, counts, generator, secure_mode=secure)
     return noisy_sums, noisy_counts
 
 
@@ -69,11 +76,13 @@ def release_statistics(
     device: torch.device,
     batch_size: int,
     rounds: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, float, LedgerEntry | None]:
     """Charge the release in the ledger first (BudgetExceeded: nothing read), then release. The
     ledger's noise for the ``rounds`` after it is calibrated first, so that the release and every
     planned step together spend the budget. Without a ledger (privacy off, a non-private baseline)
-    the exact statistics leave. Returns the noisy sums and counts, the noise std and the entry."""
+    the exact statistics leave. ``generator``: the secure one of privacy.secure_mode. Returns the
+    noisy sums and counts, the noise std and the entry."""
     if recipe.statistics_noise.value is None and ledger is not None:
         raise ConfigError(f"statistics: no release planned ({recipe.statistics_noise.reason})")
     entry = None
@@ -84,5 +93,5 @@ def release_statistics(
         entry = ledger.reserve(STATISTICS_ROUND, 1.0, 1, noise_multiplier=sigma)
     sums, counts = class_sums(model, data, head_rows(model), device, batch_size)
     noise_std = sigma * STATISTICS_SENSITIVITY
-    noisy_sums, noisy_counts = gaussian_release(sums, counts, noise_std)
+    noisy_sums, noisy_counts = gaussian_release(sums, counts, noise_std, generator)
     return noisy_sums.float(), noisy_counts.float(), noise_std, entry

@@ -145,11 +145,17 @@ class PrivacyPlan:
 
 
 def privacy_plan(
-    cfg: FedloraConfig, model: nn.Module, train: TokenizedDataset, ledger: PrivacyLedger | None
+    cfg: FedloraConfig,
+    model: nn.Module,
+    train: TokenizedDataset,
+    ledger: PrivacyLedger | None,
+    round_zero: bool = True,
 ) -> PrivacyPlan:
     """The plan for ``train`` on ``model``: persons, delta and the ledger's unit checked, the
     planner's recipe (client.recipe: the values the config leaves unset, and whether it fine-tunes at
-    all) and, with a ledger, the noise it calibrates for the planned rounds."""
+    all) and, with a ledger, the noise it calibrates for the planned rounds; ``round_zero`` False
+    where no federation's round 0 releases statistics first (train-local: the rounds get the whole
+    budget)."""
     private = cfg.privacy.enabled
     units = None
     if private and cfg.data.privacy_unit is not None:
@@ -167,7 +173,8 @@ def privacy_plan(
     fixed = private_ledger.noise_multiplier if private_ledger is not None else None
     persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    recipe = plan(facts(cfg, len(train), head_rows(model), *persons, trainable=trainable), cfg, fixed)
+    inst = facts(cfg, len(train), head_rows(model), *persons, trainable=trainable, round_zero=round_zero)
+    recipe = plan(inst, cfg, fixed)
     cfg = applied(cfg, recipe)
     noise = None
     if private_ledger is not None:
@@ -192,8 +199,10 @@ class LocalTrainer:
         ledger: PrivacyLedger | None = None,
         seed: int | None = None,
         planned: PrivacyPlan | None = None,
+        round_zero: bool = True,
     ) -> None:
-        """``planned``: the caller's privacy_plan for this model, data and ledger (else made here)."""
+        """``planned``: the caller's privacy_plan for this model, data and ledger (else made here, with
+        ``round_zero`` False where no round 0 releases statistics before these rounds: train-local)."""
         if cfg.privacy.enabled and ledger is None:
             raise ConfigError("privacy.enabled: DP training needs a privacy ledger")
         if (
@@ -203,7 +212,7 @@ class LocalTrainer:
         ):
             raise ConfigError("privacy.grad_sample_mode: 'ghost' is supported for classification only")
         # data.privacy_unit: DP-SGD samples persons and clips one gradient each (client.privacy_unit).
-        self.plan = planned if planned is not None else privacy_plan(cfg, model, train, ledger)
+        self.plan = planned if planned is not None else privacy_plan(cfg, model, train, ledger, round_zero)
         self.units: UnitCounts | None = self.plan.units
         self.recipe: Recipe = self.plan.recipe
         cfg = self.plan.cfg

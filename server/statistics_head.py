@@ -4,20 +4,26 @@ Every institution releases once, under its own Gaussian mechanism, per class the
 L2-normalised pooled embeddings and the row count (client.statistics). The server SUMS the releases
 (not heads): the noise of K releases adds up as sqrt(K) while the signal adds up as K, and one prior
 from the summed counts replaces K skewed ones. The head is nearest class mean: row c is head_scale x
-the direction of class c's summed vector (a cosine head, as the label-name start), its bias the log
-of class c's share of the summed counts. Where the sums are mostly noise (few rows, many dimensions),
-the head's public start (the label names' embeddings, model.head_init, no privacy cost) is a prior
-on each direction worth PRIOR_WEIGHT times the summed noise's expected norm in rows: it decides
-when the statistics cannot, and fades as rows accumulate. Averaging per-institution heads instead
-shrinks the rows and lets the averaged log-shares of skewed institutions outvote the cosine (issue 27:
-one class everywhere).
-Measured against LDA and the per-institution average on frozen features:
-``python -m benchmarks stats_head``.
+a unit class direction (a cosine head, as the label-name start), its bias the log of class c's share
+of the summed counts. Averaging per-institution heads instead shrinks the rows and lets the averaged
+log-shares of skewed institutions outvote the cosine (issue 27: one class everywhere).
+
+Each class direction is a posterior mean between the noisy summed direction and the public start
+(the label names' embeddings u_c, model.head_init, no privacy cost), weighted by what the release
+itself says, with no constant tuned on any test rows. With noise variance v per released value
+(the sum of the institutions' variances), D values a row and P_c = |S_c|^2 - D v the class's signal
+power (noise removed in expectation): the summed directions' error per dimension is v C / sum_c P_c,
+the label names' error is estimated from the same release by the method of moments,
+(sum_c |S_c - sqrt(P_c) u_c|^2 - C D v) / (D sum_c P_c), and the data's weight is the start's error
+over the sum of both. One weight for every class (see data_weight). Where the sums are mostly noise
+the label names decide; as rows accumulate or the noise falls (epsilon rises) the data take over;
+without noise the head is the exact nearest class mean. Measured against the former fixed prior
+weight (2 x the noise's norm, chosen on triage's test rows), LDA and the per-institution average on
+frozen features: ``python -m benchmarks stats_head``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -26,10 +32,6 @@ from torch import Tensor, nn
 # A class whose summed noisy count falls below one row keeps a share of one row: the log prior stays
 # finite and such a class is merely unlikely, never impossible.
 MIN_COUNT = 1.0
-# The public start's weight, in multiples of the summed noise's norm: measured on the drug-review
-# triage at epsilon 2 (266 rows, 10 institutions): 0 gives 0.448 (the majority class), 1 gives 0.69,
-# 2 gives 0.757; the label names alone 0.698 (python -m benchmarks stats_head).
-PRIOR_WEIGHT = 2.0
 
 
 def summed(releases: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -39,21 +41,41 @@ def summed(releases: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return sums, counts
 
 
-def prior_rows(noise_stds: Sequence[float], width: int) -> float:
-    """How many rows the public start counts as: PRIOR_WEIGHT x the expected norm of one class row's
-    summed noise (independent Gaussians: the root of the summed variances over ``width`` values)."""
-    return PRIOR_WEIGHT * math.sqrt(sum(s * s for s in noise_stds) * width)
+def summed_variance(noise_stds: Sequence[float]) -> float:
+    """The per-value noise variance of the summed release (independent Gaussians add variances)."""
+    return sum(s * s for s in noise_stds)
+
+
+def data_weight(sums: Tensor, start: Tensor, noise_var: float) -> float:
+    """The posterior weight (0 to 1) of the released directions against the start's, one for every
+    class: a weight per class would mix, class by class, directions of different cosine with every
+    row (the class means share the features' common part, the label names do not) and so favour the
+    classes with more rows."""
+    if noise_var == 0.0:
+        return 1.0
+    width = sums.shape[1]
+    power = ((sums * sums).sum(1) - width * noise_var).clamp(min=0.0)
+    total = float(power.sum())
+    if total <= 0.0:
+        return 0.0
+    gap = ((sums - power.sqrt()[:, None] * start) ** 2).sum(1) - width * noise_var
+    start_var = max(float(gap.sum()), 0.0) / total / width
+    data_var = noise_var * sums.shape[0] / total
+    return start_var / (start_var + data_var)
 
 
 def class_mean_head(
-    sums: Tensor, counts: Tensor, head_scale: float, start: Tensor | None = None, rows: float = 0.0
+    sums: Tensor, counts: Tensor, head_scale: float, start: Tensor | None = None, noise_var: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Nearest class mean with the federation's prior: weight rows head_scale x the unit class
-    directions (each sum plus ``rows`` x the unit direction of ``start``'s row: the public start's
-    weight), biases the log of the class shares of the (noisy) counts; fp32 as the head is kept."""
-    direction = sums.to(torch.float64)
+    directions (with ``start``, the posterior mean of the released direction, whose summed noise has
+    per-value variance ``noise_var``, and the start's direction), biases the log of the class
+    shares of the (noisy) counts; fp32 as the head is kept."""
+    direction = nn.functional.normalize(sums.to(torch.float64), dim=-1)
     if start is not None:
-        direction = direction + rows * nn.functional.normalize(start.to(torch.float64), dim=-1)
+        prior = nn.functional.normalize(start.to(torch.float64), dim=-1)
+        weight = data_weight(sums.to(torch.float64), prior, noise_var)
+        direction = weight * direction + (1 - weight) * prior
     weight = head_scale * nn.functional.normalize(direction, dim=-1)
     kept = counts.to(torch.float64).clamp(min=MIN_COUNT)
     bias = torch.log(kept / kept.sum())

@@ -32,7 +32,7 @@ from fedlora.server.global_adapter import GlobalAdapter, Layout
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
 from fedlora.server.screening import NormBounds, ReplyScreen, by_node, drop, failure_reason
-from fedlora.server.statistics_head import class_mean_head, prior_rows, summed
+from fedlora.server.statistics_head import class_mean_head, summed, summed_variance
 
 log = logging.getLogger("fedlora.server")
 NODE_POLL_SECONDS = 1.0
@@ -206,7 +206,7 @@ class LoraStrategy(Strategy):
             log.warning("round 0: no usable statistics; the head stays as model.head_init made it")
             return None
         start = state[weight_key]
-        weight, bias = class_mean_head(*summed(releases), head_scale, start, prior_rows(noise, width))
+        weight, bias = class_mean_head(*summed(releases), head_scale, start, summed_variance(noise))
         log.info("round 0: shared head from the summed statistics of %d institutions", len(releases))
         head = {weight_key: weight, bias_key: bias}
         return ArrayRecord({k: Array(np.ascontiguousarray(head.get(k, v).numpy())) for k, v in state.items()})
@@ -222,10 +222,14 @@ class LoraStrategy(Strategy):
         accepted = self.screen.train_replies(replies, self.global_adapter, server_round, record.dropped)
         # A reply of no steps is an institution whose planner found DP-SGD would add nothing
         # (client.recipe): its empty update is not averaged in, or it would shrink the others'.
-        accepted = [s for s in accepted if s.metrics.steps > 0]
-        if not accepted:
-            log.warning("round %d: no usable reply; the global adapter stays as it was", server_round)
+        trained = [s for s in accepted if s.metrics.steps > 0]
+        if not trained:
+            if accepted:
+                log.info("round %d: every reply planned no LoRA steps; the global stays", server_round)
+            else:
+                log.warning("round %d: no usable reply; the global adapter stays as it was", server_round)
             return None, None
+        accepted = trained
         weights = self.weighting([s.metrics.num_examples for s in accepted])
         record.clients = [s.entry(w / sum(weights)) for s, w in zip(accepted, weights, strict=True)]
         self.node_layouts.update(

@@ -263,6 +263,8 @@ def test_train_local_writes_adapter_metrics_and_ledger(runs):
     assert all(math.isfinite(r["loss"]) for r in rounds)
     epsilons = [r["epsilon"] for r in rounds]
     assert all(e > 0 for e in epsilons) and epsilons == sorted(epsilons)
+    # No federation, no round-0 statistics release: the planned rounds spend the whole budget.
+    assert epsilons[-1] == pytest.approx(EPSILON, rel=0.01)
     # The institution's one ledger (privacy.ledger_path), not a fresh one per output folder.
     assert not (out / "privacy-ledger.json").exists()
     ledger = json.loads((out.parent / "train" / "ledger.json").read_text())

@@ -16,9 +16,11 @@ from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.trainer import LocalTrainer
 from fedlora.common.accounting import calibrate_noise
 from fedlora.common.cli_support import read_config
-from fedlora.common.config import config_from_dict, describe
+from fedlora.common.config import config_from_dict, describe, load_config
 from fedlora.common.errors import ConfigError
 from fedlora.common.workbench import prepare
+from fedlora.configs import simulation as presets
+from fedlora.simulations.virtual_client import with_peers
 
 # name -> (rows, labels): a tiny clinic, a drug-review hospital, one of ten sites of an 11,500-row set.
 INSTITUTIONS = {"tiny": (20, 4), "small": (53, 8), "large": (1150, 3)}
@@ -236,3 +238,30 @@ def test_too_few_rows_for_dp_sgd_put_the_whole_budget_on_the_statistics_and_say_
     assert large.fine_tune.value and large.local_steps.value > 0
     assert large.statistics_noise.value == calibrate_noise(2.0, DELTA, "rdp", 1.0, 1)
 
+
+
+def test_the_default_preset_leaves_the_recipe_to_the_planner_which_skips_lora_for_its_hospitals():
+    """configs/simulation/hospitals.yaml pinned batch 64 x 3 steps, so its hospitals kept DP-SGD
+    at a signal-to-noise of 0.3-0.9; left to the planner, a 53-row hospital of 5 spends its budget on
+    the statistics."""
+    cfg = with_peers(load_config(str(Path(presets.__file__).parent / "hospitals.yaml"), (), "simulation"))
+    assert cfg.training.local_steps is None and cfg.training.batch_size is None
+    recipe = R.plan(R.facts(cfg, 53, 8, trainable=TRAINABLE), cfg)
+    assert recipe.fine_tune.value is False and "add nothing measurable" in recipe.fine_tune.reason
+    assert "whole epsilon" in recipe.statistics_noise.reason
+
+
+def test_without_a_round_0_the_rounds_get_the_whole_budget():
+    """train-local (LocalTrainer round_zero False) and federation.statistics_first false: no
+    statistics release is planned, so the planned rounds alone spend epsilon."""
+    cfg = config_from_dict({"privacy": {"accountant": "rdp", "epsilon": 8.0}}, source="<test>")
+    alone = R.plan(R.facts(cfg, 1150, 3, trainable=TRAINABLE, round_zero=False), cfg)
+    assert alone.statistics_noise.value is None and "no round 0" in alone.statistics_noise.reason
+    assert alone.calibration(ROUNDS)[2] == ()
+    federated = R.plan(R.facts(cfg, 1150, 3, trainable=TRAINABLE), cfg)
+    assert federated.statistics_noise.value is not None
+    off = config_from_dict(
+        {"privacy": {"accountant": "rdp", "epsilon": 8.0}, "federation": {"statistics_first": False}},
+        source="<test>",
+    )
+    assert R.plan(R.facts(off, 1150, 3, trainable=TRAINABLE), off).statistics_noise.value is None

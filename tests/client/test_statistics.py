@@ -4,25 +4,32 @@ from the summed releases, and why summing beats averaging per-institution heads 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from flwr.app import ArrayRecord
 from opacus.accountants import create_accountant
+from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 
 from benchmarks.stats_head import averaged_heads
+from fedlora.client import app as client_app
+from fedlora.client import recipe as R
+from fedlora.client.app import ClientSetup, handle_train
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
-from fedlora.client.statistics import class_sums, head_rows, release_statistics
+from fedlora.client.statistics import class_sums, gaussian_release, head_rows, release_statistics
 from fedlora.client.trainer import LocalTrainer, privacy_plan
+from fedlora.common import protocol as P
 from fedlora.common.accounting import calibrate_noise
-from fedlora.common.adapter import adapter_state, peft_module
+from fedlora.common.adapter import adapter_state, from_record, peft_module
 from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
+from fedlora.common.config import config_from_dict
 from fedlora.common.model import build_model
 from fedlora.server.statistics_head import class_mean_head, summed
 from fedlora.server.strategy import build_strategy
-from helpers.messages import reply_message
+from helpers.messages import reply_message, train_message
 
 CPU = torch.device("cpu")
 LABELS = ("a", "b", "c")
@@ -165,3 +172,74 @@ def test_summed_statistics_beat_averaged_heads_where_per_institution_heads_prova
     predicted = (test_x @ weight.T + bias).argmax(1)
     assert float((predicted == test_y).float().mean()) >= 0.95
     assert float((averaged == test_y).float().mean()) == 0.5
+
+
+def released(directions: torch.Tensor, n: int, noise_std: float, gen: torch.Generator):
+    """Summed class sums and counts of ``n`` unit rows per class, with Gaussian noise of ``noise_std``."""
+    sums = torch.stack([unit_rows(d, n, gen).sum(0) for d in directions]).double()
+    counts = torch.full((len(directions),), float(n), dtype=torch.float64)
+    return sums + noise_std * torch.randn(sums.shape, generator=gen, dtype=torch.float64), counts
+
+
+def test_the_start_weighs_what_the_release_says_not_a_constant():
+    """Pure-noise sums (5 rows a class, noise 54 x their norm): the head keeps the label names'
+    directions; plentiful sums and label names that point at the wrong classes: the head follows the
+    data. Neither case needs a tuned weight: both come from the release's own noise and spread."""
+    gen = torch.Generator().manual_seed(3)
+    width, scale = 32, 20.0
+    common = nn.functional.normalize(torch.ones(width), dim=0)
+    directions = nn.functional.normalize(common + 0.6 * torch.eye(width)[:3], dim=-1)
+    rows = torch.cat([unit_rows(d, 50, gen) for d in directions])
+    truth = torch.arange(3).repeat_interleave(50)
+
+    noise_std = 3.0 * math.sqrt(10)  # ten institutions' releases summed
+    sums, counts = released(directions, 5, noise_std, gen)
+    weight, _ = class_mean_head(sums, counts, scale, directions * scale, noise_std**2)
+    cosines = (nn.functional.normalize(weight.double(), dim=-1) * directions.double()).sum(1)
+    assert float(cosines.min()) > 0.98
+
+    sums, counts = released(directions, 400, 1.0, gen)
+    wrong = directions.roll(1, dims=0)
+    weight, bias = class_mean_head(sums, counts, scale, wrong * scale, 1.0)
+    predicted = (rows.double() @ weight.double().T + bias.double()).argmax(1)
+    assert float((predicted == truth).double().mean()) >= 0.95
+
+
+def test_the_release_draws_opacus_secure_mode_noise_from_the_generator_it_is_given():
+    """privacy.secure_mode hands the release Opacus' secure generator: its noise is then exactly
+    Opacus' secure-mode noise (four draws per value) from that generator, not torch's global one."""
+    sums, counts = torch.zeros(3, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    torch.manual_seed(0)
+    noisy_sums, noisy_counts = gaussian_release(sums, counts, 2.0, torch.Generator().manual_seed(7))
+    same = torch.Generator().manual_seed(7)
+    assert torch.equal(noisy_sums, _generate_noise(2.0, sums, same, secure_mode=True).double())
+    assert torch.equal(noisy_counts, _generate_noise(2.0, counts, same, secure_mode=True).double())
+    torch.manual_seed(0)
+    again, _ = gaussian_release(sums, counts, 2.0, torch.Generator().manual_seed(8))
+    assert not torch.equal(noisy_sums, again)  # the generator given decides, not torch's seed
+
+
+def test_an_institution_whose_planner_skips_lora_answers_a_round_with_an_empty_update(tmp_path, monkeypatch):
+    """The planner's no-LoRA decision for 53 rows (client.recipe), as the ClientApp meets it in a LoRA
+    round: a zero delta of every sent key, 0 steps, nothing trained and nothing spent."""
+    settings = {
+        "model": {"source": "tiny-bert"},
+        "data": {"max_length": 32},
+        "training": {"device": "cpu", "peers_per_round": 10},
+        "privacy": {"accountant": "rdp", "epsilon": 8.0},
+        "simulation": {"num_clients": 2},
+    }
+    cfg = config_from_dict(settings, source="<test>", persona="simulation")
+    skip = R.plan(R.facts(cfg, 53, 8, trainable=75_000), cfg)
+    assert skip.fine_tune.value is False
+    real = client_app.privacy_plan
+    monkeypatch.setattr(
+        client_app, "privacy_plan", lambda *a, **k: dataclasses.replace(real(*a, **k), recipe=skip)
+    )
+    ledger = tmp_path / "ledger.json"
+    setup = ClientSetup(cfg, client_id=0, ledger_path=ledger)
+    reply = handle_train(train_message(cfg, 1), setup)
+    update = from_record(reply.content[P.ARRAYS])
+    assert update and all(not v.any() for v in update.values())
+    assert reply.content[P.METRICS][P.STEPS] == 0 and reply.content[P.METRICS][P.EPSILON] == 0.0
+    assert not ledger.exists() or '"round": 1' not in ledger.read_text()

@@ -641,3 +641,32 @@ def test_the_median_bound_keeps_honest_spread_and_can_be_switched_off() -> None:
         1, [honest(off, 1), reply(9, {k: 15_000 * v for k, v in wire(off, state(9, 0.01)).items()}, 20)]
     )
     assert off.rounds[-1].dropped == []
+
+
+def test_an_empty_update_of_no_steps_is_left_out_of_the_average(strategy) -> None:
+    """An institution whose planner skipped LoRA (client.recipe) answers with a zero delta and 0
+    steps; averaged in with its 1,000 rows it would take half the weight (the share cap) and halve
+    the others' update."""
+    deltas, nums = [state(1, 0.1), state(2, 0.1)], [20, 20]
+    empty = {k: torch.zeros_like(v) for k, v in state(3).items()}
+    replies = [reply(1, deltas[0], nums[0]), reply(2, deltas[1], nums[1]), reply(3, empty, 1000, steps=0)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    got = from_record(arrays)
+    for key in SHAPES:
+        hand = strategy.global_adapter.state[key] + sum(
+            n * d[key] for d, n in zip(deltas, nums, strict=True)
+        ) / sum(nums)
+        torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
+    assert [c["node"] for c in strategy.rounds[-1].clients] == [1, 2]
+    assert metrics[P.NUM_EXAMPLES] == 40
+
+
+def test_a_round_of_only_empty_updates_keeps_the_global_without_a_warning(strategy, caplog) -> None:
+    """Where every institution's planner skipped LoRA (the default preset's hospitals), the rounds
+    are expected to change nothing: no warning of unusable replies each round."""
+    empty = {k: torch.zeros_like(v) for k, v in state(3).items()}
+    with caplog.at_level(logging.INFO):
+        result = strategy.aggregate_train(1, [reply(1, empty, 20, steps=0), reply(2, empty, 30, steps=0)])
+    assert result == (None, None)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "planned no LoRA steps" in caplog.text
