@@ -9,6 +9,8 @@ node needs the same Python environment, the packaged model and data sets include
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from fedlora.common.config import FedloraConfig
@@ -16,6 +18,7 @@ from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.model import minilm_dir, model_dir
 
 Resources = dict[str, float]
+PROBE_SECONDS = 5.0
 
 
 def join_args(address: str) -> dict:
@@ -29,6 +32,27 @@ def unreachable(address: str, err: Exception) -> FedloraError:
         f"simulation.ray_address: cannot join the Ray cluster at {address!r} ({first}); start it "
         "(ray start --head) or fix the address"
     )
+
+
+def require_reachable(address: str) -> None:
+    """Refuse, within seconds, a cluster address nothing answers at: ray.init would retry it for
+    minutes, printing a warning every few seconds. ``auto`` is the address RAY_ADDRESS names (else
+    Ray looks for a cluster started on this machine, and says at once when there is none)."""
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"simulation.ray_address: {address!r} is a Ray Client address; run fedlora-simulate on a node "
+            "of the cluster (the run folder stays on that node) and give the cluster's host:port"
+        )
+    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    host, _, port = target.rpartition(":")
+    if not target or target == "auto":
+        return
+    if not port.isdigit() or not host:
+        raise ConfigError(f"simulation.ray_address: {target!r} is not host:port (nor auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as err:
+        raise unreachable(target, err) from None
 
 
 def hosts(cfg: FedloraConfig, nodes: list[Resources]) -> list[int]:

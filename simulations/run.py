@@ -21,7 +21,7 @@ from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.notices import DropNotices
 from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
 from fedlora.simulations.carry import carried_setup, carry_mod, start_keeper
-from fedlora.simulations.cluster import check_nodes, join_args, unreachable
+from fedlora.simulations.cluster import check_nodes, join_args, require_reachable, unreachable
 from fedlora.simulations.gpu_share import check_gpu_share
 from fedlora.simulations.virtual_client import partition_sizes, simulation_setup, with_peers
 
@@ -153,6 +153,8 @@ def start_ray(backend: dict) -> None:
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend  # imports Ray: only here
 
     address = backend["init_args"].get("address")
+    if address:
+        require_reachable(address)
     try:
         RayBackend(backend)
     except Exception as err:

@@ -144,13 +144,29 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def can_hide_folders() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-m", "true"]).returncode == 0
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data file the driver reads and the worker node cannot see (its folder hidden there)."""
+    folder = tmp_path_factory.mktemp("hidden")
+    rows = [{"text": f"note {i} {'fever' if i % 2 else 'cough'}", "label": "ab"[i % 2]} for i in range(40)]
+    (folder / "notes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "notes.jsonl"
+
+
+@pytest.fixture(scope="module")
+def cluster(data_file: Path):
+    """A head node (no CPUs for institutions) and a worker node with 4 CPUs, whose mount namespace
+    hides ``data_file``'s folder where this machine allows mount namespaces."""
     nodes = Cluster()
     port = nodes.address.rsplit(":", 1)[1]
     nodes.start(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
                  f"--ray-client-server-port={free_port()}"])
-    nodes.start([f"--address={nodes.address}", "--num-cpus=4", '--resources={"institutions": 4}'])
+    hide = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs none {data_file.parent} && exec "$0" "$@"']
+    nodes.start([f"--address={nodes.address}", "--num-cpus=4"], prefix=hide if can_hide_folders() else None)
     try:
         nodes.wait_for(2)
         yield nodes
@@ -158,17 +174,19 @@ def cluster():
         assert nodes.stop_all() == [], "Ray processes left running"
 
 
-def test_federation_on_the_worker_node_fills_the_driver_run_folder(cluster: Cluster, tmp_path, capsys) -> None:
+def test_federation_on_the_worker_node_fills_the_driver_run_folder(cluster: Cluster, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = ["--out", str(run_dir), "--ray-address", cluster.address, *[a for s in SETS for a in ("--set", s)]]
-    assert sim_cli.main([*argv, "--set", "federation.rounds=1"]) == 0, capsys.readouterr()
-    # Resumed for round 2 on the cluster: the institutions' files go back out from the run folder.
-    assert sim_cli.main([*argv, "--set", "federation.rounds=2"]) == 0, capsys.readouterr()
+    sets = [a for s in [*SETS, "federation.rounds=2"] for a in ("--set", s)]
+    audit = ["--audit", "--white-box-canaries", "50", "--black-box-canaries", "0"]
+    code = sim_cli.main(["--out", str(run_dir), "--ray-address", cluster.address, *sets, *audit])
+    assert code == 0, capsys.readouterr()
 
     cfg = load_config(overrides=SETS)
     ledgers = sorted((run_dir / "ledgers").glob("client-*.json"))
     assert [p.name for p in ledgers] == ["client-0.json", "client-1.json"]
     for path in ledgers:
+        # Each message ran in a fresh scratch folder on the worker: round 2's reservation composed
+        # on the entries carried back to the run folder in rounds 0 and 1, and back in from it.
         ledger = PrivacyLedger(path, cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.accountant)
         assert [e.round for e in ledger.entries] == [0, 1, 2]  # statistics, then both rounds
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
@@ -177,32 +195,25 @@ def test_federation_on_the_worker_node_fills_the_driver_run_folder(cluster: Clus
     for pid in (0, 1):
         lines = [json.loads(x) for x in (run_dir / "audit" / f"client-{pid}.jsonl").read_text().splitlines()]
         assert sorted(x["round"] for x in lines if "arrays" in x and x["round"] > 0) == [1, 2]
+        assert (run_dir / "canaries" / f"client-{pid}.sums.safetensors").exists()
+    audits = json.loads((run_dir / "privacy-audit.json").read_text())
+    assert len(audits) == 2, audits
     assert load_checkpoint(run_dir / "checkpoint").round == 2
     history = json.loads((run_dir / "history.json").read_text())
     assert [e["round"] for e in history] == [0, 1, 2]
     assert all(len(e["clients"]) == 2 for e in history if e["round"] > 0)
-    assert "Round" in (run_dir / "report.md").read_text() or (run_dir / "report.md").stat().st_size > 0
+    assert "## Audit" in (run_dir / "report.md").read_text()
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_a_node_that_cannot_see_the_data_is_refused_before_round_one(cluster: Cluster, tmp_path) -> None:
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+def test_a_node_that_cannot_see_the_data_is_refused_before_round_one(cluster: Cluster, data_file, tmp_path):
+    if not can_hide_folders():
         pytest.skip("no mount namespaces here to hide a folder from one node")
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"text": f"note {i} {'fever' if i % 2 else 'cough'}", "label": "ab"[i % 2]} for i in range(40)]
-    (data / "notes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    hide = f"mount -t tmpfs none {data} && exec \"$0\" \"$@\""
-    hidden = cluster.start([f"--address={cluster.address}", "--num-cpus=4"], prefix=["unshare", "-m", "sh", "-c", hide])
-    try:
-        cluster.wait_for(3)
-        cfg = load_config(
-            overrides=[*SETS, f"data.path={data / 'notes.jsonl'}", f"simulation.ray_address={cluster.address}"]
-        )
-        with pytest.raises(ConfigError) as refused:
-            sim_run.simulate(cfg, tmp_path / "run")
-    finally:
-        cluster.stop(hidden)
+    joined = f"simulation.ray_address={cluster.address}"
+    cfg = load_config(overrides=[*SETS, f"data.path={data_file}", joined])
+    with pytest.raises(ConfigError) as refused:
+        sim_run.simulate(cfg, tmp_path / "run")
     said = str(refused.value)
-    assert "\n" not in said and said.startswith("data.path: node ") and str(data) in said, said
+    assert "\n" not in said and said.startswith("data.path: node "), said
+    assert f"cannot see {data_file};" in said, said
     assert not (tmp_path / "run" / "history.json").exists() and not (tmp_path / "run" / "ledgers").exists()
