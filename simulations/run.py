@@ -38,6 +38,7 @@ RAY_NOTICE = "Tip: In future versions of Ray, Ray will no longer override accele
 # the GCS within 30 s (a constant in Ray 2.55).
 RAY_START_TIMEOUT = "The current node timed out during startup"
 RAY_START_SECONDS = 30
+LOCAL_RAY = "local"
 # A run may go on with more rounds, and on a cluster (or back on this machine).
 RESUME_MAY_CHANGE = (("federation", "rounds"), ("simulation", "ray_address"))
 
@@ -57,6 +58,9 @@ def backend_config(cfg: FedloraConfig) -> dict:
         # logging_level: Flower's run_simulation default, given here because start_ray starts Ray
         # before it (else Ray's INFO lines reach the console).
         "init_args": {
+            # "local": a Ray of its own, even where a cluster started by `ray start` (someone else's)
+            # runs on this machine: ray.init without an address would join the latest one.
+            "address": LOCAL_RAY,
             "num_cpus": cpus,
             "include_dashboard": False,
             "log_to_driver": False,
@@ -153,12 +157,12 @@ def start_ray(backend: dict) -> None:
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend  # imports Ray: only here
 
     address = backend["init_args"].get("address")
-    if address:
+    if address != LOCAL_RAY:
         require_reachable(address)
     try:
         RayBackend(backend)
     except Exception as err:
-        if address and isinstance(err, ConnectionError | TimeoutError):
+        if address != LOCAL_RAY and isinstance(err, ConnectionError | TimeoutError):
             raise unreachable(address, err) from None
         if RAY_START_TIMEOUT not in str(err):
             raise

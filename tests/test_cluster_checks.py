@@ -24,6 +24,8 @@ def cfg(*sets: str):
 def test_a_cluster_allows_more_cpus_per_institution_than_this_machine_has() -> None:
     with pytest.raises(ConfigError, match="exceeds this machine's"):
         backend_config(cfg("simulation.client_cpus=64"))
+    # Without an address, a Ray of its own: never the latest cluster someone started on this machine.
+    assert backend_config(cfg())["init_args"]["address"] == "local"
     joined = backend_config(cfg("simulation.client_cpus=64", "simulation.ray_address=10.0.0.1:6379"))
     assert joined["init_args"]["address"] == "10.0.0.1:6379" and "num_cpus" not in joined["init_args"]
     assert joined["client_resources"] == {"num_cpus": 64, "num_gpus": 0.0}

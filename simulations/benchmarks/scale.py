@@ -149,7 +149,7 @@ def actors(cfg: FedloraConfig) -> int:
     simulation.ray_address: each node's) over each client's share."""
     resources = backend_config(cfg)
     share = resources["client_resources"]["num_cpus"]
-    if "address" not in resources["init_args"]:
+    if "num_cpus" in resources["init_args"]:
         return int(resources["init_args"]["num_cpus"] // share)
     import ray
 
