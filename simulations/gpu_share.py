@@ -50,9 +50,10 @@ def measure_need(cfg: FedloraConfig) -> tuple[str, int, int]:
 
     from fedlora.client.ledger import PrivacyLedger
     from fedlora.client.trainer import LocalTrainer
+    from fedlora.common.model import device_for
     from fedlora.common.workbench import prepare
 
-    device = torch.device("cuda")
+    device = device_for(cfg.training.device)
     bench = prepare(cfg)
     with tempfile.TemporaryDirectory(prefix="fedlora-gpu-need-") as folder:
         path = Path(folder) / "ledger.json"
