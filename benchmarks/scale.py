@@ -145,9 +145,19 @@ class RoundClock:
 
 
 def actors(cfg: FedloraConfig) -> int:
-    """How many Ray actors serve clients at once: the CPUs Ray is given over each client's share."""
+    """How many Ray actors serve clients at once: the CPUs Ray is given (on a cluster,
+    simulation.ray_address: each node's) over each client's share."""
     resources = backend_config(cfg)
-    return int(resources["init_args"]["num_cpus"] // resources["client_resources"]["num_cpus"])
+    share = resources["client_resources"]["num_cpus"]
+    if "num_cpus" in resources["init_args"]:
+        return int(resources["init_args"]["num_cpus"] // share)
+    import ray
+
+    ray.init(**resources["init_args"])
+    try:
+        return sum(int(node["Resources"].get("CPU", 0) // share) for node in ray.nodes() if node["Alive"])
+    finally:
+        ray.shutdown()
 
 
 def bare_flower(cfg: FedloraConfig, arrays: ArrayRecord) -> Run:

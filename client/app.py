@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -298,12 +299,16 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     return Message(content=evaluate_reply(metrics), reply_to=msg)
 
 
-def build_client_app(setup: SetupFn, handle: Handler | None = None) -> ClientApp:
+def build_client_app(
+    setup: SetupFn, handle: Handler | None = None, outer: Mod | None = None
+) -> ClientApp:
     """A ClientApp whose identity and config come from ``setup`` (deployment or simulation). Every
     outgoing message is audited; any failure leaves as a fixed category, its detail kept locally.
-    ``handle`` stands in for fedlora's own handlers (client.relay: a worker that cannot be reached)."""
+    ``handle`` stands in for fedlora's own handlers (client.relay: a worker that cannot be reached);
+    ``outer`` wraps all of it (a simulation on a cluster: the institution's files carried to the driver)."""
     client = ClientApp(
         mods=[
+            *([outer] if outer else []),
             audit_mod(local_file(setup, lambda s: s.audit_path)),
             failure_mod(local_file(setup, lambda s: s.error_log)),
         ]

@@ -424,7 +424,18 @@ class SimulationConfig:
     partition_column: str | None = _f(None, "'column' partition: the column naming the institution.")
     seed: int = _f(0, "Seed of the partition (and, with reproducible, of the DP noise and sampling).")
     client_cpus: float = _f(1.0, "CPUs per virtual client (Ray).", gt=0)
-    client_gpus: float = _f(0.0, "GPU share per virtual client (Ray); 0 on CPU machines.", ge=0)
+    client_gpus: float = _f(
+        0.0,
+        "GPU share per virtual client (Ray): 0.25 puts four on one GPU, refused where the model's "
+        "measured memory need does not fit the share; 0 on CPU machines.",
+        ge=0,
+    )
+    ray_address: str | None = _f(
+        None,
+        "Join this running Ray cluster (host:port, or 'auto': the one RAY_ADDRESS names) instead of "
+        "starting Ray on this machine; every node needs the same Python environment, and the data and "
+        "model paths (checked on each node before round 1).",
+    )
     client_ranks: tuple[int, ...] | None = _f(
         None, "LoRA rank of each virtual client (mixed ranks; needs federation.aggregator: exact)."
     )

@@ -176,7 +176,8 @@ def check(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = read_config(args.config or default_config(), args.set, "simulation")
+    sets = [*args.set, f"simulation.ray_address={args.ray_address}"] if args.ray_address else args.set
+    cfg = read_config(args.config or default_config(), sets, "simulation")
     out = run_folder(args.out, cfg.name)
     seeded = f" [bold red]({SEEDED})[/]" if cfg.simulation.reproducible else ""
     with tracked(args.track, out, cfg.name) as tracker:
@@ -247,6 +248,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=BLACK_BOX_CANARIES,
         help="--audit: input canaries (they join each institution's training rows); 0 for none",
+    )
+    ap.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="join this running Ray cluster (host:port, or auto: the one RAY_ADDRESS names) instead of "
+        "starting Ray here (simulation.ray_address)",
     )
     add_track_argument(ap)
     finish_help(ap, "simulation", "fedlora-simulate --set federation.rounds=3 --out runs/first --track")

@@ -2,13 +2,13 @@
 
 Every institution inserted its canaries in its own trainer in every round (client.canaries), kept
 their seed in its own file and, beside it, the sums over its rounds of the privatized gradients (what
-DP-SGD releases at each step, and its epsilon covers) and of the updates it sent. The simulation is
-one machine, so the driver reads those files and the institutions' ledgers (the claim). White-box
-canaries are scored on the institution's own sums (the audit of the implementation, not diluted by
-the others' updates, the rows' own clipped gradients taken out), next to the direct check of the
-noise every step added (common.noise_check); black-box canaries on the global adapter before and
-after the run (what anyone holding the final model could measure). In deployment an institution
-audits itself with ``fedlora-client audit``.
+DP-SGD releases at each step, and its epsilon covers) and of the updates it sent. The driver reads
+those files and the institutions' ledgers (the claim) in the run folder (on a Ray cluster, carried
+there by simulations.carry). White-box canaries are scored on the institution's own sums (the audit
+of the implementation, not diluted by the others' updates, the rows' own clipped gradients taken
+out), next to the direct check of the noise every step added (common.noise_check); black-box
+canaries on the global adapter before and after the run (what anyone holding the final model could
+measure). In deployment an institution audits itself with ``fedlora-client audit``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,9 @@ from fedlora.common.config_yaml import parse_yaml
 from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.notices import DropNotices
 from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
+from fedlora.simulations.carry import carried_setup, carry_mod, start_keeper
+from fedlora.simulations.cluster import check_nodes, join_args, require_reachable, unreachable
+from fedlora.simulations.gpu_share import check_gpu_share
 from fedlora.simulations.virtual_client import partition_sizes, simulation_setup, with_peers
 
 CONFIG_FILE = "config.yaml"
@@ -34,18 +38,29 @@ RAY_NOTICE = "Tip: In future versions of Ray, Ray will no longer override accele
 # the GCS within 30 s (a constant in Ray 2.55).
 RAY_START_TIMEOUT = "The current node timed out during startup"
 RAY_START_SECONDS = 30
+LOCAL_RAY = "local"
+# A run may go on with more rounds, and on a cluster (or back on this machine).
+RESUME_MAY_CHANGE = (("federation", "rounds"), ("simulation", "ray_address"))
 
 
 def backend_config(cfg: FedloraConfig) -> dict:
+    """Flower's Ray backend: Ray started on this machine with its CPUs, or the cluster at
+    simulation.ray_address joined (its resources checked once joined: `joined_cluster`)."""
     sim = cfg.simulation
+    resources = {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus}
+    if sim.ray_address:
+        return {"client_resources": resources, "init_args": join_args(sim.ray_address)}
     cpus = os.cpu_count() or 1
     if sim.client_cpus > cpus:
         raise ConfigError(f"simulation.client_cpus: {sim.client_cpus} exceeds this machine's {cpus} CPUs")
     return {
-        "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
+        "client_resources": resources,
         # logging_level: Flower's run_simulation default, given here because start_ray starts Ray
         # before it (else Ray's INFO lines reach the console).
         "init_args": {
+            # "local": a Ray of its own, even where a cluster started by `ray start` (someone else's)
+            # runs on this machine: ray.init without an address would join the latest one.
+            "address": LOCAL_RAY,
             "num_cpus": cpus,
             "include_dashboard": False,
             "log_to_driver": False,
@@ -62,12 +77,13 @@ def prepare_run_dir(cfg: FedloraConfig, run_dir: Path) -> None:
     if saved.exists():
         before = read_yaml(saved)
         now = parse_yaml(text)
-        before["federation"].pop("rounds", None)
-        now["federation"].pop("rounds", None)
+        for section, key in RESUME_MAY_CHANGE:
+            before[section].pop(key, None)
+            now[section].pop(key, None)
         if before != now:
             raise ConfigError(
-                f"{saved}: this run folder was started with another config (only federation.rounds may "
-                "change on resume); use a new --out folder"
+                f"{saved}: this run folder was started with another config (only federation.rounds and "
+                "simulation.ray_address may change on resume); use a new --out folder"
             )
     saved.write_text(text)
 
@@ -114,10 +130,16 @@ def simulate(
     prepare_run_dir(cfg, run_dir)
     settings = ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients)
     server_app = build_server_app(lambda _context: settings, on_round)
-    client_app = build_client_app(partial(simulation_setup, cfg, run_dir, canaries=canaries))
     backend = backend_config(cfg)
     with quiet_simulation():
         start_ray(backend)
+        checked_before_round_one(cfg)
+        if cfg.simulation.ray_address:
+            scratch = f"fedlora-{uuid.uuid4().hex[:12]}"
+            setup = partial(carried_setup, cfg, scratch, canaries=canaries)
+            client_app = build_client_app(setup, outer=carry_mod(start_keeper(run_dir), scratch))
+        else:
+            client_app = build_client_app(partial(simulation_setup, cfg, run_dir, canaries=canaries))
         run_simulation(
             server_app=server_app,
             client_app=client_app,
@@ -134,15 +156,34 @@ def start_ray(backend: dict) -> None:
     that cannot come."""
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend  # imports Ray: only here
 
+    address = backend["init_args"].get("address")
+    if address != LOCAL_RAY:
+        require_reachable(address)
     try:
         RayBackend(backend)
     except Exception as err:
+        if address != LOCAL_RAY and isinstance(err, ConnectionError | TimeoutError):
+            raise unreachable(address, err) from None
         if RAY_START_TIMEOUT not in str(err):
             raise
         raise FedloraError(
             f"Ray did not start within its fixed {RAY_START_SECONDS} s (is the machine loaded?); nothing "
             "was trained: retry the same command when the machine is less busy (it resumes in --out)"
         ) from None
+
+
+def checked_before_round_one(cfg: FedloraConfig) -> None:
+    """The GPU share, and on a cluster its nodes; a refusal leaves the cluster (Flower's simulation,
+    which would, does not start)."""
+    import ray
+
+    try:
+        check_gpu_share(cfg)
+        if cfg.simulation.ray_address:
+            check_nodes(cfg)
+    except BaseException:
+        ray.shutdown()
+        raise
 
 
 def check_something_trained(run_dir: Path) -> None:
