@@ -49,6 +49,6 @@ def test_readme_is_short_and_starts_with_the_two_commands():
     first_block = readme[readme.index("```bash") + 1 : readme.index("```", readme.index("```bash") + 1)]
     assert [line.split("#")[0].strip() for line in first_block] == [
         "bash .ci/install && fedlora-simulate",
-        "bash .ci/install && python3 -m pytest -q",
+        "bash .ci/install && python3 -m pytest -q -n 2 --dist loadfile",
     ]
-    assert "python3 -m pytest -q" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "python3 -m pytest -q -n 2 --dist loadfile" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
