@@ -20,6 +20,7 @@ from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.model import build_model, device_for
 from fedlora.common.scoring import evaluate
+from fedlora.simulations.partitions import simulation_partitions
 from fedlora.simulations.probe import linear_probe
 
 
@@ -54,8 +55,10 @@ def compare(cfg: FedloraConfig, run_dir: Path, federated: dict[str, float]) -> d
     """
     out = run_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
+    trains, evals = simulation_partitions(cfg)
     setups = [
-        ClientSetup(cfg, pid, out / f"ledger-{pid}.json", pid) for pid in range(cfg.simulation.num_clients)
+        ClientSetup(cfg, pid, out / f"ledger-{pid}.json", rows=(trains[pid], evals[pid] if evals else None))
+        for pid in range(cfg.simulation.num_clients)
     ]
     everything, test = client_data(dataclasses.replace(setups[0], rows=None))
     summary: dict = {}

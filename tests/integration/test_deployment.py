@@ -26,6 +26,7 @@ from fedlora.common.config import load_config
 from fedlora.common.devcerts import make_dev_certs
 from fedlora.common.errors import ConfigError, FedloraError
 from fedlora.common.launch import config_pairs, start_child, stop_child
+from fedlora.common.tracking import STORE_FOLDER
 from fedlora.server import deploy, strategy
 from fedlora.server.strategy import build_strategy
 from helpers.deploy import Federation, free_port, make_federation, wait_for, write_csv
@@ -285,14 +286,14 @@ def report_round_times(fed: Federation) -> None:
 
 
 @pytest.mark.integration
-def test_secured_federation_admits_only_registered_tls_nodes(tmp_path, processes) -> None:
+def test_secured_federation_admits_only_registered_tls_nodes(tmp_path, processes, monkeypatch) -> None:
     fed = make_federation(
         tmp_path,
         {"rounds": 2, "min_clients": 2, "round_timeout": 120, "node_wait_timeout": 180},
         institutions=("a", "b", "stranger"),
         admitted=("a", "b"),
     )
-    processes.start("server", fed.server_cmd())
+    processes.start("server", [*fed.server_cmd(), "--track"])
     processes.wait_log("server", "submitted", 120)
     ports = [str(free_port()) for _ in range(4)]
     processes.start(
@@ -327,6 +328,19 @@ def test_secured_federation_admits_only_registered_tls_nodes(tmp_path, processes
     assert (fed.run_dir / "adapter" / "adapter_config.json").is_file()
     report_round_times(fed)
     assert processes.terminate("a", 60) == 0 and processes.terminate("b", 60) == 0
+    tracked_rounds(fed.run_dir, monkeypatch)
+
+
+def tracked_rounds(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fedlora-server start --track``: MLflow's own client finds the coordinator's run in the run
+    folder's store, a step per round and the exported adapter."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in to its file store
+    client = mlflow.MlflowClient((run_dir / STORE_FOLDER).as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.params["federation.rounds"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "replies")] == [1, 2]
+    assert "adapter" in {f.path for f in client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.integration

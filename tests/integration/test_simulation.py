@@ -21,8 +21,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedlora.client.app import ClientSetup, shared_data
-from fedlora.client.ledger import PrivacyLedger, compose
+from fedlora.client.ledger import PrivacyLedger
 from fedlora.common import protocol as P
+from fedlora.common.accounting import compose
 from fedlora.common.adapter import adapter_state, shapes
 from fedlora.common.config import load_config
 from fedlora.common.model import build_base_model, build_model
@@ -60,7 +61,7 @@ class FailingInRoundTwo:
     def __call__(self, context: Context) -> ClientSetup:
         setup = self.inner(context)
         # Its ledger holds round 0 (the statistics) and round 1 by the time round 2 comes.
-        if setup.partition == FAILING and _rounds_seen(setup) >= 2:
+        if setup.client_id == FAILING and _rounds_seen(setup) >= 2:
             raise RuntimeError("simulated crash in the middle of round 2")
         return setup
 

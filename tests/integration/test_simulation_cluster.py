@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedlora.client.ledger import PrivacyLedger, compose
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.common.accounting import compose
 from fedlora.common.config import load_config
 from fedlora.common.errors import ConfigError
 from fedlora.server.checkpoint import load_checkpoint

@@ -53,9 +53,9 @@ class Misconfigured:
 
     def __call__(self, context: Context) -> ClientSetup:
         setup = self.inner(context)
-        if setup.partition not in FAILURES:
+        if setup.client_id not in FAILURES:
             return setup
-        section, key, value, _ = FAILURES[setup.partition]
+        section, key, value, _ = FAILURES[setup.client_id]
         part = dataclasses.replace(getattr(setup.cfg, section), **{key: value})
         return dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, **{section: part}))
 
