@@ -27,6 +27,9 @@ class RoundLog:
     dropped: list[dict] = field(default_factory=list)
     aggregation: dict[str, float] = field(default_factory=dict)
     evaluate_dropped: list[dict] = field(default_factory=list)
+    statistics_only: int = 0
+    """Replies of institutions whose planner found DP-SGD would add nothing (client.recipe): no
+    LoRA steps, an empty update left out of the average; their budget went to round 0's statistics."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class RoundSummary:
     """The mean training loss of the clients that released one (privacy.release_metrics), else None."""
     central: Mapping[str, float]
     validation: Mapping[str, float] = field(default_factory=dict)
+    statistics_only: int = 0
 
     def line(self, rounds: int) -> str:
         """The round in one line, e.g. for a log file or a terminal that is not interactive. Round 0
@@ -50,6 +54,8 @@ class RoundSummary:
         trained no LoRA, yet spent budget and built the head."""
         stage = " (statistics)" if self.round == 0 else ""
         text = f"round {self.round}/{rounds}{stage}: {self.replies} replies, {self.dropped} dropped"
+        if self.statistics_only:
+            text += f", {self.statistics_only} statistics only (no LoRA steps planned)"
         if self.replies:
             if self.client_loss is not None:
                 text += f", loss {self.client_loss:.4f}"
@@ -71,6 +77,7 @@ def summarise_round(entry: Mapping) -> RoundSummary:
         client_loss=sum(losses) / len(losses) if losses else None,
         central=dict(entry.get("central") or {}),
         validation=dict(entry.get(VALIDATION) or {}),
+        statistics_only=int(entry.get("statistics_only", 0)),
     )
 
 

@@ -223,6 +223,7 @@ class LoraStrategy(Strategy):
         # A reply of no steps is an institution whose planner found DP-SGD would add nothing
         # (client.recipe): its empty update is not averaged in, or it would shrink the others'.
         trained = [s for s in accepted if s.metrics.steps > 0]
+        record.statistics_only = len(accepted) - len(trained)
         if not trained:
             if accepted:
                 log.info("round %d: every reply planned no LoRA steps; the global stays", server_round)

@@ -19,6 +19,7 @@ from fedlora.common.errors import FedloraError
 from fedlora.common.lora_math import layer_products
 from fedlora.common.model import lora_scale
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlora.server.history import summarise_round
 from fedlora.server.optimisers import FedAdam
 from fedlora.server.screening import MAX_REASON, capped
 from fedlora.server.strategy import build_strategy
@@ -659,6 +660,7 @@ def test_an_empty_update_of_no_steps_is_left_out_of_the_average(strategy) -> Non
         torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
     assert [c["node"] for c in strategy.rounds[-1].clients] == [1, 2]
     assert metrics[P.NUM_EXAMPLES] == 40
+    assert strategy.rounds[-1].statistics_only == 1
 
 
 def test_a_round_of_only_empty_updates_keeps_the_global_without_a_warning(strategy, caplog) -> None:
@@ -670,3 +672,5 @@ def test_a_round_of_only_empty_updates_keeps_the_global_without_a_warning(strate
     assert result == (None, None)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "planned no LoRA steps" in caplog.text
+    line = summarise_round(dataclasses.asdict(strategy.rounds[-1])).line(8)
+    assert line.startswith("round 1/8: 0 replies, 0 dropped, 2 statistics only (no LoRA steps planned)")
