@@ -3,12 +3,8 @@ accountant of the test's own (with Opacus' own RDP function, not the memo)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from opacus.accountants import create_accountant
-from opacus.accountants.analysis import rdp as opacus_rdp
 
-from fedlora.common import rdp_memo
 from fedlora.common.accounting import (
     Accountant,
     Composition,
@@ -19,19 +15,6 @@ from fedlora.common.accounting import (
 
 DELTA = 1e-5
 
-
-@pytest.fixture
-def opacus_epsilon(monkeypatch):
-    """Opacus' epsilon of a history, from a fresh accountant using Opacus' own RDP function."""
-
-    def epsilon(mechanism: str, history: list[tuple[float, float, int]]) -> float:
-        monkeypatch.setattr(opacus_rdp, "compute_rdp", rdp_memo._OPACUS_COMPUTE_RDP)
-        acc = create_accountant(mechanism=mechanism)
-        acc.history = list(history)
-        with np.errstate(divide="ignore", over="ignore"):
-            return float(acc.get_epsilon(delta=DELTA))
-
-    return epsilon
 
 
 def test_events_are_opacus_history():

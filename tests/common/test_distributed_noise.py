@@ -8,13 +8,9 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
-from opacus.accountants import create_accountant
-from opacus.accountants.analysis import rdp as opacus_rdp
 
 from fedlora.client.ledger import PrivacyLedger
-from fedlora.common import rdp_memo
 from fedlora.common.accounting import Accountant, Composition
 from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.errors import CheckpointError, ConfigError
@@ -26,17 +22,6 @@ SIGMA, CLIP, RATE, STEPS = 1.1, 0.5, 0.05, 20
 SHARING = NoiseSharing(SIGMA, CLIP, sampled=10, dropouts=2, colluders=1)
 OLD_ENTRY_KEYS = {"round", "noise_multiplier", "sample_rate", "steps", "epsilon", "time"}
 
-
-@pytest.fixture
-def opacus_epsilon(monkeypatch):
-    def epsilon(mechanism: str, history: list[tuple[float, float, int]]) -> float:
-        monkeypatch.setattr(opacus_rdp, "compute_rdp", rdp_memo._OPACUS_COMPUTE_RDP)
-        acc = create_accountant(mechanism=mechanism)
-        acc.history = list(history)
-        with np.errstate(divide="ignore", over="ignore"):
-            return float(acc.get_epsilon(delta=DELTA))
-
-    return epsilon
 
 
 def test_each_share_is_sigma_c_over_root_m_and_m_shares_sum_to_the_central_noise():

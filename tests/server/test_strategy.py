@@ -91,17 +91,22 @@ def strategy():
     return s
 
 
-def test_fedavg_of_deltas_is_the_weighted_mean(strategy) -> None:
-    deltas, nums = [state(1, 0.1), state(2, 0.1), state(3, 0.1)], [20, 30, 40]
-    arrays, metrics = strategy.aggregate_train(
-        1, [reply(i + 1, d, n) for i, (d, n) in enumerate(zip(deltas, nums, strict=True))]
-    )
+
+def assert_weighted_mean(strategy, arrays: ArrayRecord, deltas: list[dict], nums: list[int]) -> None:
+    """The new global is the old plus the example-weighted mean of ``deltas``, computed by hand."""
     got = from_record(arrays)
     for key in SHAPES:
         hand = strategy.global_adapter.state[key] + sum(
             n * d[key] for d, n in zip(deltas, nums, strict=True)
         ) / sum(nums)
         torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
+
+def test_fedavg_of_deltas_is_the_weighted_mean(strategy) -> None:
+    deltas, nums = [state(1, 0.1), state(2, 0.1), state(3, 0.1)], [20, 30, 40]
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply(i + 1, d, n) for i, (d, n) in enumerate(zip(deltas, nums, strict=True))]
+    )
+    assert_weighted_mean(strategy, arrays, deltas, nums)
     assert metrics[P.NUM_EXAMPLES] == 90
     assert strategy.rounds[-1].dropped == []
 
@@ -652,12 +657,7 @@ def test_an_empty_update_of_no_steps_is_left_out_of_the_average(strategy) -> Non
     empty = {k: torch.zeros_like(v) for k, v in state(3).items()}
     replies = [reply(1, deltas[0], nums[0]), reply(2, deltas[1], nums[1]), reply(3, empty, 1000, steps=0)]
     arrays, metrics = strategy.aggregate_train(1, replies)
-    got = from_record(arrays)
-    for key in SHAPES:
-        hand = strategy.global_adapter.state[key] + sum(
-            n * d[key] for d, n in zip(deltas, nums, strict=True)
-        ) / sum(nums)
-        torch.testing.assert_close(got[key], hand, rtol=1e-6, atol=1e-6)
+    assert_weighted_mean(strategy, arrays, deltas, nums)
     assert [c["node"] for c in strategy.rounds[-1].clients] == [1, 2]
     assert metrics[P.NUM_EXAMPLES] == 40
     assert strategy.rounds[-1].statistics_only == 1
