@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlora.client.audit import audit_mod
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.secure_statistics import secure_statistics
 from fedlora.client.statistics import release_statistics
 from fedlora.client.trainer import GradientHook, LocalTrainer, derive_seed, privacy_plan, private_engine
 from fedlora.common import protocol as P
@@ -169,22 +170,40 @@ def wire_keys(cfg: FedloraConfig, state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k in state if not (cfg.model.variant == "ffa" and ".lora_A." in k)]
 
 
-def handle_train(msg: Message, setup: ClientSetup) -> Message:
+def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = None) -> Message:
+    """A training message: a LoRA round, or round 0's statistics (under secure aggregation, one step
+    of the protocol, whose keys wait in ``state``: the context's, kept by Flower per node)."""
     cfg = setup.cfg
     tokenizer, bundle = shared_data(cfg)
-    dtype = str(msg.content[P.CONFIG].get(P.WIRE_DTYPE, "fp32"))
+    config = msg.content[P.CONFIG]
+    dtype = str(config.get(P.WIRE_DTYPE, "fp32"))
     with borrowed_model(cfg.model, bundle.labels, len(tokenizer)) as built:
-        if msg.content[P.CONFIG].get(P.STAGE) == P.STATISTICS:
-            content = statistics_content(msg, setup, built)
+        if config.get(P.STAGE) == P.STATISTICS and P.SECAGG_STAGE in config:
+            if state is None:
+                raise ConfigError("secure aggregation: this ClientApp was given no context state")
+            if config.get(P.FINGERPRINT) != built.fingerprint:
+                raise FingerprintMismatch(
+                    f"secure aggregation: fingerprint {config.get(P.FINGERPRINT)} is not this client's "
+                    f"{built.fingerprint}"
+                )
+            content = secure_statistics(
+                msg, state, built.fingerprint, lambda among: statistics_release(msg, setup, built, among)
+            )
+        elif config.get(P.STAGE) == P.STATISTICS:
+            sums, counts, metrics = statistics_release(msg, setup, built)
+            content = statistics_reply(sums, counts, metrics, built.fingerprint)
         else:
             update, metrics = train_update(msg, setup, built)
             content = train_reply(update, metrics, built.fingerprint, dtype)
     return Message(content=content, reply_to=msg)
 
 
-def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> RecordDict:
+def statistics_release(
+    msg: Message, setup: ClientSetup, built: BuiltModel, shared_among: tuple[int, int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, TrainMetrics]:
     """Round 0: this institution's class statistics, released under the planner's share of its budget
-    (client.statistics), charged in its ledger before a row is read."""
+    (client.statistics), charged in its ledger before a row is read; ``shared_among``: its noise is a
+    share of the sum's (secure aggregation). The noisy sums, counts and the reply's metrics."""
     cfg = setup.cfg
     if cfg.privacy.enabled and cfg.data.privacy_unit is not None:
         raise ConfigError(
@@ -208,6 +227,7 @@ def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> R
         cfg.training.eval_batch_size,
         cfg.planned_rounds,
         private_engine(cfg.privacy.accountant, True).secure_rng if cfg.privacy.secure_mode else None,
+        shared_among,
     )
     log.info("round 0: released class statistics of %d rows (%s)", len(train), recipe.statistics_noise.reason)
     metrics = TrainMetrics(
@@ -219,7 +239,7 @@ def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> R
         train_seconds=time.perf_counter() - start,
         noise_std=noise_std,
     )
-    return statistics_reply(sums, counts, metrics, built.fingerprint)
+    return sums, counts, metrics
 
 
 def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[State, TrainMetrics]:
@@ -316,7 +336,7 @@ def build_client_app(
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle(msg, context) if handle else handle_train(msg, setup(context))
+        return handle(msg, context) if handle else handle_train(msg, setup(context), context.state)
 
     @client.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

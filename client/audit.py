@@ -102,6 +102,13 @@ class Released:
     epsilon: float = 0.0
 
 
+def key_exchange(entry: dict) -> bool:
+    """A secure aggregation reply that releases no statistics: keys or shares (client.secure_statistics);
+    its masked input is the release, recorded as any statistics reply is."""
+    stage = entry.get("configs", {}).get(P.CONFIG, {}).get(P.SECAGG_STAGE)
+    return stage in (P.ADVERTISE_KEYS, P.SHARE_KEYS, P.UNMASK)
+
+
 def released(path: Path | None) -> Released:
     """Read the audit log at ``path`` (none kept, or none yet: nothing proven). A line that is not an
     audit line is refused naming the file and line, except a torn last line (a crash mid-write)."""
@@ -119,7 +126,7 @@ def released(path: Path | None) -> Released:
             continue
         try:
             entry = json.loads(line)
-            if entry.get("type") != "train" or "error" in entry:
+            if entry.get("type") != "train" or "error" in entry or key_exchange(entry):
                 continue
             metrics = entry["metrics"][P.METRICS]
             server_round, reported = entry["round"], metrics[P.EPSILON]

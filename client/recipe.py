@@ -47,8 +47,6 @@ REFERENCE_HEAD_LR = 5e-2
 MAX_LR_SCALE = 4.0
 CLIP = 0.1
 STATISTICS_SHARE = 0.25
-# One row adds a unit vector to its class's sum and 1 to its count: L2 sensitivity sqrt(2).
-STATISTICS_SENSITIVITY = math.sqrt(2.0)
 MIN_RUN_SNR = 10.0
 
 SET = "set in the config"

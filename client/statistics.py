@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fedlora.client.ledger import STATISTICS_ROUND, LedgerEntry, PrivacyLedger
-from fedlora.client.recipe import STATISTICS_SENSITIVITY, Recipe
+from fedlora.client.recipe import Recipe
 from fedlora.common.adapter import peft_module
 from fedlora.common.data import TokenizedDataset
+from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.errors import ConfigError
 from fedlora.common.model import HEAD
+from fedlora.common.protocol import STATISTICS_SENSITIVITY
 from fedlora.common.scoring import trim
 
 
@@ -77,21 +79,26 @@ def release_statistics(
     batch_size: int,
     rounds: int,
     generator: torch.Generator | None = None,
+    shared_among: tuple[int, int, int] | None = None,
 ) -> tuple[Tensor, Tensor, float, LedgerEntry | None]:
     """Charge the release in the ledger first (BudgetExceeded: nothing read), then release. The
     ledger's noise for the ``rounds`` after it is calibrated first, so that the release and every
     planned step together spend the budget. Without a ledger (privacy off, a non-private baseline)
-    the exact statistics leave. ``generator``: the secure one of privacy.secure_mode. Returns the
-    noisy sums and counts, the noise std and the entry."""
+    the exact statistics leave. ``generator``: the secure one of privacy.secure_mode. ``shared_among``
+    (secure aggregation: institutions in the round, tolerated dropouts, tolerated colluders): the
+    planner's noise is the sum's, this release adds only its share (common.distributed_noise) and the
+    ledger records both epsilons. Returns the noisy sums and counts, the
+    noise std and the entry."""
     if recipe.statistics_noise.value is None and ledger is not None:
         raise ConfigError(f"statistics: no release planned ({recipe.statistics_noise.reason})")
     entry = None
-    sigma = 0.0
+    noise_std = 0.0
     if ledger is not None:
         sigma = recipe.statistics_noise.value
+        sharing = NoiseSharing(sigma, STATISTICS_SENSITIVITY, *shared_among) if shared_among else None
         ledger.calibrate(*recipe.calibration(rounds))
-        entry = ledger.reserve(STATISTICS_ROUND, 1.0, 1, noise_multiplier=sigma)
+        entry = ledger.reserve(STATISTICS_ROUND, 1.0, 1, noise_multiplier=sigma, sharing=sharing)
+        noise_std = sharing.share_std if sharing is not None else sigma * STATISTICS_SENSITIVITY
     sums, counts = class_sums(model, data, head_rows(model), device, batch_size)
-    noise_std = sigma * STATISTICS_SENSITIVITY
     noisy_sums, noisy_counts = gaussian_release(sums, counts, noise_std, generator)
     return noisy_sums.float(), noisy_counts.float(), noise_std, entry

@@ -22,6 +22,7 @@ from numpy.lib import format as npy
 from fedlora.common import protocol as P
 from fedlora.common.adapter import State, non_finite, to_record
 from fedlora.common.errors import AdapterError, TrainingDiverged
+from fedlora.common.secure_aggregation.messages import Advert, UnmaskShares
 
 _SHOWN = 60
 """Characters of a client's string that a refusal quotes."""
@@ -157,6 +158,154 @@ def parse_statistics_reply(
     return StatisticsReply(metrics, arrays[P.CLASS_SUMS], arrays[P.CLASS_COUNTS])
 
 
+# --- round 0 under secure aggregation: one reply per stage of the protocol (common.secure_aggregation) ---
+# Keys, sealed shares and Shamir shares travel as uint8 arrays (so the audit log records their sizes, never
+# their bytes); the masked vector as ring elements. Its values are masked: only shapes, stage and
+# fingerprint can be checked, and the quantisation range bounds what one institution can add.
+
+SECAGG_DTYPES = {
+    P.ADVERTISE_KEYS: ("uint8",),
+    P.SHARE_KEYS: ("uint8",),
+    P.MASKED_INPUT: ("uint32", "uint64"),
+    P.UNMASK: ("uint8",),
+}
+
+
+def _as_bytes_array(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.uint8).copy()
+
+
+def _secagg_reply(
+    stage: str, arrays: Mapping[str, np.ndarray], fingerprint: str, metrics: TrainMetrics | None = None
+) -> RecordDict:
+    content = RecordDict(
+        {
+            P.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+            P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint, P.SECAGG_STAGE: stage}),
+        }
+    )
+    if metrics is not None:
+        content[P.METRICS] = MetricRecord(metrics.values())
+    _secagg_structure(content, stage)
+    return content
+
+
+def advert_reply(advert: Advert, fingerprint: str) -> RecordDict:
+    """Stage 1: the institution's two public keys of the round."""
+    arrays = {P.CIPHER_KEY: _as_bytes_array(advert.cipher), P.MASK_KEY: _as_bytes_array(advert.mask)}
+    return _secagg_reply(P.ADVERTISE_KEYS, arrays, fingerprint)
+
+
+def shares_reply(sealed: Mapping[int, bytes], fingerprint: str) -> RecordDict:
+    """Stage 2: the shares sealed to each peer, keyed by the peer's node id."""
+    return _secagg_reply(P.SHARE_KEYS, {str(n): _as_bytes_array(c) for n, c in sealed.items()}, fingerprint)
+
+
+def masked_reply(masked: np.ndarray, metrics: TrainMetrics, fingerprint: str) -> RecordDict:
+    """Stage 3: the masked, quantised release and the reply's metrics (noise-std: its noise share)."""
+    return _secagg_reply(P.MASKED_INPUT, {P.MASKED: masked}, fingerprint, metrics)
+
+
+def unmask_reply(answer: UnmaskShares, fingerprint: str) -> RecordDict:
+    """Stage 4: shares of each survivor's seed and each dropped institution's key."""
+    arrays = {f"{P.SEED_SHARE}{n}": _as_bytes_array(v) for n, v in answer.seeds.items()}
+    arrays |= {f"{P.KEY_SHARE}{n}": _as_bytes_array(v) for n, v in answer.keys.items()}
+    return _secagg_reply(P.UNMASK, arrays, fingerprint)
+
+
+def _secagg_structure(content: RecordDict, stage: str) -> TrainMetrics | None:
+    """A secure aggregation reply's records, config (fingerprint and stage alone), dtypes and 1-D
+    arrays; the masked input's metrics."""
+    if stage not in SECAGG_DTYPES:
+        raise AdapterError(
+            f"secure aggregation stage {_shown(stage)}, expected one of {', '.join(SECAGG_DTYPES)}"
+        )
+    records = {P.ARRAYS: ArrayRecord, P.CONFIG: ConfigRecord}
+    if stage == P.MASKED_INPUT:
+        records[P.METRICS] = MetricRecord
+    _check_records(content, records)
+    if set(content[P.CONFIG]) != {P.FINGERPRINT, P.SECAGG_STAGE}:
+        raise AdapterError(
+            f"config record: keys {_shown(sorted(content[P.CONFIG]))}, expected exactly "
+            f"[{P.FINGERPRINT!r}, {P.SECAGG_STAGE!r}]"
+        )
+    for key, array in content[P.ARRAYS].items():
+        if array.dtype not in SECAGG_DTYPES[stage] or len(array.shape) != 1:
+            raise AdapterError(
+                f"{_shown(key)}: {_shown(array.dtype)} of shape {_shown(tuple(array.shape))}, expected a "
+                f"vector of {', '.join(SECAGG_DTYPES[stage])} at stage {stage}"
+            )
+    return _train_metrics(content[P.METRICS]) if stage == P.MASKED_INPUT else None
+
+
+def _secagg_arrays(
+    content: RecordDict, stage: str, fingerprint: str
+) -> tuple[ArrayRecord, TrainMetrics | None]:
+    config = content.config_records.get(P.CONFIG)
+    theirs = config.get(P.SECAGG_STAGE) if config is not None else None
+    if theirs != stage:
+        raise AdapterError(f"secure aggregation stage {_shown(theirs)}, expected {stage}")
+    metrics = _secagg_structure(content, stage)
+    theirs = content[P.CONFIG][P.FINGERPRINT]
+    if theirs != fingerprint:
+        raise AdapterError(f"fingerprint {_shown(theirs)} is not the federation's {fingerprint}")
+    return content[P.ARRAYS], metrics
+
+
+def _node_of(key: str, prefixes: tuple[str, ...] = ("",)) -> tuple[str, int]:
+    """The prefix and node id of a key ``<prefix><decimal node id>``; another key is refused."""
+    for prefix in prefixes:
+        digits = key.removeprefix(prefix) if key.startswith(prefix) else ""
+        if digits.isdecimal() and len(digits) <= 20:
+            return prefix, int(digits)
+    raise AdapterError(f"unexpected key {_shown(key)}, expected <node id> after one of {prefixes}")
+
+
+def parse_advert(content: RecordDict, fingerprint: str) -> Advert:
+    """Stage 1's reply: two 32-byte public keys."""
+    record, _ = _secagg_arrays(content, P.ADVERTISE_KEYS, fingerprint)
+    decode_keys = {P.CIPHER_KEY, P.MASK_KEY}
+    if set(record) != decode_keys:
+        raise AdapterError(f"keys {_shown(sorted(record))}, expected exactly {sorted(decode_keys)}")
+    cipher, mask = (_payload(k, record[k], (32,), ("uint8",)).tobytes() for k in (P.CIPHER_KEY, P.MASK_KEY))
+    return Advert(cipher, mask)
+
+
+def parse_shares(content: RecordDict, fingerprint: str, max_bytes: int) -> dict[int, bytes]:
+    """Stage 2's reply: the sealed shares by receiving node, each at most ``max_bytes``."""
+    record, _ = _secagg_arrays(content, P.SHARE_KEYS, fingerprint)
+    out = {}
+    for key in record:
+        _, node = _node_of(key)
+        size = record[key].shape[0]
+        if size > max_bytes:
+            raise AdapterError(f"{key!r}: {size} bytes, expected at most {max_bytes}")
+        out[node] = _payload(key, record[key], (size,), ("uint8",)).tobytes()
+    return out
+
+
+def parse_masked(
+    content: RecordDict, fingerprint: str, length: int, ring_dtype: np.dtype
+) -> tuple[np.ndarray, TrainMetrics]:
+    """Stage 3's reply: a masked vector of ``length`` ring elements, and the reply's metrics."""
+    record, metrics = _secagg_arrays(content, P.MASKED_INPUT, fingerprint)
+    if set(record) != {P.MASKED}:
+        raise AdapterError(f"keys {_shown(sorted(record))}, expected exactly [{P.MASKED!r}]")
+    if metrics is None or metrics.noise_std is None:
+        raise AdapterError(f"metric {P.NOISE_STD!r} missing: a statistics reply says its release's noise")
+    return _payload(P.MASKED, record[P.MASKED], (length,), (str(ring_dtype),)).copy(), metrics
+
+
+def parse_unmask(content: RecordDict, fingerprint: str, share_bytes: int) -> UnmaskShares:
+    """Stage 4's reply: shares of ``share_bytes`` by node, seeds and keys apart."""
+    record, _ = _secagg_arrays(content, P.UNMASK, fingerprint)
+    parts: dict[str, dict[int, bytes]] = {P.SEED_SHARE: {}, P.KEY_SHARE: {}}
+    for key in record:
+        prefix, node = _node_of(key, tuple(parts))
+        parts[prefix][node] = _payload(key, record[key], (share_bytes,), ("uint8",)).tobytes()
+    return UnmaskShares(seeds=parts[P.SEED_SHARE], keys=parts[P.KEY_SHARE])
+
+
 def evaluate_reply(metrics: EvaluateMetrics) -> RecordDict:
     """The content of an evaluate reply; AdapterError if it holds what a coordinator must refuse."""
     record = MetricRecord(metrics.values())
@@ -192,6 +341,10 @@ def check_outgoing(content: RecordDict, message_type: str) -> None:
         return
     if message_type != "train":
         raise AdapterError(f"a {message_type!r} reply: clients send only train and evaluate replies")
+    config = content.config_records.get(P.CONFIG)
+    if config is not None and P.SECAGG_STAGE in config:
+        _secagg_structure(content, str(config[P.SECAGG_STAGE]))
+        return
     _train_structure(content)
     for key, array in content[P.ARRAYS].items():
         if array.dtype not in P.REPLY_DTYPES:
@@ -221,10 +374,13 @@ def _shown(value: object, limit: int = _SHOWN) -> str:
 
 
 def _decode(key: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
-    if array.dtype not in P.REPLY_DTYPES:
-        raise AdapterError(
-            f"{key!r}: dtype {_shown(array.dtype)}, expected one of {', '.join(P.REPLY_DTYPES)}"
-        )
+    return torch.from_numpy(_payload(key, array, shape, P.REPLY_DTYPES).astype(np.float32))
+
+
+def _payload(key: str, array: Array, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> np.ndarray:
+    """The array's values, its dtype, shape, npy header and byte count checked before reading."""
+    if array.dtype not in dtypes:
+        raise AdapterError(f"{key!r}: dtype {_shown(array.dtype)}, expected one of {', '.join(dtypes)}")
     if tuple(array.shape) != shape:
         raise AdapterError(f"{key!r}: shape {_shown(tuple(array.shape))}, expected {shape}")
     data = array.data if isinstance(array.data, bytes) else b""
@@ -242,8 +398,7 @@ def _decode(key: str, array: Array, shape: tuple[int, ...]) -> torch.Tensor:
     expected = math.prod(shape) * dtype.itemsize
     if len(data) - buffer.tell() != expected:
         raise AdapterError(f"{key!r}: {len(data) - buffer.tell()} payload bytes, expected {expected}")
-    values = np.frombuffer(data, dtype=dtype, offset=buffer.tell()).reshape(shape)
-    return torch.from_numpy(values.astype(np.float32))
+    return np.frombuffer(data, dtype=dtype, offset=buffer.tell()).reshape(shape)
 
 
 def _train_structure(content: RecordDict) -> TrainMetrics:

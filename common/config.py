@@ -34,6 +34,7 @@ from fedlora.common.catalogue import (
 )
 from fedlora.common.config_yaml import dump_yaml_text, parse_yaml
 from fedlora.common.errors import ConfigError
+from fedlora.common.secure_aggregation.settings import for_statistics
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -381,6 +382,35 @@ class FederationConfig:
         "the shared head from their sum (server.statistics_head). false: the head starts from "
         "model.head_init.",
     )
+    secure_aggregation: bool = _f(
+        False,
+        "Round 0's class statistics under secure aggregation (common.secure_aggregation) with distributed "
+        "noise: the coordinator learns only the sum of the institutions' releases, and each institution "
+        "adds only its share of the noise, std sigma x C / sqrt(m) with m the institutions in the round "
+        "less secagg_dropouts less secagg_colluders, so the sum carries the central noise; each ledger "
+        "records both epsilons. Fewer survivors than the threshold or than the institutions less "
+        "secagg_dropouts: the round is discarded, nothing unmasked, the head stays as model.head_init "
+        "made it. Needs statistics_first (classification). The LoRA rounds are not covered yet.",
+    )
+    secagg_threshold: int | None = _f(
+        None,
+        "Secure aggregation: shares needed to reconstruct a mask secret, and institutions every step "
+        "needs; a strict majority of the round's institutions, at most those less secagg_dropouts. "
+        "None: n // 2 + 1.",
+        ge=2,
+    )
+    secagg_dropouts: int = _f(
+        0,
+        "Secure aggregation: institutions that may drop out of the round and still leave the sum "
+        "recoverable (and its noise the central one).",
+        ge=0,
+    )
+    secagg_colluders: int = _f(
+        0,
+        "Secure aggregation: institutions that may side with the coordinator (it can subtract their noise "
+        "shares); each institution's noise share grows to cover them.",
+        ge=0,
+    )
     central_eval: bool = _f(
         True, "The server scores the global adapter on the held-out data after every round."
     )
@@ -574,6 +604,29 @@ def _check_aggregation(cfg: FedloraConfig) -> None:
         )
 
 
+def _check_secure_aggregation(cfg: FedloraConfig) -> None:
+    """Secure aggregation covers round 0's statistics only, and needs an honest institution in every sum."""
+    fed = cfg.federation
+    if not fed.secure_aggregation:
+        return
+    if not fed.statistics_first or cfg.model.task != "classification":
+        raise ConfigError(
+            "federation.secure_aggregation: covers only round 0's class statistics so far; expected "
+            "federation.statistics_first: true and model.task: classification"
+        )
+    honest = fed.min_clients - fed.secagg_dropouts - fed.secagg_colluders
+    if honest < 1:
+        raise ConfigError(
+            f"federation.secagg_colluders: min_clients {fed.min_clients} - secagg_dropouts "
+            f"{fed.secagg_dropouts} - secagg_colluders {fed.secagg_colluders} = {honest}; expected at least "
+            "1 institution guaranteed in every sum"
+        )
+    try:
+        for_statistics(fed.secagg_threshold, fed.secagg_dropouts).check_round(fed.min_clients)
+    except ConfigError as err:
+        raise ConfigError(f"federation.secagg_threshold: with min_clients {fed.min_clients}: {err}") from None
+
+
 def _check_training(cfg: FedloraConfig) -> None:
     """What an institution (real or virtual) trains against the privacy it spends."""
     if cfg.privacy.enabled and cfg.training.local_steps == 0:
@@ -676,7 +729,7 @@ PERSONAS: dict[str, Persona] = {
         | _section("training", only=("learning_rate", "device", "eval_batch_size"))
         | _section("federation")
         | _section("security", but=("node_private_key",)),
-        (_check_aggregation,),
+        (_check_aggregation, _check_secure_aggregation),
     ),
     "simulation": Persona(
         "simulation",
@@ -687,7 +740,7 @@ PERSONAS: dict[str, Persona] = {
         | _section("privacy", but=("ledger_path", "audit_log"))
         | _section("federation", but=("superlink_address",))
         | _section("simulation"),
-        (_check_aggregation, _check_training, _check_simulation),
+        (_check_aggregation, _check_secure_aggregation, _check_training, _check_simulation),
     ),
 }
 # No persona (tests, tools building any party's config): every persona's cross-checks.

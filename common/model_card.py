@@ -166,11 +166,26 @@ def statistics_statement(history: Sequence[Mapping[str, Any]]) -> str:
     eps = sorted(float(c[P.EPSILON]) for c in clients)
     noise = sorted(float(c.get(P.NOISE_STD, 0.0)) for c in clients)
     spent = f"epsilon {eps[0]:.3g} to {eps[-1]:.3g}" if eps[-1] > 0 else "no DP (exact statistics)"
-    return (
+    line = (
         f"- round 0, statistics first: {len(clients)} institutions each released once its per-class sums "
         "of L2-normalised pooled embeddings and its row counts (one Gaussian mechanism, L2 sensitivity "
         f"sqrt(2), noise std {noise[0]:.3g} to {noise[-1]:.3g}) at {spent} of its budget, charged in its "
         "ledger as round 0 and composed with the rounds; the server summed them into the shared head."
+    )
+    secagg = round0.get("aggregation", {})
+    if "secagg_institutions" not in secagg or eps[-1] == 0:
+        return line
+    sampled, dropouts, colluders = (
+        int(secagg[k]) for k in ("secagg_institutions", "secagg_dropouts", "secagg_colluders")
+    )
+    honest = sampled - dropouts - colluders
+    # the smallest share's sigma: the weakest institution's statement covers every other one
+    sigma = noise[0] * math.sqrt(honest) / P.STATISTICS_SENSITIVITY
+    sharing = NoiseSharing(sigma, P.STATISTICS_SENSITIVITY, sampled, dropouts, colluders)
+    return (
+        f"{line} Under secure aggregation: the server unmasked only the sum of "
+        f"{int(secagg['secagg_survivors'])} institutions' masked releases (noise std above: each one's "
+        f"share).\n{aggregation_assumption(sharing)}"
     )
 
 

@@ -1,5 +1,7 @@
 """Names both sides of a message agree on; a change here is a protocol change."""
 
+import math
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -18,6 +20,35 @@ STATISTICS = "statistics"
 # the arrays of a statistics reply: per class the sum of normalised pooled embeddings, and the count
 CLASS_SUMS = "class-sums"
 CLASS_COUNTS = "class-counts"
+# the L2 sensitivity of one statistics release: a row moves its unit-norm embedding (1) and one count (1)
+STATISTICS_SENSITIVITY = math.sqrt(2.0)
+
+# round 0 under secure aggregation (federation.secure_aggregation): the statistics message's stage of the
+# protocol (common.secure_aggregation), one Grid exchange each, in this order
+SECAGG_STAGE = "fedlora-secagg-stage"
+ADVERTISE_KEYS = "advertise-keys"
+SHARE_KEYS = "share-keys"
+MASKED_INPUT = "masked-input"
+UNMASK = "unmask"
+SECAGG_STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, UNMASK)
+# server -> client (ConfigRecord): the round's context (random bytes binding every key and share to it),
+# threshold, tolerated dropouts and colluders, and at the unmask stage the survivors (node ids as str)
+SECAGG_CONTEXT = "secagg-context"
+SECAGG_THRESHOLD = "secagg-threshold"
+SECAGG_DROPOUTS = "secagg-dropouts"
+SECAGG_COLLUDERS = "secagg-colluders"
+SECAGG_SURVIVORS = "secagg-survivors"
+# server -> client (ArrayRecord, uint8): the roster's public keys ("<node>/cipher", "<node>/mask") and the
+# shares sealed to the receiver by each sender ("<sender>")
+SECAGG_ROSTER = "secagg-roster"
+SECAGG_INBOX = "secagg-inbox"
+# client -> server (ArrayRecord): its public keys, its sealed shares by receiver, its masked vector (ring
+# elements), or its unmasking shares ("seed/<node>", "key/<node>")
+CIPHER_KEY = "cipher"
+MASK_KEY = "mask"
+MASKED = "masked"
+SEED_SHARE = "seed/"
+KEY_SHARE = "key/"
 
 # client -> server (MetricRecord): the keys below, checked by common.codec
 NUM_EXAMPLES = "num-examples"

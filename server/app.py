@@ -26,6 +26,7 @@ from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import Workbench, prepare
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlora.server.history import summarise_round
+from fedlora.server.secure_statistics import secure_statistics
 from fedlora.server.strategy import LoraStrategy, build_strategy
 
 log = logging.getLogger("fedlora.server")
@@ -219,10 +220,14 @@ def statistics_first(
 ) -> Start:
     """Round 0 of a new federation: the shared head from the institutions' summed class statistics
     (server.statistics_head), then the after-round step, so that round 0 is scored and checkpointed and
-    a resumed federation never asks (and charges) the institutions again."""
-    messages = strategy.configure_statistics(start.arrays, grid)
-    replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
-    built = strategy.aggregate_statistics(replies, cfg.model.head_scale)
+    a resumed federation never asks (and charges) the institutions again. Under secure aggregation the
+    coordinator sees only the sum (server.secure_statistics)."""
+    if cfg.federation.secure_aggregation:
+        built = secure_statistics(grid, strategy, start.arrays, cfg)
+    else:
+        messages = strategy.configure_statistics(start.arrays, grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+        built = strategy.aggregate_statistics(replies, cfg.model.head_scale)
     arrays = built if built is not None else start.arrays
     after_round(0, arrays)
     return Start(done=0, arrays=arrays, history=after_round.history)

@@ -175,19 +175,19 @@ class LoraStrategy(Strategy):
     def configure_statistics(self, arrays: ArrayRecord, grid: Grid) -> list[Message]:
         """A train message asking every connected node for its class statistics (P.STAGE)."""
         self.set_global(arrays)
-        config = self._round_config(0, ConfigRecord({P.STAGE: P.STATISTICS}))
-        nodes = self._sample(grid, 1.0, 0)
-        return self._messages(nodes, arrays, config, MessageType.TRAIN)
+        config = self.statistics_config()
+        return self._messages(self.statistics_nodes(grid), arrays, config, MessageType.TRAIN)
+
+    def statistics_config(self) -> ConfigRecord:
+        """The config of a round-0 statistics message."""
+        return self._round_config(0, ConfigRecord({P.STAGE: P.STATISTICS}))
 
     def aggregate_statistics(self, replies: Iterable[Message], head_scale: float) -> ArrayRecord | None:
         """The global adapter with the head built from the sum of every usable release; None when no
         reply was usable (the head stays as model.head_init made it)."""
         record = RoundLog(round=0)
         self.rounds.append(record)
-        state = self.global_adapter.state
-        weight_key = next(k for k in state if f".{HEAD}." in k and k.endswith(".weight"))
-        bias_key = next(k for k in state if f".{HEAD}." in k and k.endswith(".bias"))
-        classes, width = state[weight_key].shape
+        classes, width = self.head_shape()
         releases, noise = [], []
         for msg in by_node(replies):
             if msg.has_error():
@@ -205,11 +205,34 @@ class LoraStrategy(Strategy):
         if not releases:
             log.warning("round 0: no usable statistics; the head stays as model.head_init made it")
             return None
-        start = state[weight_key]
-        weight, bias = class_mean_head(*summed(releases), head_scale, start, summed_variance(noise))
         log.info("round 0: shared head from the summed statistics of %d institutions", len(releases))
+        return self.statistics_head(*summed(releases), summed_variance(noise), head_scale)
+
+    def _head_keys(self) -> tuple[str, str]:
+        state = self.global_adapter.state
+        weight_key = next(k for k in state if f".{HEAD}." in k and k.endswith(".weight"))
+        bias_key = next(k for k in state if f".{HEAD}." in k and k.endswith(".bias"))
+        return weight_key, bias_key
+
+    def head_shape(self) -> tuple[int, int]:
+        """The classification head's classes and width: the shape of the released class sums."""
+        classes, width = self.global_adapter.state[self._head_keys()[0]].shape
+        return classes, width
+
+    def statistics_head(
+        self, sums: torch.Tensor, counts: torch.Tensor, noise_var: float, head_scale: float
+    ) -> ArrayRecord:
+        """The global adapter with the head built from the federation's summed class statistics, whose
+        per-value noise variance is ``noise_var`` (server.statistics_head)."""
+        state = self.global_adapter.state
+        weight_key, bias_key = self._head_keys()
+        weight, bias = class_mean_head(sums, counts, head_scale, state[weight_key], noise_var)
         head = {weight_key: weight, bias_key: bias}
         return ArrayRecord({k: Array(np.ascontiguousarray(head.get(k, v).numpy())) for k, v in state.items()})
+
+    def statistics_nodes(self, grid: Grid) -> list[int]:
+        """Every connected node, at least min_nodes (waiting for them as a round does)."""
+        return self._sample(grid, 1.0, 0)
 
     # --- from the nodes ---
 

@@ -17,6 +17,7 @@ invents institutions is outside this (semi-honest) model until adverts are signe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -58,6 +59,49 @@ class ClientRound:
         self._shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (its key share, its seed share)
         self._sharers: list[int] = []
         self.threshold = 0
+
+    def to_bytes(self) -> bytes:
+        """The whole state between two steps, for the ClientApp's context (a process per message in
+        deployment, any Ray actor in simulation): it holds the round's private keys and seed, so it
+        stays with the institution and is dropped after ``unmask``."""
+        return json.dumps(
+            {
+                "node": self.node,
+                "context": self.context.hex(),
+                "stage": self._stage,
+                "cipher": keys.private_bytes(self._cipher_key).hex(),
+                "mask": keys.private_bytes(self._mask_key).hex(),
+                "seed": self._seed.hex(),
+                "roster": {str(n): [a.cipher.hex(), a.mask.hex()] for n, a in self._roster.items()},
+                "shares": {str(n): [k.hex(), s.hex()] for n, (k, s) in self._shares.items()},
+                "sharers": self._sharers,
+                "threshold": self.threshold,
+            }
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, config: SecAggConfig) -> ClientRound:
+        """The round ``to_bytes`` wrote, at the step it had reached."""
+        state = json.loads(raw)
+        round_ = cls(int(state["node"]), config, bytes.fromhex(state["context"]))
+        round_._stage = int(state["stage"])
+        round_._cipher_key = keys.private_key(bytes.fromhex(state["cipher"]))
+        round_._mask_key = keys.private_key(bytes.fromhex(state["mask"]))
+        round_._seed = bytes.fromhex(state["seed"])
+        round_._roster = {
+            int(n): Advert(bytes.fromhex(c), bytes.fromhex(m)) for n, (c, m) in state["roster"].items()
+        }
+        round_._shares = {
+            int(n): (bytes.fromhex(k), bytes.fromhex(s)) for n, (k, s) in state["shares"].items()
+        }
+        round_._sharers = [int(n) for n in state["sharers"]]
+        round_.threshold = int(state["threshold"])
+        return round_
+
+    @property
+    def roster_size(self) -> int:
+        """The institutions that advertised keys (known from ``share_keys`` on)."""
+        return len(self._roster)
 
     def _advance(self, stage: str) -> None:
         if STAGES[self._stage] != stage:

@@ -93,3 +93,22 @@ class SecAggConfig:
                 f"levels overflow the ring 2^{self.ring_bits}; expected quantisation_bits <= "
                 f"{(most + 1).bit_length() - 1} or ring_bits: 64"
             )
+
+
+# Round 0's class statistics (sums of unit vectors, and counts): values up to a class's rows, so a wide
+# range at a fine step. 40-bit levels over [-2^20, 2^20] step 1.9e-6 per value; 64-bit ring: up to 2^24
+# institutions before a sum could wrap.
+STATISTICS_CLIP = 2.0**20
+STATISTICS_RING_BITS = 64
+STATISTICS_QUANTISATION_BITS = 40
+
+
+def for_statistics(threshold: int | None, tolerated_dropouts: int) -> SecAggConfig:
+    """The settings of the round-0 statistics release under secure aggregation."""
+    return SecAggConfig(
+        threshold=threshold,
+        tolerated_dropouts=tolerated_dropouts,
+        ring_bits=STATISTICS_RING_BITS,
+        quantisation_bits=STATISTICS_QUANTISATION_BITS,
+        clip=STATISTICS_CLIP,
+    )

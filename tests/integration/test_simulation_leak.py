@@ -23,9 +23,9 @@ from flwr.app import Context
 
 from fedlora.client.app import ClientSetup
 from fedlora.client.ledger import STATISTICS_ROUND
-from fedlora.client.recipe import STATISTICS_SENSITIVITY
 from fedlora.common import protocol as P
 from fedlora.common.config import load_config
+from fedlora.common.protocol import STATISTICS_SENSITIVITY
 from fedlora.simulations import run as sim_run
 from fedlora.simulations.report import write_all
 from fedlora.simulations.virtual_client import ledger_file

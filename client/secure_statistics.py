@@ -1,0 +1,87 @@
+"""Round 0 under secure aggregation (federation.secure_aggregation), the institution's side: one step of
+the protocol (common.secure_aggregation.client.ClientRound) per statistics message, in the coordinator's
+order: advertise keys, share keys, masked input, unmask.
+
+The round's private keys and self-mask seed live between messages in the ClientApp's context state
+(Flower keeps it per node: a process per message in deployment, any Ray actor in simulation) and are
+dropped after the unmask step. The masked input is this institution's release with only its share of
+the noise (common.distributed_noise: std sigma C / sqrt(m), m = institutions that advertised keys -
+tolerated dropouts - tolerated colluders), class sums and counts flattened into one vector, quantised
+into the ring and masked; its ledger records both epsilons. A survivor list shorter than the advertised
+institutions less the tolerated dropouts is refused: the sum would hold fewer than m shares of noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedlora.common import protocol as P
+from fedlora.common.codec import TrainMetrics, advert_reply, masked_reply, shares_reply, unmask_reply
+from fedlora.common.errors import ConfigError, RoundDiscarded
+from fedlora.common.secure_aggregation.client import ClientRound
+from fedlora.common.secure_aggregation.messages import Advert
+from fedlora.common.secure_aggregation.settings import for_statistics
+
+STATE = "fedlora-secagg"
+ROUND = "round"
+Release = Callable[[tuple[int, int, int]], tuple[torch.Tensor, torch.Tensor, TrainMetrics]]
+"""This institution's statistics release with its noise shared among (institutions, dropouts,
+colluders): the noisy class sums, counts and the reply's metrics."""
+
+
+def byte_arrays(record: ArrayRecord) -> dict[str, bytes]:
+    """A record of uint8 vectors (keys, sealed shares) as bytes."""
+    return {key: array.numpy().astype(np.uint8).tobytes() for key, array in record.items()}
+
+
+def roster_of(record: ArrayRecord) -> dict[int, Advert]:
+    """The roster the coordinator sent: each node's two public keys (``<node>/cipher``, ``<node>/mask``)."""
+    raw = byte_arrays(record)
+    nodes = sorted({int(key.partition("/")[0]) for key in raw})
+    try:
+        return {n: Advert(raw[f"{n}/{P.CIPHER_KEY}"], raw[f"{n}/{P.MASK_KEY}"]) for n in nodes}
+    except KeyError as err:
+        raise ConfigError(f"secure aggregation: the roster lacks {err}") from None
+
+
+def secure_statistics(msg: Message, state: RecordDict, fingerprint: str, release: Release) -> RecordDict:
+    """This institution's reply to one stage of round 0 under secure aggregation."""
+    config = msg.content[P.CONFIG]
+    stage = str(config.get(P.SECAGG_STAGE))
+    node = msg.metadata.dst_node_id
+    dropouts, colluders = int(config[P.SECAGG_DROPOUTS]), int(config[P.SECAGG_COLLUDERS])
+    settings = for_statistics(None, dropouts)
+    if stage == P.ADVERTISE_KEYS:
+        round_ = ClientRound(node, settings, bytes(config[P.SECAGG_CONTEXT]))
+        content = advert_reply(round_.advertise_keys(), fingerprint)
+    else:
+        kept = state.config_records.get(STATE)
+        if kept is None:
+            raise ConfigError(f"secure aggregation: stage {stage} before this node advertised keys")
+        round_ = ClientRound.from_bytes(bytes(kept[ROUND]), settings)
+        if stage == P.SHARE_KEYS:
+            roster = roster_of(msg.content[P.SECAGG_ROSTER])
+            content = shares_reply(round_.share_keys(roster, int(config[P.SECAGG_THRESHOLD])), fingerprint)
+        elif stage == P.MASKED_INPUT:
+            inbox = {int(k): v for k, v in byte_arrays(msg.content[P.SECAGG_INBOX]).items()}
+            sums, counts, metrics = release((round_.roster_size, dropouts, colluders))
+            vector = torch.cat([sums.flatten(), counts]).to(torch.float64).numpy()
+            content = masked_reply(round_.masked_input(inbox, vector), metrics, fingerprint)
+        elif stage == P.UNMASK:
+            del state[STATE]
+            survivors = [int(n) for n in config[P.SECAGG_SURVIVORS]]
+            if len(survivors) < round_.roster_size - dropouts:
+                raise RoundDiscarded(
+                    f"secure aggregation: {len(survivors)} survivors of {round_.roster_size} with "
+                    f"{dropouts} tolerated dropouts: the sum would hold too few noise shares; nothing is "
+                    "unmasked"
+                )
+            return unmask_reply(round_.unmask(survivors), fingerprint)
+        else:
+            raise ConfigError(f"secure aggregation: unknown stage {stage!r} (one of {P.SECAGG_STAGES})")
+    state[STATE] = ConfigRecord({ROUND: round_.to_bytes()})
+    return content

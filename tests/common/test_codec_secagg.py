@@ -1,0 +1,95 @@
+"""The secure aggregation replies of round 0 (common.codec): every stage built, checked as the audit mod
+checks what leaves, parsed by the server, with each institution's round kept as bytes between the
+steps (as the ClientApp keeps it in its context state); and what the codec refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedlora.common import protocol as P
+from fedlora.common.codec import (
+    TrainMetrics,
+    advert_reply,
+    check_outgoing,
+    masked_reply,
+    parse_advert,
+    parse_masked,
+    parse_shares,
+    parse_unmask,
+    shares_reply,
+    unmask_reply,
+)
+from fedlora.common.errors import AdapterError
+from fedlora.common.secure_aggregation.client import ClientRound
+from fedlora.common.secure_aggregation.quantise import Quantiser, ring_dtype
+from fedlora.common.secure_aggregation.server import ServerRound
+from fedlora.common.secure_aggregation.settings import for_statistics
+
+FP = "fp-1"
+NODES = (11, 22, 33)
+METRICS = TrainMetrics(
+    num_examples=5, epsilon=1.0, lora_r=4, lora_scale=2.0, steps=0, train_seconds=0.1, noise_std=0.5
+)
+
+
+def run_round(vectors: dict[int, np.ndarray], lost_at_mask: tuple[int, ...] = ()) -> np.ndarray:
+    settings = for_statistics(2, 1)
+    length = next(iter(vectors.values())).size
+    server = ServerRound(settings, b"ctx", length, len(NODES))
+    kept: dict[int, bytes] = {}
+    adverts = {}
+    for node in NODES:
+        round_ = ClientRound(node, settings, b"ctx")
+        reply = advert_reply(round_.advertise_keys(), FP)
+        check_outgoing(reply, "train")
+        adverts[node] = parse_advert(reply, FP)
+        kept[node] = round_.to_bytes()
+    roster = server.collect_keys(adverts)
+    sent = {}
+    for node in roster:
+        round_ = ClientRound.from_bytes(kept[node], settings)
+        reply = shares_reply(round_.share_keys(roster, server.threshold), FP)
+        check_outgoing(reply, "train")
+        sent[node] = parse_shares(reply, FP, 200)
+        kept[node] = round_.to_bytes()
+    inboxes = server.route_shares(sent)
+    masked = {}
+    for node in inboxes:
+        round_ = ClientRound.from_bytes(kept[node], settings)
+        reply = masked_reply(round_.masked_input(inboxes[node], vectors[node]), METRICS, FP)
+        check_outgoing(reply, "train")
+        kept[node] = round_.to_bytes()
+        if node not in lost_at_mask:
+            masked[node] = parse_masked(reply, FP, length, ring_dtype(settings.ring_bits))[0]
+    survivors = server.collect_masked(masked)
+    answers = {}
+    for node in survivors:
+        reply = unmask_reply(ClientRound.from_bytes(kept[node], settings).unmask(survivors), FP)
+        check_outgoing(reply, "train")
+        answers[node] = parse_unmask(reply, FP, 66)
+    return server.aggregate(answers)
+
+
+def test_a_round_through_the_codec_and_the_saved_state_sums_the_survivors_exactly():
+    rng = np.random.default_rng(0)
+    vectors = {node: rng.normal(0, 50, 40) for node in NODES}
+    step_bound = Quantiser.of(for_statistics(2, 1)).sum_error(3)
+    assert np.abs(run_round(vectors) - sum(vectors.values())).max() <= step_bound
+    two = run_round(vectors, lost_at_mask=(33,))
+    assert np.abs(two - vectors[11] - vectors[22]).max() <= step_bound
+
+
+def test_the_codec_refuses_a_plain_vector_an_unknown_stage_or_an_extra_config_key():
+    plain = masked_reply(np.zeros(4, dtype=np.uint64), METRICS, FP)
+    plain[P.ARRAYS] = ArrayRecord({P.MASKED: Array(np.zeros(4, dtype=np.float32))})
+    with pytest.raises(AdapterError, match="uint32, uint64"):
+        check_outgoing(plain, "train")
+    for change in ({P.SECAGG_STAGE: "reveal"}, {"extra": 1}):
+        reply = advert_reply(ClientRound(11, for_statistics(2, 1), b"c").advertise_keys(), FP)
+        reply[P.CONFIG] = ConfigRecord({**dict(reply[P.CONFIG]), **change})
+        with pytest.raises(AdapterError):
+            check_outgoing(reply, "train")
+    with pytest.raises(AdapterError, match="fingerprint"):
+        parse_advert(advert_reply(ClientRound(11, for_statistics(2, 1), b"c").advertise_keys(), "other"), FP)
