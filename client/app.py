@@ -33,9 +33,16 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
 from fedlora.client.failures import FingerprintMismatch, failure_mod
-from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.client.statistics import release_statistics
-from fedlora.client.trainer import GradientHook, LocalTrainer, derive_seed, privacy_plan, private_engine
+from fedlora.client.trainer import (
+    GradientHook,
+    LocalTrainer,
+    derive_seed,
+    privacy_plan,
+    private_engine,
+    seed_round,
+)
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
     State,
@@ -182,6 +189,12 @@ def handle_train(msg: Message, setup: ClientSetup) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def party_seed(cfg: FedloraConfig, client_id: int, server_round: int) -> int:
+    """The seed of this institution's draws in one round (training's shuffle; with
+    simulation.reproducible, all of them: trainer.seed_round)."""
+    return derive_seed(cfg.training.seed, client_id, server_round)
+
+
 def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> RecordDict:
     """Round 0: this institution's class statistics, released under the planner's share of its budget
     (client.statistics), charged in its ledger before a row is read."""
@@ -199,6 +212,7 @@ def statistics_content(msg: Message, setup: ClientSetup, built: BuiltModel) -> R
     device = device_for(cfg.training.device)
     recipe = privacy_plan(cfg, built.model, train, ledger).recipe
     start = time.perf_counter()
+    seed_round(cfg, party_seed(cfg, setup.client_id, STATISTICS_ROUND), STATISTICS_ROUND)
     sums, counts, noise_std, entry = release_statistics(
         built.model.to(device),
         train,
@@ -250,7 +264,7 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
             steps=0,
             train_seconds=0.0,
         )
-    seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
+    seed = party_seed(cfg, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     trainer = LocalTrainer(cfg, built.model, train, device, ledger, seed=seed, planned=planned)
     with closing(trainer):
