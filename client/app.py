@@ -33,10 +33,17 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
 from fedlora.client.failures import FingerprintMismatch, failure_mod
-from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.client.secure_statistics import secure_statistics
 from fedlora.client.statistics import release_statistics
-from fedlora.client.trainer import GradientHook, LocalTrainer, derive_seed, privacy_plan, private_engine
+from fedlora.client.trainer import (
+    GradientHook,
+    LocalTrainer,
+    derive_seed,
+    privacy_plan,
+    private_engine,
+    seed_round,
+)
 from fedlora.common import protocol as P
 from fedlora.common.adapter import (
     State,
@@ -198,6 +205,12 @@ def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = No
     return Message(content=content, reply_to=msg)
 
 
+def party_seed(cfg: FedloraConfig, client_id: int, server_round: int) -> int:
+    """The seed of this institution's draws in one round (training's shuffle; with
+    simulation.reproducible, all of them: trainer.seed_round)."""
+    return derive_seed(cfg.training.seed, client_id, server_round)
+
+
 def statistics_release(
     msg: Message, setup: ClientSetup, built: BuiltModel, shared_among: tuple[int, int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, TrainMetrics]:
@@ -218,6 +231,7 @@ def statistics_release(
     device = device_for(cfg.training.device)
     recipe = privacy_plan(cfg, built.model, train, ledger).recipe
     start = time.perf_counter()
+    seed_round(cfg, party_seed(cfg, setup.client_id, STATISTICS_ROUND), STATISTICS_ROUND)
     sums, counts, noise_std, entry = release_statistics(
         built.model.to(device),
         train,
@@ -270,7 +284,7 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
             steps=0,
             train_seconds=0.0,
         )
-    seed = derive_seed(cfg.training.seed, setup.client_id, server_round)
+    seed = party_seed(cfg, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     trainer = LocalTrainer(cfg, built.model, train, device, ledger, seed=seed, planned=planned)
     with closing(trainer):

@@ -93,6 +93,15 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def seed_round(cfg: FedloraConfig, seed: int, round_id: int) -> None:
+    """simulation.reproducible (research only) seeds torch's RNG before a round's draws, so all of them,
+    the round-0 release's noise, Poisson sampling, Opacus' noise and dropout alike, are replayed by a
+    run with the same simulation.seed and party seed (the ClientApp's: training.seed, client and
+    round). Without it nothing is seeded: DP draws from the unseeded RNG."""
+    if cfg.simulation.reproducible:
+        torch.manual_seed(derive_seed(cfg.simulation.seed, seed, round_id))
+
+
 def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters training changes, by their key in PEFT's own adapter state dict (whose tensors
     share their storage)."""
@@ -226,7 +235,7 @@ class LocalTrainer:
         self.expected_batch = int(self.plan.sampled * self.sample_rate)
         # DP: Poisson sampling must be unpredictable (privacy amplification assumes it), so it draws
         # from torch's unseeded RNG; only non-private baselines shuffle reproducibly, and research
-        # simulations with simulation.reproducible seed each round (round_seed).
+        # simulations with simulation.reproducible seed each round (seed_round).
         private = cfg.privacy.enabled
         self.seed = cfg.training.seed if seed is None else seed
         self.generator = None if private else torch.Generator().manual_seed(self.seed)
@@ -381,8 +390,7 @@ class LocalTrainer:
         epsilon = self._reserve(round_id, steps, federated) if spends else None
         self.model.train()
         start, losses, seen = time.perf_counter(), [], 0
-        if self.cfg.simulation.reproducible:
-            torch.manual_seed(self.round_seed(round_id))
+        seed_round(self.cfg, self.seed, round_id)
         for step in range(steps):
             batch = self._next_batch()
             seen += len(batch[0])
@@ -404,13 +412,6 @@ class LocalTrainer:
             seconds=seconds,
             examples_seen=seen,
         )
-
-    def round_seed(self, round_id: int) -> int:
-        """simulation.reproducible (research only) seeds torch's RNG with this before a round, so all
-        the round draws from it, Poisson sampling, Opacus' noise and dropout alike, is replayed by a
-        run with the same simulation.seed and trainer seed (the ClientApp's: training.seed, client and
-        round). Without it nothing is seeded: DP draws from the unseeded RNG."""
-        return derive_seed(self.cfg.simulation.seed, self.seed, round_id)
 
     def _reserve(self, round_id: int, steps: int, federated: bool) -> float:
         """The ledger's noise rules: another process may have recorded its calibration first."""

@@ -1,8 +1,9 @@
 """A simulation on a real multi-node Ray cluster on this machine (issue 30): a head node with no CPUs
 for institutions and a worker node with 4 (more than this machine has), each a separate ``ray start``
 process, so every virtual institution runs on the worker node; what they write reaches the driver's
-run folder through the driver-node keeper (carry), never by writing into it. A third node whose
-mount namespace hides the data folder is refused in one line before round 1. Every process stops.
+run folder through the driver-node keeper (carry), never by writing into it; --audit reads it there
+and --compare runs on the driver after the federation. A third node whose mount namespace hides the
+data folder is refused in one line before round 1. Every process stops.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedlora.common.errors import ConfigError
 from fedlora.server.checkpoint import load_checkpoint
 from fedlora.simulations import cli as sim_cli
 from fedlora.simulations import run as sim_run
+from fedlora.simulations.compare import SETTINGS as COMPARED
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -179,7 +181,8 @@ def test_federation_on_the_worker_node_fills_the_driver_run_folder(cluster: Clus
     run_dir = tmp_path / "run"
     sets = [a for s in [*SETS, "federation.rounds=2"] for a in ("--set", s)]
     audit = ["--audit", "--white-box-canaries", "50", "--black-box-canaries", "0"]
-    code = sim_cli.main(["--out", str(run_dir), "--ray-address", cluster.address, *sets, *audit])
+    compare = ["--compare"]  # on the driver, after the federation: its data, its own ledgers
+    code = sim_cli.main(["--out", str(run_dir), "--ray-address", cluster.address, *sets, *audit, *compare])
     assert code == 0, capsys.readouterr()
 
     cfg = load_config(overrides=SETS)
@@ -203,7 +206,10 @@ def test_federation_on_the_worker_node_fills_the_driver_run_folder(cluster: Clus
     history = json.loads((run_dir / "history.json").read_text())
     assert [e["round"] for e in history] == [0, 1, 2]
     assert all(len(e["clients"]) == 2 for e in history if e["round"] > 0)
-    assert "## Audit" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "## Audit" in report
+    settings = [*COMPARED.values(), "client-1 alone (DP)", "client-2 alone (DP)"]
+    assert [name for name in settings if f"\n| {name} | " not in report] == [], report
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 

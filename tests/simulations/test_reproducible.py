@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedlora.client.app import ClientSetup, handle_train
+from fedlora.client.ledger import STATISTICS_ROUND
 from fedlora.common import protocol as P
 from fedlora.common.adapter import from_record
 from fedlora.common.config import config_from_dict
@@ -37,8 +38,10 @@ def simulation_config(**sections: dict):
 
 def delta_of_one_round(cfg, folder, round_id: int = 1) -> dict[str, torch.Tensor]:
     """handle_train, as the simulation's ClientApp calls it, for virtual institution 0 with a fresh
-    ledger: the delta it sends."""
+    ledger: the delta it sends (round 0: its class statistics, as round 0 asks for them)."""
     msg = train_message(cfg, round_id)
+    if round_id == STATISTICS_ROUND:
+        msg.content[P.CONFIG][P.STAGE] = P.STATISTICS
     folder.mkdir(parents=True)
     trains, evals = simulation_partitions(cfg)
     rows = (trains[0], evals[0] if evals else None)
@@ -64,6 +67,17 @@ def test_the_same_seeds_give_the_same_delta_bit_for_bit_and_other_seeds_another(
     other_seed = delta_of_one_round(simulation_config(simulation={"seed": 1}), tmp_path / "seed-1")
     assert not same_bits(first, later_round)
     assert not same_bits(first, other_seed)
+
+
+def test_round_zero_statistics_noise_is_seeded_too(tmp_path):
+    """The shared head is built from the noisy round-0 releases: drawn from the unseeded RNG, two
+    runs on the same seeds started from different heads, and no adapter of theirs was the same."""
+    cfg = simulation_config()
+    first = delta_of_one_round(cfg, tmp_path / "first", STATISTICS_ROUND)
+    torch.rand(7)
+    assert same_bits(first, delta_of_one_round(cfg, tmp_path / "again", STATISTICS_ROUND))
+    other_seed = simulation_config(simulation={"seed": 1})
+    assert not same_bits(first, delta_of_one_round(other_seed, tmp_path / "seed-1", STATISTICS_ROUND))
 
 
 def test_without_the_mode_dp_noise_stays_unseeded(tmp_path):
