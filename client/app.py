@@ -215,21 +215,19 @@ def statistics_release(
     msg: Message, setup: ClientSetup, built: BuiltModel, shared_among: tuple[int, int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, TrainMetrics]:
     """Round 0: this institution's class statistics, released under the planner's share of its budget
-    (client.statistics), charged in its ledger before a row is read; ``shared_among``: its noise is a
-    share of the sum's (secure aggregation). The noisy sums, counts and the reply's metrics."""
+    (client.statistics), charged in its ledger before a row is read; per person with data.privacy_unit
+    (each person's rows averaged: the ledger's unit). ``shared_among``: its noise is a share of the
+    sum's (secure aggregation, which releases through here too). The noisy sums, counts and the reply's
+    metrics."""
     cfg = setup.cfg
-    if cfg.privacy.enabled and cfg.data.privacy_unit is not None:
-        raise ConfigError(
-            "data.privacy_unit: the round-0 class statistics are a per-row release, not a per-person one; "
-            "this institution does not answer them (its head comes from the others' statistics)"
-        )
     train, _ = client_data(setup)
     load_global(msg, cfg, built)
     ledger = PrivacyLedger.from_config(cfg.privacy, setup.ledger_path) if cfg.privacy.enabled else None
     if ledger is not None:
         ledger.require_unit(cfg.data.privacy_unit)
     device = device_for(cfg.training.device)
-    recipe = privacy_plan(cfg, built.model, train, ledger).recipe
+    planned = privacy_plan(cfg, built.model, train, ledger)
+    recipe = planned.recipe
     start = time.perf_counter()
     seed_round(cfg, party_seed(cfg, setup.client_id, STATISTICS_ROUND), STATISTICS_ROUND)
     sums, counts, noise_std, entry = release_statistics(
@@ -242,8 +240,11 @@ def statistics_release(
         cfg.planned_rounds,
         private_engine(cfg.privacy.accountant, True).secure_rng if cfg.privacy.secure_mode else None,
         shared_among,
+        train.units if planned.units is not None else None,
     )
-    log.info("round 0: released class statistics of %d rows (%s)", len(train), recipe.statistics_noise.reason)
+    persons = f"{planned.units.persons} persons, " if planned.units is not None else ""
+    why = recipe.statistics_noise.reason
+    log.info("round 0: released class statistics of %s%d rows (%s)", persons, len(train), why)
     metrics = TrainMetrics(
         num_examples=len(train),
         epsilon=entry.epsilon if entry is not None else 0.0,

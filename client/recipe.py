@@ -17,7 +17,8 @@ value comes with a one-line reason naming its rule and source:
 - statistics first (client.statistics): every classifier releases its class statistics once, in
   round 0, at STATISTICS_SHARE of the budget (the measurement of issue 27: the summed release at
   epsilon 2 of 8 reached 0.683 where ten rounds of DP-LoRA stayed at the majority class); the rest
-  pays the LoRA rounds.
+  pays the LoRA rounds. Per person (data.privacy_unit) too: each person's rows are averaged, so one
+  person has the sensitivity one row has, and the same release is charged per person.
 - fine-tune or not: the server averages the K institutions a round samples (training.peers_per_round),
   so over the run's R rounds x T steps of expected batch B, with d trainable values and noise sigma,
   the averaged update's signal-to-noise is at best sqrt(R T) x B sqrt(K) / (sigma sqrt(d)) (every
@@ -139,11 +140,16 @@ def _no_statistics(inst: Institution) -> str | None:
         return "no classification head"
     if not inst.round_zero:
         return "no round 0 (train-local, or federation.statistics_first false): nothing to release"
-    if inst.persons is not None:
-        return "privacy unit person: the class-statistics release is per row, not per person"
     if not inst.private:
         return "privacy off: the exact statistics leave (a non-private baseline)"
     return None
+
+
+def _released_per(inst: Institution) -> str:
+    """What the release's unit is, for its reason: per person, each person's rows averaged."""
+    if inst.persons is None:
+        return ""
+    return f" of {inst.persons} persons, each person's rows averaged (a person counts once)"
 
 
 def run_snr(inst: Institution, expected: float, steps: int, sigma: float) -> float:
@@ -194,7 +200,8 @@ def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = Non
                 stats = Choice(
                     statistics_noise(inst, STATISTICS_SHARE),
                     f"{STATISTICS_SHARE:.0%} of epsilon alone: one Gaussian release of class sums and "
-                    "counts (sensitivity sqrt(2)), one DP-SGD step at sample rate 1 in the ledger, round 0",
+                    f"counts{_released_per(inst)} (sensitivity sqrt(2)), one DP-SGD step at sample rate 1 "
+                    "in the ledger, round 0",
                 )
             except ConfigError:
                 no_release = f"{STATISTICS_SHARE:.0%} of epsilon buys no release at all"
@@ -225,7 +232,11 @@ def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = Non
                 "budget goes to the round-0 statistics and LoRA rounds are answered without training",
             )
             whole = statistics_noise(inst, 1.0)
-            stats = Choice(whole, "the whole epsilon: one Gaussian release of class sums and counts, round 0")
+            stats = Choice(
+                whole,
+                f"the whole epsilon: one Gaussian release of class sums and counts{_released_per(inst)}, "
+                "round 0",
+            )
             steps = Choice(0, "no LoRA steps: " + fine.reason.split(": ", 1)[0])
             noise = Choice(None, "no DP-SGD steps: the statistics spend the budget")
     else:

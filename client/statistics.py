@@ -8,6 +8,16 @@ released vector by at most sqrt(2): one Gaussian mechanism of noise std sigma * 
 exactly one DP-SGD step at sample rate 1 and noise multiplier sigma. The ledger records it as that
 (round STATISTICS_ROUND) before a row is read, and Opacus composes it with the rounds. The noise is
 the planner's (client.recipe: its share of the budget, or all of it when DP-SGD would add nothing).
+
+Per person (data.privacy_unit under DP), the same mechanism protects a person: each row is weighted
+1 / n_p, n_p the rows of its person p (``person_weights``), so the release holds each person's rows
+averaged. Adding or removing p moves the sums by the matrix whose row c is sum over p's rows of class c
+of u_r / n_p, of Frobenius norm at most sum_r |u_r| / n_p = 1 (triangle inequality, unit rows u_r),
+and the counts by the vector of p's class shares n_pc / n_p, of L2 norm at most its L1 norm, 1; no
+other person's weight changes. So one person moves the release by at most sqrt(1 + 1) = sqrt(2), as
+one row does (equality: every row of p in one class with the same embedding): the ledger entry, in
+the ledger's person unit, is the same one DP-SGD step at sample rate 1. The counts released are then
+persons, fractionally per class (a person with rows in two classes counts n_pc / n_p in each).
 """
 
 from __future__ import annotations
@@ -34,23 +44,38 @@ def head_rows(model: nn.Module) -> int:
     return head.original_module.out_features if head is not None else 0
 
 
+def person_weights(units: Tensor) -> Tensor:
+    """Each row's weight 1 / (its person's rows): a person's weights sum to 1 (see the module's bound)."""
+    _, owner, sizes = torch.unique(units, return_inverse=True, return_counts=True)
+    return 1.0 / sizes[owner].to(torch.float64)
+
+
 @torch.no_grad()
 def class_sums(
-    model: nn.Module, data: TokenizedDataset, classes: int, device: torch.device, batch_size: int
+    model: nn.Module,
+    data: TokenizedDataset,
+    classes: int,
+    device: torch.device,
+    batch_size: int,
+    units: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per class: the sum of the rows' unit-norm pooled embeddings (classes x width), and the count."""
+    """Per class: the sum of the rows' unit-norm pooled embeddings (classes x width), and the count;
+    with ``units`` (each row's person), each row weighted 1 / its person's rows (``person_weights``)."""
     classifier = peft_module(model).base_model.model
     was_training = classifier.training
     classifier.eval()
+    weights = person_weights(units) if units is not None else torch.ones(len(data), dtype=torch.float64)
     sums: Tensor | None = None
     counts = torch.zeros(classes, dtype=torch.float64)
-    for batch in DataLoader(data, batch_size=batch_size):
+    batches = DataLoader(data, batch_size=batch_size)
+    # not strict: no rows split into one empty chunk of weights and no batch
+    for batch, weight in zip(batches, weights.split(batch_size), strict=False):
         ids, mask, labels = (t.to(device) for t in trim(batch))
         unit = nn.functional.normalize(classifier.embed(ids, mask), dim=-1).to("cpu", torch.float64)
         if sums is None:
             sums = torch.zeros(classes, unit.shape[1], dtype=torch.float64)
-        sums.index_add_(0, labels.cpu(), unit)
-        counts += torch.bincount(labels.cpu(), minlength=classes).to(torch.float64)
+        sums.index_add_(0, labels.cpu(), unit * weight[:, None])
+        counts.index_add_(0, labels.cpu(), weight)
     classifier.train(was_training)
     if sums is None:
         raise ConfigError("statistics: this institution has no training rows to release statistics of")
@@ -80,6 +105,7 @@ def release_statistics(
     rounds: int,
     generator: torch.Generator | None = None,
     shared_among: tuple[int, int, int] | None = None,
+    units: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float, LedgerEntry | None]:
     """Charge the release in the ledger first (BudgetExceeded: nothing read), then release. The
     ledger's noise for the ``rounds`` after it is calibrated first, so that the release and every
@@ -87,8 +113,9 @@ def release_statistics(
     the exact statistics leave. ``generator``: the secure one of privacy.secure_mode. ``shared_among``
     (secure aggregation: institutions in the round, tolerated dropouts, tolerated colluders): the
     planner's noise is the sum's, this release adds only its share (common.distributed_noise) and the
-    ledger records both epsilons. Returns the noisy sums and counts, the
-    noise std and the entry."""
+    ledger records both epsilons. ``units``: each row's person when the ledger's unit is the person
+    (data.privacy_unit), whose rows are then averaged so that the entry's sensitivity holds per person.
+    Returns the noisy sums and counts, the noise std and the entry."""
     if recipe.statistics_noise.value is None and ledger is not None:
         raise ConfigError(f"statistics: no release planned ({recipe.statistics_noise.reason})")
     entry = None
@@ -99,6 +126,6 @@ def release_statistics(
         ledger.calibrate(*recipe.calibration(rounds))
         entry = ledger.reserve(STATISTICS_ROUND, 1.0, 1, noise_multiplier=sigma, sharing=sharing)
         noise_std = sharing.share_std if sharing is not None else sigma * STATISTICS_SENSITIVITY
-    sums, counts = class_sums(model, data, head_rows(model), device, batch_size)
+    sums, counts = class_sums(model, data, head_rows(model), device, batch_size, units)
     noisy_sums, noisy_counts = gaussian_release(sums, counts, noise_std, generator)
     return noisy_sums.float(), noisy_counts.float(), noise_std, entry

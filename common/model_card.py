@@ -153,12 +153,13 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
         spends=spends,
         released=[f"training {k} (privacy.release_metrics)" for k in released],
         local=False,
-        statistics=statistics_statement(history),
+        statistics=statistics_statement(history, meta["config"].get("data", {}).get("privacy_unit")),
     )
 
 
-def statistics_statement(history: Sequence[Mapping[str, Any]]) -> str:
-    """Round 0's release in one line, from its history entry (server.app.statistics_first)."""
+def statistics_statement(history: Sequence[Mapping[str, Any]], unit: str | None = None) -> str:
+    """Round 0's release in one line, from its history entry (server.app.statistics_first); ``unit``:
+    the run's data.privacy_unit, whose institutions released per person (client.statistics)."""
     round0 = next((e for e in history if e.get("round") == 0 and e.get("clients")), None)
     if round0 is None:
         return ""
@@ -166,11 +167,19 @@ def statistics_statement(history: Sequence[Mapping[str, Any]]) -> str:
     eps = sorted(float(c[P.EPSILON]) for c in clients)
     noise = sorted(float(c.get(P.NOISE_STD, 0.0)) for c in clients)
     spent = f"epsilon {eps[0]:.3g} to {eps[-1]:.3g}" if eps[-1] > 0 else "no DP (exact statistics)"
+    per_person = unit is not None and eps[-1] > 0  # without DP the exact per-row statistics left
+    released = (
+        "its row counts"
+        if not per_person
+        else f"its person counts (column `{unit}`: each person's rows averaged, so a person counts once, "
+        "fractionally in each class they have rows in)"
+    )
     line = (
         f"- round 0, statistics first: {len(clients)} institutions each released once its per-class sums "
-        "of L2-normalised pooled embeddings and its row counts (one Gaussian mechanism, L2 sensitivity "
-        f"sqrt(2), noise std {noise[0]:.3g} to {noise[-1]:.3g}) at {spent} of its budget, charged in its "
-        "ledger as round 0 and composed with the rounds; the server summed them into the shared head."
+        f"of L2-normalised pooled embeddings and {released} (one Gaussian mechanism, L2 sensitivity "
+        f"sqrt(2) per {'person' if per_person else 'row'}, noise std {noise[0]:.3g} to {noise[-1]:.3g}) "
+        f"at {spent} of its budget, charged in its ledger as round 0 and composed with the rounds; the "
+        "server summed them into the shared head."
     )
     secagg = round0.get("aggregation", {})
     if "secagg_institutions" not in secagg or eps[-1] == 0:

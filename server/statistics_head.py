@@ -1,7 +1,11 @@
 """The shared head from the federation's summed class statistics (round 0, before any LoRA round).
 
 Every institution releases once, under its own Gaussian mechanism, per class the sum of its rows'
-L2-normalised pooled embeddings and the row count (client.statistics). The server SUMS the releases
+L2-normalised pooled embeddings and the row count (client.statistics); one with a person as its
+privacy unit (data.privacy_unit) weights each row 1 / its person's rows, so its sums and counts are in
+persons (fractional per class). Each class sum is then still its count times a mean of unit rows, which
+is all the head reads: directions from the sums, the prior from the counts' shares (in a federation
+mixing both, a share of rows and persons together). The server SUMS the releases
 (not heads): the noise of K releases adds up as sqrt(K) while the signal adds up as K, and one prior
 from the summed counts replaces K skewed ones. The head is nearest class mean: row c is head_scale x
 a unit class direction (a cosine head, as the label-name start), its bias the log of class c's share
@@ -29,8 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-# A class whose summed noisy count falls below one row keeps a share of one row: the log prior stays
-# finite and such a class is merely unlikely, never impossible.
+# A class whose summed noisy count falls below one row (or person) keeps a share of one: the log prior
+# stays finite and such a class is merely unlikely, never impossible.
 MIN_COUNT = 1.0
 
 

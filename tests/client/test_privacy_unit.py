@@ -21,6 +21,7 @@ from fedlora.client.privacy_audit import AUDIT_LEDGER, CANARY_FILE, run_local_au
 from fedlora.client.privacy_unit import PersonRows, unit_counts
 from fedlora.client.recipe import facts, plan, poisson_rate
 from fedlora.client.trainer import LocalTrainer
+from fedlora.common.accounting import calibrate_noise
 from fedlora.common.config import config_from_dict
 from fedlora.common.data import build_data, with_units
 from fedlora.common.errors import CheckpointError, ConfigError, DataError
@@ -431,8 +432,12 @@ def test_recipe_plans_batches_of_persons(make_config):
     assert (recipe.batch_size.value, recipe.local_steps.value) == (21, 3)
     assert recipe.sample_rate.value == 1 / math.ceil(60 / 21)
     assert "over persons" in recipe.sample_rate.reason and "persons 60" in recipe.batch_size.reason
-    assert recipe.statistics_noise.value is None and "per row" in recipe.statistics_noise.reason
-    assert recipe.fine_tune.value  # no statistics to put the budget on: the rounds keep it
+    # Round 0 is planned per person too: the same Gaussian release, its quarter of the budget.
+    privacy = cfg.privacy
+    quarter = calibrate_noise(0.25 * privacy.epsilon, privacy.delta, privacy.accountant, 1.0, 1)
+    assert recipe.statistics_noise.value == quarter
+    assert "of 60 persons, each person's rows averaged" in recipe.statistics_noise.reason
+    assert recipe.fine_tune.value
 
 
 def test_empty_person_batches_step_and_count(make_config, vocab_size, toy_classification, tmp_path):

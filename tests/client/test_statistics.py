@@ -26,6 +26,7 @@ from fedlora.common.accounting import calibrate_noise
 from fedlora.common.adapter import adapter_state, from_record, peft_module
 from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
 from fedlora.common.config import config_from_dict
+from fedlora.common.data import TokenizedDataset, with_units
 from fedlora.common.model import build_model
 from fedlora.server.statistics_head import class_mean_head, summed
 from fedlora.server.strategy import build_strategy
@@ -49,6 +50,44 @@ def test_one_row_moves_the_released_sums_and_counts_by_sqrt_2(make_config, vocab
         moved = torch.cat([(sums - fewer).flatten(), counts - fewer_counts]).norm().item()
         assert moved == pytest.approx(math.sqrt(2), abs=1e-6)  # a unit vector and a count of 1
     assert model.training  # restored after the eval-mode pass
+
+
+def joined(*parts: TokenizedDataset) -> TokenizedDataset:
+    """Datasets of one width, their rows one after another, each row's person kept."""
+    fields = ("input_ids", "attention_mask", "labels", "units")
+    return TokenizedDataset(*(torch.cat([getattr(d, f) for d in parts]) for f in fields))
+
+
+def flat_release(model, data, cfg, units) -> torch.Tensor:
+    """The exact release (no ledger: noise 0) as one vector, sums then counts."""
+    recipe = privacy_plan(cfg, model, data, None).recipe
+    sums, counts, noise_std, _ = release_statistics(model, data, recipe, None, CPU, 16, 1, units=units)
+    assert noise_std == 0.0
+    return torch.cat([sums.flatten(), counts]).double()
+
+
+def test_one_person_with_many_rows_moves_the_released_sums_and_counts_by_at_most_sqrt_2(
+    make_config, vocab_size, toy_classification
+):
+    """A person's 50 rows, all in one class, added to 12 persons of 2 rows each (one with rows in two
+    classes): per person (each person's rows averaged) the release moves by at most sqrt(2), as one
+    row's does; the per-row release of the same rows moves by more than 50 (its counts alone)."""
+    cfg = make_config({"privacy": {"enabled": False}})
+    model = build_model(cfg.model, LABELS, vocab_size).model
+    others = with_units(toy_classification(24, 3, seed=4), torch.arange(24) // 2)
+    ones = toy_classification(150, 3, seed=5)
+    heavy = ones.subset([i for i in range(150) if ones.labels[i] == 0])
+    heavy = with_units(heavy, torch.full((50,), 99))
+    both = joined(others, heavy)
+    with_person = flat_release(model, both, cfg, both.units)
+    without = flat_release(model, others, cfg, others.units)
+    moved = float((with_person - without).norm())
+    assert 1.0 < moved <= math.sqrt(2) + 1e-9
+    counts = with_person[-3:] - without[-3:]
+    assert counts.tolist() == pytest.approx([1.0, 0.0, 0.0])  # one person, in the class of all their rows
+    assert float(without[-3:].sum()) == pytest.approx(12.0)  # persons, fractionally per class
+    per_row = float((flat_release(model, both, cfg, None) - flat_release(model, others, cfg, None)).norm())
+    assert per_row > 50
 
 
 def independent(history, delta):
