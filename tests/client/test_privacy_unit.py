@@ -16,7 +16,7 @@ from opacus.accountants import create_accountant
 
 from fedlora.client.canaries import CanarySpec, with_input_canaries
 from fedlora.client.cli import main as client_main
-from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.client.privacy_audit import AUDIT_LEDGER, CANARY_FILE, run_local_audit
 from fedlora.client.privacy_unit import PersonRows, unit_counts
 from fedlora.client.recipe import facts, plan, poisson_rate
@@ -352,6 +352,10 @@ def test_check_prints_persons_and_epsilon_per_person(tmp_path, capsys, wide_repo
     after = row_value(out, "epsilon per person after round")
     assert [int(x.split(":")[0]) for x in after.split(",")] == [1, 2, 3]
     assert float(after.split(",")[-1].split(":")[1]) <= 8.0
+    # Round 0's statistics are planned per person, before the rounds: a quarter of the budget.
+    released = row_value(out, "statistics noise")
+    assert "25% of epsilon alone" in released and "of 31 persons, each person's rows averaged" in released
+    assert float(released.split(":")[0]) == pytest.approx(calibrate_noise(2.0, 1e-5, "rdp", 1.0, 1), rel=1e-3)
 
 
 def test_check_says_privacy_unit_row_plainly(tmp_path, capsys, wide_report):
@@ -438,6 +442,11 @@ def test_recipe_plans_batches_of_persons(make_config):
     assert recipe.statistics_noise.value == quarter
     assert "of 60 persons, each person's rows averaged" in recipe.statistics_noise.reason
     assert recipe.fine_tune.value
+    # Too few persons for DP-SGD to add anything over 75,000 trained values: the whole budget on round 0.
+    few = plan(facts(cfg, 300, 3, persons=60, rows_per_person=3.0, trainable=75_000), cfg)
+    assert not few.fine_tune.value and few.local_steps.value == 0
+    whole = calibrate_noise(privacy.epsilon, privacy.delta, privacy.accountant, 1.0, 1)
+    assert few.statistics_noise.value == whole and "the whole epsilon" in few.statistics_noise.reason
 
 
 def test_empty_person_batches_step_and_count(make_config, vocab_size, toy_classification, tmp_path):
@@ -455,9 +464,10 @@ def test_empty_person_batches_step_and_count(make_config, vocab_size, toy_classi
     assert any(not torch.equal(before[k], p) for k, p in trainer._trained.items())
 
 
-def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatch):
-    """The real ServerApp and ClientApp (test_resume's in-process grid): each institution samples its
-    own persons, and its ledger records its own person sample rate."""
+def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatch, opacus_epsilon):
+    """The real ServerApp and ClientApp (test_resume's in-process grid): each institution answers round
+    0's statistics per person, then samples its own persons; its ledger, kept in the person unit,
+    records the release at round 0 and its own person sample rate after it, as Opacus composes them."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from helpers.grid import run
@@ -482,17 +492,27 @@ def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatc
                 "min_clients": 2,
                 "fraction_evaluate": 0,
                 "central_eval": False,
-                # per person, the institutions do not answer the per-row round-0 statistics
-                "statistics_first": False,
             },
             "simulation": {"num_clients": 2, "partition": "column", "partition_column": "site"},
         }
     )
     run(cfg, tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history[0]["round"] == 0 and len(history[0]["clients"]) == 2  # both took part in round 0
     for pid, persons in ((0, 9), (1, 6)):
-        ledger = PrivacyLedger(tmp_path / "run" / "ledgers" / f"client-{pid}.json", 8.0, 1e-5, "rdp")
-        assert [e.sample_rate for e in ledger.entries] == [poisson_rate(persons, 2)] * 2
+        path = tmp_path / "run" / "ledgers" / f"client-{pid}.json"
+        assert json.loads(path.read_text())["privacy_unit"] == "patient"
+        ledger = PrivacyLedger(path, 8.0, 1e-5, "rdp")
+        release, *rounds = ledger.entries
+        assert (release.round, release.sample_rate, release.steps) == (STATISTICS_ROUND, 1.0, 1)
+        assert [e.sample_rate for e in rounds] == [poisson_rate(persons, 2)] * 2
+        steps = [(release.noise_multiplier, 1.0, 1)]
+        assert release.epsilon == pytest.approx(opacus_epsilon("rdp", steps), rel=1e-6)
+        steps += [(e.noise_multiplier, e.sample_rate, e.steps) for e in rounds]
+        assert ledger.spent == pytest.approx(opacus_epsilon("rdp", steps), rel=1e-6)
         assert 0 < ledger.spent <= 8.0
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "its person counts (column `patient`" in card and "sqrt(2) per person" in card
 
 
 def test_a_ledger_kept_per_row_cannot_go_on_per_person(make_config, vocab_size, toy_classification, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -207,6 +208,46 @@ def test_each_ledger_records_both_epsilons_and_the_card_states_the_assumption(tm
     sharing = NoiseSharing(share * math.sqrt(m) / P.STATISTICS_SENSITIVITY, P.STATISTICS_SENSITIVITY, 3, 1, 0)
     assert "distributed noise: each institution added Gaussian noise of std sigma x C / sqrt(2)" in card
     assert f"(sigma {sharing.sigma:g}" in card
+
+
+def test_persons_are_released_per_person_under_secure_aggregation(tmp_path, opacus_epsilon):
+    """Three sites whose persons of class a wrote 5 notes each and of class b one: the securely summed
+    counts are persons (the head's prior is the persons' share, 1/4 for a, not the rows' 5/8), and each
+    ledger, kept in the person unit, records the release at round 0 with both epsilons."""
+    rows = [
+        {"text": f"note {n} of {site} {label}{person}", "label": label, "patient": f"{site}-{label}{person}",
+         "site": site}
+        for site in ("north", "east", "south")
+        for label, persons, notes in (("a", 4, 5), ("b", 12, 1))
+        for person in range(persons)
+        for n in range(notes)
+    ]
+    path = tmp_path / "notes.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    cfg = config(
+        *SECURE,
+        f"data.path={path}",
+        "data.privacy_unit=patient",
+        "simulation.partition=column",
+        "simulation.partition_column=site",
+        "privacy.enabled=true",
+        "privacy.accountant=rdp",
+        "privacy.epsilon=400",  # the release at epsilon 100: count noise of a few hundredths
+    )
+    bench, _ = server_workbench(cfg)
+    grid = SecAggGrid(cfg, tmp_path)
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    head = secure_statistics(grid, strategy, as_record(adapter_state(bench.built.model)), cfg)
+    bias = next(v.numpy() for k, v in head.items() if ".classifier." in k and k.endswith(".bias"))
+    np.testing.assert_allclose(np.exp(bias), [0.25, 0.75], atol=0.02)
+    for pid in range(len(NODES)):
+        ledger_path = ledger_file(tmp_path, pid)
+        assert json.loads(ledger_path.read_text())["privacy_unit"] == "patient"
+        entry = PrivacyLedger.from_config(cfg.privacy, ledger_path).entries[0]
+        assert (entry.round, entry.sample_rate, entry.steps) == (STATISTICS_ROUND, 1.0, 1)
+        summed = opacus_epsilon("rdp", [(entry.noise_multiplier, 1.0, 1)])
+        alone = opacus_epsilon("rdp", [(entry.share_noise_multiplier, 1.0, 1)])
+        assert (entry.epsilon, entry.epsilon_alone) == pytest.approx((summed, alone), rel=1e-6)
 
 
 def test_the_threshold_is_checked_against_the_federation_in_one_line():
