@@ -99,7 +99,9 @@ def trainer_for(cfg: FedloraConfig, folder: Path, name: str) -> tuple[LocalTrain
     bench = prepare(cfg)
     built = build_model(cfg.model, bench.labels, len(bench.tokenizer))
     ledger = PrivacyLedger.from_config(cfg.privacy, folder / f"{name}-{time.time_ns()}.json")
-    return LocalTrainer(cfg, built.model, bench.data.train, device_for(cfg.training.device), ledger), bench
+    device = device_for(cfg.training.device)
+    # one institution alone, as train-local: no round 0, the planned rounds spend the whole budget
+    return LocalTrainer(cfg, built.model, bench.data.train, device, ledger, round_zero=False), bench
 
 
 def accuracy(args: argparse.Namespace, paths: tuple[Path, Path], folder: Path) -> list[Outcome]:
