@@ -19,6 +19,7 @@ BENCHMARKS = {
     "llm_throughput": "causal LM (SmolLM2, or a 7B Llama on a GPU): DP vs non-DP tokens/s and peak memory",
     "memory": "memory per round of a long simulation, per process",
     "privacy_unit": "accuracy and rows/s of person-level vs row-level DP on synthetic patients",
+    "person_stats": "round-0 statistics head per person vs per row vs label names, synthetic patients",
     "overhead": "fedlora's simulation overhead over bare Flower, training off",
     "scale": "client updates per minute and memory at 10 to 1,000 institutions, fedlora vs bare Flower",
     "recipe": "held-out accuracy of local LoRA recipes, DP and not, against the linear probe",
