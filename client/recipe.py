@@ -228,7 +228,7 @@ def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = Non
         else:
             fine = Choice(
                 False,
-                f"{why} < {MIN_RUN_SNR:g}: DP-SGD would add nothing measurable on these rows; the whole "
+                f"{why} < {MIN_RUN_SNR:g}: DP-SGD would add nothing measurable on these {noun}; the whole "
                 "budget goes to the round-0 statistics and LoRA rounds are answered without training",
             )
             whole = statistics_noise(inst, 1.0)

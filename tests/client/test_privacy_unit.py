@@ -445,6 +445,7 @@ def test_recipe_plans_batches_of_persons(make_config):
     # Too few persons for DP-SGD to add anything over 75,000 trained values: the whole budget on round 0.
     few = plan(facts(cfg, 300, 3, persons=60, rows_per_person=3.0, trainable=75_000), cfg)
     assert not few.fine_tune.value and few.local_steps.value == 0
+    assert "nothing measurable on these persons" in few.fine_tune.reason
     whole = calibrate_noise(privacy.epsilon, privacy.delta, privacy.accountant, 1.0, 1)
     assert few.statistics_noise.value == whole and "the whole epsilon" in few.statistics_noise.reason
 
