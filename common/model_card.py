@@ -168,19 +168,19 @@ def statistics_statement(history: Sequence[Mapping[str, Any]], unit: str | None 
     noise = sorted(float(c.get(P.NOISE_STD, 0.0)) for c in clients)
     spent = f"epsilon {eps[0]:.3g} to {eps[-1]:.3g}" if eps[-1] > 0 else "no DP (exact statistics)"
     per_person = unit is not None and eps[-1] > 0  # without DP the exact per-row statistics left
-    released = (
-        "its row counts"
-        if not per_person
-        else f"its person counts (column `{unit}`: each person's rows averaged, so a person counts once, "
-        "fractionally in each class they have rows in)"
-    )
+    what = "person" if per_person else "row"
     line = (
         f"- round 0, statistics first: {len(clients)} institutions each released once its per-class sums "
-        f"of L2-normalised pooled embeddings and {released} (one Gaussian mechanism, L2 sensitivity "
-        f"sqrt(2) per {'person' if per_person else 'row'}, noise std {noise[0]:.3g} to {noise[-1]:.3g}) "
-        f"at {spent} of its budget, charged in its ledger as round 0 and composed with the rounds; the "
-        "server summed them into the shared head."
+        f"of L2-normalised pooled embeddings and its {what} counts (one Gaussian mechanism, L2 sensitivity "
+        f"sqrt(2) per {what}, noise std "
+        f"{noise[0]:.3g} to {noise[-1]:.3g}) at {spent} of its budget, charged in its ledger as round 0 and "
+        "composed with the rounds; the server summed them into the shared head."
     )
+    if per_person:
+        line += (
+            f" Each person's rows (column `{unit}`) were averaged first: a person counts once, fractionally "
+            "in each class they have rows in."
+        )
     secagg = round0.get("aggregation", {})
     if "secagg_institutions" not in secagg or eps[-1] == 0:
         return line

@@ -514,7 +514,8 @@ def test_a_federation_of_two_institutions_spends_per_person(tmp_path, monkeypatc
         assert ledger.spent == pytest.approx(opacus_epsilon("rdp", steps), rel=1e-6)
         assert 0 < ledger.spent <= 8.0
     card = (tmp_path / "run" / "adapter" / "README.md").read_text()
-    assert "its person counts (column `patient`" in card and "sqrt(2) per person" in card
+    assert "its person counts (one Gaussian mechanism, L2 sensitivity sqrt(2) per person" in card
+    assert "Each person's rows (column `patient`) were averaged first: a person counts once" in card
 
 
 def test_a_ledger_kept_per_row_cannot_go_on_per_person(make_config, vocab_size, toy_classification, tmp_path):
