@@ -26,7 +26,6 @@ from helpers.deploy import Federation, Processes, free_port, make_federation, wa
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 INSTITUTIONS = ("a", "b", "c")
-ROWS = 40  # helpers.deploy writes 40 rows per institution, two classes
 SENT = "Sent successfully"  # Flower's line for every reply a SuperNode sent
 
 
@@ -62,11 +61,23 @@ def sent(processes: Processes, name: str) -> int:
     return processes.log(name).count(SENT)
 
 
-def stages(fed: Federation, name: str) -> list[str]:
-    """The secure-aggregation stages this institution answered, from its audit log."""
+def audited(fed: Federation, name: str) -> list[dict]:
+    """This institution's round-0 audit lines: one per message that left."""
     path = fed.root / name / "audit.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [line["configs"][P.CONFIG].get(P.SECAGG_STAGE) for line in lines if line["round"] == 0]
+    return [line for line in lines if line["round"] == 0]
+
+
+def stages(fed: Federation, name: str) -> list[str]:
+    """The secure-aggregation stages this institution answered."""
+    return [line["configs"][P.CONFIG].get(P.SECAGG_STAGE) for line in audited(fed, name)]
+
+
+def released_rows(fed: Federation, name: str) -> float:
+    """The rows this institution's audit log says its masked input released."""
+    lines = audited(fed, name)
+    (masked,) = [a for a in lines if a["configs"][P.CONFIG].get(P.SECAGG_STAGE) == P.MASKED_INPUT]
+    return masked["metrics"]["metrics"][P.NUM_EXAMPLES]
 
 
 def node_ids(processes: Processes) -> dict[str, int]:
@@ -99,11 +110,13 @@ def test_an_institution_killed_before_unmasking_is_in_the_sum_from_the_survivors
     assert [(d["node"], d["reason"].split(" (")[0]) for d in round0["dropped"]] == [
         (nodes["c"], "node unavailable")
     ]
-    # c's rows are in the unmasked sum (3 x 40, not the survivors' 2 x 40), within its noise.
+    # The unmasked sum holds the rows the three audit logs say were released, c's among them (its 40
+    # rows are more than twice the bound), within the sum's noise (2 classes of 3 noise shares).
+    rows = {name: released_rows(fed, name) for name in INSTITUTIONS}
     share = max(c[P.NOISE_STD] for c in round0["clients"])
     bound = 6 * share * math.sqrt(3 * 2) + round0["aggregation"]["secagg_quantisation_error"]
-    assert bound < ROWS / 2
-    assert abs(round0["aggregation"]["secagg_rows"] - 3 * ROWS) < bound
+    assert bound < rows["c"] / 2
+    assert abs(round0["aggregation"]["secagg_rows"] - sum(rows.values())) < bound
     # The federation went on: round 1 trained on the two left.
     assert {c["node"] for c in round1["clients"]} == {nodes["a"], nodes["b"]}
     for name in INSTITUTIONS:
