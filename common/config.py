@@ -306,7 +306,13 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     rounds: int = _f(5, "Federated rounds.", ge=1)
-    min_clients: int = _f(2, "Fewest clients a round needs.", ge=1)
+    min_clients: int = _f(
+        2,
+        "Fewest clients a round needs. Under secure_aggregation round 0 needs them all and the LoRA "
+        "rounds after it min_clients less secagg_dropouts, so the federation goes on after losing the "
+        "institutions it tolerated.",
+        ge=1,
+    )
     fraction_train: float = _f(1.0, "Share of clients sampled for training each round.", gt=0, le=1)
     fraction_evaluate: float = _f(1.0, "Share of clients sampled for evaluation.", ge=0, le=1)
     strategy: str = _f(
@@ -402,7 +408,8 @@ class FederationConfig:
     secagg_dropouts: int = _f(
         0,
         "Secure aggregation: institutions that may drop out of the round and still leave the sum "
-        "recoverable (and its noise the central one).",
+        "recoverable (and its noise the central one); the LoRA rounds after it go on with min_clients "
+        "less these.",
         ge=0,
     )
     secagg_colluders: int = _f(
@@ -422,7 +429,13 @@ class FederationConfig:
         ge=0,
         le=0.9,
     )
-    round_timeout: float = _f(3600.0, "Seconds a round waits for replies.", gt=0)
+    round_timeout: float = _f(
+        3600.0,
+        "Seconds a round waits for replies. Under secure_aggregation round 0's four stages share it: "
+        "an institution that does not answer a stage in the time left (the SuperLink reports a killed "
+        "one unavailable after about a minute) is dropped from the round.",
+        gt=0,
+    )
     node_wait_timeout: float = _f(
         120.0,
         "Seconds a round waits for min_clients nodes to be connected before the run stops with an "

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Error, Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from fedlora.common import protocol as P
 from fedlora.common.codec import (
@@ -53,10 +54,13 @@ def capped(reason: str) -> str:
     return reason[: MAX_REASON - len(marker)] + marker
 
 
-def drop(dropped: list[dict], server_round: int, msg: Message, reason: str, what: str) -> None:
+def drop(
+    dropped: list[dict], server_round: int, msg: Message, reason: str, what: str, node: int | None = None
+) -> None:
     """A refused reply in the log and in the round's ``dropped``, its reason capped (it may quote
-    strings of the client's choosing: 4 MB of them were kept whole in every checkpoint)."""
-    node, reason = msg.metadata.src_node_id, capped(reason)
+    strings of the client's choosing: 4 MB of them were kept whole in every checkpoint); ``node``: the
+    node it speaks for, when not its sender (the SuperLink's error for a node it found unavailable)."""
+    node, reason = msg.metadata.src_node_id if node is None else node, capped(reason)
     log.warning("round %d: dropped %s reply from node %d: %s", server_round, what, node, reason)
     dropped.append({"node": node, "reason": reason})
 
@@ -72,24 +76,44 @@ def failure_reason(error: Error) -> str:
     return f"client failure (error code {error.code}); its text is withheld: it may quote the client's data"
 
 
+def sender(msg: Message) -> int:
+    return msg.metadata.src_node_id
+
+
+def speaks_for(reply: Message, asked: Mapping[str, int]) -> int:
+    """The node a reply is about: its sender, or, for the SuperLink's own error reply (a node found
+    unavailable, a message expired: sent as node 1), the node that the message it answers (``asked``:
+    message id -> destination) was sent to."""
+    node = sender(reply)
+    if node == SUPERLINK_NODE_ID:
+        return asked.get(reply.metadata.reply_to_message_id, node)
+    return node
+
+
 def first_per_node(
-    replies: Iterable[Message], server_round: int, dropped: list[dict], what: str
+    replies: Iterable[Message],
+    server_round: int,
+    dropped: list[dict],
+    what: str,
+    node_of: Callable[[Message], int] = sender,
 ) -> list[Message]:
     """Replies in node order, only the first of each node (a node answers a round once; a second
     reply would count its update or its score twice); each later one dropped with its reason."""
     seen: set[int] = set()
     kept = []
-    for msg in by_node(replies):
-        if msg.metadata.src_node_id in seen:
+    for msg in sorted(replies, key=node_of):
+        node = node_of(msg)
+        if node in seen:
             drop(
                 dropped,
                 server_round,
                 msg,
                 "a second reply from this node this round: only its first counts",
                 what,
+                node,
             )
         else:
-            seen.add(msg.metadata.src_node_id)
+            seen.add(node)
             kept.append(msg)
     return kept
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from fedlora.common.secure_aggregation.quantise import Quantiser, ring_dtype
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import for_statistics
 from fedlora.server.history import RoundLog
-from fedlora.server.screening import drop, failure_reason, first_per_node
+from fedlora.server.screening import drop, failure_reason, first_per_node, speaks_for
 from fedlora.server.statistics_head import summed_variance
 from fedlora.server.strategy import LoraStrategy
 
@@ -48,10 +50,16 @@ def as_bytes(raw: bytes) -> Array:
 
 
 class Exchange:
-    """One stage's messages out and the well-formed replies back, by node; anything else dropped."""
+    """One stage's messages out and the well-formed replies back, by node; anything else dropped.
+
+    The four stages share the round's deadline (federation.round_timeout), so round 0 waits no longer
+    than any round. A node asked at a stage that does not answer in the time left, or that the
+    SuperLink reports unavailable (a killed node, once its heartbeats lapse: the SuperLink answers
+    for it, as node 1), is dropped from the stage under its own id and not asked again."""
 
     def __init__(self, grid: Grid, config: ConfigRecord, timeout: float) -> None:
         self.grid, self.config, self.timeout = grid, config, timeout
+        self.deadline = time.monotonic() + timeout
         self.record = RoundLog(round=0)
 
     def __call__(
@@ -62,6 +70,12 @@ class Exchange:
         records: Callable[[int], Mapping[str, ArrayRecord]] = lambda _node: {},
         extra: Mapping[str, object] | None = None,
     ) -> dict[int, object]:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise RoundDiscarded(
+                f"secure aggregation: federation.round_timeout ({self.timeout:g} s) ran out before the "
+                f"{stage} stage; nothing is unmasked"
+            )
         messages = []
         for node in nodes:
             config = ConfigRecord({**dict(self.config), P.SECAGG_STAGE: stage, **(extra or {})})
@@ -70,21 +84,26 @@ class Exchange:
                 message_type=MessageType.TRAIN,
                 dst_node_id=node,
             )
-            msg.metadata.ttl = self.timeout
+            msg.metadata.ttl = left
             messages.append(msg)
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-        parsed = {}
-        for msg in first_per_node(replies, 0, self.record.dropped, f"{stage} statistics"):
-            node = msg.metadata.src_node_id
+        replies = list(self.grid.send_and_receive(messages, timeout=left))
+        asked = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in messages}
+        node_of = partial(speaks_for, asked=asked)
+        parsed: dict[int, object] = {}
+        for msg in first_per_node(replies, 0, self.record.dropped, f"{stage} statistics", node_of):
+            node = node_of(msg)
             if node not in nodes:
-                drop(self.record.dropped, 0, msg, "not asked at this stage", stage)
+                drop(self.record.dropped, 0, msg, "not asked at this stage", stage, node)
             elif msg.has_error():
-                drop(self.record.dropped, 0, msg, failure_reason(msg.error), stage)
+                drop(self.record.dropped, 0, msg, failure_reason(msg.error), stage, node)
             else:
                 try:
                     parsed[node] = parse(msg.content)
                 except AdapterError as err:
-                    drop(self.record.dropped, 0, msg, str(err), stage)
+                    drop(self.record.dropped, 0, msg, str(err), stage, node)
+        for node in sorted(set(nodes) - {node_of(msg) for msg in replies}):
+            log.warning("round 0: node %d sent no %s reply within %.0f s", node, stage, left)
+            self.record.dropped.append({"node": node, "reason": f"no {stage} reply within {left:.0f} s"})
         return parsed
 
 
@@ -168,6 +187,8 @@ def secure_statistics(
         "secagg_dropouts": float(fed.secagg_dropouts),
         "secagg_colluders": float(fed.secagg_colluders),
         "secagg_quantisation_error": Quantiser.of(settings).sum_error(len(survivors)),
+        # the one total the coordinator reads off the sum: its rows, with the noise the sum carries
+        "secagg_rows": float(total[classes * width :].sum()),
     }
     sums = torch.from_numpy(total[: classes * width].reshape(classes, width))
     counts = torch.from_numpy(total[classes * width :])

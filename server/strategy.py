@@ -48,6 +48,10 @@ class Sampling:
     fraction_train: float
     fraction_evaluate: float
     min_nodes: int
+    """What a LoRA round needs: min_clients, less the dropouts a secure round 0 tolerated (the
+    federation goes on after losing them)."""
+    min_statistics_nodes: int
+    """What round 0 needs: min_clients."""
     node_wait_timeout: float
     round_timeout: float
 
@@ -126,12 +130,14 @@ class LoraStrategy(Strategy):
         return config
 
     def _sample(self, grid: Grid, fraction: float, server_round: int) -> list[int]:
-        """``fraction`` of the connected nodes, at least ``min_nodes``, as Flower's FedAvg samples;
-        but waiting at most node_wait_timeout (Flower waits forever), then stopping the run with a
-        clear error (the last complete round stays checkpointed)."""
+        """``fraction`` of the connected nodes, at least ``min_nodes`` (round 0:
+        ``min_statistics_nodes``), as Flower's FedAvg samples; but waiting at most node_wait_timeout
+        (Flower waits forever), then stopping the run with a clear error (the last complete round
+        stays checkpointed)."""
         if not fraction:
             return []
-        needed, wait = self.sampling.min_nodes, self.sampling.node_wait_timeout
+        needed = self.sampling.min_nodes if server_round else self.sampling.min_statistics_nodes
+        wait = self.sampling.node_wait_timeout
         deadline = time.monotonic() + wait
         while len(nodes := list(grid.get_node_ids())) < needed:
             if time.monotonic() >= deadline:
@@ -231,7 +237,7 @@ class LoraStrategy(Strategy):
         return ArrayRecord({k: Array(np.ascontiguousarray(head.get(k, v).numpy())) for k, v in state.items()})
 
     def statistics_nodes(self, grid: Grid) -> list[int]:
-        """Every connected node, at least min_nodes (waiting for them as a round does)."""
+        """Every connected node, at least min_statistics_nodes (waiting for them as a round does)."""
         return self._sample(grid, 1.0, 0)
 
     # --- from the nodes ---
@@ -316,12 +322,14 @@ def build_strategy(cfg: FedloraConfig, fingerprint: str, num_clients: int) -> Lo
     layout = Layout(fingerprint=fingerprint, lora_r=cfg.model.lora_r, lora_scale=lora_scale(cfg.model))
     options = {key: getattr(fed, key) for key in AGGREGATOR_ENTRIES[fed.aggregator].options}
     aggregator = create_aggregator(fed.aggregator, global_scale=layout.lora_scale, **options)
+    tolerated = fed.secagg_dropouts if fed.secure_aggregation else 0
     return LoraStrategy(
         layout=layout,
         sampling=Sampling(
             fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
-            min_nodes=min(fed.min_clients, num_clients),
+            min_nodes=min(fed.min_clients - tolerated, num_clients),
+            min_statistics_nodes=min(fed.min_clients, num_clients),
             node_wait_timeout=fed.node_wait_timeout,
             round_timeout=fed.round_timeout,
         ),
