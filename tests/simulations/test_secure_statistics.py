@@ -19,6 +19,7 @@ from fedlora.common.adapter import adapter_state
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.errors import ConfigError
+from fedlora.common.secure_aggregation import settings
 from fedlora.common.secure_aggregation.settings import STATISTICS_QUANTISATION_BITS
 from fedlora.server.app import ServerSettings, as_record, run_server, server_workbench
 from fedlora.server.secure_statistics import secure_statistics
@@ -177,3 +178,25 @@ def test_the_threshold_is_checked_against_the_federation_in_one_line():
     assert "federation.secagg_threshold" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="statistics_first"):
         load_config(overrides=[*BASE, *SECURE, "federation.statistics_first=false"])
+
+
+def test_an_institution_whose_class_could_exceed_the_quantisation_range_refuses_in_one_line(
+    tmp_path, monkeypatch
+):
+    """Quantisation clips silently; an institution with more rows than the range refuses round 0 before
+    its ledger is charged (the range lowered to 50 rows here: each of the three holds about 88), so
+    the round is discarded instead of building the head on clipped statistics."""
+    monkeypatch.setattr(settings, "STATISTICS_CLIP", 50.0)
+    cfg = config(*SECURE, "privacy.enabled=true", "privacy.epsilon=8", "privacy.accountant=rdp")
+    bench, _ = server_workbench(cfg)
+    grid = SecAggGrid(cfg, tmp_path)
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    assert secure_statistics(grid, strategy, as_record(adapter_state(bench.built.model)), cfg) is None
+    assert P.UNMASK not in grid.stages
+    for pid in range(len(NODES)):
+        assert not ledger_file(tmp_path, pid).exists()  # nothing charged
+        error = (tmp_path / "audit" / f"client-{pid}-errors.log").read_text()
+        assert "could exceed round 0's quantisation range of 50 rows" in error
+    with pytest.raises(ConfigError) as err:
+        pass
+    assert "\n" not in str(err.value) and "51 training rows" in str(err.value)
