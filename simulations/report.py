@@ -239,6 +239,7 @@ def audit_section(audits: list, summed: SumAudit | None = None) -> str:
 
 def secure_sum_lines(audit: SumAudit) -> list[str]:
     """What the audit of round 0's securely summed noise checked, and what it could have caught."""
+    claim = "none recorded" if audit.claimed_sigma is None else f"{audit.claimed_sigma:.4g}"
     power = (
         f"One of the m = {audit.honest} guaranteed institutions adding no share leaves "
         f"{audit.missing_share_ratio:.3f} of the claimed std; the check catches that (probability 0.999) "
@@ -248,7 +249,7 @@ def secure_sum_lines(audit: SumAudit) -> list[str]:
         "Secure aggregation, round 0: each institution added a share of the noise, so the check is on "
         f"the unmasked sum of {audit.survivors} of {audit.institutions} institutions less their exact "
         "statistics (known to the simulation only), against the largest claimed sigma x C "
-        f"(sigma {audit.claimed_sigma:.4g}), a one-sided chi-square test.",
+        f"(sigma {claim}), a one-sided chi-square test.",
         "",
     ]
     if audit.check is None:

@@ -85,8 +85,8 @@ class SumAudit:
     """Institutions whose masked statistics are in the sum."""
     honest: int
     """m: the shares every sum is guaranteed to hold (roster - tolerated dropouts - colluders)."""
-    claimed_sigma: float
-    """The largest noise multiplier the institutions' ledgers claim for round 0."""
+    claimed_sigma: float | None
+    """The largest noise multiplier the institutions' ledgers claim for round 0 (None: none does)."""
     missing_share_ratio: float
     """sqrt((m - 1) / m): the std ratio left when one of m institutions adds no share."""
     samples_to_catch_missing_share: int
@@ -100,17 +100,15 @@ class SumAudit:
         return self.check is not None and not self.check.passed
 
 
-def claimed_sigma(cfg: FedloraConfig, run_dir: Path) -> float:
-    """The largest round-0 noise multiplier any institution's ledger records."""
+def claimed_sigma(cfg: FedloraConfig, run_dir: Path) -> float | None:
+    """The largest round-0 noise multiplier any institution's ledger records; None if none does."""
     found = []
     for pid in range(cfg.simulation.num_clients):
         path = ledger_file(run_dir, pid)
         if path.exists():
             entries = PrivacyLedger.from_config(cfg.privacy, path).entries
             found += [e.noise_multiplier for e in entries if e.round == STATISTICS_ROUND]
-    if not found:
-        raise FedloraError(f"{run_dir}: no ledger records a round-0 release; nothing claims a noise to audit")
-    return max(found)
+    return max(found, default=None)
 
 
 def audit_secure_sum(cfg: FedloraConfig, run_dir: Path) -> SumAudit | None:
@@ -126,11 +124,13 @@ def audit_secure_sum(cfg: FedloraConfig, run_dir: Path) -> SumAudit | None:
     roster = int(first.get("aggregation", {}).get("secagg_institutions", cfg.simulation.num_clients))
     survivors = int(first.get("aggregation", {}).get("secagg_survivors", 0))
     sigma = claimed_sigma(cfg, run_dir)
-    sharing = NoiseSharing(sigma, STATISTICS_SENSITIVITY, roster, fed.secagg_dropouts, fed.secagg_colluders)
-    honest = sharing.honest
+    tolerated = (fed.secagg_dropouts, fed.secagg_colluders)
+    honest = NoiseSharing(sigma or 0.0, STATISTICS_SENSITIVITY, roster, *tolerated).honest
     missing = math.sqrt((honest - 1) / honest)
     skipped, check = None, None
-    if not (run_dir / SUM_FILE).exists():
+    if sigma is None:
+        skipped = "no institution's ledger records a round-0 release"
+    elif not (run_dir / SUM_FILE).exists():
         skipped = "round 0 was discarded: nothing was unmasked"
     elif survivors != cfg.simulation.num_clients:
         skipped = (
