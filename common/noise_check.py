@@ -114,4 +114,3 @@ def samples_to_detect(ratio: float, false_alarm: float = FALSE_ALARM) -> int:
         middle = (low + high) // 2
         low, high = (low, middle) if detectable(middle, false_alarm) >= ratio else (middle + 1, high)
     return low
-

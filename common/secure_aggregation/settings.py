@@ -126,4 +126,3 @@ def check_statistics_rows(rows: int) -> None:
             "clipped; expected at most that many rows at one institution (split the data, or federate "
             "without federation.secure_aggregation)"
         )
-

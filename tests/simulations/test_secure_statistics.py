@@ -198,5 +198,5 @@ def test_an_institution_whose_class_could_exceed_the_quantisation_range_refuses_
         error = (tmp_path / "audit" / f"client-{pid}-errors.log").read_text()
         assert "could exceed round 0's quantisation range of 50 rows" in error
     with pytest.raises(ConfigError) as err:
-        pass
+        settings.check_statistics_rows(51)
     assert "\n" not in str(err.value) and "51 training rows" in str(err.value)
