@@ -15,6 +15,7 @@ from fedlora.common.errors import ConfigError
 BENCHMARKS = {
     "aggregators": "fedavg vs exact vs ffa (and mixed ranks), DP and not, repeated, with intervals",
     "deployment_overhead": "per-round client overhead in deployment: model reloaded per message vs kept",
+    "distributed_noise": "statistics head: local vs distributed (secure aggregation) vs centralised DP noise",
     "dp_throughput": "samples/s of local training: non-private vs DP hooks vs DP ghost clipping",
     "llm_throughput": "causal LM (SmolLM2, or a 7B Llama on a GPU): DP vs non-DP tokens/s and peak memory",
     "memory": "memory per round of a long simulation, per process",

@@ -57,10 +57,11 @@ SETS: dict[str, tuple[str, tuple[str, ...]]] = {
 Head = tuple[Tensor, Tensor]
 
 
-def set_config(name: str) -> FedloraConfig:
+def set_config(name: str, *extra: str) -> FedloraConfig:
+    """The set's simulation preset at 64 tokens, with ``extra`` overrides."""
     preset, overrides = SETS[name]
     path = Path(presets.__file__).parent / preset
-    return read_config(str(path), (*overrides, "data.max_length=64"), "simulation")
+    return read_config(str(path), (*overrides, "data.max_length=64", *extra), "simulation")
 
 
 def features(name: str, cache: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:

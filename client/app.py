@@ -67,6 +67,7 @@ from fedlora.common.lora_math import dropped_by_truncation, layer_products, trun
 from fedlora.common.model import BuiltModel, device_for, load_tokenizer, lora_scale
 from fedlora.common.model_pool import borrowed_model
 from fedlora.common.scoring import evaluate
+from fedlora.common.secure_aggregation.settings import check_statistics_rows
 
 log = logging.getLogger("fedlora.client")
 
@@ -221,6 +222,8 @@ def statistics_release(
     metrics."""
     cfg = setup.cfg
     train, _ = client_data(setup)
+    if shared_among is not None:
+        check_statistics_rows(len(train))
     load_global(msg, cfg, built)
     ledger = PrivacyLedger.from_config(cfg.privacy, setup.ledger_path) if cfg.privacy.enabled else None
     if ledger is not None:

@@ -91,6 +91,26 @@ def noise_check(sums: NoiseSums, false_alarm: float = FALSE_ALARM) -> NoiseCheck
         statistic=stat,
         p_value=p_value,
         false_alarm=false_alarm,
-        detectable_ratio=math.sqrt(chi2.ppf(false_alarm) / chi2.ppf(1 - false_alarm)),
+        detectable_ratio=detectable(n, false_alarm),
         passed=p_value >= false_alarm,
     )
+
+
+def detectable(samples: int, false_alarm: float = FALSE_ALARM) -> float:
+    """The largest std ratio that ``samples`` coordinates reject with probability 1 - false_alarm."""
+    chi2 = stats.chi2(samples)
+    return math.sqrt(chi2.ppf(false_alarm) / chi2.ppf(1 - false_alarm))
+
+
+def samples_to_detect(ratio: float, false_alarm: float = FALSE_ALARM) -> int:
+    """The fewest noised coordinates whose check rejects a std ``ratio`` (< 1) of the calibrated one
+    with probability 1 - false_alarm: what an audit needs to catch, say, one missing noise share."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"a detectable std ratio lies in [0, 1), got {ratio}")
+    low, high = 1, 2
+    while detectable(high, false_alarm) < ratio:
+        low, high = high, 2 * high
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if detectable(middle, false_alarm) >= ratio else (middle + 1, high)
+    return low

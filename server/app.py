@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -31,6 +32,7 @@ from fedlora.server.strategy import LoraStrategy, build_strategy
 
 log = logging.getLogger("fedlora.server")
 RoundCallback = Callable[[dict], None]
+SumCallback = Callable[[np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class ServerSettings:
     cfg: FedloraConfig
     run_dir: Path
     num_clients: int
+    on_secure_sum: SumCallback | None = None
+    """Under secure aggregation, handed round 0's unmasked sum (what the coordinator learns anyway):
+    the simulation's audit checks its noise against the claimed sigma C (simulations.secure_sum_audit)."""
 
 
 def server_workbench(cfg: FedloraConfig) -> tuple[Workbench, TokenizedDataset | None]:
@@ -66,7 +71,7 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
         on_round=on_round,
     )
     if not start.history and cfg.federation.statistics_first and cfg.model.task == "classification":
-        start = statistics_first(grid, strategy, start, after_round, cfg)
+        start = statistics_first(grid, strategy, start, after_round, cfg, settings.on_secure_sum)
     final = run_rounds(grid, strategy, start, after_round, cfg.federation.round_timeout)
     export(run_dir, cfg, bench, final if after_round.best is None else after_round.best, after_round.history)
     require_budget_for_every_round(after_round.history, cfg.federation.rounds)
@@ -216,14 +221,19 @@ class AfterRound:
 
 
 def statistics_first(
-    grid: Grid, strategy: LoraStrategy, start: Start, after_round: AfterRound, cfg: FedloraConfig
+    grid: Grid,
+    strategy: LoraStrategy,
+    start: Start,
+    after_round: AfterRound,
+    cfg: FedloraConfig,
+    on_secure_sum: SumCallback | None = None,
 ) -> Start:
     """Round 0 of a new federation: the shared head from the institutions' summed class statistics
     (server.statistics_head), then the after-round step, so that round 0 is scored and checkpointed and
     a resumed federation never asks (and charges) the institutions again. Under secure aggregation the
     coordinator sees only the sum (server.secure_statistics)."""
     if cfg.federation.secure_aggregation:
-        built = secure_statistics(grid, strategy, start.arrays, cfg)
+        built = secure_statistics(grid, strategy, start.arrays, cfg, on_secure_sum)
     else:
         messages = strategy.configure_statistics(start.arrays, grid)
         replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)

@@ -108,10 +108,15 @@ class Exchange:
 
 
 def secure_statistics(
-    grid: Grid, strategy: LoraStrategy, arrays: ArrayRecord, cfg: FedloraConfig
+    grid: Grid,
+    strategy: LoraStrategy,
+    arrays: ArrayRecord,
+    cfg: FedloraConfig,
+    on_sum: Callable[[np.ndarray], None] | None = None,
 ) -> ArrayRecord | None:
     """The global adapter with the head from the securely summed statistics; None when the round was
-    discarded (the head stays as model.head_init made it)."""
+    discarded (the head stays as model.head_init made it). ``on_sum`` is handed the unmasked sum (the
+    class sums flattened, then the counts), as the coordinator learns it."""
     fed = cfg.federation
     strategy.set_global(arrays)
     fingerprint = strategy.layout.fingerprint
@@ -175,6 +180,8 @@ def secure_statistics(
     except RoundDiscarded as err:
         log.warning("round 0: %s; the run goes on without the statistics head", err)
         return None
+    if on_sum is not None:
+        on_sum(total)
     record = exchange.record
     noise = [float(replies[n][1].noise_std) for n in survivors]
     record.clients = [

@@ -46,6 +46,8 @@ from fedlora.simulations.report import (
     write_report,
 )
 from fedlora.simulations.run import backend_config, simulate
+from fedlora.simulations.secure_sum_audit import RESULT_FILE as SUM_RESULT_FILE
+from fedlora.simulations.secure_sum_audit import audit_secure_sum, require_enough_noise
 from fedlora.simulations.virtual_client import partition_sizes, with_peers
 
 DEFAULT_CONFIG = "hospitals.yaml"
@@ -188,9 +190,10 @@ def run(args: argparse.Namespace) -> int:
             canaries = (args.white_box_canaries, args.black_box_canaries) if args.audit else None
             simulate(cfg, out, on_round=on_round, canaries=canaries)
         audits = audit_federation(cfg, out) if args.audit else []
+        summed = audit_secure_sum(cfg, out) if args.audit else None
         seconds = time.perf_counter() - start
         title = f"{cfg.name}: federated simulation"
-        audited = "\n" + audit_section(audits) if args.audit else ""
+        audited = "\n" + audit_section(audits, summed) if args.audit else ""
         history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n{audited}")
         if args.compare:
             summary = compare(cfg, out, federated_result(history))
@@ -202,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     report.print(done, soft_wrap=True)
     for audit in audits:
         require_no_leak(audit.result, out / RESULT_FILE)
+    require_enough_noise(summed, out / SUM_RESULT_FILE)
     return 0
 
 

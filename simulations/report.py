@@ -23,6 +23,7 @@ from fedlora.common.model_card import ADAPTER_DIR
 from fedlora.common.scoring import MACRO_F1, TOP_CLASS, TOP_SHARE
 from fedlora.server.history import client_names, summarise_round
 from fedlora.simulations.run import CONFIG_FILE
+from fedlora.simulations.secure_sum_audit import SumAudit
 
 SEEDED = "seeded noise, not for production"
 CLIENT_FIELDS = ("loss", "epsilon", "num-examples", "steps", "train-seconds", "update_norm", "bytes")
@@ -187,9 +188,10 @@ def write_report(run_dir: Path, history: list[dict], title: str, extra: str = ""
     return path
 
 
-def audit_section(audits: list) -> str:
+def audit_section(audits: list, summed: SumAudit | None = None) -> str:
     """The report's "Audit" section: per institution, the ledger's claim beside the measured lower
-    bounds and what the canaries could prove at most (ceiling)."""
+    bounds and what the canaries could prove at most (ceiling); under secure aggregation, the check
+    of round 0's summed noise (``summed``)."""
     lines = [
         "## Audit",
         "",
@@ -230,7 +232,41 @@ def audit_section(audits: list) -> str:
                 f"| {n.p_value:.3g} | {'yes' if n.passed else 'NO'} |"
             )
         lines.append("")
+    if summed is not None:
+        lines += [*secure_sum_lines(summed), ""]
     return "\n".join(lines)
+
+
+def secure_sum_lines(audit: SumAudit) -> list[str]:
+    """What the audit of round 0's securely summed noise checked, and what it could have caught."""
+    claim = "none recorded" if audit.claimed_sigma is None else f"{audit.claimed_sigma:.4g}"
+    power = (
+        f"One of the m = {audit.honest} guaranteed institutions adding no share leaves "
+        f"{audit.missing_share_ratio:.3f} of the claimed std; the check catches that (probability 0.999) "
+        f"from {audit.samples_to_catch_missing_share:,} noised values on"
+    )
+    lines = [
+        "Secure aggregation, round 0: each institution added a share of the noise, so the check is on "
+        f"the unmasked sum of {audit.survivors} of {audit.institutions} institutions less their exact "
+        "statistics (known to the simulation only), against the largest claimed sigma x C "
+        f"(sigma {claim}), a one-sided chi-square test.",
+        "",
+    ]
+    if audit.check is None:
+        return [*lines, f"Not checked: {audit.skipped}. {power}."]
+    n = audit.check
+    verdict = "catches" if n.samples >= audit.samples_to_catch_missing_share else "cannot catch"
+    return [
+        *lines,
+        "| values | measured std | claimed std | ratio (interval) | p-value | passed |",
+        "|---|---|---|---|---|---|",
+        f"| {n.samples:,} | {n.measured_std:.4g} | {n.calibrated_std:.4g} | {n.ratio:.4f} "
+        f"({n.ratio_interval[0]:.3f}, {n.ratio_interval[1]:.3f}) | {n.p_value:.3g} | "
+        f"{'yes' if n.passed else 'NO'} |",
+        "",
+        f"{power}: this run's {n.samples:,} {verdict} it (they detect a ratio below "
+        f"{n.detectable_ratio:.3f}).",
+    ]
 
 
 def tracked_files(run_dir: Path) -> list[Path]:

@@ -112,3 +112,17 @@ def for_statistics(threshold: int | None, tolerated_dropouts: int) -> SecAggConf
         quantisation_bits=STATISTICS_QUANTISATION_BITS,
         clip=STATISTICS_CLIP,
     )
+
+
+def check_statistics_rows(rows: int) -> None:
+    """Refuse in one line an institution with more training rows than round 0's quantisation range:
+    one class could then hold them all, and its sums and count would be clipped at the range, silently
+    (the quantiser clips), so the head would be built on wrong statistics. Checked on the row count,
+    which the reply states anyway, before anything is charged or read."""
+    if rows > STATISTICS_CLIP:
+        raise ConfigError(
+            f"secure aggregation: {rows:,} training rows; a class could exceed round 0's quantisation range "
+            f"of {int(STATISTICS_CLIP):,} rows (common.secure_aggregation.settings.STATISTICS_CLIP) and be "
+            "clipped; expected at most that many rows at one institution (split the data, or federate "
+            "without federation.secure_aggregation)"
+        )

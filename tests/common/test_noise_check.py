@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedlora.common.noise_check import FALSE_ALARM, NoiseSums, noise_check
+from fedlora.common.noise_check import FALSE_ALARM, NoiseSums, detectable, noise_check, samples_to_detect
 
 
 def measured(rng: np.random.Generator, std: float, calibrated: float, steps: int, size: int) -> NoiseSums:
@@ -61,3 +61,15 @@ def test_rounds_with_different_sigma_add_up():
         NoiseSums.of(1.0, 1, 0.0)
     with pytest.raises(ValueError, match="at least one"):
         noise_check(NoiseSums())
+
+
+def test_samples_to_detect_is_the_fewest_whose_power_reaches_the_ratio():
+    """One missing share of m = 10 (std ratio sqrt(0.9)) needs 6,884 noised values; of m = 3, 467."""
+    for ratio, expected in ((np.sqrt(0.9), 6884), (np.sqrt(2 / 3), 467)):
+        n = samples_to_detect(ratio)
+        assert n == expected
+        assert detectable(n) >= ratio > detectable(n - 1)
+        assert noise_check(NoiseSums(n, n, n, n)).detectable_ratio == detectable(n)
+    assert samples_to_detect(0.0) == 1
+    with pytest.raises(ValueError, match="lies in"):
+        samples_to_detect(1.0)

@@ -1,38 +1,33 @@
 """Round 0 under secure aggregation (federation.secure_aggregation): the real server body
 (server.secure_statistics, server.app.run_server) drives the real ClientApp (audit and failure mods,
 client.secure_statistics, tiny-BERT) of three virtual institutions through a grid that runs them in this
-process, each with a context kept across messages as Flower keeps it. The grid records every reply the
-coordinator receives, and can lose a node's reply at a stage (a dropout)."""
+process (helpers.secagg)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import create_accountant
 
-from fedlora.client.app import build_client_app
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.common import protocol as P
 from fedlora.common.adapter import adapter_state
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.errors import ConfigError
+from fedlora.common.secure_aggregation import settings
 from fedlora.common.secure_aggregation.settings import STATISTICS_QUANTISATION_BITS
 from fedlora.server.app import ServerSettings, as_record, run_server, server_workbench
 from fedlora.server.secure_statistics import secure_statistics
 from fedlora.server.strategy import build_strategy
-from fedlora.simulations.virtual_client import ledger_file, simulation_setup
+from fedlora.simulations.virtual_client import ledger_file
+from helpers.secagg import NODES, SecAggGrid, inside_a_serverapp
 
-NODES = (101, 102, 103)
 BASE = [
     "model.source=tiny-bert",
     "data.max_length=32",
@@ -52,41 +47,7 @@ SECURE = ["federation.secure_aggregation=true"]
 
 @pytest.fixture(autouse=True)
 def _inside_a_serverapp(monkeypatch) -> None:
-    for attribute in ("_run_id", "_node_id", "_task_id"):  # Message() as inside a ServerApp process
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
-
-
-class SecAggGrid:
-    """Three institutions whose ClientApp runs here; ``lost``: (stage, node) whose reply never arrives."""
-
-    def __init__(self, cfg: FedloraConfig, run_dir: Path, lost: Iterable[tuple[str, int]] = ()) -> None:
-        self.setups = {
-            node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}))
-            for i, node in enumerate(NODES)
-        }
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
-            for node in NODES
-        }
-        self.lost = set(lost)
-        self.received: list[Message] = []
-        self.stages: list[str | None] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            stage = msg.content[P.CONFIG].get(P.SECAGG_STAGE)
-            self.stages.append(stage)
-            app = build_client_app(lambda _context, setup=self.setups[node]: setup)
-            reply = app(msg, self.contexts[node])
-            if (stage, node) not in self.lost:
-                replies.append(reply)
-        self.received.extend(replies)
-        return replies
+    inside_a_serverapp(monkeypatch)
 
 
 def config(*extra: str) -> FedloraConfig:
@@ -258,3 +219,25 @@ def test_the_threshold_is_checked_against_the_federation_in_one_line():
     assert "federation.secagg_threshold" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="statistics_first"):
         load_config(overrides=[*BASE, *SECURE, "federation.statistics_first=false"])
+
+
+def test_an_institution_whose_class_could_exceed_the_quantisation_range_refuses_in_one_line(
+    tmp_path, monkeypatch
+):
+    """Quantisation clips silently; an institution with more rows than the range refuses round 0 before
+    its ledger is charged (the range lowered to 50 rows here: each of the three holds about 88), so
+    the round is discarded instead of building the head on clipped statistics."""
+    monkeypatch.setattr(settings, "STATISTICS_CLIP", 50.0)
+    cfg = config(*SECURE, "privacy.enabled=true", "privacy.epsilon=8", "privacy.accountant=rdp")
+    bench, _ = server_workbench(cfg)
+    grid = SecAggGrid(cfg, tmp_path)
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    assert secure_statistics(grid, strategy, as_record(adapter_state(bench.built.model)), cfg) is None
+    assert P.UNMASK not in grid.stages
+    for pid in range(len(NODES)):
+        assert not ledger_file(tmp_path, pid).exists()  # nothing charged
+        error = (tmp_path / "audit" / f"client-{pid}-errors.log").read_text()
+        assert "could exceed round 0's quantisation range of 50 rows" in error
+    with pytest.raises(ConfigError) as err:
+        settings.check_statistics_rows(51)
+    assert "\n" not in str(err.value) and "51 training rows" in str(err.value)

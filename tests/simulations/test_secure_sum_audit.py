@@ -1,0 +1,184 @@
+"""The audit of a distributed-noise run (simulations.secure_sum_audit): round 0's unmasked sum less the
+institutions' exact statistics is the noise they added together; over rounds its std is the claimed
+sigma C, no institution's share alone has it, and one institution adding no share is caught. The real
+server body (server.secure_statistics, server.app.run_server) drives the real ClientApps of three
+virtual institutions (tiny-BERT, helpers.secagg); m = 3 (no tolerated dropout or colluder)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora.client import statistics
+from fedlora.common import protocol as P
+from fedlora.common.adapter import adapter_state
+from fedlora.common.config import FedloraConfig, load_config
+from fedlora.common.errors import FedloraError
+from fedlora.common.noise_check import NoiseSums, noise_check, samples_to_detect
+from fedlora.common.protocol import STATISTICS_SENSITIVITY
+from fedlora.server.app import ServerSettings, as_record, run_server, server_workbench
+from fedlora.server.secure_statistics import secure_statistics
+from fedlora.server.strategy import build_strategy
+from fedlora.simulations.report import audit_section
+from fedlora.simulations.secure_sum_audit import (
+    RESULT_FILE,
+    audit_secure_sum,
+    claimed_sigma,
+    exact_sum,
+    require_enough_noise,
+    sum_noise,
+    sum_recorder,
+)
+from helpers.secagg import NODES, SecAggGrid, inside_a_serverapp
+
+CONFIG = [
+    "model.source=tiny-bert",
+    "data.max_length=32",
+    "training.local_steps=1",
+    "training.batch_size=8",
+    "training.seed=3",
+    "privacy.epsilon=8",
+    "privacy.accountant=rdp",
+    "federation.rounds=1",
+    "federation.min_clients=3",
+    "federation.fraction_evaluate=0",
+    "federation.central_eval=false",
+    "federation.secure_aggregation=true",
+    "simulation.num_clients=3",
+    "simulation.partition=iid",
+]
+# 8 classes x (32 + 1) = 264 noised values a round; one of 3 shares missing (std ratio sqrt(2/3)) needs
+# samples_to_detect(sqrt(2/3)) = 467 of them: 4 rounds hold more than twice that.
+ROUNDS = 4
+
+
+@pytest.fixture(autouse=True)
+def _inside_a_serverapp(monkeypatch) -> None:
+    inside_a_serverapp(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def cfg() -> FedloraConfig:
+    return load_config(overrides=CONFIG)
+
+
+class Shares:
+    """Wraps the release's noise draw: records each institution's own noise (released less exact), and
+    with ``silent`` the first institution of every round adds none (its noise std set to 0)."""
+
+    def __init__(self, monkeypatch, silent: bool = False) -> None:
+        self.draw, self.silent, self.noise = statistics.gaussian_release, silent, []
+        monkeypatch.setattr(statistics, "gaussian_release", self)
+
+    def __call__(self, sums, counts, noise_std, generator=None):
+        if self.silent and len(self.noise) % len(NODES) == 0:
+            noise_std = 0.0
+        noisy_sums, noisy_counts = self.draw(sums, counts, noise_std, generator)
+        self.noise.append(torch.cat([(noisy_sums - sums).flatten(), noisy_counts - counts]).numpy())
+        return noisy_sums, noisy_counts
+
+
+def summed_noise(cfg: FedloraConfig, root: Path, shares: Shares) -> tuple[NoiseSums, list[NoiseSums]]:
+    """ROUNDS rounds of round 0 under secure aggregation (fresh ledgers each): the noise sums of the
+    unmasked sum against the claimed sigma C, and of each institution's share alone against the same."""
+    bench, _ = server_workbench(cfg)
+    arrays = as_record(adapter_state(bench.built.model))
+    exact = exact_sum(cfg)
+    total, alone = NoiseSums(), [NoiseSums()] * len(NODES)
+    for r in range(ROUNDS):
+        run_dir = root / f"round-{r}"
+        unmasked = []
+        strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+        assert secure_statistics(SecAggGrid(cfg, run_dir), strategy, arrays, cfg, unmasked.append) is not None
+        claimed = claimed_sigma(cfg, run_dir) * STATISTICS_SENSITIVITY
+        total += sum_noise(unmasked[0], exact, claimed)
+        own = shares.noise[-len(NODES) :]
+        alone = [a + NoiseSums.of(float(n @ n), n.size, claimed) for a, n in zip(alone, own, strict=True)]
+    return total, alone
+
+
+def test_the_sums_noise_has_the_claimed_std_and_no_share_alone_does(cfg, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    total, alone = summed_noise(cfg, tmp_path, Shares(monkeypatch))
+    check = noise_check(total)
+    assert check.samples == ROUNDS * 8 * 33 >= 2 * samples_to_detect(math.sqrt(2 / 3))
+    assert check.passed and check.ratio_interval[0] < 1.0 < check.ratio_interval[1]
+    for share in map(noise_check, alone):
+        # Each share is sigma C / sqrt(3): the check against the sum's claim rejects it.
+        assert not share.passed and share.ratio == pytest.approx(1 / math.sqrt(3), abs=0.1)
+
+
+def test_one_institution_adding_no_share_is_caught(cfg, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    total, alone = summed_noise(cfg, tmp_path, Shares(monkeypatch, silent=True))
+    check = noise_check(total)
+    assert not check.passed
+    assert check.ratio == pytest.approx(math.sqrt(2 / 3), abs=0.08)
+    assert noise_check(alone[0]).ratio == 0.0
+
+
+def federation(cfg: FedloraConfig, run_dir: Path, lost=()) -> None:
+    """A whole federation whose ServerApp hands round 0's sum to the audit's recorder, as an audited
+    simulation's does (simulations.run)."""
+    settings = ServerSettings(cfg, run_dir, len(NODES), on_secure_sum=sum_recorder(run_dir))
+    run_server(SecAggGrid(cfg, run_dir, lost), settings)
+
+
+def test_the_audit_of_a_run_checks_its_sum_and_says_what_it_could_catch(cfg, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    federation(cfg, tmp_path)
+    audit = audit_secure_sum(cfg, tmp_path)
+    assert audit is not None and audit.check is not None and audit.check.passed
+    assert (audit.institutions, audit.survivors, audit.honest) == (3, 3, 3)
+    assert audit.check.samples == 8 * 33 < audit.samples_to_catch_missing_share == 467
+    assert json.loads((tmp_path / RESULT_FILE).read_text())["check"]["passed"] is True
+    section = audit_section([], audit)
+    assert "unmasked sum of 3 of 3 institutions" in section and "this run's 264 cannot catch it" in section
+    require_enough_noise(audit, tmp_path / RESULT_FILE)
+
+
+def test_an_implementation_adding_no_noise_fails_the_audit_in_one_line(cfg, tmp_path, monkeypatch):
+    real = statistics.gaussian_release
+    monkeypatch.setattr(statistics, "gaussian_release", lambda s, c, _std, g=None: real(s, c, 0.0, g))
+    federation(cfg, tmp_path)
+    audit = audit_secure_sum(cfg, tmp_path)
+    assert audit is not None and not audit.check.passed and audit.check.ratio < 0.01
+    with pytest.raises(FedloraError) as err:
+        require_enough_noise(audit, tmp_path / RESULT_FILE)
+    assert "an institution added less than its share" in str(err.value) and "\n" not in str(err.value)
+    assert "| NO |" in audit_section([], audit)
+
+
+def test_a_plain_run_has_no_sum_to_audit_and_a_discarded_round_says_so(cfg, tmp_path):
+    plain = load_config(overrides=[*CONFIG, "federation.secure_aggregation=false"])
+    assert audit_secure_sum(plain, tmp_path) is None
+    federation(cfg, tmp_path, lost=[(P.MASKED_INPUT, NODES[2])])  # no dropout tolerated: discarded
+    audit = audit_secure_sum(cfg, tmp_path)
+    assert audit is not None and audit.check is None and "discarded" in audit.skipped
+    assert "Not checked: round 0 was discarded" in audit_section([], audit)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: each institution adds sigma_i C / sqrt(m) with its own sigma_i (its own privacy.epsilon), "
+    "so the sum carries the mean of the sigma_i^2, below the largest claim: the most private institution's "
+    "ledger overstates its protection under the aggregation assumption",
+)
+def test_an_institution_with_a_smaller_budget_is_covered_by_the_sum(cfg, tmp_path, monkeypatch):
+    """One of the three at epsilon 2, the others at 8: every ledger's claim must hold for the sum."""
+    torch.manual_seed(0)
+    stricter = load_config(overrides=[*CONFIG, "privacy.epsilon=2"])
+    grid_init = SecAggGrid.__init__
+
+    def one_stricter(self, config, run_dir, lost=()):
+        grid_init(self, config, run_dir, lost)
+        self.setups[NODES[0]] = replace(self.setups[NODES[0]], cfg=stricter)
+
+    monkeypatch.setattr(SecAggGrid, "__init__", one_stricter)
+    total, _ = summed_noise(cfg, tmp_path, Shares(monkeypatch))
+    assert noise_check(total).passed
