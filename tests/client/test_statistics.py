@@ -28,7 +28,7 @@ from fedlora.common.codec import TrainMetrics, check_outgoing, statistics_reply
 from fedlora.common.config import config_from_dict
 from fedlora.common.data import TokenizedDataset, with_units
 from fedlora.common.model import build_model
-from fedlora.server.statistics_head import class_mean_head, summed
+from fedlora.server.statistics_head import class_mean_head, cosine_shrinkage, summed
 from fedlora.server.strategy import build_strategy
 from helpers.messages import reply_message, train_message
 
@@ -282,3 +282,34 @@ def test_an_institution_whose_planner_skips_lora_answers_a_round_with_an_empty_u
     assert update and all(not v.any() for v in update.values())
     assert reply.content[P.METRICS][P.STEPS] == 0 and reply.content[P.METRICS][P.EPSILON] == 0.0
     assert not ledger.exists() or '"round": 1' not in ledger.read_text()
+
+
+def test_a_small_class_s_noisy_direction_is_corrected_for_its_shrinkage():
+    """A class of 12 rows beside two of 400, with noise in 64 dimensions: its noisy unit direction
+    scores its own rows lower than the large classes' directions do (its cosine shrunk by the
+    noise), so a head of unit directions never predicts it (recall 0 on every seed before the
+    correction). Corrected for the expected shrinkage, its rows are found again; without noise the
+    head is the exact nearest class mean."""
+    width, scale, noise_std, holdings = 64, 20.0, 2.0, (400, 400, 12)
+    common = nn.functional.normalize(torch.ones(width), dim=0)
+    directions = nn.functional.normalize(common + 0.5 * torch.eye(width)[:3], dim=-1)
+    recalls = []
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+
+        def rows(direction: torch.Tensor, n: int, gen: torch.Generator = gen) -> torch.Tensor:
+            return nn.functional.normalize(direction + 0.05 * torch.randn(n, width, generator=gen), dim=-1)
+
+        sums = torch.stack([rows(d, n).sum(0) for d, n in zip(directions, holdings, strict=True)]).double()
+        counts = torch.tensor(holdings, dtype=torch.float64)
+        noisy = sums + noise_std * torch.randn(sums.shape, generator=gen, dtype=torch.float64)
+        names = directions + 0.3 * torch.randn(3, width, generator=gen)
+        start = nn.functional.normalize(names, dim=-1) * scale
+        weight, bias = class_mean_head(noisy, counts, scale, start, noise_std**2)
+        shrinkage = cosine_shrinkage(noisy, noise_std**2)
+        assert float(shrinkage[2]) < 0.9 < float(shrinkage[:2].min())
+        own = rows(directions[2], 200).double()
+        recalls.append(float(((own @ weight.double().T + bias.double()).argmax(1) == 2).double().mean()))
+        exact, _ = class_mean_head(sums, counts, scale, start, 0.0)
+        assert torch.allclose(exact, scale * nn.functional.normalize(sums, dim=-1).float())
+    assert sum(recalls) / len(recalls) >= 0.5
