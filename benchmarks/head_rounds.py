@@ -1,22 +1,23 @@
-"""Head rounds on frozen features: the statistics head against the statistics head followed by DP
-head rounds, through the product's own functions.
+"""Head rounds on frozen features: statistics only against the statistics head followed by DP head
+rounds, the planner's two choices where LoRA adds nothing, through the product's own functions.
 
 Run: ``python -m benchmarks head_rounds [--sets triage rating medmcqa] [--seeds 3]``
 
 Per set (drug-review triage, drug-review 3-class rating, MedMCQA subjects; the frozen MiniLM features
 of benchmarks.stats_head, cached), per seed, the training rows are split into ``--institutions`` by
-Dirichlet(``--alpha``) label skew. With T head rounds planned, one noise multiplier sigma is
+Dirichlet(``--alpha``) label skew. Statistics only: the one release spends the whole epsilon and the
+server's head is final. With T head rounds planned, one noise multiplier sigma is
 calibrated (client.recipe.head_noise: PRV, T + 1 steps at sample rate 1 spend epsilon at delta 1e-5);
 every institution releases its class sums and counts at std sigma sqrt 2 (client.statistics) and the
 server builds the statistics head (server.statistics_head). Then T rounds: each institution's clipped
 head-gradient sum over all its rows (client.head_rounds.clipped_gradient_sum) plus local noise sigma
 C (client.statistics.noisy), summed and divided by the released counts, one SGD step
-(server.head_rounds). The learning rate is chosen per set, epsilon and T on a validation split of the
-TRAINING rows (a fifth of each institution's rows held out; the run on the other four fifths), never
-the test rows; the chosen rate then runs on every training row and is scored on the test rows.
+(server.head_rounds). The learning rate (of ``--lrs``) is chosen per seed on a validation split of
+the TRAINING rows (a fifth of each institution's rows held out; the run on the other four fifths),
+never the test rows; the chosen rate then runs on every training row and is scored on the test rows.
 Reported: accuracy and macro-F1 with 95% intervals over seeds (simulations.stats), the paired
-difference from the statistics head, and the planner's head signal-to-noise (client.recipe.head_snr)
-of a median institution for the threshold MIN_HEAD_SNR.
+difference from statistics only (same partitions and noise seeds), and the planner's head
+signal-to-noise (client.recipe.head_snr) of a median institution, for the threshold MIN_HEAD_SNR.
 """
 
 from __future__ import annotations
@@ -99,14 +100,26 @@ def run_set(name: str, args: argparse.Namespace) -> tuple[dict[str, list[tuple[f
     x_train, y_train, x_test, y_test, classes = features(name, Path(args.cache))
     unit = nn.functional.normalize(x_train, dim=-1)
     start = public_start(name, Path(args.cache)).float()
+    head_values = length(classes, unit.shape[1])
     results: dict[str, list[tuple[float, float]]] = {}
     notes = []
+    splits = [
+        dirichlet_partition(y_train.numpy(), args.institutions, args.alpha, s) for s in range(args.seeds)
+    ]
+    median_rows = int(np.median([len(p) for index in splits for p in index]))
     for epsilon in args.epsilons:
+        # Statistics only: the planner's other choice, the whole budget on the one release.
+        whole = head_noise(institution(1, epsilon, 0, 1, 1))
+        for seed, index in enumerate(splits):
+            parts = [(unit[p], y_train[p]) for p in index]
+            torch.manual_seed(10_000 + seed)
+            results.setdefault(f"statistics only, eps {epsilon:g}", []).append(
+                scored(federated(parts, start, classes, whole, 0, 0.0)[0], x_test, y_test, classes)
+            )
         for rounds in args.rounds:
             sigma = head_noise(institution(1, epsilon, rounds, 1, 1))
             chosen = []
-            for seed in range(args.seeds):
-                index = dirichlet_partition(y_train.numpy(), args.institutions, args.alpha, seed)
+            for seed, index in enumerate(splits):
                 parts = [(unit[p], y_train[p]) for p in index]
                 fit, held = fifths(parts, seed)
                 x_val, y_val = torch.cat([x for x, _ in held]), torch.cat([y for _, y in held])
@@ -117,20 +130,16 @@ def run_set(name: str, args: argparse.Namespace) -> tuple[dict[str, list[tuple[f
                 chosen.append(best)
                 torch.manual_seed(10_000 + seed)
                 first, last = federated(parts, start, classes, sigma, rounds, best)
-                results.setdefault(f"statistics head, eps {epsilon:g}, T {rounds}", []).append(
+                results.setdefault(f"  its round 0 (shared noise), T {rounds}", []).append(
                     scored(first, x_test, y_test, classes)
                 )
-                results.setdefault(f"+ {rounds} head rounds, eps {epsilon:g}", []).append(
+                results.setdefault(f"  statistics + {rounds} head rounds", []).append(
                     scored(last, x_test, y_test, classes)
                 )
-            median_rows = int(np.median([len(p) for p in index]))
-            snr = head_snr(
-                institution(median_rows, epsilon, rounds, args.institutions, length(classes, unit.shape[1])),
-                sigma,
-            )
+            snr = head_snr(institution(median_rows, epsilon, rounds, args.institutions, head_values), sigma)
             notes.append(
-                f"eps {epsilon:g}, T {rounds}: sigma {sigma:.3f}, lr chosen on validation {chosen}, "
-                f"head SNR of the median institution ({median_rows} rows) {snr:.1f}"
+                f"eps {epsilon:g}, T {rounds}: sigma {sigma:.3f} (statistics only {whole:.3f}), lr chosen on "
+                f"validation {chosen}, head SNR of the median institution ({median_rows} rows) {snr:.1f}"
             )
     return results, notes
 
@@ -153,7 +162,7 @@ def _validated(
 
 def table(name: str, results: dict[str, list[tuple[float, float]]], rows: str) -> Table:
     out = Table(title=f"{name}: {rows}")
-    for column in ("head", "accuracy (95% CI)", "macro-F1 (95% CI)", "accuracy vs statistics head"):
+    for column in ("head", "accuracy (95% CI)", "macro-F1 (95% CI)", "accuracy vs statistics only"):
         out.add_column(column)
 
     def shown(values: list[float]) -> str:
@@ -163,7 +172,7 @@ def table(name: str, results: dict[str, list[tuple[float, float]]], rows: str) -
     base: list[float] = []
     for head, values in results.items():
         accuracy = [a for a, _ in values]
-        if head.startswith("statistics"):
+        if head.startswith("statistics only"):
             base, gain = accuracy, "-"
         else:
             diff = paired_difference(base, accuracy)
@@ -182,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
     ap.add_argument("--rounds", type=int, nargs="+", default=[10, 30])
-    ap.add_argument("--lrs", type=float, nargs="+", default=[2.0, 5.0, 20.0])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[2.0, 5.0, 20.0, 50.0])
     cache = Path(tempfile.gettempdir()) / "fedlora-stats-head"
     ap.add_argument("--cache", default=str(cache), help="where features are kept (outside the repository)")
     args = ap.parse_args(argv)
