@@ -130,10 +130,10 @@ def run_set(name: str, args: argparse.Namespace) -> tuple[dict[str, list[tuple[f
                 chosen.append(best)
                 torch.manual_seed(10_000 + seed)
                 first, last = federated(parts, start, classes, sigma, rounds, best)
-                results.setdefault(f"  its round 0 (shared noise), T {rounds}", []).append(
+                results.setdefault(f"  its round 0 (shared noise), eps {epsilon:g}, T {rounds}", []).append(
                     scored(first, x_test, y_test, classes)
                 )
-                results.setdefault(f"  statistics + {rounds} head rounds", []).append(
+                results.setdefault(f"  statistics + {rounds} head rounds, eps {epsilon:g}", []).append(
                     scored(last, x_test, y_test, classes)
                 )
             snr = head_snr(institution(median_rows, epsilon, rounds, args.institutions, head_values), sigma)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
     ap.add_argument("--rounds", type=int, nargs="+", default=[10, 30])
-    ap.add_argument("--lrs", type=float, nargs="+", default=[2.0, 5.0, 20.0, 50.0])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[2.0, 5.0, 20.0])
     cache = Path(tempfile.gettempdir()) / "fedlora-stats-head"
     ap.add_argument("--cache", default=str(cache), help="where features are kept (outside the repository)")
     args = ap.parse_args(argv)

@@ -32,8 +32,15 @@ value comes with a one-line reason naming its rule and source:
   noise for the statistics release and the R rounds, calibrated so that R + 1 steps at sample rate 1
   spend the budget. Its best-case signal-to-noise is the same expression over the head's values D:
   sqrt(R) x rows sqrt(K) / (sigma sqrt(D)). Head rounds are planned at MIN_HEAD_SNR or above, else
-  the statistics keep the whole budget. Measured (``python -m benchmarks head_rounds``, frozen
-  MiniLM, 10 institutions, Dirichlet 0.5): see MIN_HEAD_SNR.
+  the statistics keep the whole budget. Measured against statistics only (``python -m benchmarks
+  head_rounds``, frozen MiniLM, 10 institutions, Dirichlet 0.5, 3 paired seeds, 10 and 30 rounds,
+  the learning rate chosen on training rows): MedMCQA subjects, whose median institution's head
+  signal-to-noise is 12.2-12.6 at epsilon 2 and 41-42 at 8, gained macro-F1 everywhere (+7.5 to +8.2
+  points at epsilon 2, +1.6 to +4.0 at 8) and accuracy at epsilon 2 (+1.4 and +2.5, intervals above
+  0), none lost; drug-review rating at 6.5-6.7 (epsilon 8) moved accuracy by +0.6 and +1.1 points
+  (intervals across 0) and at 1.9-2.0 (epsilon 2) lost up to 5.6; triage at 0.6-2.0 lost 2 to 6
+  points. MIN_HEAD_SNR = 10 lies between the highest that did not pay (6.7) and the lowest that did
+  (12.2).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ MAX_LR_SCALE = 4.0
 CLIP = 0.1
 STATISTICS_SHARE = 0.25
 MIN_RUN_SNR = 10.0
-MIN_HEAD_SNR = 30.0
+MIN_HEAD_SNR = 10.0
 
 SET = "set in the config"
 
