@@ -12,7 +12,7 @@ every institution releases its class sums and counts at std sigma sqrt 2 (client
 server builds the statistics head (server.statistics_head). Then T rounds: each institution's clipped
 head-gradient sum over all its rows (client.head_rounds.clipped_gradient_sum) plus local noise sigma
 C (client.statistics.noisy), summed and divided by the released counts, one SGD step
-(server.head_rounds). The learning rate (of ``--lrs``) is chosen per seed on a validation split of
+(server.head_step). The learning rate (of ``--lrs``) is chosen per seed on a validation split of
 the TRAINING rows (a fifth of each institution's rows held out; the run on the other four fifths),
 never the test rows; the chosen rate then runs on every training row and is scored on the test rows.
 Reported: accuracy and macro-F1 with 95% intervals over seeds (simulations.stats), the paired
@@ -39,7 +39,7 @@ from fedlora.client.statistics import gaussian_release, noisy
 from fedlora.common.cli_support import report, run_cli
 from fedlora.common.head_gradient import CLIP, length
 from fedlora.common.protocol import STATISTICS_SENSITIVITY
-from fedlora.server.head_rounds import head_step, rows_in_sum, summed_gradient
+from fedlora.server.head_step import head_step, rows_in_sum, summed_gradient
 from fedlora.server.statistics_head import class_mean_head, summed, summed_variance
 from fedlora.simulations.partitions import dirichlet_partition
 from fedlora.simulations.stats import mean_interval, paired_difference

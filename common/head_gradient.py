@@ -6,7 +6,7 @@ rate 1) of the clipped per-example gradients of the cross-entropy with respect t
 head, plus Gaussian noise. The vector is flat, the weight's rows then the bias (``flat``), so that
 the same vector can later be quantised and summed under secure aggregation (issue 28). The server
 divides the sum by the rows round 0 released and takes one SGD step at ``LEARNING_RATE``
-(server.head_rounds).
+(server.head_step).
 """
 
 from __future__ import annotations

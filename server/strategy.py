@@ -30,7 +30,7 @@ from fedlora.common.head_gradient import LEARNING_RATE, length
 from fedlora.common.model import HEAD, lora_scale
 from fedlora.server.aggregators import Aggregator, bounded_weights, create_aggregator
 from fedlora.server.global_adapter import GlobalAdapter, Layout
-from fedlora.server.head_rounds import head_step, rows_in_sum, summed_gradient
+from fedlora.server.head_step import head_step, rows_in_sum, summed_gradient
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
 from fedlora.server.screening import NormBounds, ReplyScreen, by_node, drop, failure_reason, first_per_node
@@ -91,7 +91,7 @@ class LoraStrategy(Strategy):
         self.rounds: list[RoundLog] = []
         self.released: tuple[float, int] | None = None
         """Round 0's released rows (its summed noisy counts) and how many institutions released them:
-        what a head round's gradient sum is divided by (server.head_rounds); None before round 0."""
+        what a head round's gradient sum is divided by (server.head_step); None before round 0."""
 
     def summary(self) -> None:
         log.info(
@@ -305,7 +305,7 @@ class LoraStrategy(Strategy):
         self, state: Mapping[str, torch.Tensor], replies: Sequence[HeadReply]
     ) -> dict[str, torch.Tensor]:
         """The head after one SGD step on the replies' summed gradient over the rows they stand for
-        (server.head_rounds)."""
+        (server.head_step)."""
         released_rows, released_by = self.released
         rows = rows_in_sum(released_rows, released_by, len(replies))
         weight_key, bias_key = self._head_keys()

@@ -17,7 +17,7 @@ from fedlora.common.adapter import from_record
 from fedlora.common.codec import HeadMetrics, check_outgoing, head_gradient_reply, parse_head_gradient_reply
 from fedlora.common.config import load_config
 from fedlora.common.head_gradient import CLIP, LEARNING_RATE, length
-from fedlora.server.head_rounds import head_step, rows_in_sum, summed_gradient
+from fedlora.server.head_step import head_step, rows_in_sum, summed_gradient
 from fedlora.server.history import summarise_round
 from fedlora.server.statistics_head import class_mean_head
 from fedlora.server.strategy import build_strategy
