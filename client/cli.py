@@ -101,6 +101,8 @@ def plan(
         return planned, None
     recipe, cfg = planned.recipe, planned.cfg
     sample_rate, steps, noise = planned.sample_rate, cfg.training.local_steps, planned.noise_multiplier
+    if recipe.head_rounds.value:
+        steps = 1  # one noisy step of the head a round (client.head_rounds), no LoRA step
     # As the client does: the statistics are released at round 0 of a fresh ledger, before the rounds.
     first = recipe.statistics_history() if not ledger.entries else ()
     rounds_train = recipe.fine_tune.value or recipe.head_rounds.value

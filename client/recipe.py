@@ -266,7 +266,7 @@ def plan(inst: Institution, cfg: FedloraConfig, ledger_noise: float | None = Non
                 )
                 batch = Choice(units, f"head rounds: every one of the {units} {noun}")
                 rate_choice = Choice(1.0, "head rounds: every row each round")
-                steps = Choice(1, "head rounds: one noisy step of the head a round, no LoRA step")
+                steps = Choice(0, "no LoRA steps: head rounds, one noisy step of the head a round instead")
                 noise = Choice(sigma, stats.reason)
             else:
                 whole = statistics_noise(inst, 1.0)

@@ -256,7 +256,7 @@ def test_where_lora_adds_nothing_many_rows_get_head_rounds_and_few_the_statistic
     assert many.statistics_noise.value == many.noise_multiplier.value == sigma
     assert many.calibration(ROUNDS) == (1.0, ROUNDS + 1, ())
     assert composed([(sigma, 1.0, ROUNDS + 1)]) == pytest.approx(8.0, abs=0.02)
-    assert (many.batch_size.value, many.sample_rate.value, many.local_steps.value) == (768, 1.0, 1)
+    assert (many.batch_size.value, many.sample_rate.value, many.local_steps.value) == (768, 1.0, 0)
     assert many.max_grad_norm.value == 1.0
     few, _ = planned(53, 8, 8.0, trainable=80_000, peers_per_round=10, head_values=8 * MINILM_HEAD)
     assert few.fine_tune.value is False and few.head_rounds.value is False
@@ -278,7 +278,9 @@ def test_check_prints_the_head_rounds_decision_and_why(tmp_path: Path, capsys):
     assert main(["check", str(config)]) == 0
     shown = cells(capsys.readouterr().out)
     assert shown["head rounds"].startswith("True: head rounds' signal-to-noise")
-    assert shown["fine tune"].startswith("False") and shown["local steps"].startswith("1: head rounds")
+    assert shown["fine tune"].startswith("False") and shown["local steps"].startswith(
+        "0: no LoRA steps: head rounds"
+    )
     rounds = [int(k.split(":")[0]) for k in shown["epsilon per row after round"].split(", ")]
     assert rounds[-1] == 2 and float(shown["epsilon per row after round"].split(": ")[-1]) <= 8.0
     assert not (tmp_path / "ledger.json").exists()
