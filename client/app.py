@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
 from fedlora.client.failures import FingerprintMismatch, failure_mod
+from fedlora.client.head_rounds import head_round
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.client.secure_statistics import secure_statistics
 from fedlora.client.statistics import release_statistics
@@ -55,8 +56,10 @@ from fedlora.common.adapter import (
 )
 from fedlora.common.codec import (
     EvaluateMetrics,
+    HeadMetrics,
     TrainMetrics,
     evaluate_reply,
+    head_gradient_reply,
     statistics_reply,
     train_reply,
 )
@@ -201,8 +204,7 @@ def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = No
             sums, counts, metrics = statistics_release(msg, setup, built)
             content = statistics_reply(sums, counts, metrics, built.fingerprint)
         else:
-            update, metrics = train_update(msg, setup, built)
-            content = train_reply(update, metrics, built.fingerprint, dtype)
+            content = train_update(msg, setup, built, dtype)
     return Message(content=content, reply_to=msg)
 
 
@@ -241,7 +243,7 @@ def statistics_release(
         device,
         cfg.training.eval_batch_size,
         cfg.planned_rounds,
-        private_engine(cfg.privacy.accountant, True).secure_rng if cfg.privacy.secure_mode else None,
+        secure_generator(cfg),
         shared_among,
         train.units if planned.units is not None else None,
     )
@@ -260,8 +262,14 @@ def statistics_release(
     return sums, counts, metrics
 
 
-def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[State, TrainMetrics]:
-    """Train this client's rounds from the global adapter on ``built``; the update and its metrics."""
+def secure_generator(cfg: FedloraConfig) -> torch.Generator | None:
+    """privacy.secure_mode: Opacus' secure generator for noise drawn outside its optimizer; else None."""
+    return private_engine(cfg.privacy.accountant, True).secure_rng if cfg.privacy.secure_mode else None
+
+
+def train_update(msg: Message, setup: ClientSetup, built: BuiltModel, dtype: str = "fp32") -> RecordDict:
+    """This client's round from the global adapter on ``built``, as the planner planned it: a LoRA
+    update, an empty one (statistics only), or a head round's gradient sum; the reply's content."""
     cfg = setup.cfg
     tokenizer, bundle = shared_data(cfg)
     train, _ = client_data(setup)
@@ -278,9 +286,11 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
     keys = wire_keys(cfg, start)
     planned = privacy_plan(cfg, built.model, train, ledger)
     recipe = planned.recipe
+    if recipe.head_rounds.value:
+        return head_update(setup, built, train, ledger, server_round, planned.cfg.privacy.max_grad_norm)
     if not recipe.fine_tune.value:
         log.info("round %d: not trained: %s", server_round, recipe.fine_tune.reason)
-        return delta({k: start[k] for k in keys}, start), TrainMetrics(
+        empty = TrainMetrics(
             num_examples=len(train),
             epsilon=ledger.spent if ledger is not None else 0.0,
             lora_r=cfg.model.lora_r,
@@ -288,6 +298,7 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
             steps=0,
             train_seconds=0.0,
         )
+        return train_reply(delta({k: start[k] for k in keys}, start), empty, built.fingerprint, dtype)
     seed = party_seed(cfg, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     trainer = LocalTrainer(cfg, built.model, train, device, ledger, seed=seed, planned=planned)
@@ -311,7 +322,43 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel) -> tuple[S
         train_seconds=result.seconds,
         loss=result.loss if cfg.privacy.release_metrics else None,
     )
-    return update, metrics
+    return train_reply(update, metrics, built.fingerprint, dtype)
+
+
+def head_update(
+    setup: ClientSetup,
+    built: BuiltModel,
+    train: TokenizedDataset,
+    ledger: PrivacyLedger | None,
+    server_round: int,
+    clip: float,
+) -> RecordDict:
+    """A head round (client.head_rounds): charged in the ledger, then the noisy clipped head-gradient
+    sum of every row; the LoRA adapter is not trained and no row count leaves."""
+    cfg = setup.cfg
+    device = device_for(cfg.training.device)
+    start = time.perf_counter()
+    seed_round(cfg, party_seed(cfg, setup.client_id, server_round), server_round)
+    released = head_round(
+        built.model.to(device),
+        train,
+        ledger,
+        server_round,
+        clip,
+        device,
+        cfg.training.eval_batch_size,
+        secure_generator(cfg),
+    )
+    log.info(
+        "round %d: head round over %d rows (noise std %.4g)", server_round, len(train), released.noise_std
+    )
+    metrics = HeadMetrics(
+        epsilon=released.entry.epsilon if released.entry is not None else 0.0,
+        steps=1,
+        train_seconds=time.perf_counter() - start,
+        noise_std=released.noise_std,
+    )
+    return head_gradient_reply(released.vector, metrics, built.fingerprint)
 
 
 def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
@@ -337,9 +384,7 @@ def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:
     return Message(content=evaluate_reply(metrics), reply_to=msg)
 
 
-def build_client_app(
-    setup: SetupFn, handle: Handler | None = None, outer: Mod | None = None
-) -> ClientApp:
+def build_client_app(setup: SetupFn, handle: Handler | None = None, outer: Mod | None = None) -> ClientApp:
     """A ClientApp whose identity and config come from ``setup`` (deployment or simulation). Every
     outgoing message is audited; any failure leaves as a fixed category, its detail kept locally.
     ``handle`` stands in for fedlora's own handlers (client.relay: a worker that cannot be reached);

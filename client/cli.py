@@ -93,16 +93,20 @@ def plan(
     ledger), and with DP what the budget buys from the ledger's state: spend (also without the
     aggregation assumption once a distributed-noise round is recorded), epsilon (per person with
     data.privacy_unit) after some planned rounds (the round-0 statistics still to come included;
-    round 0 alone when the planner skips fine-tuning) and the rounds it affords."""
+    round 0 alone when the planner plans statistics only; head rounds are one step each at sample
+    rate 1) and the rounds it affords."""
     ledger = PrivacyLedger.from_config(cfg.privacy) if cfg.privacy.enabled else None
     planned = privacy_plan(cfg, model, train, ledger)
     if ledger is None:
         return planned, None
     recipe, cfg = planned.recipe, planned.cfg
     sample_rate, steps, noise = planned.sample_rate, cfg.training.local_steps, planned.noise_multiplier
+    if recipe.head_rounds.value:
+        steps = 1  # one noisy step of the head a round (client.head_rounds), no LoRA step
     # As the client does: the statistics are released at round 0 of a fresh ledger, before the rounds.
     first = recipe.statistics_history() if not ledger.entries else ()
-    if recipe.fine_tune.value:
+    rounds_train = recipe.fine_tune.value or recipe.head_rounds.value
+    if rounds_train:
         rounds = reported_rounds(cfg.planned_rounds)
         after = {k: ledger.projected(noise, sample_rate, steps * k, first) for k in rounds}
     else:
@@ -117,7 +121,7 @@ def plan(
         "rounds_affordable": ledger.rounds_affordable(
             sample_rate, steps, limit=max(10_000, 2 * cfg.planned_rounds), also=first
         )
-        if recipe.fine_tune.value
+        if rounds_train
         else 0,
     }
     return planned, budget

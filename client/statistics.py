@@ -50,7 +50,30 @@ def person_weights(units: Tensor) -> Tensor:
     return 1.0 / sizes[owner].to(torch.float64)
 
 
+def head_values(model: nn.Module) -> int:
+    """The trained values of the classification head (weight and bias); 0 for a model without one."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and f".{HEAD}." in n)
+
+
 @torch.no_grad()
+def pooled_features(
+    model: nn.Module, data: TokenizedDataset, device: torch.device, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """Every row's pooled embedding as the head sees it (fp32, on the CPU), and its label."""
+    classifier = peft_module(model).base_model.model
+    was_training = classifier.training
+    classifier.eval()
+    features, labels = [], []
+    for batch in DataLoader(data, batch_size=batch_size):
+        ids, mask, label = (t.to(device) for t in trim(batch))
+        features.append(classifier.embed(ids, mask).to("cpu", torch.float32))
+        labels.append(label.cpu())
+    classifier.train(was_training)
+    if not features:
+        raise ConfigError("statistics: this institution has no training rows to release statistics of")
+    return torch.cat(features), torch.cat(labels)
+
+
 def class_sums(
     model: nn.Module,
     data: TokenizedDataset,
@@ -61,38 +84,29 @@ def class_sums(
 ) -> tuple[Tensor, Tensor]:
     """Per class: the sum of the rows' unit-norm pooled embeddings (classes x width), and the count;
     with ``units`` (each row's person), each row weighted 1 / its person's rows (``person_weights``)."""
-    classifier = peft_module(model).base_model.model
-    was_training = classifier.training
-    classifier.eval()
-    weights = person_weights(units) if units is not None else torch.ones(len(data), dtype=torch.float64)
-    sums: Tensor | None = None
-    counts = torch.zeros(classes, dtype=torch.float64)
-    batches = DataLoader(data, batch_size=batch_size)
-    # not strict: no rows split into one empty chunk of weights and no batch
-    for batch, weight in zip(batches, weights.split(batch_size), strict=False):
-        ids, mask, labels = (t.to(device) for t in trim(batch))
-        unit = nn.functional.normalize(classifier.embed(ids, mask), dim=-1).to("cpu", torch.float64)
-        if sums is None:
-            sums = torch.zeros(classes, unit.shape[1], dtype=torch.float64)
-        sums.index_add_(0, labels.cpu(), unit * weight[:, None])
-        counts.index_add_(0, labels.cpu(), weight)
-    classifier.train(was_training)
-    if sums is None:
-        raise ConfigError("statistics: this institution has no training rows to release statistics of")
+    features, labels = pooled_features(model, data, device, batch_size)
+    unit = nn.functional.normalize(features.to(torch.float64), dim=-1)
+    weights = person_weights(units) if units is not None else torch.ones(len(labels), dtype=torch.float64)
+    sums = torch.zeros(classes, unit.shape[1], dtype=torch.float64)
+    sums.index_add_(0, labels, unit * weights[:, None])
+    counts = torch.zeros(classes, dtype=torch.float64).index_add_(0, labels, weights)
     return sums, counts
+
+
+def noisy(value: Tensor, noise_std: float, generator: torch.Generator | None = None) -> Tensor:
+    """``value`` plus Gaussian noise of std ``noise_std`` (0: exact), drawn as Opacus draws DP-SGD's
+    noise: with ``generator`` (privacy.secure_mode: Opacus' torchcsprng device generator over
+    /dev/urandom), its secure mode (four draws per value, robust to the floating-point attacks), else
+    torch's default generator (experiments only)."""
+    return value + _generate_noise(noise_std, value, generator, secure_mode=generator is not None)
 
 
 def gaussian_release(
     sums: Tensor, counts: Tensor, noise_std: float, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The Gaussian mechanism on the sums and counts together (noise 0: the exact statistics), drawn
-    as Opacus draws DP-SGD's noise: with ``generator`` (privacy.secure_mode: Opacus' torchcsprng
-    device generator over /dev/urandom), its secure mode (four draws per value, robust to the
-    floating-point attacks), else torch's default generator (experiments only)."""
-    secure = generator is not None
-    noisy_sums = sums + _generate_noise(noise_std, sums, generator, secure_mode=secure)
-    noisy_counts = counts + _generate_noise(noise_std, counts, generator, secure_mode=secure)
-    return noisy_sums, noisy_counts
+    """The Gaussian mechanism on the sums and counts together (noise 0: the exact statistics),
+    each value's noise drawn by ``noisy``."""
+    return noisy(sums, noise_std, generator), noisy(counts, noise_std, generator)
 
 
 def release_statistics(

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from fedlora.client.ledger import PrivacyLedger, require_meaningful_delta
 from fedlora.client.privacy_unit import PersonRows, UnitCounts, group_by_person, unit_counts
 from fedlora.client.recipe import Recipe, applied, facts, plan, poisson_rate
-from fedlora.client.statistics import head_rows
+from fedlora.client.statistics import head_rows, head_values
 from fedlora.common.adapter import State, peft_module, peft_state
 from fedlora.common.config import FedloraConfig
 from fedlora.common.data import TokenizedDataset
@@ -182,7 +182,15 @@ def privacy_plan(
     fixed = private_ledger.noise_multiplier if private_ledger is not None else None
     persons = (units.persons, units.rows_per_person) if units is not None else (None, 1.0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    inst = facts(cfg, len(train), head_rows(model), *persons, trainable=trainable, round_zero=round_zero)
+    inst = facts(
+        cfg,
+        len(train),
+        head_rows(model),
+        *persons,
+        trainable=trainable,
+        round_zero=round_zero,
+        head_values=head_values(model),
+    )
     recipe = plan(inst, cfg, fixed)
     cfg = applied(cfg, recipe)
     noise = None

@@ -158,6 +158,94 @@ def parse_statistics_reply(
     return StatisticsReply(metrics, arrays[P.CLASS_SUMS], arrays[P.CLASS_COUNTS])
 
 
+# --- a head round (client.head_rounds): one flat vector, the noisy clipped head-gradient sum ---
+
+
+@dataclass(frozen=True)
+class HeadMetrics:
+    """What a head round's reply says (P.HEAD_REQUIRED): no row count leaves."""
+
+    epsilon: float
+    steps: int
+    train_seconds: float
+    noise_std: float
+
+    def values(self) -> dict[str, float]:
+        return {
+            P.EPSILON: self.epsilon,
+            P.STEPS: self.steps,
+            P.TRAIN_SECONDS: self.train_seconds,
+            P.NOISE_STD: self.noise_std,
+        }
+
+
+@dataclass(frozen=True)
+class HeadReply:
+    """A parsed head round's reply: its metrics and its vector (fp32, exactly the expected length)."""
+
+    metrics: HeadMetrics
+    vector: torch.Tensor = field(repr=False)
+
+
+def head_gradient_reply(vector: torch.Tensor, metrics: HeadMetrics, fingerprint: str) -> RecordDict:
+    """The content of a head round's reply; TrainingDiverged for a non-finite vector."""
+    if not bool(torch.isfinite(vector).all()):
+        raise TrainingDiverged(f"{P.HEAD_GRADIENT}: non-finite values (NaN or inf); nothing is sent")
+    content = RecordDict(
+        {
+            P.ARRAYS: to_record({P.HEAD_GRADIENT: vector.reshape(-1)}),
+            P.METRICS: MetricRecord(metrics.values()),
+            P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint, P.STAGE: P.HEAD_GRADIENT}),
+        }
+    )
+    _head_structure(content)
+    return content
+
+
+def is_head_gradient(content: RecordDict) -> bool:
+    """Whether a train reply says it is a head round's (its config's stage); the parser checks the rest."""
+    config = content.config_records.get(P.CONFIG)
+    return config is not None and config.get(P.STAGE) == P.HEAD_GRADIENT
+
+
+def parse_head_gradient_reply(content: RecordDict, fingerprint: str, values: int) -> HeadReply:
+    """A head round's reply of ``values`` values, or AdapterError naming the first thing wrong."""
+    metrics = _head_structure(content)
+    theirs = content[P.CONFIG][P.FINGERPRINT]
+    if theirs != fingerprint:
+        raise AdapterError(f"fingerprint {_shown(theirs)} is not the federation's {fingerprint}")
+    arrays = decode_arrays(content[P.ARRAYS], {P.HEAD_GRADIENT: (values,)})
+    return HeadReply(metrics, arrays[P.HEAD_GRADIENT])
+
+
+def _head_structure(content: RecordDict) -> HeadMetrics:
+    """A head round's reply's records, config (fingerprint and stage alone), dtypes and metrics."""
+    _check_records(content, {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.CONFIG: ConfigRecord})
+    config = content[P.CONFIG]
+    if set(config) != {P.FINGERPRINT, P.STAGE} or config[P.STAGE] != P.HEAD_GRADIENT:
+        raise AdapterError(
+            f"config record: {_shown(dict(config))}, expected exactly [{P.FINGERPRINT!r}, {P.STAGE!r}] "
+            f"with stage {P.HEAD_GRADIENT!r}"
+        )
+    for key, array in content[P.ARRAYS].items():
+        if array.dtype not in P.REPLY_DTYPES:
+            raise AdapterError(
+                f"{_shown(key)}: dtype {_shown(array.dtype)}, expected one of {', '.join(P.REPLY_DTYPES)}"
+            )
+    values = _check_metrics(content[P.METRICS], P.HEAD_REQUIRED, ())
+    if not isinstance(values[P.STEPS], int):
+        raise AdapterError(f"metric {P.STEPS!r}: {values[P.STEPS]!r}, expected an integer")
+    metrics = HeadMetrics(
+        epsilon=values[P.EPSILON],
+        steps=int(values[P.STEPS]),
+        train_seconds=values[P.TRAIN_SECONDS],
+        noise_std=values[P.NOISE_STD],
+    )
+    for key in P.HEAD_REQUIRED:
+        _at_least(key, values[key], 0)
+    return metrics
+
+
 # --- round 0 under secure aggregation: one reply per stage of the protocol (common.secure_aggregation) ---
 # Keys, sealed shares and Shamir shares travel as uint8 arrays (so the audit log records their sizes, never
 # their bytes); the masked vector as ring elements. Its values are masked: only shapes, stage and
@@ -344,6 +432,9 @@ def check_outgoing(content: RecordDict, message_type: str) -> None:
     config = content.config_records.get(P.CONFIG)
     if config is not None and P.SECAGG_STAGE in config:
         _secagg_structure(content, str(config[P.SECAGG_STAGE]))
+        return
+    if is_head_gradient(content):
+        _head_structure(content)
         return
     _train_structure(content)
     for key, array in content[P.ARRAYS].items():

@@ -22,6 +22,9 @@ CLASS_SUMS = "class-sums"
 CLASS_COUNTS = "class-counts"
 # the L2 sensitivity of one statistics release: a row moves its unit-norm embedding (1) and one count (1)
 STATISTICS_SENSITIVITY = math.sqrt(2.0)
+# a head round's reply (client.head_rounds): its config's STAGE, and its one array, the noisy clipped
+# head-gradient sum as a flat vector (common.head_gradient); no row count, no rank, no scale
+HEAD_GRADIENT = "head-gradient"
 
 # round 0 under secure aggregation (federation.secure_aggregation): the statistics message's stage of the
 # protocol (common.secure_aggregation), one Grid exchange each, in this order
@@ -68,6 +71,7 @@ NOISE_STD = "noise-std"
 # which metric keys a reply must carry, and which it may add (statistics an institution opts in to)
 TRAIN_REQUIRED = (NUM_EXAMPLES, EPSILON, LORA_R, LORA_SCALE, STEPS, TRAIN_SECONDS)
 TRAIN_OPTIONAL = (LOSS, NOISE_STD)
+HEAD_REQUIRED = (EPSILON, STEPS, TRAIN_SECONDS, NOISE_STD)
 EVALUATE_REQUIRED = (NUM_EXAMPLES,)
 EVALUATE_OPTIONAL = (LOSS, ACCURACY, MACRO_F1)  # and RECALL keys, all with privacy.release_metrics
 # tensor dtypes a reply may carry (Flower's Array.dtype names)

@@ -30,6 +30,8 @@ class RoundLog:
     statistics_only: int = 0
     """Replies of institutions whose planner found DP-SGD would add nothing (client.recipe): no
     LoRA steps, an empty update left out of the average; their budget went to round 0's statistics."""
+    head_gradients: int = 0
+    """Head-round replies (client.head_rounds): noisy head-gradient sums, the head stepped on their sum."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class RoundSummary:
     central: Mapping[str, float]
     validation: Mapping[str, float] = field(default_factory=dict)
     statistics_only: int = 0
+    head_gradients: int = 0
 
     def line(self, rounds: int) -> str:
         """The round in one line, e.g. for a log file or a terminal that is not interactive. Round 0
@@ -56,6 +59,8 @@ class RoundSummary:
         text = f"round {self.round}/{rounds}{stage}: {self.replies} replies, {self.dropped} dropped"
         if self.statistics_only:
             text += f", {self.statistics_only} statistics only (no LoRA steps planned)"
+        if self.head_gradients:
+            text += f", {self.head_gradients} head rounds (no LoRA steps, the head stepped)"
         if self.replies:
             if self.client_loss is not None:
                 text += f", loss {self.client_loss:.4f}"
@@ -78,6 +83,7 @@ def summarise_round(entry: Mapping) -> RoundSummary:
         central=dict(entry.get("central") or {}),
         validation=dict(entry.get(VALIDATION) or {}),
         statistics_only=int(entry.get("statistics_only", 0)),
+        head_gradients=int(entry.get("head_gradients", 0)),
     )
 
 

@@ -20,9 +20,11 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from fedlora.common import protocol as P
 from fedlora.common.codec import (
     EvaluateMetrics,
+    HeadReply,
     ReplyRules,
     TrainMetrics,
     parse_evaluate_reply,
+    parse_head_gradient_reply,
     parse_train_reply,
 )
 from fedlora.common.errors import AdapterError, ConfigError
@@ -231,6 +233,25 @@ class ReplyScreen:
                 drop(dropped, server_round, msg, reason, "train")
             else:
                 accepted.append(s)
+        return accepted
+
+    def head_replies(
+        self, replies: Iterable[Message], values: int, server_round: int, dropped: list[dict]
+    ) -> list[tuple[int, HeadReply]]:
+        """The accepted head-round replies (common.head_gradient) of ``values`` values by node, in
+        node order: keys, shape, dtype, finite values, fingerprint and a cumulative epsilon that never
+        went down; each refused one logged and added to ``dropped``. Nothing bounds a noisy gradient
+        sum's norm here: the noise dominates it by design; the clip bounds each row's part."""
+        accepted = []
+        for msg in by_node(replies):
+            node = msg.metadata.src_node_id
+            try:
+                reply = parse_head_gradient_reply(msg.content, self.layout.fingerprint, values)
+                self.check_epsilon(node, reply.metrics.epsilon)
+            except AdapterError as err:
+                drop(dropped, server_round, msg, str(err), "head-gradient")
+                continue
+            accepted.append((node, reply))
         return accepted
 
     def evaluate_replies(

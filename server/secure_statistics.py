@@ -200,4 +200,6 @@ def secure_statistics(
     sums = torch.from_numpy(total[: classes * width].reshape(classes, width))
     counts = torch.from_numpy(total[classes * width :])
     log.info("round 0: shared head from the securely summed statistics of %d institutions", len(survivors))
-    return strategy.statistics_head(sums, counts, summed_variance(noise), cfg.model.head_scale)
+    return strategy.statistics_head(
+        sums, counts, summed_variance(noise), cfg.model.head_scale, len(survivors)
+    )

@@ -23,15 +23,17 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.common import protocol as P
 from fedlora.common.adapter import from_record, to_record
 from fedlora.common.catalogue import AGGREGATORS as AGGREGATOR_ENTRIES
-from fedlora.common.codec import parse_statistics_reply
+from fedlora.common.codec import HeadReply, is_head_gradient, parse_statistics_reply
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import AdapterError, CheckpointError, FedloraError
+from fedlora.common.head_gradient import LEARNING_RATE, length
 from fedlora.common.model import HEAD, lora_scale
 from fedlora.server.aggregators import Aggregator, bounded_weights, create_aggregator
 from fedlora.server.global_adapter import GlobalAdapter, Layout
+from fedlora.server.head_step import head_step, rows_in_sum, summed_gradient
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
-from fedlora.server.screening import NormBounds, ReplyScreen, by_node, drop, failure_reason
+from fedlora.server.screening import NormBounds, ReplyScreen, by_node, drop, failure_reason, first_per_node
 from fedlora.server.statistics_head import class_mean_head, summed, summed_variance
 
 log = logging.getLogger("fedlora.server")
@@ -39,6 +41,7 @@ NODE_POLL_SECONDS = 1.0
 LAYOUT = "node_layout"  # state_tensors' group of node -> (rank, scale)
 AGGREGATOR = "aggregator"  # state_tensors' group of the aggregator's own state
 EPSILONS = "node_epsilon"  # state_tensors' group of node -> largest reported cumulative epsilon
+RELEASED = "released"  # state_tensors' group of round 0's summed counts ("rows") and releases ("by")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class LoraStrategy(Strategy):
         self.node_layouts: dict[int, tuple[int, float]] = {}
         """Each node's rank and scale, from its last accepted reply: what it is sent next."""
         self.rounds: list[RoundLog] = []
+        self.released: tuple[float, int] | None = None
+        """Round 0's released rows (its summed noisy counts) and how many institutions released them:
+        what a head round's gradient sum is divided by (server.head_step); None before round 0."""
 
     def summary(self) -> None:
         log.info(
@@ -212,7 +218,7 @@ class LoraStrategy(Strategy):
             log.warning("round 0: no usable statistics; the head stays as model.head_init made it")
             return None
         log.info("round 0: shared head from the summed statistics of %d institutions", len(releases))
-        return self.statistics_head(*summed(releases), summed_variance(noise), head_scale)
+        return self.statistics_head(*summed(releases), summed_variance(noise), head_scale, len(releases))
 
     def _head_keys(self) -> tuple[str, str]:
         state = self.global_adapter.state
@@ -226,10 +232,12 @@ class LoraStrategy(Strategy):
         return classes, width
 
     def statistics_head(
-        self, sums: torch.Tensor, counts: torch.Tensor, noise_var: float, head_scale: float
+        self, sums: torch.Tensor, counts: torch.Tensor, noise_var: float, head_scale: float, institutions: int
     ) -> ArrayRecord:
-        """The global adapter with the head built from the federation's summed class statistics, whose
-        per-value noise variance is ``noise_var`` (server.statistics_head)."""
+        """The global adapter with the head built from the federation's summed class statistics of
+        ``institutions``, whose per-value noise variance is ``noise_var`` (server.statistics_head);
+        their summed counts are kept for the head rounds."""
+        self.released = (float(counts.to(torch.float64).clamp(min=0).sum()), institutions)
         state = self.global_adapter.state
         weight_key, bias_key = self._head_keys()
         weight, bias = class_mean_head(sums, counts, head_scale, state[weight_key], noise_var)
@@ -248,31 +256,68 @@ class LoraStrategy(Strategy):
         """Screen, weigh, aggregate, step; None when no reply was usable (the global stays)."""
         record = RoundLog(round=server_round)
         self.rounds.append(record)
-        accepted = self.screen.train_replies(replies, self.global_adapter, server_round, record.dropped)
+        replies = first_per_node(replies, server_round, record.dropped, "train")
+        heads = [m for m in replies if not m.has_error() and is_head_gradient(m.content)]
+        others = [m for m in replies if m.has_error() or not is_head_gradient(m.content)]
+        accepted = self.screen.train_replies(others, self.global_adapter, server_round, record.dropped)
+        gradients = self._head_replies(heads, server_round, record.dropped)
         # A reply of no steps is an institution whose planner found DP-SGD would add nothing
         # (client.recipe): its empty update is not averaged in, or it would shrink the others'.
         trained = [s for s in accepted if s.metrics.steps > 0]
         record.statistics_only = len(accepted) - len(trained)
-        if not trained:
+        record.head_gradients = len(gradients)
+        if not trained and not gradients:
             if accepted:
                 log.info("round %d: every reply planned no LoRA steps; the global stays", server_round)
             else:
                 log.warning("round %d: no usable reply; the global adapter stays as it was", server_round)
             return None, None
-        accepted = trained
-        weights = self.weighting([s.metrics.num_examples for s in accepted])
-        record.clients = [s.entry(w / sum(weights)) for s, w in zip(accepted, weights, strict=True)]
-        self.node_layouts.update(
-            {s.update.node_id: (s.metrics.lora_r, s.metrics.lora_scale) for s in accepted}
-        )
-        updates = [replace(s.update, num_examples=w) for s, w in zip(accepted, weights, strict=True)]
-        result = self.aggregator.aggregate(self.global_adapter.state, updates)
-        record.aggregation = result.metrics
-        merged = {**self.global_adapter.state, **result.state}
+        merged = dict(self.global_adapter.state)
+        weights = self.weighting([s.metrics.num_examples for s in trained]) if trained else []
+        if trained:
+            record.clients = [s.entry(w / sum(weights)) for s, w in zip(trained, weights, strict=True)]
+            self.node_layouts.update(
+                {s.update.node_id: (s.metrics.lora_r, s.metrics.lora_scale) for s in trained}
+            )
+            updates = [replace(s.update, num_examples=w) for s, w in zip(trained, weights, strict=True)]
+            result = self.aggregator.aggregate(self.global_adapter.state, updates)
+            record.aggregation = result.metrics
+            merged.update(result.state)
+        if gradients:
+            merged.update(self._head_step(merged, [reply for _, reply in gradients]))
+            record.clients += [
+                {"node": node, **{k: float(v) for k, v in reply.metrics.values().items()}}
+                for node, reply in gradients
+            ]
         aggregated = {k: v.to(torch.float32).contiguous().numpy() for k, v in merged.items()}
         stepped = self.optimiser.step(self.sent, aggregated, server_round)
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stepped.items()})
-        return arrays, summarise_metrics([s.metrics.values() for s in accepted], weights)
+        metrics = [s.metrics.values() for s in trained] + [reply.metrics.values() for _, reply in gradients]
+        return arrays, summarise_metrics(metrics, [*weights, *[1.0] * len(gradients)])
+
+    def _head_replies(
+        self, replies: Sequence[Message], server_round: int, dropped: list[dict]
+    ) -> list[tuple[int, HeadReply]]:
+        """The usable head-round replies; all dropped, with the reason, before round 0 released counts."""
+        if self.released is None:
+            for msg in replies:
+                reason = "a head-gradient reply, but no round-0 statistics counted the rows it sums"
+                drop(dropped, server_round, msg, reason, "head-gradient")
+            return []
+        classes, width = self.head_shape()
+        return self.screen.head_replies(replies, length(classes, width), server_round, dropped)
+
+    def _head_step(
+        self, state: Mapping[str, torch.Tensor], replies: Sequence[HeadReply]
+    ) -> dict[str, torch.Tensor]:
+        """The head after one SGD step on the replies' summed gradient over the rows they stand for
+        (server.head_step)."""
+        released_rows, released_by = self.released
+        rows = rows_in_sum(released_rows, released_by, len(replies))
+        weight_key, bias_key = self._head_keys()
+        total = summed_gradient([reply.vector for reply in replies])
+        weight, bias = head_step(state[weight_key], state[bias_key], total, rows, LEARNING_RATE)
+        return {weight_key: weight, bias_key: bias}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client evaluation metrics through the codec: a malformed reply is dropped, not fatal."""
@@ -295,11 +340,14 @@ class LoraStrategy(Strategy):
             out[f"{LAYOUT}/{node}"] = torch.tensor([rank, scale], dtype=torch.float64)
         for node, epsilon in self.screen.epsilons.items():
             out[f"{EPSILONS}/{node}"] = torch.tensor(epsilon, dtype=torch.float64)
+        if self.released is not None:
+            out[f"{RELEASED}/rows"] = torch.tensor(self.released[0], dtype=torch.float64)
+            out[f"{RELEASED}/by"] = torch.tensor(self.released[1], dtype=torch.float64)
         return {**out, **self.optimiser.state_dict()}
 
     def load_state_tensors(self, state: Mapping[str, torch.Tensor]) -> None:
         """CheckpointError for state this strategy does not keep."""
-        mine: dict[str, dict[str, torch.Tensor]] = {AGGREGATOR: {}, LAYOUT: {}, EPSILONS: {}}
+        mine: dict[str, dict[str, torch.Tensor]] = {AGGREGATOR: {}, LAYOUT: {}, EPSILONS: {}, RELEASED: {}}
         rest = {}
         for key, value in state.items():
             group, _, name = key.partition("/")
@@ -313,6 +361,8 @@ class LoraStrategy(Strategy):
             raise CheckpointError(str(err)) from None
         self.node_layouts = {int(n): (int(v[0]), float(v[1])) for n, v in mine[LAYOUT].items()}
         self.screen.epsilons = {int(n): float(v) for n, v in mine[EPSILONS].items()}
+        released = mine[RELEASED]
+        self.released = (float(released["rows"]), int(released["by"])) if released else None
         self.optimiser.load_state_dict(rest)
 
 

@@ -17,6 +17,7 @@ from fedlora.client.app import shared_data
 from fedlora.client.canaries import BLACK_BOX_CANARIES, WHITE_BOX_CANARIES
 from fedlora.client.privacy_audit import require_no_leak
 from fedlora.client.recipe import facts, plan
+from fedlora.client.statistics import head_values
 from fedlora.common.cli_support import (
     add_config_arguments,
     add_out_argument,
@@ -134,7 +135,10 @@ def planner_decisions(cfg: FedloraConfig) -> dict[str, str]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sizes = partition_sizes(cfg)
     labels = len(bundle.labels)
-    recipes = {rows: plan(facts(cfg, rows, labels, trainable=trainable), cfg) for rows in set(sizes)}
+    recipes = {
+        rows: plan(facts(cfg, rows, labels, trainable=trainable, head_values=head_values(model)), cfg)
+        for rows in set(sizes)
+    }
     planned = [recipes[rows] for rows in sizes]
     found = {}
     for name in PLANNED:
@@ -146,14 +150,19 @@ def planner_decisions(cfg: FedloraConfig) -> dict[str, str]:
             text += f" ({len(unset)} of {len(choices)} without: {unset[0]})"
         found[f"planned {name.replace('_', ' ')}"] = text
     tuning = sum(1 for r in planned if r.fine_tune.value)
+    heads = sum(1 for r in planned if r.head_rounds.value)
     shown = []
     for name, rows in (("smallest", min(sizes)), ("largest", max(sizes))):
-        choice = recipes[rows].fine_tune
-        what = "fine-tunes" if choice.value else "statistics only"
-        shown.append(f"{name} ({rows} rows) {what}: {choice.reason}")
+        recipe = recipes[rows]
+        if recipe.head_rounds.value:
+            what, why = "head rounds", f"{recipe.fine_tune.reason}; {recipe.head_rounds.reason}"
+        else:
+            what = "fine-tunes" if recipe.fine_tune.value else "statistics only"
+            why = recipe.fine_tune.reason
+        shown.append(f"{name} ({rows} rows) {what}: {why}")
     summary = (
         f"{tuning} of {len(sizes)} institutions fine-tune (LoRA) after the round-0 statistics, "
-        f"{len(sizes) - tuning} release the statistics only"
+        f"{heads} run head rounds, {len(sizes) - tuning - heads} release the statistics only"
     )
     return {**found, "planner": "; ".join([summary, *shown])}
 

@@ -29,7 +29,7 @@ ROUNDS, DELTA = 8, 1e-5
 TRAINABLE = 75_000  # MiniLM's LoRA (r 8 on query and value) and a small head
 
 
-def planned(rows: int, labels: int, epsilon: float, trainable: int = 1, **training):
+def planned(rows: int, labels: int, epsilon: float, trainable: int = 1, head_values: int = 0, **training):
     cfg = config_from_dict(
         {
             "training": training,
@@ -37,7 +37,7 @@ def planned(rows: int, labels: int, epsilon: float, trainable: int = 1, **traini
             "privacy": {"epsilon": epsilon, "delta": DELTA, "planned_rounds": ROUNDS, "accountant": "rdp"},
         }
     )
-    return R.plan(R.facts(cfg, rows, labels, trainable=trainable), cfg), cfg
+    return R.plan(R.facts(cfg, rows, labels, trainable=trainable, head_values=head_values), cfg), cfg
 
 
 def composed(history, delta=DELTA) -> float:
@@ -166,8 +166,8 @@ def test_check_prints_every_planned_value_with_its_reason(tmp_path: Path, capsys
     assert main(["check", str(config)]) == 0
     shown = cells(capsys.readouterr().out)
     cfg = config_from_dict({"model": {"source": "tiny-bert"}, "privacy": {"planned_rounds": 2}})
-    trainable = 2312  # tiny-bert's LoRA and its 8-label head
-    expected = R.plan(R.facts(cfg, 266, 8, trainable=trainable), cfg)  # drug-review triage: 266 rows
+    trainable, head = 2312, 8 * 33  # tiny-bert's LoRA and its 8-label head (8 x (32 + 1) values)
+    expected = R.plan(R.facts(cfg, 266, 8, trainable=trainable, head_values=head), cfg)  # triage: 266 rows
     assert shown["recipe"] == "auto"
     for name, choice in expected.items():
         value = (
@@ -238,6 +238,69 @@ def test_too_few_rows_for_dp_sgd_put_the_whole_budget_on_the_statistics_and_say_
     assert large.fine_tune.value and large.local_steps.value > 0
     assert large.statistics_noise.value == calibrate_noise(2.0, DELTA, "rdp", 1.0, 1)
 
+
+MINILM_HEAD = 385  # values of one MiniLM head row: 384 weights and a bias
+
+
+def test_where_lora_adds_nothing_many_rows_get_head_rounds_and_few_the_statistics_only_each_saying_why():
+    """A MedMCQA-sized institution (768 rows, 18 subjects, 10 peers) cannot make LoRA's 80k values
+    out of the noise, but the head's averaged gradient clears MIN_HEAD_SNR: head rounds, one noise
+    for the release and every round (R + 1 steps at sample rate 1 spend epsilon, re-derived by an
+    accountant of our own), every row a round, the head's clip. A 53-row hospital does not: statistics
+    only, with both signal-to-noise figures in its reason."""
+    many, _ = planned(768, 18, 8.0, trainable=80_000, peers_per_round=10, head_values=18 * MINILM_HEAD)
+    assert many.fine_tune.value is False and "DP-SGD of LoRA would add nothing" in many.fine_tune.reason
+    assert many.head_rounds.value, many.head_rounds.reason
+    assert f">= {R.MIN_HEAD_SNR:g}" in many.head_rounds.reason and "768 rows" in many.head_rounds.reason
+    sigma = calibrate_noise(8.0, DELTA, "rdp", 1.0, ROUNDS + 1)
+    assert many.statistics_noise.value == many.noise_multiplier.value == sigma
+    assert many.calibration(ROUNDS) == (1.0, ROUNDS + 1, ())
+    assert composed([(sigma, 1.0, ROUNDS + 1)]) == pytest.approx(8.0, abs=0.02)
+    assert (many.batch_size.value, many.sample_rate.value, many.local_steps.value) == (768, 1.0, 0)
+    assert many.max_grad_norm.value == 1.0
+    few, _ = planned(53, 8, 8.0, trainable=80_000, peers_per_round=10, head_values=8 * MINILM_HEAD)
+    assert few.fine_tune.value is False and few.head_rounds.value is False
+    assert f"< {R.MIN_HEAD_SNR:g}" in few.head_rounds.reason and "53 rows" in few.head_rounds.reason
+    assert "< 10" in few.fine_tune.reason and few.head_rounds.reason in few.fine_tune.reason
+    assert few.calibration(ROUNDS) == (1.0, 1, ()) and few.local_steps.value == 0
+    # A config that fixes its LoRA steps keeps them, head rounds or not.
+    kept, _ = planned(768, 18, 8.0, trainable=80_000, peers_per_round=10, head_values=18 * 385, local_steps=3)
+    assert kept.fine_tune.value and not kept.head_rounds.value
+
+
+def test_a_person_level_institution_gets_no_head_rounds_which_clip_rows():
+    """Head rounds clip each row's gradient; with data.privacy_unit a person's many rows would then
+    move the sum by many clips: the planner keeps such an institution to the statistics."""
+    cfg = config_from_dict(
+        {
+            "training": {"peers_per_round": 10},
+            "privacy": {"epsilon": 8.0, "delta": DELTA, "planned_rounds": ROUNDS, "accountant": "rdp"},
+        }
+    )
+    rows = R.facts(cfg, 768, 18, trainable=80_000, head_values=18 * MINILM_HEAD)
+    assert R.plan(rows, cfg).head_rounds.value
+    persons = R.facts(cfg, 768, 18, 700, 768 / 700, trainable=80_000, head_values=18 * MINILM_HEAD)
+    recipe = R.plan(persons, cfg)
+    assert recipe.head_rounds.value is False and "not each person's" in recipe.head_rounds.reason
+    assert recipe.local_steps.value == 0 and recipe.calibration(ROUNDS) == (1.0, 1, ())
+
+
+def test_check_prints_the_head_rounds_decision_and_why(tmp_path: Path, capsys):
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "model:\n  source: tiny-bert\ndata:\n  max_length: 16\n"
+        "training:\n  peers_per_round: 100\n  examples_per_round: 6\n"
+        f"privacy:\n  ledger_path: {tmp_path / 'ledger.json'}\n  planned_rounds: 2\n"
+    )
+    assert main(["check", str(config)]) == 0
+    shown = cells(capsys.readouterr().out)
+    assert shown["head rounds"].startswith("True: head rounds' signal-to-noise")
+    assert shown["fine tune"].startswith("False") and shown["local steps"].startswith(
+        "0: no LoRA steps: head rounds"
+    )
+    rounds = [int(k.split(":")[0]) for k in shown["epsilon per row after round"].split(", ")]
+    assert rounds[-1] == 2 and float(shown["epsilon per row after round"].split(": ")[-1]) <= 8.0
+    assert not (tmp_path / "ledger.json").exists()
 
 
 def test_the_default_preset_leaves_the_recipe_to_the_planner_which_skips_lora_for_its_hospitals():
