@@ -213,15 +213,17 @@ class ReplyScreen:
         global_adapter: GlobalAdapter,
         server_round: int,
         dropped: list[dict],
+        node_of: Callable[[Message], int] = sender,
     ) -> list[Screened]:
-        """The accepted replies in node order; each refused one logged and added to ``dropped``."""
+        """The accepted replies in node order; each refused one logged and added to ``dropped`` under
+        the node it speaks for (``node_of``: see speaks_for)."""
         rules = self.rules(global_adapter)
         screened = []
-        for msg in first_per_node(replies, server_round, dropped, "train"):
+        for msg in first_per_node(replies, server_round, dropped, "train", node_of):
             try:
                 screened.append((msg, self.train(msg, global_adapter, rules)))
             except AdapterError as err:
-                drop(dropped, server_round, msg, str(err), "train")
+                drop(dropped, server_round, msg, str(err), "train", node_of(msg))
         median = self.norms.median([s.norm for _, s in screened])
         accepted = []
         for msg, s in screened:
@@ -255,16 +257,20 @@ class ReplyScreen:
         return accepted
 
     def evaluate_replies(
-        self, replies: Iterable[Message], server_round: int, dropped: list[dict]
+        self,
+        replies: Iterable[Message],
+        server_round: int,
+        dropped: list[dict],
+        node_of: Callable[[Message], int] = sender,
     ) -> list[EvaluateMetrics]:
         """The accepted evaluate replies' metrics in node order; each refused one logged and added to
-        ``dropped``."""
+        ``dropped`` under the node it speaks for."""
         accepted = []
-        for msg in first_per_node(replies, server_round, dropped, "evaluate"):
+        for msg in first_per_node(replies, server_round, dropped, "evaluate", node_of):
             try:
                 accepted.append(self.evaluate(msg))
             except AdapterError as err:
-                drop(dropped, server_round, msg, str(err), "evaluate")
+                drop(dropped, server_round, msg, str(err), "evaluate", node_of(msg))
         return accepted
 
     def train(self, msg: Message, global_adapter: GlobalAdapter, rules: ReplyRules) -> Screened:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,7 +34,15 @@ from fedlora.server.global_adapter import GlobalAdapter, Layout
 from fedlora.server.head_step import head_step, rows_in_sum, summed_gradient
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
-from fedlora.server.screening import NormBounds, ReplyScreen, by_node, drop, failure_reason, first_per_node
+from fedlora.server.screening import (
+    NormBounds,
+    ReplyScreen,
+    by_node,
+    drop,
+    failure_reason,
+    first_per_node,
+    speaks_for,
+)
 from fedlora.server.statistics_head import class_mean_head, summed, summed_variance
 
 log = logging.getLogger("fedlora.server")
@@ -89,6 +98,8 @@ class LoraStrategy(Strategy):
         self.wire_dtype = wire_dtype
         self.global_adapter = GlobalAdapter({}, aggregator, layout)
         self.sent: dict[str, np.ndarray] = {}
+        self.outbox: list[Message] = []
+        """The messages of the last configure_train / configure_evaluate, to name who a reply is about."""
         """The adapter the current round's training started from, as sent: the optimiser's origin."""
         self.node_layouts: dict[int, tuple[int, float]] = {}
         """Each node's rank and scale, from its last accepted reply: what it is sent next."""
@@ -115,14 +126,24 @@ class LoraStrategy(Strategy):
         config = self._round_config(server_round, config)
         config.update(self.optimiser.train_config())
         nodes = self._sample(grid, self.sampling.fraction_train, server_round)
-        return self._messages(nodes, arrays, config, MessageType.TRAIN)
+        self.outbox = self._messages(nodes, arrays, config, MessageType.TRAIN)
+        return self.outbox
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.set_global(arrays)
         nodes = self._sample(grid, self.sampling.fraction_evaluate, server_round)
-        return self._messages(nodes, arrays, self._round_config(server_round, config), MessageType.EVALUATE)
+        config = self._round_config(server_round, config)
+        self.outbox = self._messages(nodes, arrays, config, MessageType.EVALUATE)
+        return self.outbox
+
+    def speaks_for(self) -> Callable[[Message], int]:
+        """The node each reply of this exchange is about: the SuperLink answers for a node it found
+        unavailable as node 1, in reply to the message sent to that node (screening.speaks_for);
+        message ids are the grid's, given when it pushed ``outbox``."""
+        asked = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in self.outbox}
+        return partial(speaks_for, asked=asked)
 
     def set_global(self, arrays: ArrayRecord) -> None:
         self.global_adapter = GlobalAdapter(from_record(arrays), self.aggregator, self.layout)
@@ -256,10 +277,12 @@ class LoraStrategy(Strategy):
         """Screen, weigh, aggregate, step; None when no reply was usable (the global stays)."""
         record = RoundLog(round=server_round)
         self.rounds.append(record)
-        replies = first_per_node(replies, server_round, record.dropped, "train")
+        node_of = self.speaks_for()
+        replies = first_per_node(replies, server_round, record.dropped, "train", node_of)
         heads = [m for m in replies if not m.has_error() and is_head_gradient(m.content)]
         others = [m for m in replies if m.has_error() or not is_head_gradient(m.content)]
-        accepted = self.screen.train_replies(others, self.global_adapter, server_round, record.dropped)
+        dropped = record.dropped
+        accepted = self.screen.train_replies(others, self.global_adapter, server_round, dropped, node_of)
         gradients = self._head_replies(heads, server_round, record.dropped)
         # A reply of no steps is an institution whose planner found DP-SGD would add nothing
         # (client.recipe): its empty update is not averaged in, or it would shrink the others'.
@@ -323,7 +346,7 @@ class LoraStrategy(Strategy):
         """Client evaluation metrics through the codec: a malformed reply is dropped, not fatal."""
         this_round = self.rounds[-1] if self.rounds and self.rounds[-1].round == server_round else None
         dropped = this_round.evaluate_dropped if this_round is not None else []
-        parsed = self.screen.evaluate_replies(replies, server_round, dropped)
+        parsed = self.screen.evaluate_replies(replies, server_round, dropped, self.speaks_for())
         if not parsed:
             return None
         weights = self.weighting([m.num_examples for m in parsed])

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.common import protocol as P
@@ -674,3 +675,28 @@ def test_a_round_of_only_empty_updates_keeps_the_global_without_a_warning(strate
     assert "planned no LoRA steps" in caplog.text
     line = summarise_round(dataclasses.asdict(strategy.rounds[-1])).line(8)
     assert line.startswith("round 1/8: 0 replies, 0 dropped, 2 statistics only (no LoRA steps planned)")
+
+
+def test_nodes_the_superlink_reports_unavailable_are_dropped_under_their_own_ids(monkeypatch) -> None:
+    """Two institutions killed during a LoRA round: the SuperLink answers for each as node 1, in reply
+    to the message sent to it. Both are dropped under their own ids (not node 1, and the second not
+    as 'a second reply from node 1'); the live institution's update is aggregated."""
+    for field in ("_task_id", "_run_id", "_node_id"):  # what a ServerApp process would have set
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16", "federation.min_clients=3"])
+    s = build_strategy(cfg, FP, num_clients=3)
+    arrays = ArrayRecord({k: v.contiguous() for k, v in state(0).items()})
+    messages = list(s.configure_train(1, arrays, ConfigRecord(), Nodes(11, 12, 13)))
+    for msg in messages:
+        msg.metadata.__dict__["_message_id"] = msg.object_id  # as flwr's grid does on push
+    replies = [
+        create_message_error_unavailable_res_message(m.metadata, "node_unavail")
+        for m in messages
+        if m.metadata.dst_node_id != 11
+    ]
+    replies.append(reply(11, {k: v - state(0)[k] for k, v in state(1).items()}, 10))
+    aggregated, _ = s.aggregate_train(1, replies)
+    assert aggregated is not None
+    dropped = {d["node"]: d["reason"] for d in s.rounds[-1].dropped}
+    assert set(dropped) == {12, 13}
+    assert all(reason.startswith("node unavailable") for reason in dropped.values())
