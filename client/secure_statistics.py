@@ -7,7 +7,9 @@ The round's private keys and self-mask seed live between messages in the ClientA
 dropped after the unmask step. The round's noise is agreed before anything is released: each advert
 carries the institution's planned round-0 noise multiplier, the roster carries every advertised one, and
 sigma is the largest (so that the sum covers the most private institution's claim; the release never
-goes below its own plan, client.statistics). The masked input is this institution's release with only
+goes below its own plan, client.statistics), bound into the round's context from the share-keys step on
+(common.distributed_noise.agreed_context: institutions shown different multipliers cannot open each
+other's shares). The masked input is this institution's release with only
 its share of that noise (common.distributed_noise: std sigma C / sqrt(m), m = institutions that
 advertised keys - tolerated dropouts - tolerated colluders), class sums and counts flattened into one
 vector, quantised into the ring and masked; its ledger records both epsilons at sigma. A survivor list
@@ -32,7 +34,7 @@ from fedlora.common.codec import (
     shares_reply,
     unmask_reply,
 )
-from fedlora.common.distributed_noise import NoiseSharing
+from fedlora.common.distributed_noise import NoiseSharing, agreed_context
 from fedlora.common.errors import ConfigError, RoundDiscarded
 from fedlora.common.protocol import STATISTICS_SENSITIVITY
 from fedlora.common.secure_aggregation.client import ClientRound
@@ -99,6 +101,7 @@ def secure_statistics(
         if stage == P.SHARE_KEYS:
             roster = roster_of(msg.content[P.SECAGG_ROSTER])
             agreed = agreed_noise(msg.content.config_records.get(P.SECAGG_NOISES), roster)
+            round_.context = agreed_context(round_.context, agreed)
             content = shares_reply(round_.share_keys(roster, int(config[P.SECAGG_THRESHOLD])), fingerprint)
         elif stage == P.MASKED_INPUT:
             inbox = {int(k): v for k, v in byte_arrays(msg.content[P.SECAGG_INBOX]).items()}

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from fedlora.common import protocol as P
 from fedlora.common.codec import parse_advert, parse_masked, parse_shares, parse_unmask
 from fedlora.common.config import FedloraConfig
+from fedlora.common.distributed_noise import agreed_context
 from fedlora.common.errors import AdapterError, RoundDiscarded
 from fedlora.common.secure_aggregation import keys, shamir
 from fedlora.common.secure_aggregation.quantise import Quantiser, ring_dtype
@@ -142,6 +143,7 @@ def secure_statistics(
         adverts = exchange(P.ADVERTISE_KEYS, nodes, lambda c: parse_advert(c, fingerprint))
         roster = server.collect_keys({node: advert for node, (advert, _) in adverts.items()})
         noises = ConfigRecord({str(node): adverts[node][1] for node in roster})
+        server.context = agreed_context(server.context, max(adverts[node][1] for node in roster))
         keys_out = ArrayRecord(
             {
                 f"{node}/{name}": as_bytes(key)

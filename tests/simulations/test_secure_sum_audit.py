@@ -258,6 +258,34 @@ def test_the_coordinator_cannot_lower_an_institutions_noise(cfg, tmp_path, monke
         assert entry["noise_multiplier"] == pytest.approx(z)
 
 
+class EquivocatingGrid(SecAggGrid):
+    """A coordinator that shows the first institution the true multipliers and the others a roster in
+    which the first one advertised as they did (so they would add shares of their own, smaller noise)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            if P.SECAGG_NOISES in msg.content and msg.metadata.dst_node_id != NODES[0]:
+                noises = dict(msg.content[P.SECAGG_NOISES])
+                noises[str(NODES[0])] = noises[str(NODES[1])]
+                msg.content[P.SECAGG_NOISES] = ConfigRecord(noises)
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_coordinator_showing_institutions_different_multipliers_gets_no_sum(cfg, tmp_path, monkeypatch):
+    """The agreed sigma is bound into every key: the first institution (sigma of epsilon 2) and the
+    others (sigma of epsilon 8) cannot open each other's shares, so no sum with less noise than the
+    first one claims is unmasked."""
+    one_other(monkeypatch, "privacy.epsilon=2")
+    grid = EquivocatingGrid(cfg, tmp_path)
+    bench, _ = server_workbench(cfg)
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    assert secure_statistics(grid, strategy, as_record(adapter_state(bench.built.model)), cfg) is None
+    assert P.UNMASK not in grid.stages
+    masked = [r for r in grid.received if not r.has_error() and P.MASKED in r.content[P.ARRAYS]]
+    assert masked == []  # every institution refused the masked input: no masked vector left
+
+
 def test_a_malformed_relayed_multiplier_is_refused_in_one_line_and_nothing_is_charged(cfg, tmp_path):
     grid = LoweringGrid(cfg, tmp_path)
     grid.relayed = -1.0
