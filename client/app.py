@@ -40,6 +40,7 @@ from fedlora.client.statistics import release_statistics
 from fedlora.client.trainer import (
     GradientHook,
     LocalTrainer,
+    PrivacyPlan,
     derive_seed,
     privacy_plan,
     private_engine,
@@ -65,6 +66,7 @@ from fedlora.common.codec import (
 )
 from fedlora.common.config import FedloraConfig, load_config
 from fedlora.common.data import DataBundle, TokenizedDataset, build_data
+from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.errors import ConfigError
 from fedlora.common.lora_math import dropped_by_truncation, layer_products, truncate_state
 from fedlora.common.model import BuiltModel, device_for, load_tokenizer, lora_scale
@@ -198,7 +200,11 @@ def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = No
                     f"{built.fingerprint}"
                 )
             content = secure_statistics(
-                msg, state, built.fingerprint, lambda among: statistics_release(msg, setup, built, among)
+                msg,
+                state,
+                built.fingerprint,
+                lambda: planned_statistics_noise(setup, built),
+                lambda sharing: statistics_release(msg, setup, built, sharing),
             )
         elif config.get(P.STAGE) == P.STATISTICS:
             sums, counts, metrics = statistics_release(msg, setup, built)
@@ -214,24 +220,43 @@ def party_seed(cfg: FedloraConfig, client_id: int, server_round: int) -> int:
     return derive_seed(cfg.training.seed, client_id, server_round)
 
 
-def statistics_release(
-    msg: Message, setup: ClientSetup, built: BuiltModel, shared_among: tuple[int, int, int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, TrainMetrics]:
-    """Round 0: this institution's class statistics, released under the planner's share of its budget
-    (client.statistics), charged in its ledger before a row is read; per person with data.privacy_unit
-    (each person's rows averaged: the ledger's unit). ``shared_among``: its noise is a share of the
-    sum's (secure aggregation, which releases through here too). The noisy sums, counts and the reply's
-    metrics."""
+def statistics_plan(
+    setup: ClientSetup, built: BuiltModel
+) -> tuple[TokenizedDataset, PrivacyLedger | None, PrivacyPlan]:
+    """Round 0's rows, ledger (None without DP) and plan, the planner's statistics noise among it."""
     cfg = setup.cfg
     train, _ = client_data(setup)
-    if shared_among is not None:
-        check_statistics_rows(len(train))
-    load_global(msg, cfg, built)
     ledger = PrivacyLedger.from_config(cfg.privacy, setup.ledger_path) if cfg.privacy.enabled else None
     if ledger is not None:
         ledger.require_unit(cfg.data.privacy_unit)
+    return train, ledger, privacy_plan(cfg, built.model, train, ledger)
+
+
+def planned_statistics_noise(setup: ClientSetup, built: BuiltModel) -> float:
+    """The noise multiplier this institution plans for round 0's release (0 without DP): what its
+    secure aggregation advert carries, before anything is released."""
+    if not setup.cfg.privacy.enabled:
+        return 0.0
+    noise = statistics_plan(setup, built)[2].recipe.statistics_noise
+    if noise.value is None:
+        raise ConfigError(f"statistics: no release planned ({noise.reason})")
+    return noise.value
+
+
+def statistics_release(
+    msg: Message, setup: ClientSetup, built: BuiltModel, sharing: NoiseSharing | None = None
+) -> tuple[torch.Tensor, torch.Tensor, TrainMetrics]:
+    """Round 0: this institution's class statistics, released under the planner's share of its budget
+    (client.statistics), charged in its ledger before a row is read; per person with data.privacy_unit
+    (each person's rows averaged: the ledger's unit). ``sharing``: its noise is a share of the round's
+    agreed noise (secure aggregation, which releases through here too). The noisy sums, counts and the
+    reply's metrics."""
+    cfg = setup.cfg
+    train, ledger, planned = statistics_plan(setup, built)
+    if sharing is not None:
+        check_statistics_rows(len(train))
+    load_global(msg, cfg, built)
     device = device_for(cfg.training.device)
-    planned = privacy_plan(cfg, built.model, train, ledger)
     recipe = planned.recipe
     start = time.perf_counter()
     seed_round(cfg, party_seed(cfg, setup.client_id, STATISTICS_ROUND), STATISTICS_ROUND)
@@ -244,7 +269,7 @@ def statistics_release(
         cfg.training.eval_batch_size,
         cfg.planned_rounds,
         secure_generator(cfg),
-        shared_among,
+        sharing,
         train.units if planned.units is not None else None,
     )
     persons = f"{planned.units.persons} persons, " if planned.units is not None else ""

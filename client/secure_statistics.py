@@ -4,11 +4,17 @@ order: advertise keys, share keys, masked input, unmask.
 
 The round's private keys and self-mask seed live between messages in the ClientApp's context state
 (Flower keeps it per node: a process per message in deployment, any Ray actor in simulation) and are
-dropped after the unmask step. The masked input is this institution's release with only its share of
-the noise (common.distributed_noise: std sigma C / sqrt(m), m = institutions that advertised keys -
-tolerated dropouts - tolerated colluders), class sums and counts flattened into one vector, quantised
-into the ring and masked; its ledger records both epsilons. A survivor list shorter than the advertised
-institutions less the tolerated dropouts is refused: the sum would hold fewer than m shares of noise.
+dropped after the unmask step. The round's noise is agreed before anything is released: each advert
+carries the institution's planned round-0 noise multiplier, the roster carries every advertised one, and
+sigma is the largest (so that the sum covers the most private institution's claim; the release never
+goes below its own plan, client.statistics), bound into the round's context from the share-keys step on
+(common.distributed_noise.agreed_context: institutions shown different multipliers cannot open each
+other's shares). The masked input is this institution's release with only
+its share of that noise (common.distributed_noise: std sigma C / sqrt(m), m = institutions that
+advertised keys - tolerated dropouts - tolerated colluders), class sums and counts flattened into one
+vector, quantised into the ring and masked; its ledger records both epsilons at sigma. A survivor list
+shorter than the advertised institutions less the tolerated dropouts is refused: the sum would hold fewer
+than m shares of noise.
 """
 
 from __future__ import annotations
@@ -20,17 +26,29 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedlora.common import protocol as P
-from fedlora.common.codec import TrainMetrics, advert_reply, masked_reply, shares_reply, unmask_reply
+from fedlora.common.codec import (
+    TrainMetrics,
+    advert_reply,
+    masked_reply,
+    noise_multiplier,
+    shares_reply,
+    unmask_reply,
+)
+from fedlora.common.distributed_noise import NoiseSharing, agreed_context
 from fedlora.common.errors import ConfigError, RoundDiscarded
+from fedlora.common.protocol import STATISTICS_SENSITIVITY
 from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.messages import Advert
 from fedlora.common.secure_aggregation.settings import for_statistics
 
 STATE = "fedlora-secagg"
 ROUND = "round"
-Release = Callable[[tuple[int, int, int]], tuple[torch.Tensor, torch.Tensor, TrainMetrics]]
-"""This institution's statistics release with its noise shared among (institutions, dropouts,
-colluders): the noisy class sums, counts and the reply's metrics."""
+AGREED = "agreed-noise"
+Plan = Callable[[], float]
+"""This institution's planned round-0 noise multiplier (0 without DP), the one its advert carries."""
+Release = Callable[[NoiseSharing], tuple[torch.Tensor, torch.Tensor, TrainMetrics]]
+"""This institution's statistics release with the round's agreed noise shared as given: the noisy
+class sums, counts and the reply's metrics."""
 
 
 def byte_arrays(record: ArrayRecord) -> dict[str, bytes]:
@@ -48,7 +66,22 @@ def roster_of(record: ArrayRecord) -> dict[int, Advert]:
         raise ConfigError(f"secure aggregation: the roster lacks {err}") from None
 
 
-def secure_statistics(msg: Message, state: RecordDict, fingerprint: str, release: Release) -> RecordDict:
+def agreed_noise(record: ConfigRecord | None, roster: dict[int, Advert]) -> float:
+    """The round's noise multiplier: the largest the roster's institutions advertised (each checked by
+    the codec's rule; a roster node without one refused in one line)."""
+    record = record if record is not None else ConfigRecord()
+    missing = sorted(set(roster) - {int(node) for node in record if node.isdecimal()})
+    if missing or len(record) != len(roster):
+        raise ConfigError(
+            f"secure aggregation: the roster's noise multipliers name nodes {sorted(record)}, expected "
+            f"exactly its institutions {sorted(roster)}"
+        )
+    return max(noise_multiplier(record[node], f"roster noise of node {node}") for node in record)
+
+
+def secure_statistics(
+    msg: Message, state: RecordDict, fingerprint: str, plan: Plan, release: Release
+) -> RecordDict:
     """This institution's reply to one stage of round 0 under secure aggregation."""
     config = msg.content[P.CONFIG]
     stage = str(config.get(P.SECAGG_STAGE))
@@ -57,18 +90,23 @@ def secure_statistics(msg: Message, state: RecordDict, fingerprint: str, release
     settings = for_statistics(None, dropouts)
     if stage == P.ADVERTISE_KEYS:
         round_ = ClientRound(node, settings, bytes(config[P.SECAGG_CONTEXT]))
-        content = advert_reply(round_.advertise_keys(), fingerprint)
+        content = advert_reply(round_.advertise_keys(), plan(), fingerprint)
+        agreed = 0.0
     else:
         kept = state.config_records.get(STATE)
         if kept is None:
             raise ConfigError(f"secure aggregation: stage {stage} before this node advertised keys")
         round_ = ClientRound.from_bytes(bytes(kept[ROUND]), settings)
+        agreed = float(kept[AGREED])
         if stage == P.SHARE_KEYS:
             roster = roster_of(msg.content[P.SECAGG_ROSTER])
+            agreed = agreed_noise(msg.content.config_records.get(P.SECAGG_NOISES), roster)
+            round_.context = agreed_context(round_.context, agreed)
             content = shares_reply(round_.share_keys(roster, int(config[P.SECAGG_THRESHOLD])), fingerprint)
         elif stage == P.MASKED_INPUT:
             inbox = {int(k): v for k, v in byte_arrays(msg.content[P.SECAGG_INBOX]).items()}
-            sums, counts, metrics = release((round_.roster_size, dropouts, colluders))
+            sharing = NoiseSharing(agreed, STATISTICS_SENSITIVITY, round_.roster_size, dropouts, colluders)
+            sums, counts, metrics = release(sharing)
             vector = torch.cat([sums.flatten(), counts]).to(torch.float64).numpy()
             content = masked_reply(round_.masked_input(inbox, vector), metrics, fingerprint)
         elif stage == P.UNMASK:
@@ -83,5 +121,5 @@ def secure_statistics(msg: Message, state: RecordDict, fingerprint: str, release
             return unmask_reply(round_.unmask(survivors), fingerprint)
         else:
             raise ConfigError(f"secure aggregation: unknown stage {stage!r} (one of {P.SECAGG_STAGES})")
-    state[STATE] = ConfigRecord({ROUND: round_.to_bytes()})
+    state[STATE] = ConfigRecord({ROUND: round_.to_bytes(), AGREED: agreed})
     return content

@@ -22,6 +22,8 @@ persons, fractionally per class (a person with rows in two classes counts n_pc /
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 from torch import Tensor, nn
@@ -118,28 +120,35 @@ def release_statistics(
     batch_size: int,
     rounds: int,
     generator: torch.Generator | None = None,
-    shared_among: tuple[int, int, int] | None = None,
+    sharing: NoiseSharing | None = None,
     units: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float, LedgerEntry | None]:
     """Charge the release in the ledger first (BudgetExceeded: nothing read), then release. The
     ledger's noise for the ``rounds`` after it is calibrated first, so that the release and every
     planned step together spend the budget. Without a ledger (privacy off, a non-private baseline)
-    the exact statistics leave. ``generator``: the secure one of privacy.secure_mode. ``shared_among``
-    (secure aggregation: institutions in the round, tolerated dropouts, tolerated colluders): the
-    planner's noise is the sum's, this release adds only its share (common.distributed_noise) and the
-    ledger records both epsilons. ``units``: each row's person when the ledger's unit is the person
-    (data.privacy_unit), whose rows are then averaged so that the entry's sensitivity holds per person.
-    Returns the noisy sums and counts, the noise std and the entry."""
+    the exact statistics leave. ``generator``: the secure one of privacy.secure_mode. ``sharing``
+    (secure aggregation): the round's agreed noise, raised to the planner's if below it (the
+    coordinator cannot lower this institution's noise), is the sum's; this release adds only its share
+    (common.distributed_noise) and the ledger records both epsilons at it. An agreed noise above the
+    plan spends less than planned; the rounds keep the noise calibrated for the plan, so the
+    institution ends below its budget. Without a ledger the share is still added, so that the sum
+    covers the peers that planned DP. ``units``: each row's person when the ledger's unit is the
+    person (data.privacy_unit), whose rows are then averaged so that the entry's sensitivity holds
+    per person. Returns the noisy sums and counts, the noise std and the entry."""
     if recipe.statistics_noise.value is None and ledger is not None:
         raise ConfigError(f"statistics: no release planned ({recipe.statistics_noise.reason})")
     entry = None
     noise_std = 0.0
     if ledger is not None:
         sigma = recipe.statistics_noise.value
-        sharing = NoiseSharing(sigma, STATISTICS_SENSITIVITY, *shared_among) if shared_among else None
+        if sharing is not None:
+            sharing = replace(sharing, sigma=max(sigma, sharing.sigma))
+            sigma = sharing.sigma
         ledger.calibrate(*recipe.calibration(rounds))
         entry = ledger.reserve(STATISTICS_ROUND, 1.0, 1, noise_multiplier=sigma, sharing=sharing)
         noise_std = sharing.share_std if sharing is not None else sigma * STATISTICS_SENSITIVITY
+    elif sharing is not None:
+        noise_std = sharing.share_std
     sums, counts = class_sums(model, data, head_rows(model), device, batch_size, units)
     noisy_sums, noisy_counts = gaussian_release(sums, counts, noise_std, generator)
     return noisy_sums.float(), noisy_counts.float(), noise_std, entry

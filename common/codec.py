@@ -264,12 +264,19 @@ def _as_bytes_array(raw: bytes) -> np.ndarray:
 
 
 def _secagg_reply(
-    stage: str, arrays: Mapping[str, np.ndarray], fingerprint: str, metrics: TrainMetrics | None = None
+    stage: str,
+    arrays: Mapping[str, np.ndarray],
+    fingerprint: str,
+    metrics: TrainMetrics | None = None,
+    noise: float | None = None,
 ) -> RecordDict:
+    config = {P.FINGERPRINT: fingerprint, P.SECAGG_STAGE: stage}
+    if noise is not None:
+        config[P.SECAGG_NOISE] = noise
     content = RecordDict(
         {
             P.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-            P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint, P.SECAGG_STAGE: stage}),
+            P.CONFIG: ConfigRecord(config),
         }
     )
     if metrics is not None:
@@ -278,10 +285,20 @@ def _secagg_reply(
     return content
 
 
-def advert_reply(advert: Advert, fingerprint: str) -> RecordDict:
-    """Stage 1: the institution's two public keys of the round."""
+def noise_multiplier(value: object, where: str) -> float:
+    """An advertised round-0 noise multiplier: a finite number >= 0 (0: the institution plans no DP
+    noise), else refused in one line naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise AdapterError(
+            f"{where}: noise multiplier {_shown(value)}, expected a finite number >= 0 (0: no DP noise)"
+        )
+    return float(value)
+
+
+def advert_reply(advert: Advert, multiplier: float, fingerprint: str) -> RecordDict:
+    """Stage 1: the institution's two public keys of the round and its planned noise multiplier."""
     arrays = {P.CIPHER_KEY: _as_bytes_array(advert.cipher), P.MASK_KEY: _as_bytes_array(advert.mask)}
-    return _secagg_reply(P.ADVERTISE_KEYS, arrays, fingerprint)
+    return _secagg_reply(P.ADVERTISE_KEYS, arrays, fingerprint, noise=multiplier)
 
 
 def shares_reply(sealed: Mapping[int, bytes], fingerprint: str) -> RecordDict:
@@ -302,8 +319,8 @@ def unmask_reply(answer: UnmaskShares, fingerprint: str) -> RecordDict:
 
 
 def _secagg_structure(content: RecordDict, stage: str) -> TrainMetrics | None:
-    """A secure aggregation reply's records, config (fingerprint and stage alone), dtypes and 1-D
-    arrays; the masked input's metrics."""
+    """A secure aggregation reply's records, config (fingerprint and stage; an advert's also its
+    noise multiplier, checked), dtypes and 1-D arrays; the masked input's metrics."""
     if stage not in SECAGG_DTYPES:
         raise AdapterError(
             f"secure aggregation stage {_shown(stage)}, expected one of {', '.join(SECAGG_DTYPES)}"
@@ -312,11 +329,14 @@ def _secagg_structure(content: RecordDict, stage: str) -> TrainMetrics | None:
     if stage == P.MASKED_INPUT:
         records[P.METRICS] = MetricRecord
     _check_records(content, records)
-    if set(content[P.CONFIG]) != {P.FINGERPRINT, P.SECAGG_STAGE}:
+    expected = [P.FINGERPRINT, P.SECAGG_STAGE, *([P.SECAGG_NOISE] if stage == P.ADVERTISE_KEYS else [])]
+    if set(content[P.CONFIG]) != set(expected):
         raise AdapterError(
-            f"config record: keys {_shown(sorted(content[P.CONFIG]))}, expected exactly "
-            f"[{P.FINGERPRINT!r}, {P.SECAGG_STAGE!r}]"
+            f"config record: keys {_shown(sorted(content[P.CONFIG]))}, expected exactly {expected} "
+            f"at stage {stage}"
         )
+    if stage == P.ADVERTISE_KEYS:
+        noise_multiplier(content[P.CONFIG][P.SECAGG_NOISE], f"config {P.SECAGG_NOISE!r}")
     for key, array in content[P.ARRAYS].items():
         if array.dtype not in SECAGG_DTYPES[stage] or len(array.shape) != 1:
             raise AdapterError(
@@ -349,14 +369,14 @@ def _node_of(key: str, prefixes: tuple[str, ...] = ("",)) -> tuple[str, int]:
     raise AdapterError(f"unexpected key {_shown(key)}, expected <node id> after one of {prefixes}")
 
 
-def parse_advert(content: RecordDict, fingerprint: str) -> Advert:
-    """Stage 1's reply: two 32-byte public keys."""
+def parse_advert(content: RecordDict, fingerprint: str) -> tuple[Advert, float]:
+    """Stage 1's reply: two 32-byte public keys and the planned noise multiplier."""
     record, _ = _secagg_arrays(content, P.ADVERTISE_KEYS, fingerprint)
     decode_keys = {P.CIPHER_KEY, P.MASK_KEY}
     if set(record) != decode_keys:
         raise AdapterError(f"keys {_shown(sorted(record))}, expected exactly {sorted(decode_keys)}")
     cipher, mask = (_payload(k, record[k], (32,), ("uint8",)).tobytes() for k in (P.CIPHER_KEY, P.MASK_KEY))
-    return Advert(cipher, mask)
+    return Advert(cipher, mask), float(content[P.CONFIG][P.SECAGG_NOISE])
 
 
 def parse_shares(content: RecordDict, fingerprint: str, max_bytes: int) -> dict[int, bytes]:

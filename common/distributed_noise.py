@@ -7,12 +7,15 @@ subtracted), each institution adding Gaussian noise of std sigma C / sqrt(m) put
 least sigma C on the sum: the central noise. An institution then accounts for its own sample rate at
 noise multiplier sigma (the aggregation assumption) and, should the assumption fail (the coordinator
 sees its reply alone), at noise multiplier sigma / sqrt(m), its share. Both epsilons are composed by
-the same accountant (common.accounting); the ledger records both.
+the same accountant (common.accounting); the ledger records both. Institutions with different budgets
+first agree sigma (the largest planned multiplier of the round, client.secure_statistics), bound into
+the round's keys (``agreed_context``), so that the sum carries every ledger's claim.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 from fedlora.common.accounting import SampledGaussian
@@ -61,3 +64,11 @@ class NoiseSharing:
     def alone(self, sample_rate: float, steps: int) -> SampledGaussian:
         """The same steps with only the institution's own share, as if its reply were seen alone."""
         return SampledGaussian(sample_rate, self.share_multiplier, steps)
+
+
+def agreed_context(context: bytes, sigma: float) -> bytes:
+    """A secure round's context bound to the sigma it agreed (the largest advertised multiplier): every
+    key and sealed share derives from it, so institutions shown different multipliers by an
+    equivocating coordinator cannot open each other's shares, and the round stops before any sum
+    with less noise than one of them claims could be unmasked."""
+    return context + struct.pack(">d", sigma)

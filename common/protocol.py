@@ -41,6 +41,11 @@ SECAGG_THRESHOLD = "secagg-threshold"
 SECAGG_DROPOUTS = "secagg-dropouts"
 SECAGG_COLLUDERS = "secagg-colluders"
 SECAGG_SURVIVORS = "secagg-survivors"
+# the agreed noise (issue 28): each advert's config carries its institution's planned round-0 noise
+# multiplier (SECAGG_NOISE; 0: no DP), and the share-keys stage carries every advertised one as a
+# ConfigRecord (SECAGG_NOISES, node id as str -> multiplier); each institution adds a share of the largest
+SECAGG_NOISE = "secagg-noise"
+SECAGG_NOISES = "secagg-noises"
 # server -> client (ArrayRecord, uint8): the roster's public keys ("<node>/cipher", "<node>/mask") and the
 # shares sealed to the receiver by each sender ("<sender>")
 SECAGG_ROSTER = "secagg-roster"

@@ -4,8 +4,10 @@ institutions' class statistics summed so that the coordinator learns only the su
 The protocol's four stages (common.secure_aggregation.server.ServerRound) run as four Grid exchanges of
 train messages, each naming its stage (P.SECAGG_STAGE): advertise keys, share keys (the roster out, the
 sealed shares back), masked input (each sharer's inbox and the global adapter out, the masked vector
-back), unmask (the survivors out, the shares of seeds and keys back). Each institution added only its
-share of the noise (client.secure_statistics), so the unmasked sum carries the central noise; the head is
+back), unmask (the survivors out, the shares of seeds and keys back). Each advert carries its
+institution's planned noise multiplier and the roster relays them all (P.SECAGG_NOISES); each
+institution added only its share of the largest (client.secure_statistics), so the unmasked sum carries
+the central noise of the most private institution's plan; the head is
 built from it as from the plain summed releases (server.statistics_head). Fewer survivors than the
 threshold or than the institutions less the tolerated dropouts discard the round: nothing is unmasked,
 one log line, and the run goes on without the statistics head. Per-reply screening cannot look inside a
@@ -29,6 +31,7 @@ from flwr.serverapp import Grid
 from fedlora.common import protocol as P
 from fedlora.common.codec import parse_advert, parse_masked, parse_shares, parse_unmask
 from fedlora.common.config import FedloraConfig
+from fedlora.common.distributed_noise import agreed_context
 from fedlora.common.errors import AdapterError, RoundDiscarded
 from fedlora.common.secure_aggregation import keys, shamir
 from fedlora.common.secure_aggregation.quantise import Quantiser, ring_dtype
@@ -67,7 +70,7 @@ class Exchange:
         stage: str,
         nodes: list[int],
         parse: Callable[[RecordDict], object],
-        records: Callable[[int], Mapping[str, ArrayRecord]] = lambda _node: {},
+        records: Callable[[int], Mapping[str, ArrayRecord | ConfigRecord]] = lambda _node: {},
         extra: Mapping[str, object] | None = None,
     ) -> dict[int, object]:
         left = self.deadline - time.monotonic()
@@ -138,7 +141,9 @@ def secure_statistics(
     strategy.rounds.append(exchange.record)
     try:
         adverts = exchange(P.ADVERTISE_KEYS, nodes, lambda c: parse_advert(c, fingerprint))
-        roster = server.collect_keys(adverts)
+        roster = server.collect_keys({node: advert for node, (advert, _) in adverts.items()})
+        noises = ConfigRecord({str(node): adverts[node][1] for node in roster})
+        server.context = agreed_context(server.context, max(adverts[node][1] for node in roster))
         keys_out = ArrayRecord(
             {
                 f"{node}/{name}": as_bytes(key)
@@ -150,7 +155,7 @@ def secure_statistics(
             P.SHARE_KEYS,
             list(roster),
             lambda c: parse_shares(c, fingerprint, SEALED_BYTES),
-            lambda _node: {P.SECAGG_ROSTER: keys_out},
+            lambda _node: {P.SECAGG_ROSTER: keys_out, P.SECAGG_NOISES: noises},
         )
         inboxes = server.route_shares(sent)
         replies = exchange(

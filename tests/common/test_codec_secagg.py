@@ -42,9 +42,10 @@ def run_round(vectors: dict[int, np.ndarray], lost_at_mask: tuple[int, ...] = ()
     adverts = {}
     for node in NODES:
         round_ = ClientRound(node, settings, b"ctx")
-        reply = advert_reply(round_.advertise_keys(), FP)
+        reply = advert_reply(round_.advertise_keys(), 1.5, FP)
         check_outgoing(reply, "train")
-        adverts[node] = parse_advert(reply, FP)
+        adverts[node], noise = parse_advert(reply, FP)
+        assert noise == 1.5
         kept[node] = round_.to_bytes()
     roster = server.collect_keys(adverts)
     sent = {}
@@ -87,9 +88,25 @@ def test_the_codec_refuses_a_plain_vector_an_unknown_stage_or_an_extra_config_ke
     with pytest.raises(AdapterError, match="uint32, uint64"):
         check_outgoing(plain, "train")
     for change in ({P.SECAGG_STAGE: "reveal"}, {"extra": 1}):
-        reply = advert_reply(ClientRound(11, for_statistics(2, 1), b"c").advertise_keys(), FP)
+        reply = advert_reply(ClientRound(11, for_statistics(2, 1), b"c").advertise_keys(), 1.0, FP)
         reply[P.CONFIG] = ConfigRecord({**dict(reply[P.CONFIG]), **change})
         with pytest.raises(AdapterError):
             check_outgoing(reply, "train")
     with pytest.raises(AdapterError, match="fingerprint"):
-        parse_advert(advert_reply(ClientRound(11, for_statistics(2, 1), b"c").advertise_keys(), "other"), FP)
+        advert = ClientRound(11, for_statistics(2, 1), b"c").advertise_keys()
+        parse_advert(advert_reply(advert, 1.0, "other"), FP)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5, "1.0", True, None])
+def test_an_advert_with_a_malformed_or_missing_noise_multiplier_is_refused_in_one_line(bad):
+    advert = ClientRound(11, for_statistics(2, 1), b"c").advertise_keys()
+    with pytest.raises(AdapterError) as built:
+        advert_reply(advert, bad, FP)  # None: no multiplier at all
+    reply = advert_reply(advert, 2.0, FP)
+    config = {k: v for k, v in dict(reply[P.CONFIG]).items() if k != P.SECAGG_NOISE}
+    reply[P.CONFIG] = ConfigRecord(config if bad is None else {**config, P.SECAGG_NOISE: bad})
+    with pytest.raises(AdapterError) as parsed:
+        parse_advert(reply, FP)
+    for err in (built, parsed):
+        assert P.SECAGG_NOISE in str(err.value) and "\n" not in str(err.value)
+    assert parse_advert(advert_reply(advert, 0.0, FP), FP)[1] == 0.0  # no DP planned: allowed

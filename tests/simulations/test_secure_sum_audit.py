@@ -10,11 +10,15 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from fedlora.client import statistics
+from fedlora.client.ledger import PrivacyLedger
+from fedlora.client.recipe import STATISTICS_SHARE, statistics_noise
 from fedlora.common import protocol as P
 from fedlora.common.adapter import adapter_state
 from fedlora.common.config import FedloraConfig, load_config
@@ -34,6 +38,7 @@ from fedlora.simulations.secure_sum_audit import (
     sum_noise,
     sum_recorder,
 )
+from fedlora.simulations.virtual_client import ledger_file
 from helpers.secagg import NODES, SecAggGrid, inside_a_serverapp
 
 CONFIG = [
@@ -163,22 +168,141 @@ def test_a_plain_run_has_no_sum_to_audit_and_a_discarded_round_says_so(cfg, tmp_
     assert "Not checked: round 0 was discarded" in audit_section([], audit)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: each institution adds sigma_i C / sqrt(m) with its own sigma_i (its own privacy.epsilon), "
-    "so the sum carries the mean of the sigma_i^2, below the largest claim: the most private institution's "
-    "ledger overstates its protection under the aggregation assumption",
-)
+def one_other(monkeypatch, *overrides: str) -> FedloraConfig:
+    """The first institution of every SecAggGrid runs with ``overrides`` (its own privacy settings)."""
+    other = load_config(overrides=[*CONFIG, *overrides])
+    grid_init = SecAggGrid.__init__
+
+    def init(self, config, run_dir, lost=()):
+        grid_init(self, config, run_dir, lost)
+        self.setups[NODES[0]] = replace(self.setups[NODES[0]], cfg=other)
+
+    monkeypatch.setattr(SecAggGrid, "__init__", init)
+    return other
+
+
 def test_an_institution_with_a_smaller_budget_is_covered_by_the_sum(cfg, tmp_path, monkeypatch):
     """One of the three at epsilon 2, the others at 8: every ledger's claim must hold for the sum."""
     torch.manual_seed(0)
-    stricter = load_config(overrides=[*CONFIG, "privacy.epsilon=2"])
-    grid_init = SecAggGrid.__init__
-
-    def one_stricter(self, config, run_dir, lost=()):
-        grid_init(self, config, run_dir, lost)
-        self.setups[NODES[0]] = replace(self.setups[NODES[0]], cfg=stricter)
-
-    monkeypatch.setattr(SecAggGrid, "__init__", one_stricter)
+    one_other(monkeypatch, "privacy.epsilon=2")
     total, _ = summed_noise(cfg, tmp_path, Shares(monkeypatch))
     assert noise_check(total).passed
+
+
+def planned(epsilon: float) -> float:
+    """The planner's round-0 noise multiplier at ``epsilon`` (client.recipe: its statistics share)."""
+    inst = SimpleNamespace(epsilon=epsilon, delta=1e-5, accountant="rdp")
+    return statistics_noise(inst, STATISTICS_SHARE)
+
+
+def round_zero(cfg: FedloraConfig, run_dir: Path, grid: SecAggGrid) -> tuple[dict[int, float], list[float]]:
+    """Round 0 under secure aggregation: each node's advertised multiplier and the masked replies'
+    noise std (each institution's share)."""
+    bench, _ = server_workbench(cfg)
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    assert secure_statistics(grid, strategy, as_record(adapter_state(bench.built.model)), cfg) is not None
+    stage = {r.content[P.CONFIG][P.SECAGG_STAGE]: [] for r in grid.received}
+    for reply in grid.received:
+        stage[reply.content[P.CONFIG][P.SECAGG_STAGE]].append(reply)
+    adverts = {r.metadata.src_node_id: r.content[P.CONFIG][P.SECAGG_NOISE] for r in stage[P.ADVERTISE_KEYS]}
+    return adverts, [r.content[P.METRICS][P.NOISE_STD] for r in stage[P.MASKED_INPUT]]
+
+
+def test_every_share_uses_the_largest_advertised_noise_and_every_ledger_is_charged_at_it(
+    cfg, tmp_path, monkeypatch, opacus_epsilon
+):
+    """The epsilon-2 institution advertises the largest multiplier; all three add sigma C / sqrt(3) of
+    it and charge both epsilons at it (re-derived by Opacus): the epsilon-8 ones spend less than their
+    plan, and their rounds keep the noise calibrated for the plan."""
+    round_zero(cfg, tmp_path / "all-at-8", SecAggGrid(cfg, tmp_path / "all-at-8"))
+    one_other(monkeypatch, "privacy.epsilon=2")
+    adverts, shares = round_zero(cfg, tmp_path, SecAggGrid(cfg, tmp_path))
+    sigma = planned(2.0)
+    assert adverts == pytest.approx({NODES[0]: sigma, NODES[1]: planned(8.0), NODES[2]: planned(8.0)})
+    assert sigma > planned(8.0)
+    assert shares == pytest.approx([sigma * STATISTICS_SENSITIVITY / math.sqrt(3)] * 3)
+    for pid, budget in enumerate((2.0, 8.0, 8.0)):
+        ledger = PrivacyLedger.from_config(replace(cfg.privacy, epsilon=budget), ledger_file(tmp_path, pid))
+        (entry,) = ledger.entries
+        share = sigma / math.sqrt(3)
+        assert (entry.noise_multiplier, entry.share_noise_multiplier) == pytest.approx((sigma, share))
+        assert entry.epsilon == pytest.approx(opacus_epsilon("rdp", [(sigma, 1.0, 1)]), rel=1e-6)
+        assert entry.epsilon_alone == pytest.approx(opacus_epsilon("rdp", [(share, 1.0, 1)]), rel=1e-6)
+        if budget == 8.0:
+            assert entry.epsilon < opacus_epsilon("rdp", [(planned(8.0), 1.0, 1)])
+            as_planned = PrivacyLedger.from_config(cfg.privacy, ledger_file(tmp_path / "all-at-8", pid))
+            assert ledger.noise_multiplier == as_planned.noise_multiplier  # the rounds' noise: as planned
+
+
+class LoweringGrid(SecAggGrid):
+    """A coordinator that relays every advertised multiplier as ``relayed`` (or drops one node's)."""
+
+    relayed: object = 0.01
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            if P.SECAGG_NOISES in msg.content:
+                noises = {n: self.relayed for n in msg.content[P.SECAGG_NOISES]}
+                msg.content[P.SECAGG_NOISES] = ConfigRecord(noises)
+        return super().send_and_receive(messages, timeout)
+
+
+def test_the_coordinator_cannot_lower_an_institutions_noise(cfg, tmp_path, monkeypatch):
+    one_other(monkeypatch, "privacy.epsilon=2")
+    _, shares = round_zero(cfg, tmp_path, LoweringGrid(cfg, tmp_path))
+    own = [planned(2.0), planned(8.0), planned(8.0)]
+    assert shares == pytest.approx([z * STATISTICS_SENSITIVITY / math.sqrt(3) for z in own])
+    for pid, z in enumerate(own):
+        (entry,) = json.loads(ledger_file(tmp_path, pid).read_text())["entries"]
+        assert entry["noise_multiplier"] == pytest.approx(z)
+
+
+class EquivocatingGrid(SecAggGrid):
+    """A coordinator that shows the first institution the true multipliers and the others a roster in
+    which the first one advertised as they did (so they would add shares of their own, smaller noise)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            if P.SECAGG_NOISES in msg.content and msg.metadata.dst_node_id != NODES[0]:
+                noises = dict(msg.content[P.SECAGG_NOISES])
+                noises[str(NODES[0])] = noises[str(NODES[1])]
+                msg.content[P.SECAGG_NOISES] = ConfigRecord(noises)
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_coordinator_showing_institutions_different_multipliers_gets_no_sum(cfg, tmp_path, monkeypatch):
+    """The agreed sigma is bound into every key: the first institution (sigma of epsilon 2) and the
+    others (sigma of epsilon 8) cannot open each other's shares, so no sum with less noise than the
+    first one claims is unmasked."""
+    one_other(monkeypatch, "privacy.epsilon=2")
+    grid = EquivocatingGrid(cfg, tmp_path)
+    bench, _ = server_workbench(cfg)
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    assert secure_statistics(grid, strategy, as_record(adapter_state(bench.built.model)), cfg) is None
+    assert P.UNMASK not in grid.stages
+    masked = [r for r in grid.received if not r.has_error() and P.MASKED in r.content[P.ARRAYS]]
+    assert masked == []  # every institution refused the masked input: no masked vector left
+
+
+def test_a_malformed_relayed_multiplier_is_refused_in_one_line_and_nothing_is_charged(cfg, tmp_path):
+    grid = LoweringGrid(cfg, tmp_path)
+    grid.relayed = -1.0
+    bench, _ = server_workbench(cfg)
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    assert secure_statistics(grid, strategy, as_record(adapter_state(bench.built.model)), cfg) is None
+    for pid in range(len(NODES)):
+        assert not ledger_file(tmp_path, pid).exists()
+        last = (tmp_path / "audit" / f"client-{pid}-errors.log").read_text().strip().splitlines()[-1]
+        assert last.startswith("fedlora.common.errors.AdapterError: roster noise of node ")
+        assert last.endswith("noise multiplier -1.0, expected a finite number >= 0 (0: no DP noise)")
+
+
+def test_an_institution_without_dp_still_adds_its_share_of_the_peers_noise(cfg, tmp_path, monkeypatch):
+    """Privacy off, it advertises 0 and has no ledger, but its share keeps the sum at the peers' claim."""
+    one_other(monkeypatch, "privacy.enabled=false")
+    adverts, shares = round_zero(cfg, tmp_path, SecAggGrid(cfg, tmp_path))
+    assert adverts[NODES[0]] == 0.0
+    assert shares == pytest.approx([planned(8.0) * STATISTICS_SENSITIVITY / math.sqrt(3)] * 3)
+    assert not ledger_file(tmp_path, 0).exists()
