@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
-from benchmarks import PROG
-from benchmarks.stats_head import DELTA, HEAD_SCALE, SETS, exact_statistics, features, public_start, scored
+from benchmarks.stats_head import (
+    DELTA,
+    HEAD_SCALE,
+    exact_statistics,
+    feature_arguments,
+    features,
+    public_start,
+    scored,
+)
 from fedlora.client.statistics import gaussian_release
 from fedlora.common.accounting import calibrate_noise
 from fedlora.common.cli_support import report, run_cli
@@ -110,14 +116,7 @@ def table(name: str, scores: Scores, args: argparse.Namespace) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"{PROG} distributed_noise", description=__doc__.split("\n")[0])
-    ap.add_argument("--sets", nargs="+", choices=tuple(SETS), default=list(SETS))
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--institutions", type=int, default=10)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
-    cache = Path(tempfile.gettempdir()) / "fedlora-stats-head"
-    ap.add_argument("--cache", default=str(cache), help="stats_head's cached features")
+    ap = feature_arguments("distributed_noise", __doc__, seeds=5, epsilons=(2.0, 8.0))
     args = ap.parse_args(argv)
     if args.institutions < 1 or not all(math.isfinite(e) and e > 0 for e in args.epsilons):
         ap.error("--institutions must be >= 1 and every epsilon a positive number")

@@ -23,7 +23,6 @@ signal-to-noise (client.recipe.head_snr) of a median institution, for the thresh
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,15 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from benchmarks import PROG
-from benchmarks.stats_head import DELTA, HEAD_SCALE, exact_statistics, features, public_start, scored
+from benchmarks.stats_head import (
+    DELTA,
+    HEAD_SCALE,
+    exact_statistics,
+    feature_arguments,
+    features,
+    public_start,
+    scored,
+)
 from fedlora.client.head_rounds import clipped_gradient_sum
 from fedlora.client.recipe import Institution, head_noise, head_snr
 from fedlora.client.statistics import gaussian_release, noisy
@@ -182,18 +188,9 @@ def table(name: str, results: dict[str, list[tuple[float, float]]], rows: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"{PROG} head_rounds", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--sets", nargs="+", choices=("triage", "rating", "medmcqa"), default=["triage", "rating", "medmcqa"]
-    )
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--institutions", type=int, default=10)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
+    ap = feature_arguments("head_rounds", __doc__, seeds=3, epsilons=(2.0, 8.0))
     ap.add_argument("--rounds", type=int, nargs="+", default=[10, 30])
     ap.add_argument("--lrs", type=float, nargs="+", default=[2.0, 5.0, 20.0])
-    cache = Path(tempfile.gettempdir()) / "fedlora-stats-head"
-    ap.add_argument("--cache", default=str(cache), help="where features are kept (outside the repository)")
     args = ap.parse_args(argv)
 
     def body() -> None:

@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from benchmarks import PROG
-from benchmarks.stats_head import exact_statistics, features, gaussian, public_start, scored, table
+from benchmarks.stats_head import (
+    exact_statistics,
+    feature_arguments,
+    features,
+    gaussian,
+    public_start,
+    scored,
+    table,
+)
 from fedlora.client.statistics import person_weights
 from fedlora.common.accounting import calibrate_noise
 from fedlora.common.cli_support import report, run_cli
@@ -84,15 +90,7 @@ def run_set(name: str, args: argparse.Namespace) -> dict[str, list[tuple[float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"{PROG} person_stats", description=__doc__.split("\n")[0])
-    sets = ("triage", "rating", "medmcqa")
-    ap.add_argument("--sets", nargs="+", choices=sets, default=list(sets))
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--institutions", type=int, default=10)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
-    cache = Path(tempfile.gettempdir()) / "fedlora-stats-head"
-    ap.add_argument("--cache", default=str(cache), help="stats_head's cached features (outside the repo)")
+    ap = feature_arguments("person_stats", __doc__, seeds=3, epsilons=(2.0, 8.0))
     args = ap.parse_args(argv)
 
     def body() -> None:

@@ -228,15 +228,24 @@ def table(name: str, results: dict[str, list[tuple[float, float]]], rows: str) -
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"{PROG} stats_head", description=__doc__.split("\n")[0])
+def feature_arguments(
+    name: str, doc: str | None, seeds: int, epsilons: Sequence[float]
+) -> argparse.ArgumentParser:
+    """The options every benchmark on these cached features takes: sets, paired seeds, the
+    federation's split (institutions, Dirichlet alpha), epsilons and the features' cache."""
+    ap = argparse.ArgumentParser(prog=f"{PROG} {name}", description=(doc or name).split("\n")[0])
     ap.add_argument("--sets", nargs="+", choices=tuple(SETS), default=list(SETS))
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=seeds)
     ap.add_argument("--institutions", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    ap.add_argument("--epsilons", type=float, nargs="+", default=list(epsilons))
     cache = Path(tempfile.gettempdir()) / "fedlora-stats-head"
     ap.add_argument("--cache", default=str(cache), help="where features are kept (outside the repository)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = feature_arguments("stats_head", __doc__, seeds=3, epsilons=(2.0, 4.0, 8.0))
     args = ap.parse_args(argv)
 
     def body() -> None:
