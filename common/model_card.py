@@ -21,6 +21,7 @@ from fedlora.common import protocol as P
 from fedlora.common.adapter import CARD_FILE, METADATA_FILE, PEFT_CONFIG_FILE
 from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.errors import CheckpointError
+from fedlora.common.head_gradient import CLIP as HEAD_CLIP
 from fedlora.common.held_out import exported_round
 from fedlora.common.model import HUB_IDS
 from fedlora.common.scoring import RECALL, TOP_CLASS, TOP_SHARE
@@ -43,6 +44,8 @@ class Spend:
     noise_multipliers: tuple[float, ...] = ()
     sample_rates: tuple[float, ...] = ()
     steps: int | None = None
+    round_noise: tuple[tuple[int, float], ...] = ()
+    """Each ledger entry's round and noise multiplier."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class Records:
     local: bool
     statistics: str = ""
     """Round 0 (statistics first): what each institution released and at what epsilon; "" if none."""
+    head_rounds: str = ""
+    """The head rounds (client.head_rounds): what left each institution, at what noise; "" if none."""
+    lora_trained: bool = True
+    """Whether any reply of a round after round 0 trained LoRA (else only the head was trained)."""
 
 
 def _json(path: Path) -> Any:
@@ -85,6 +92,7 @@ def ledger_spend(path: Path, name: str) -> Spend:
             noise_multipliers=tuple(sorted({float(e["noise_multiplier"]) for e in entries})),
             sample_rates=tuple(sorted({float(e["sample_rate"]) for e in entries})),
             steps=sum(int(e["steps"]) for e in entries),
+            round_noise=tuple((int(e["round"]), float(e["noise_multiplier"])) for e in entries),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: not a privacy ledger ({type(err).__name__}: {err})") from None
@@ -154,6 +162,66 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
         released=[f"training {k} (privacy.release_metrics)" for k in released],
         local=False,
         statistics=statistics_statement(history, meta["config"].get("data", {}).get("privacy_unit")),
+        head_rounds=head_rounds_statement(history, spends, meta["config"]["privacy"]["max_grad_norm"]),
+        lora_trained=lora_trained(history),
+    )
+
+
+def _head_replies(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A round's head-round replies in its history entry: a head reply carries no row count."""
+    return [c for c in entry.get("clients", []) if P.NUM_EXAMPLES not in c]
+
+
+def lora_trained(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any reply after round 0 took a LoRA step (not a head round, not statistics only)."""
+    return any(
+        P.NUM_EXAMPLES in c and float(c.get(P.STEPS, 0)) > 0
+        for e in history
+        if int(e.get("round", 0)) > 0
+        for c in e.get("clients", [])
+    )
+
+
+def head_rounds_statement(
+    history: Sequence[Mapping[str, Any]], spends: Sequence[Spend], clip: float | None
+) -> str:
+    """The head rounds in one paragraph, from what the coordinator received (each head reply's
+    epsilon and noise std, in the history) and, where it holds them (a simulation), the ledgers'
+    noise multipliers for those rounds; ``clip``: the run's privacy.max_grad_norm (None: the
+    planner's head clip, common.head_gradient.CLIP)."""
+    rounds = sorted(int(e["round"]) for e in history if int(e.get("head_gradients", 0)) > 0)
+    replies = [c for e in history if int(e["round"]) in rounds for c in _head_replies(e)]
+    if not replies:
+        return ""
+    noise = sorted(float(c[P.NOISE_STD]) for c in replies)
+    shown = ", ".join(str(r) for r in rounds)
+    line = (
+        f"- head rounds: in {len(rounds)} round{'s' if len(rounds) > 1 else ''} ({shown}) the recipe planner "
+        f"chose head rounds ({len(replies)} replies in all): DP-SGD of LoRA would add nothing measurable, so "
+        "LoRA was not trained in them. Each round, each institution sent one vector: the sum over all its "
+        "rows (sample rate 1) of each row's gradient of the cross-entropy with respect to the "
+        "classification head, clipped to L2 norm C, plus Gaussian noise of std sigma x C "
+        f"(noise std {noise[0]:.3g} to {noise[-1]:.3g}), with its epsilon and no row count; the server "
+        "divided the sum by round 0's released counts and took one SGD step of the head."
+    )
+    if noise[-1] == 0:
+        return f"{line} No noise: privacy was off, the exact clipped sums left."
+    planned = f"{clip:g}" if clip is not None else f"{HEAD_CLIP:g} (the planner's head clip)"
+    sigmas = sorted({m for s in spends if s.round_noise for r, m in s.round_noise if r in rounds})
+    if sigmas:
+        mechanism = (
+            f"At noise multiplier sigma {_rates(sigmas)} (the ledgers' entries for these rounds), "
+            f"clip C {planned}"
+        )
+    else:
+        mechanism = (
+            "The noise multiplier sigma and clip C are each institution's own (its ledger; the planner's "
+            f"head clip is {HEAD_CLIP:g}): the coordinator receives only their product, the noise std above"
+        )
+    return (
+        f"{line} {mechanism}. Each head round is charged in the institution's ledger before a row is "
+        "read, as one DP-SGD step at sample rate 1 at the noise of round 0's release, and composed with "
+        "round 0 by its accountant: the epsilons below cover them."
     )
 
 
@@ -276,7 +344,11 @@ def _privacy_lines(rec: Records) -> list[str]:
             "- privacy unit: one row (example) of an institution's data. A person with k rows in one "
             "institution's data is protected at about k times that institution's epsilon (group privacy).",
             "- mechanism: DP-SGD with Opacus (Poisson sampling, per-example gradient clipping, Gaussian "
-            "noise on the sum), run by each institution on its own data before its update leaves.",
+            "noise on the sum), run by each institution on its own data before its update leaves."
+            if rec.lora_trained or not rec.head_rounds
+            else "- mechanism: no DP-SGD step of LoRA ran; the Gaussian mechanism on round 0's statistics "
+            "and on the head rounds' clipped gradient sums (below), run by each institution before its "
+            "release left.",
         ]
     else:
         cap = rec.meta["config"]["data"].get("max_rows_per_unit")
@@ -289,6 +361,8 @@ def _privacy_lines(rec: Records) -> list[str]:
         ]
     if rec.statistics:
         lines.append(rec.statistics)
+    if rec.head_rounds:
+        lines.append(rec.head_rounds)
     if from_ledgers:
         clip = privacy["max_grad_norm"]
         each = "per-example" if unit is None else "per-person"
@@ -346,6 +420,11 @@ def _not_covered(rec: Records) -> list[str]:
             f"- what every reply carries in the clear: {', '.join(P.TRAIN_REQUIRED)} (counts and settings, "
             "not computed from the rows' content beyond their number).",
         ]
+        if rec.head_rounds:
+            lines.append(
+                f"- what a head round's reply carries in the clear: {', '.join(P.HEAD_REQUIRED)} "
+                "(no row count)."
+            )
         if rec.released:
             lines.append(f"- statistics sent in the clear, outside the guarantee: {', '.join(rec.released)}.")
         else:

@@ -78,9 +78,11 @@ def test_card_of_a_simulated_run_states_each_institutions_ledger_epsilon(simulat
         "privacy unit: one row",
         "LoRA rank 8",
         "training statistics in the clear: none",
+        "- mechanism: DP-SGD with Opacus",
     ):
         assert fact in card
     assert "| accuracy |" in card  # the central evaluation, before and after
+    assert "head round" not in card  # its institutions trained LoRA (examples_per_round uncapped)
 
 
 def test_a_run_folders_adapter_names_its_base_and_predicts(simulated):
@@ -141,6 +143,41 @@ def test_deployment_card_states_what_each_node_reported_and_metrics_in_the_clear
     assert "training loss (privacy.release_metrics)" in card
     assert "| loss | 1.2000 | 1.0500 |" in card
     assert "LoRA rank 4, alpha 8 (scale 2)" in card
+    assert "head round" not in card
+    no_placeholder(card)
+
+
+def head_reply(node: int, epsilon: float, noise_std: float) -> dict:
+    """A head round's line in the history: the reply's metrics, no row count."""
+    return {"node": node, "epsilon": epsilon, "steps": 1.0, "train-seconds": 0.2, "noise-std": noise_std}
+
+
+def test_deployment_card_states_the_head_rounds_from_what_the_coordinator_received(tmp_path):
+    statistics = {"epsilon": 2.0, "noise-std": 1.5, "num-examples": 0.0, "steps": 1.0}
+    history = [
+        {"round": 0, "clients": [{"node": 11, **statistics}, {"node": 22, **statistics}]},
+        *[
+            {
+                "round": r,
+                "clients": [head_reply(11, 2 + r, 0.9), head_reply(22, 2 + r, 1.2)],
+                "head_gradients": 2,
+            }
+            for r in (1, 2, 3)
+        ],
+    ]
+    card = write_model_card(deployment_run(tmp_path, history)).read_text()
+    for fact in (
+        "- head rounds: in 3 rounds (1, 2, 3) the recipe planner chose head rounds (6 replies in all)",
+        "so LoRA was not trained in them",
+        "(noise std 0.9 to 1.2), with its epsilon and no row count",
+        "The noise multiplier sigma and clip C are each institution's own (its ledger; the planner's head "
+        "clip is 1): the coordinator receives only their product",
+        "the epsilons below cover them",
+        "- mechanism: no DP-SGD step of LoRA ran",
+        "- what a head round's reply carries in the clear: epsilon, steps, train-seconds, noise-std (no row",
+        "| node 11 | 5.0000 | its own |",
+    ):
+        assert fact in card, fact
     no_placeholder(card)
 
 
