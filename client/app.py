@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.client.audit import audit_mod
 from fedlora.client.failures import FingerprintMismatch, failure_mod
-from fedlora.client.head_rounds import head_round
+from fedlora.client.head_rounds import HeadRound, head_round
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.client.secure_statistics import secure_statistics
 from fedlora.client.statistics import release_statistics
@@ -79,7 +79,8 @@ log = logging.getLogger("fedlora.client")
 
 class RoundObserver(Protocol):
     """The seam a caller of the ClientApp may hook into one training message: the rows it trains on,
-    a gradient hook on its trainer, and the update it sends (before it leaves)."""
+    a gradient hook on its trainer, and the update it sends (before it leaves); in a head round, the
+    round's release with its exact clipped sum (which never leaves) and the clip it was made at."""
 
     def rows(
         self, train: TokenizedDataset, cfg: FedloraConfig, model: nn.Module, vocab_size: int, labels: int
@@ -88,6 +89,10 @@ class RoundObserver(Protocol):
     def gradient_hook(self, trainer: LocalTrainer) -> GradientHook | None: ...
 
     def sent(self, update: State, ledger: PrivacyLedger | None, server_round: int) -> None: ...
+
+    def head_sent(
+        self, released: HeadRound, clip: float, ledger: PrivacyLedger | None, server_round: int
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -377,6 +382,8 @@ def head_update(
     log.info(
         "round %d: head round over %d rows (noise std %.4g)", server_round, len(train), released.noise_std
     )
+    if setup.observer is not None:
+        setup.observer.head_sent(released, clip, ledger, server_round)
     metrics = HeadMetrics(
         epsilon=released.entry.epsilon if released.entry is not None else 0.0,
         steps=1,

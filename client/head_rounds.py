@@ -13,7 +13,7 @@ The noise std is a parameter, so that under secure aggregation each institution 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from opacus import GradSampleModule
@@ -30,11 +30,14 @@ from fedlora.common.model import HEAD
 
 @dataclass(frozen=True)
 class HeadRound:
-    """What a head round releases: the noisy gradient sum (flat), its noise std and the ledger entry."""
+    """What a head round releases: the noisy gradient sum (flat), its noise std and the ledger entry;
+    and the exact clipped sum, which stays here (the reply carries ``vector`` alone; a simulation's
+    audit observer reads it to measure the noise added: simulations.canary_rounds)."""
 
     vector: Tensor
     noise_std: float
     entry: LedgerEntry | None
+    exact: Tensor = field(repr=False)
 
 
 def head_parameters(model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -93,4 +96,4 @@ def head_round(
     features, labels = pooled_features(model, data, device, batch_size)
     weight, bias = (t.detach().to("cpu", torch.float32) for t in head_parameters(model))
     summed = clipped_gradient_sum(features, labels, weight, bias, clip)
-    return HeadRound(noisy(summed, noise_std, generator), noise_std, entry)
+    return HeadRound(noisy(summed, noise_std, generator), noise_std, entry, summed)

@@ -31,6 +31,7 @@ from fedlora.client.canaries import (
     new_spec,
     with_input_canaries,
 )
+from fedlora.client.head_rounds import HeadRound
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.noise_probe import round_noise
 from fedlora.client.trainer import LocalTrainer
@@ -79,7 +80,7 @@ def record_round(
         RELEASED: hook.released.detach().double().cpu(),
         ROWS: hook.rows.detach().double().cpu(),
         SENT: flatten(spec, sent).double(),
-        NOISE: torch.tensor([float(getattr(measured, f)) for f in NOISE_FIELDS], dtype=torch.float64),
+        NOISE: noise_tensor(measured),
     }
     total = recorded_sums(plan)
     summed = {k: v + total[k] for k, v in rounds.items()} if total is not None else rounds
@@ -102,10 +103,54 @@ def recorded_sums(plan: CanaryPlan) -> dict[str, torch.Tensor] | None:
     return sums
 
 
+def head_noise_file(canaries: Path) -> Path:
+    """Where the head rounds' noise sums of the institution whose canary file is ``canaries`` live."""
+    return canaries.with_suffix(".head-noise.safetensors")
+
+
+def head_round_noise(released: HeadRound, clip: float, ledger: PrivacyLedger, server_round: int) -> NoiseSums:
+    """The noise a head round added (its release less its exact clipped sum), against sigma x C with
+    the sigma the ledger records for the round (never the release's own noise std, which is what is
+    being checked)."""
+    entries = [e for e in ledger.entries if e.round == server_round]
+    if not entries:
+        raise ValueError(f"the ledger records no round {server_round}, yet a head round released a sum")
+    added = released.vector.double() - released.exact.double()
+    return NoiseSums.of(float(added @ added), added.numel(), entries[-1].noise_multiplier * clip)
+
+
+def record_head_round(path: Path, noise: NoiseSums) -> None:
+    """Add a head round's noise sums to the institution's running ones (``head_noise_file``)."""
+    total = recorded_head_noise(path)
+    summed = noise + total if total is not None else noise
+    write_durably(path, save_tensors({NOISE: noise_tensor(summed)}))
+
+
+def recorded_head_noise(path: Path) -> NoiseSums | None:
+    """The head rounds' noise sums over the institution's rounds; None before its first."""
+    if not path.exists():
+        return None
+    try:
+        values = load_tensors(path.read_bytes())[NOISE]
+    except (SafetensorError, KeyError) as err:
+        raise ConfigError(f"{path}: not a readable file of head-round noise sums ({err})") from None
+    return noise_sums(values)
+
+
 def recorded_noise(sums: dict[str, torch.Tensor]) -> NoiseSums:
     """The noise check's sums over the recorded rounds."""
-    values = sums[NOISE].tolist()
-    return NoiseSums(values[0], int(values[1]), values[2], values[3])
+    return noise_sums(sums[NOISE])
+
+
+def noise_tensor(noise: NoiseSums) -> torch.Tensor:
+    """A NoiseSums as the tensor the sums files keep (NOISE_FIELDS in order)."""
+    return torch.tensor([float(getattr(noise, f)) for f in NOISE_FIELDS], dtype=torch.float64)
+
+
+def noise_sums(values: torch.Tensor) -> NoiseSums:
+    """The NoiseSums of a ``noise_tensor``."""
+    statistic, samples, squares, calibrated = values.tolist()
+    return NoiseSums(statistic, int(samples), squares, calibrated)
 
 
 @dataclass
@@ -134,3 +179,11 @@ class CanaryRound:
             return
         noise = round_noise(self.hook.noise, ledger, server_round) if self.hook.noise is not None else None
         record_round(self.plan, self.hook.spec, self.hook, update, noise)
+
+    def head_sent(
+        self, released: HeadRound, clip: float, ledger: PrivacyLedger | None, server_round: int
+    ) -> None:
+        if ledger is not None:  # without DP the exact sum leaves: no noise to check
+            record_head_round(
+                head_noise_file(self.plan.path), head_round_noise(released, clip, ledger, server_round)
+            )

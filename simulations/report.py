@@ -22,6 +22,7 @@ from fedlora.common.held_out import exported_round
 from fedlora.common.model_card import ADAPTER_DIR
 from fedlora.common.scoring import MACRO_F1, TOP_CLASS, TOP_SHARE
 from fedlora.server.history import client_names, summarise_round
+from fedlora.simulations.head_round_audit import HeadRoundAudit
 from fedlora.simulations.run import CONFIG_FILE
 from fedlora.simulations.secure_sum_audit import SumAudit
 
@@ -188,10 +189,12 @@ def write_report(run_dir: Path, history: list[dict], title: str, extra: str = ""
     return path
 
 
-def audit_section(audits: list, summed: SumAudit | None = None) -> str:
+def audit_section(
+    audits: list, summed: SumAudit | None = None, heads: list[HeadRoundAudit] | None = None
+) -> str:
     """The report's "Audit" section: per institution, the ledger's claim beside the measured lower
     bounds and what the canaries could prove at most (ceiling); under secure aggregation, the check
-    of round 0's summed noise (``summed``)."""
+    of round 0's summed noise (``summed``); the check of the head rounds' noise (``heads``)."""
     lines = [
         "## Audit",
         "",
@@ -234,7 +237,31 @@ def audit_section(audits: list, summed: SumAudit | None = None) -> str:
         lines.append("")
     if summed is not None:
         lines += [*secure_sum_lines(summed), ""]
+    if heads:
+        lines += [*head_round_lines(heads), ""]
     return "\n".join(lines)
+
+
+def head_round_lines(audits: list[HeadRoundAudit]) -> list[str]:
+    """What the audit of the head rounds checked, and what it cannot test."""
+    lines = [
+        "Head rounds: each institution sent one noisy, clipped gradient sum of the head a round. Its "
+        "noise (the release less the exact clipped sum, handed over inside the simulation only) is "
+        "checked against the ledger's sigma x C, a one-sided chi-square test. No canary membership test "
+        "covers them: white-box canaries live in the LoRA gradients, which head rounds do not train, and "
+        "an institution answering only head rounds has no canary bound above.",
+        "",
+        "| institution | values | measured std | calibrated std | ratio (interval) | p-value | passed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for audit in audits:
+        n = audit.check
+        lines.append(
+            f"| client-{audit.client} | {n.samples:,} | {n.measured_std:.4g} | {n.calibrated_std:.4g} | "
+            f"{n.ratio:.4f} ({n.ratio_interval[0]:.3f}, {n.ratio_interval[1]:.3f}) | {n.p_value:.3g} | "
+            f"{'yes' if n.passed else 'NO'} |"
+        )
+    return lines
 
 
 def secure_sum_lines(audit: SumAudit) -> list[str]:

@@ -27,9 +27,15 @@ class Crash(Exception):
 class InProcessGrid:
     """Nodes whose ClientApp runs here: node ``NODES[i]`` serves partition ``i``."""
 
-    def __init__(self, cfg: FedloraConfig, run_dir: Path, crash_in_round: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: FedloraConfig,
+        run_dir: Path,
+        crash_in_round: int | None = None,
+        canaries: tuple[int, int] | None = None,
+    ) -> None:
         self.setups = {
-            node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}))
+            node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}), canaries)
             for i, node in enumerate(NODES)
         }
         self.crash_in_round = crash_in_round
@@ -49,6 +55,12 @@ class InProcessGrid:
         return replies
 
 
-def run(cfg: FedloraConfig, run_dir: Path, crash_in_round: int | None = None) -> None:
-    grid = InProcessGrid(cfg, run_dir, crash_in_round)
+def run(
+    cfg: FedloraConfig,
+    run_dir: Path,
+    crash_in_round: int | None = None,
+    canaries: tuple[int, int] | None = None,
+) -> None:
+    """``canaries``: each node's (white-box, black-box) audit canaries, as ``fedlora-simulate --audit``."""
+    grid = InProcessGrid(cfg, run_dir, crash_in_round, canaries)
     run_server(grid, ServerSettings(cfg=cfg, run_dir=run_dir, num_clients=len(NODES)))
