@@ -261,7 +261,13 @@ def head_round_lines(audits: list[HeadRoundAudit]) -> list[str]:
             f"{n.ratio:.4f} ({n.ratio_interval[0]:.3f}, {n.ratio_interval[1]:.3f}) | {n.p_value:.3g} | "
             f"{'yes' if n.passed else 'NO'} |"
         )
-    return lines
+    weakest = max(audits, key=lambda a: a.check.detectable_ratio).check
+    return [
+        *lines,
+        "",
+        f"Power: {weakest.samples:,} values (the fewest of any institution) catch a std ratio below "
+        f"{weakest.detectable_ratio:.3f} (probability 0.999); a smaller shortfall passes.",
+    ]
 
 
 def secure_sum_lines(audit: SumAudit) -> list[str]:

@@ -95,7 +95,9 @@ def test_a_head_round_run_states_them_in_its_card_and_passes_the_noise_check(tmp
         assert audit.check.calibrated_std == pytest.approx(sigma * CLIP)  # the ledger's sigma x C
     require_head_noise(audits, run_dir / RESULT_FILE)  # passes: no error
     assert json.loads((run_dir / RESULT_FILE).read_text())[0]["check"]["passed"] is True
-    assert "No canary membership test covers them" in audit_section([], None, audits)
+    section = audit_section([], None, audits)
+    assert "No canary membership test covers them" in section
+    assert f"Power: {ROUNDS * length(len(LABELS), WIDTH)} values" in section
 
 
 def test_head_rounds_that_add_no_noise_fail_the_audit_in_one_line(tmp_path, monkeypatch):
