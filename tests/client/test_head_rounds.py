@@ -61,7 +61,7 @@ def independent(history, delta):
     return accountant.get_epsilon(delta=delta)
 
 
-def head_config(make_config, tmp_path, peers: int = 100):
+def head_config(make_config, tmp_path, peers: int = 400):
     """tiny-bert with many peers and a compute cap that leaves LoRA a few rows a step: the planner's
     LoRA signal-to-noise is below its threshold, the head's clears its own."""
     return make_config(

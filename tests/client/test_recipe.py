@@ -243,20 +243,20 @@ MINILM_HEAD = 385  # values of one MiniLM head row: 384 weights and a bias
 
 
 def test_where_lora_adds_nothing_many_rows_get_head_rounds_and_few_the_statistics_only_each_saying_why():
-    """A MedMCQA-sized institution (768 rows, 18 subjects, 10 peers) cannot make LoRA's 80k values
-    out of the noise, but the head's averaged gradient clears MIN_HEAD_SNR: head rounds, one noise
+    """An institution of ten times MedMCQA's rows (7,680, 18 subjects, 10 peers) cannot make LoRA's
+    80k values out of the noise, but the head's averaged gradient clears MIN_HEAD_SNR: head rounds, one noise
     for the release and every round (R + 1 steps at sample rate 1 spend epsilon, re-derived by an
     accountant of our own), every row a round, the head's clip. A 53-row hospital does not: statistics
     only, with both signal-to-noise figures in its reason."""
-    many, _ = planned(768, 18, 8.0, trainable=80_000, peers_per_round=10, head_values=18 * MINILM_HEAD)
+    many, _ = planned(7680, 18, 8.0, trainable=80_000, peers_per_round=10, head_values=18 * MINILM_HEAD)
     assert many.fine_tune.value is False and "DP-SGD of LoRA would add nothing" in many.fine_tune.reason
     assert many.head_rounds.value, many.head_rounds.reason
-    assert f">= {R.MIN_HEAD_SNR:g}" in many.head_rounds.reason and "768 rows" in many.head_rounds.reason
+    assert f">= {R.MIN_HEAD_SNR:g}" in many.head_rounds.reason and "7680 rows" in many.head_rounds.reason
     sigma = calibrate_noise(8.0, DELTA, "rdp", 1.0, ROUNDS + 1)
     assert many.statistics_noise.value == many.noise_multiplier.value == sigma
     assert many.calibration(ROUNDS) == (1.0, ROUNDS + 1, ())
     assert composed([(sigma, 1.0, ROUNDS + 1)]) == pytest.approx(8.0, abs=0.02)
-    assert (many.batch_size.value, many.sample_rate.value, many.local_steps.value) == (768, 1.0, 0)
+    assert (many.batch_size.value, many.sample_rate.value, many.local_steps.value) == (7680, 1.0, 0)
     assert many.max_grad_norm.value == 1.0
     few, _ = planned(53, 8, 8.0, trainable=80_000, peers_per_round=10, head_values=8 * MINILM_HEAD)
     assert few.fine_tune.value is False and few.head_rounds.value is False
@@ -277,9 +277,9 @@ def test_a_person_level_institution_gets_no_head_rounds_which_clip_rows():
             "privacy": {"epsilon": 8.0, "delta": DELTA, "planned_rounds": ROUNDS, "accountant": "rdp"},
         }
     )
-    rows = R.facts(cfg, 768, 18, trainable=80_000, head_values=18 * MINILM_HEAD)
+    rows = R.facts(cfg, 7680, 18, trainable=80_000, head_values=18 * MINILM_HEAD)
     assert R.plan(rows, cfg).head_rounds.value
-    persons = R.facts(cfg, 768, 18, 700, 768 / 700, trainable=80_000, head_values=18 * MINILM_HEAD)
+    persons = R.facts(cfg, 7680, 18, 7000, 7680 / 7000, trainable=80_000, head_values=18 * MINILM_HEAD)
     recipe = R.plan(persons, cfg)
     assert recipe.head_rounds.value is False and "not each person's" in recipe.head_rounds.reason
     assert recipe.local_steps.value == 0 and recipe.calibration(ROUNDS) == (1.0, 1, ())
