@@ -328,7 +328,10 @@ def train_update(msg: Message, setup: ClientSetup, built: BuiltModel, dtype: str
             steps=0,
             train_seconds=0.0,
         )
-        return train_reply(delta({k: start[k] for k in keys}, start), empty, built.fingerprint, dtype)
+        # The plan is a pure function of the config and counts: no later round trains either, and
+        # the reply says so (P.STATISTICS_ONLY), so a coordinator whose every institution says it stops.
+        update = delta({k: start[k] for k in keys}, start)
+        return train_reply(update, empty, built.fingerprint, dtype, P.STATISTICS_ONLY)
     seed = party_seed(cfg, setup.client_id, server_round)
     device = device_for(cfg.training.device)
     trainer = LocalTrainer(cfg, built.model, train, device, ledger, seed=seed, planned=planned)

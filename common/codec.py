@@ -99,18 +99,26 @@ class TrainReply:
     fingerprint: str
     metrics: TrainMetrics
     update: State = field(repr=False)
+    plan: str | None = None
+    """Why an empty update trained nothing (P.PLAN): P.STATISTICS_ONLY, or None (no reason given)."""
 
 
 def train_reply(
-    update: Mapping[str, torch.Tensor], metrics: TrainMetrics, fingerprint: str, wire_dtype: str = "fp32"
+    update: Mapping[str, torch.Tensor],
+    metrics: TrainMetrics,
+    fingerprint: str,
+    wire_dtype: str = "fp32",
+    plan: str | None = None,
 ) -> RecordDict:
     """The content of a train reply; AdapterError if it holds what a coordinator must refuse
-    (TrainingDiverged for a non-finite update).
+    (TrainingDiverged for a non-finite update). ``plan``: why an update of no steps trained nothing
+    (P.STATISTICS_ONLY: the institution's plan trains in no round after round 0), in its config.
 
     A loss that is NaN (no step produced one) is left out, as an absent statistic."""
     if metrics.loss is not None and math.isnan(metrics.loss):
         metrics = replace(metrics, loss=None)
-    _train_metrics(MetricRecord(metrics.values()))
+    config = {P.FINGERPRINT: fingerprint} if plan is None else {P.FINGERPRINT: fingerprint, P.PLAN: plan}
+    _train_plan(config, _train_metrics(MetricRecord(metrics.values())))
     bad = non_finite(update)
     if bad:
         raise TrainingDiverged(
@@ -121,7 +129,7 @@ def train_reply(
         {
             P.ARRAYS: to_record(update, wire_dtype),
             P.METRICS: MetricRecord(metrics.values()),
-            P.CONFIG: ConfigRecord({P.FINGERPRINT: fingerprint}),
+            P.CONFIG: ConfigRecord(config),
         }
     )
 
@@ -147,7 +155,9 @@ def parse_statistics_reply(
     content: RecordDict, fingerprint: str, classes: int, width: int
 ) -> StatisticsReply:
     """A statistics reply for ``classes`` x ``width`` sums, or AdapterError naming the first thing wrong."""
-    metrics = _train_structure(content)
+    metrics, plan = _train_structure(content)
+    if plan is not None:
+        raise AdapterError(f"config {P.PLAN!r}: a statistics reply is round 0's release, not an empty update")
     theirs = content[P.CONFIG][P.FINGERPRINT]
     if theirs != fingerprint:
         raise AdapterError(f"fingerprint {theirs!r} is not the federation's {fingerprint}")
@@ -423,7 +433,7 @@ def evaluate_reply(metrics: EvaluateMetrics) -> RecordDict:
 
 def parse_train_reply(content: RecordDict, rules: ReplyRules) -> TrainReply:
     """A train reply checked against ``rules``, or AdapterError naming the first thing wrong."""
-    metrics = _train_structure(content)
+    metrics, plan = _train_structure(content)
     theirs = content[P.CONFIG][P.FINGERPRINT]
     if theirs != rules.fingerprint:
         raise AdapterError(f"fingerprint {_shown(theirs)} is not the federation's {rules.fingerprint}")
@@ -432,7 +442,7 @@ def parse_train_reply(content: RecordDict, rules: ReplyRules) -> TrainReply:
         key: tuple(metrics.lora_r if dim is None else dim for dim in shape)
         for key, shape in rules.shapes.items()
     }
-    return TrainReply(theirs, metrics, decode_arrays(content[P.ARRAYS], shapes))
+    return TrainReply(theirs, metrics, decode_arrays(content[P.ARRAYS], shapes), plan)
 
 
 def parse_evaluate_reply(content: RecordDict) -> EvaluateMetrics:
@@ -512,15 +522,32 @@ def _payload(key: str, array: Array, shape: tuple[int, ...], dtypes: tuple[str, 
     return np.frombuffer(data, dtype=dtype, offset=buffer.tell()).reshape(shape)
 
 
-def _train_structure(content: RecordDict) -> TrainMetrics:
-    """A train reply's records, its config record (the fingerprint alone) and its metrics."""
+def _train_structure(content: RecordDict) -> tuple[TrainMetrics, str | None]:
+    """A train reply's records, its config record (the fingerprint, and for an empty update perhaps
+    why: P.PLAN), its metrics, and that reason (None: none given)."""
     _check_records(content, {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.CONFIG: ConfigRecord})
-    config = content[P.CONFIG]
-    if set(config) != {P.FINGERPRINT}:
+    metrics = _train_metrics(content[P.METRICS])
+    return metrics, _train_plan(content[P.CONFIG], metrics)
+
+
+def _train_plan(config: Mapping[str, object], metrics: TrainMetrics) -> str | None:
+    """A train reply's config: the fingerprint, and P.PLAN only as P.STATISTICS_ONLY on a reply of no
+    steps (a coordinator stops a federation on it: a reply that trained cannot claim it)."""
+    if set(config) - {P.PLAN} != {P.FINGERPRINT}:
         raise AdapterError(
-            f"config record: keys {_shown(sorted(config))}, expected exactly [{P.FINGERPRINT!r}]"
+            f"config record: keys {_shown(sorted(config))}, expected [{P.FINGERPRINT!r}] and perhaps "
+            f"{P.PLAN!r}"
         )
-    return _train_metrics(content[P.METRICS])
+    plan = config.get(P.PLAN)
+    if plan is None:
+        return None
+    if plan != P.STATISTICS_ONLY:
+        raise AdapterError(f"config {P.PLAN!r}: {_shown(plan)}, expected {P.STATISTICS_ONLY!r}")
+    if metrics.steps != 0:
+        raise AdapterError(
+            f"config {P.PLAN!r}: {P.STATISTICS_ONLY!r} on a reply of {metrics.steps} steps, expected 0"
+        )
+    return P.STATISTICS_ONLY
 
 
 def _check_records(content: RecordDict, expected: Mapping[str, type]) -> None:

@@ -54,7 +54,8 @@ class Records:
 
     meta: dict[str, Any]
     peft: dict[str, Any]
-    rounds: int
+    rounds: str
+    """The rounds run, and where the federation ended early by design, of how many and why."""
     institutions: int
     aggregation: str
     evaluation: list[tuple[str, str, str]]  # metric, before, after
@@ -68,6 +69,8 @@ class Records:
     """The head rounds (client.head_rounds): what left each institution, at what noise; "" if none."""
     lora_trained: bool = True
     """Whether any reply of a round after round 0 trained LoRA (else only the head was trained)."""
+    no_training: bool = False
+    """Whether an institution answered a round saying its plan trains nothing after round 0."""
 
 
 def _json(path: Path) -> Any:
@@ -127,6 +130,7 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
     meta = _json(adapter_dir / METADATA_FILE)
     history = _json(run_dir / HISTORY_FILE)
     rounds = max((int(e.get("round", 0)) for e in history), default=0)
+    ran = rounds_statement(history, int(meta.get("rounds", rounds)))
     nodes = {int(c["node"]) for e in history for c in [*e.get("clients", []), *e.get("dropped", [])]}
     ledgers = sorted((run_dir / LEDGERS_DIR).glob("*.json"))
     spends = [ledger_spend(p, p.stem) for p in ledgers] or reported_spends(history)
@@ -147,7 +151,7 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
     return Records(
         meta=meta,
         peft=_json(adapter_dir / PEFT_CONFIG_FILE),
-        rounds=rounds,
+        rounds=ran,
         institutions=max(len(nodes), len(ledgers)),
         aggregation=f"{fed['aggregator']} (LoRA aggregator) under the {fed['strategy']} strategy",
         evaluation=evaluation,
@@ -164,6 +168,26 @@ def _run_records(run_dir: Path, adapter_dir: Path) -> Records:
         statistics=statistics_statement(history, meta["config"].get("data", {}).get("privacy_unit")),
         head_rounds=head_rounds_statement(history, spends, meta["config"]["privacy"]["max_grad_norm"]),
         lora_trained=lora_trained(history),
+        no_training=any(e.get("no_training") for e in history),
+    )
+
+
+def ended_after(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The history entry of the round after which the federation ended early by design (its
+    ``ended_early`` says why: server.app.end_if_nothing_trains), None where it ran every round."""
+    return next((e for e in history if e.get("ended_early")), None)
+
+
+def rounds_statement(history: Sequence[Mapping[str, Any]], planned: int) -> str:
+    """The rounds a federation ran (the last in its history); where it ended early by design, of the
+    ``planned`` and why, so a reader does not take the missing rounds for a failure."""
+    ran = max((int(e.get("round", 0)) for e in history), default=0)
+    ended = ended_after(history)
+    if ended is None:
+        return str(ran)
+    return (
+        f"{ran} of {planned} planned: the federation ended after round {ended['round']} by design, as "
+        f"{ended['ended_early']}; no later round could change the model"
     )
 
 
@@ -279,7 +303,7 @@ def _local_records(out_dir: Path, adapter_dir: Path) -> Records:
     return Records(
         meta=meta,
         peft=_json(adapter_dir / PEFT_CONFIG_FILE),
-        rounds=len(rows),
+        rounds=str(len(rows)),
         institutions=1,
         aggregation="none: trained by one institution alone (fedlora-client train-local)",
         evaluation=evaluation,
@@ -420,6 +444,12 @@ def _not_covered(rec: Records) -> list[str]:
             f"- what every reply carries in the clear: {', '.join(P.TRAIN_REQUIRED)} (counts and settings, "
             "not computed from the rows' content beyond their number).",
         ]
+        if rec.no_training:
+            lines.append(
+                f"- what an institution that planned statistics only answered the rounds after round 0: "
+                f"an empty update, steps 0 and {P.PLAN} {P.STATISTICS_ONLY} (its planner's decision, from "
+                "counts and the budget)."
+            )
         if rec.head_rounds:
             lines.append(
                 f"- what a head round's reply carries in the clear: {', '.join(P.HEAD_REQUIRED)} "

@@ -26,6 +26,13 @@ STATISTICS_SENSITIVITY = math.sqrt(2.0)
 # head-gradient sum as a flat vector (common.head_gradient); no row count, no rank, no scale
 HEAD_GRADIENT = "head-gradient"
 
+# an empty train reply's config may say why it trained nothing (PLAN): STATISTICS_ONLY, the institution's
+# plan trains nothing in any round after round 0 (client.recipe: no LoRA steps, no head rounds; its whole
+# budget went to round 0's statistics), so a coordinator whose every institution says so stops the
+# federation (server.app.end_if_nothing_trains); absent: no reason given
+PLAN = "fedlora-plan"
+STATISTICS_ONLY = "statistics-only"
+
 # round 0 under secure aggregation (federation.secure_aggregation): the statistics message's stage of the
 # protocol (common.secure_aggregation), one Grid exchange each, in this order
 SECAGG_STAGE = "fedlora-secagg-stage"

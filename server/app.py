@@ -22,7 +22,7 @@ from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import CheckpointError, ConfigError, FedloraError
 from fedlora.common.held_out import VALIDATION, best_round, exported_round, split_held_out
 from fedlora.common.model import BuiltModel, device_for
-from fedlora.common.model_card import write_model_card
+from fedlora.common.model_card import ended_after, write_model_card
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import Workbench, prepare
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -253,6 +253,8 @@ def run_rounds(
         strategy.summary()
         after_round.before_first(arrays)
     for server_round in range(start.done + 1, after_round.rounds + 1):
+        if ended_early(after_round.history, after_round.rounds):
+            break
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         aggregated, _ = strategy.aggregate_train(
             server_round, grid.send_and_receive(messages, timeout=timeout)
@@ -264,8 +266,40 @@ def run_rounds(
             if messages
             else None
         )
+        end_if_nothing_trains(strategy, grid, server_round, after_round.rounds)
         after_round(server_round, arrays, federated)
     return arrays
+
+
+NOTHING_TRAINS = "every institution planned no training after round 0 (statistics only)"
+
+
+def end_if_nothing_trains(strategy: LoraStrategy, grid: Grid, server_round: int, rounds: int) -> None:
+    """Mark the round's log as the federation's last (before the after-round step checkpoints it)
+    when every connected node answered it with an empty update whose plan trains in no later round
+    (P.STATISTICS_ONLY: the whole budget went to round 0's statistics): the rounds left could not
+    change the model. Not when any node trained, sent a head gradient, failed or was refused (a budget
+    refusal among them), gave no reason, or was not asked or did not answer: it may still train."""
+    record = strategy.rounds[-1] if strategy.rounds else None
+    if record is None or record.round != server_round or server_round >= rounds:
+        return
+    said = set(record.no_training)
+    if record.clients or record.dropped or record.head_gradients or record.statistics_only != len(said):
+        return
+    if said and set(grid.get_node_ids()) <= said:
+        record.ended_early = NOTHING_TRAINS
+
+
+def ended_early(history: list[dict], rounds: int) -> bool:
+    """Whether the history records that the federation ended early by design (end_if_nothing_trains),
+    said in one log line. A resumed run then runs nothing more, whatever federation.rounds says now:
+    every institution's whole budget went to round 0, so no later round could train."""
+    last = ended_after(history)
+    if last is None:
+        return False
+    done = int(last["round"])
+    log.info("round %d: %s; stopping after round %d of %d", done, last["ended_early"], done, rounds)
+    return True
 
 
 def export(

@@ -32,6 +32,12 @@ class RoundLog:
     LoRA steps, an empty update left out of the average; their budget went to round 0's statistics."""
     head_gradients: int = 0
     """Head-round replies (client.head_rounds): noisy head-gradient sums, the head stepped on their sum."""
+    no_training: list[int] = field(default_factory=list)
+    """The nodes among ``statistics_only`` whose reply said why (P.STATISTICS_ONLY): their plan trains
+    in no round after round 0."""
+    ended_early: str = ""
+    """Why the federation ended after this round, before its last (server.app.end_if_nothing_trains);
+    "" for a round it went on after."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class RoundSummary:
     validation: Mapping[str, float] = field(default_factory=dict)
     statistics_only: int = 0
     head_gradients: int = 0
+    ended_early: str = ""
 
     def line(self, rounds: int) -> str:
         """The round in one line, e.g. for a log file or a terminal that is not interactive. Round 0
@@ -67,7 +74,8 @@ class RoundSummary:
             text += f", epsilon {self.epsilon:.3f}"
         text += "".join(f", central {k} {v:.4g}" for k, v in headline(self.central).items())
         chosen = selection(self.validation)
-        return text + (f", validation {chosen[0]} {chosen[1]:.4g}" if chosen else "")
+        text += f", validation {chosen[0]} {chosen[1]:.4g}" if chosen else ""
+        return text + (f"; the federation ends here: {self.ended_early}" if self.ended_early else "")
 
 
 def summarise_round(entry: Mapping) -> RoundSummary:
@@ -84,6 +92,7 @@ def summarise_round(entry: Mapping) -> RoundSummary:
         validation=dict(entry.get(VALIDATION) or {}),
         statistics_only=int(entry.get("statistics_only", 0)),
         head_gradients=int(entry.get("head_gradients", 0)),
+        ended_early=str(entry.get("ended_early", "")),
     )
 
 

@@ -147,6 +147,8 @@ class Screened:
     norm: float
     """The L2 norm of its change to the weights (`weight_change_norm`)."""
     bytes: int
+    plan: str | None = None
+    """Why an update of no steps trained nothing, as the reply said (P.PLAN), else None."""
 
     def entry(self, weight: float) -> dict:
         """Its line in the round's history, with its share of the round's weight."""
@@ -297,7 +299,7 @@ class ReplyScreen:
         )
         arrays = msg.content[P.ARRAYS].values()
         size = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
-        return Screened(update=update, metrics=reply.metrics, norm=norm, bytes=size)
+        return Screened(update=update, metrics=reply.metrics, norm=norm, bytes=size, plan=reply.plan)
 
     def check_epsilon(self, node: int, epsilon: float) -> None:
         """Remember ``node``'s reported cumulative epsilon; AdapterError, naming the node, when it

@@ -288,6 +288,7 @@ class LoraStrategy(Strategy):
         # (client.recipe): its empty update is not averaged in, or it would shrink the others'.
         trained = [s for s in accepted if s.metrics.steps > 0]
         record.statistics_only = len(accepted) - len(trained)
+        record.no_training = [s.update.node_id for s in accepted if s.plan == P.STATISTICS_ONLY]
         record.head_gradients = len(gradients)
         if not trained and not gradients:
             if accepted:

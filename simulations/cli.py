@@ -31,6 +31,7 @@ from fedlora.common.cli_support import (
 from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.held_out import exported_round
 from fedlora.common.model import build_model, model_dir
+from fedlora.common.model_card import ended_after
 from fedlora.common.scoring import headline
 from fedlora.common.tracking import add_track_argument, tracked
 from fedlora.server.history import summarise_round, track_history
@@ -107,7 +108,13 @@ def round_progress(rounds: int) -> Iterator[Callable[[dict], None]]:
     )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("rounds", total=rounds, clients="-", loss="-", acc="-", eps="-")
-        yield lambda e: bar.update(task, completed=e["round"], **_progress_fields(e))
+        # a federation that ended early by design (its entry says why) fills the bar at its last round
+        yield lambda e: bar.update(
+            task,
+            completed=e["round"],
+            total=e["round"] if e.get("ended_early") else rounds,
+            **_progress_fields(e),
+        )
 
 
 PLANNED = ("batch_size", "local_steps", "noise_multiplier", "max_grad_norm", "learning_rate")
@@ -229,7 +236,9 @@ def outcome(history: list[dict]) -> str:
     exported = f"exported round {chosen['round']} ({chosen['chosen_by']})"
     final = exported_entry(history).get("central", {})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in headline(final).items() if k != "examples")
-    return f"{exported}, test {shown}" if shown else f"{exported}, no held-out evaluation"
+    ended = ended_after(history)
+    why = f"; ended after round {ended['round']}: {ended['ended_early']}" if ended else ""
+    return (f"{exported}, test {shown}" if shown else f"{exported}, no held-out evaluation") + why
 
 
 def check_parser() -> argparse.ArgumentParser:

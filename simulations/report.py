@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 from fedlora.common.adapter import METADATA_FILE
 from fedlora.common.config import read_yaml
 from fedlora.common.held_out import exported_round
-from fedlora.common.model_card import ADAPTER_DIR
+from fedlora.common.model_card import ADAPTER_DIR, rounds_statement
 from fedlora.common.scoring import MACRO_F1, TOP_CLASS, TOP_SHARE
 from fedlora.server.history import client_names, summarise_round
 from fedlora.simulations.head_round_audit import HeadRoundAudit
@@ -117,18 +117,30 @@ def exported_entry(history: list[dict]) -> dict:
 
 
 def federated_result(history: list[dict]) -> dict[str, float]:
-    """The exported round's test scores, with the run's rows and largest epsilon: what compare()
-    puts beside each institution alone and centralised."""
+    """The exported round's test scores, with the most rows any round's replies stood for and the
+    largest epsilon any reply reported (not the last round's: after statistics only, round 0's):
+    what compare() puts beside each institution alone and centralised."""
     final = exported_entry(history).get("central", {})
-    last = summarise_round(history[-1]) if history else None
-    return {**final, "rows": last.examples if last else 0.0, "epsilon": last.epsilon if last else 0.0}
+    rounds = [summarise_round(e) for e in history]
+    rows = max((r.examples for r in rounds), default=0.0)
+    return {**final, "rows": rows, "epsilon": max((r.epsilon for r in rounds), default=0.0)}
+
+
+def saved_section(run_dir: Path, section: str) -> dict:
+    """A section of the run's saved config; empty without one."""
+    path = run_dir / CONFIG_FILE
+    saved = read_yaml(path) if path.exists() else None
+    return (saved or {}).get(section) or {}
 
 
 def seeded_noise(run_dir: Path) -> bool:
     """Whether the run's saved config seeded its DP noise and sampling (simulation.reproducible)."""
-    path = run_dir / CONFIG_FILE
-    saved = read_yaml(path) if path.exists() else None
-    return bool(((saved or {}).get("simulation") or {}).get("reproducible"))
+    return bool(saved_section(run_dir, "simulation").get("reproducible"))
+
+
+def planned_rounds(run_dir: Path) -> int:
+    """The rounds the run's saved config planned (federation.rounds; 0 without a saved config)."""
+    return int(saved_section(run_dir, "federation").get("rounds") or 0)
 
 
 def run_labels(run_dir: Path) -> list[str]:
@@ -164,7 +176,7 @@ def write_report(run_dir: Path, history: list[dict], title: str, extra: str = ""
             if seeded_noise(run_dir)
             else []
         ),
-        f"- rounds: {max((r.round for r in rounds), default=0)}",
+        f"- rounds: {rounds_statement(history, planned_rounds(run_dir))}",
         f"- clients: {len(client_names(history))}",
         f"- exported adapter: round {chosen['round']}, {chosen['chosen_by']}; the test set below never "
         "chose it",

@@ -14,6 +14,7 @@ from fedlora.common.codec import (
     EvaluateMetrics,
     ReplyRules,
     TrainMetrics,
+    check_outgoing,
     evaluate_reply,
     parse_evaluate_reply,
     parse_train_reply,
@@ -65,6 +66,26 @@ def test_loss_is_optional_and_a_nan_loss_is_not_sent() -> None:
         content = train_reply(update(), metrics, FP)
         assert P.LOSS not in content[P.METRICS]
         assert parse_train_reply(content, RULES).metrics.loss is None
+
+
+def test_an_empty_update_says_its_plan_trains_nothing_after_round_0() -> None:
+    """The reason the coordinator stops a federation on (server.app.end_if_nothing_trains): it
+    round-trips, the audit mod lets it leave, and only a reply of no steps may claim it."""
+    empty = TrainMetrics(**{**METRICS.__dict__, "steps": 0, "loss": None})
+    zero = {k: torch.zeros_like(v) for k, v in update().items()}
+    content = train_reply(zero, empty, FP, plan=P.STATISTICS_ONLY)
+    assert dict(content[P.CONFIG]) == {P.FINGERPRINT: FP, P.PLAN: P.STATISTICS_ONLY}
+    check_outgoing(content, "train")
+    assert parse_train_reply(content, RULES).plan == P.STATISTICS_ONLY
+    assert parse_train_reply(train_reply(zero, empty, FP), RULES).plan is None
+    with pytest.raises(AdapterError, match=r"'fedlora-plan': 'statistics-only' on a reply of 3 steps"):
+        train_reply(update(), METRICS, FP, plan=P.STATISTICS_ONLY)
+    claimed = with_records(**{P.CONFIG: ConfigRecord({P.FINGERPRINT: FP, P.PLAN: P.STATISTICS_ONLY})})
+    with pytest.raises(AdapterError, match="on a reply of 3 steps"):
+        parse_train_reply(claimed, RULES)
+    other = ConfigRecord({P.FINGERPRINT: FP, P.PLAN: "tired"})
+    with pytest.raises(AdapterError, match=r"'fedlora-plan': 'tired', expected 'statistics-only'"):
+        parse_train_reply(with_records(**{P.METRICS: MetricRecord(empty.values()), P.CONFIG: other}), RULES)
 
 
 def test_evaluate_reply_round_trips_with_and_without_statistics() -> None:
