@@ -308,24 +308,45 @@ def secure_generator(cfg: FedloraConfig) -> torch.Generator | None:
     return private_engine(cfg.privacy.accountant, True).secure_rng if cfg.privacy.secure_mode else None
 
 
-def train_update(msg: Message, setup: ClientSetup, built: BuiltModel, dtype: str = "fp32") -> RecordDict:
-    """This client's round from the global adapter on ``built``, as the planner planned it: a LoRA
-    update, an empty one (statistics only), or a head round's gradient sum; the reply's content."""
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round's message sets up: the round, the global adapter loaded (as loaded), the rows
+    (with the observer's canaries), the ledger (None without DP) and the plan."""
+
+    server_round: int
+    start: dict[str, torch.Tensor]
+    train: TokenizedDataset
+    ledger: PrivacyLedger | None
+    planned: PrivacyPlan
+
+
+def round_inputs(msg: Message, setup: ClientSetup, built: BuiltModel) -> RoundInputs:
+    """A round's inputs from its message, for a LoRA or head round, plain or under secure aggregation."""
     cfg = setup.cfg
     tokenizer, bundle = shared_data(cfg)
     train, _ = client_data(setup)
     start = load_global(msg, cfg, built)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
-    observer = setup.observer
-    if observer is not None:
-        train = observer.rows(train, cfg, built.model, len(tokenizer), len(bundle.labels))
+    if setup.observer is not None:
+        train = setup.observer.rows(train, cfg, built.model, len(tokenizer), len(bundle.labels))
     ledger = (
         PrivacyLedger.from_config(cfg.privacy, setup.ledger_path, setup.audit_path)
         if cfg.privacy.enabled
         else None
     )
+    return RoundInputs(server_round, start, train, ledger, privacy_plan(cfg, built.model, train, ledger))
+
+
+def train_update(msg: Message, setup: ClientSetup, built: BuiltModel, dtype: str = "fp32") -> RecordDict:
+    """This client's round from the global adapter on ``built``, as the planner planned it: a LoRA
+    update, an empty one (statistics only), a head round's gradient sum, or (under secure
+    aggregation) its joining of the round's secure head sum; the reply's content."""
+    cfg = setup.cfg
+    inputs = round_inputs(msg, setup, built)
+    server_round, start, train, ledger = inputs.server_round, inputs.start, inputs.train, inputs.ledger
+    planned = inputs.planned
+    observer = setup.observer
     keys = wire_keys(cfg, start)
-    planned = privacy_plan(cfg, built.model, train, ledger)
     recipe = planned.recipe
     if recipe.head_rounds.value and msg.content[P.CONFIG].get(P.SECURE_HEAD):
         log.info("round %d: head round: joining the round's secure sum", server_round)
@@ -439,26 +460,17 @@ def secure_head_release(
 ) -> tuple[np.ndarray, HeadMetrics]:
     """A head round's masked input under secure aggregation: the head-gradient sum at the global adapter
     the message carries, with this institution's share of the round's agreed noise, as planned."""
-    cfg = setup.cfg
-    tokenizer, bundle = shared_data(cfg)
-    train, _ = client_data(setup)
-    load_global(msg, cfg, built)
-    server_round = int(msg.content[P.CONFIG][P.ROUND])
-    if setup.observer is not None:
-        train = setup.observer.rows(train, cfg, built.model, len(tokenizer), len(bundle.labels))
-    ledger = (
-        PrivacyLedger.from_config(cfg.privacy, setup.ledger_path, setup.audit_path)
-        if cfg.privacy.enabled
-        else None
-    )
-    planned = privacy_plan(cfg, built.model, train, ledger)
+    inputs = round_inputs(msg, setup, built)
+    planned, server_round = inputs.planned, inputs.server_round
     if not planned.recipe.head_rounds.value:
         raise ConfigError(
             f"secure aggregation: asked for round {server_round}'s head gradient, but this institution's "
             f"planner plans no head round ({planned.recipe.head_rounds.reason})"
         )
     clip = planned.cfg.privacy.max_grad_norm
-    released, metrics = head_release(setup, built, train, ledger, server_round, clip, sharing(clip))
+    released, metrics = head_release(
+        setup, built, inputs.train, inputs.ledger, server_round, clip, sharing(clip)
+    )
     return released.vector.to(torch.float64).numpy(), metrics
 
 

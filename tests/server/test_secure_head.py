@@ -173,3 +173,35 @@ def test_a_dropout_after_masking_is_recovered_and_too_few_survivors_discard_the_
     assert fed.history[1]["head_gradients"] == 0 and fed.history[2]["head_gradients"] == 3
     assert "1 institutions sent masked vectors, fewer than the threshold 2" in caplog.text
     assert "the head is not stepped this round" in caplog.text
+
+
+class Crash(Exception):
+    """The coordinator dies while sending a round."""
+
+
+class CrashingGrid(SecAggGrid):
+    """Dies at the first message of round ``crash_in`` (after round ``crash_in - 1`` was checkpointed)."""
+
+    crash_in = 2
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].content[P.CONFIG].get(P.ROUND) == self.crash_in:
+            raise Crash(f"killed in round {self.crash_in}")
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_coordinator_restarted_after_a_secure_head_round_resumes_and_finishes(tmp_path):
+    cfg = head_round_config(tmp_path)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_server(CrashingGrid(cfg, run_dir), ServerSettings(cfg, run_dir, len(NODES)))
+    sums: dict[int, np.ndarray] = {}
+    settings = ServerSettings(cfg, run_dir, len(NODES), on_secure_head=sums.__setitem__)
+    run_server(SecAggGrid(cfg, run_dir), settings)  # a restarted coordinator, the same institutions
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["round"] for e in history] == [0, 1, 2] and history[2]["head_gradients"] == 3
+    assert list(sums) == [2]  # only the round not done before the crash
+    for pid in range(len(NODES)):
+        entries = PrivacyLedger.from_config(cfg.privacy, ledger_file(run_dir, pid)).entries
+        assert [e.round for e in entries] == [STATISTICS_ROUND, 1, 2]  # each round charged once
