@@ -35,7 +35,7 @@ from fedlora.client.audit import audit_mod
 from fedlora.client.failures import FingerprintMismatch, failure_mod
 from fedlora.client.head_rounds import HeadRound, head_round
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
-from fedlora.client.secure_statistics import secure_statistics
+from fedlora.client.secure_statistics import Sharing, secure_stage, secure_statistics
 from fedlora.client.statistics import release_statistics
 from fedlora.client.trainer import (
     GradientHook,
@@ -61,6 +61,7 @@ from fedlora.common.codec import (
     TrainMetrics,
     evaluate_reply,
     head_gradient_reply,
+    join_reply,
     statistics_reply,
     train_reply,
 )
@@ -72,7 +73,7 @@ from fedlora.common.lora_math import dropped_by_truncation, layer_products, trun
 from fedlora.common.model import BuiltModel, device_for, load_tokenizer, lora_scale
 from fedlora.common.model_pool import borrowed_model
 from fedlora.common.scoring import evaluate
-from fedlora.common.secure_aggregation.settings import check_statistics_rows
+from fedlora.common.secure_aggregation.settings import check_statistics_rows, for_head_gradient
 
 log = logging.getLogger("fedlora.client")
 
@@ -196,7 +197,7 @@ def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = No
     config = msg.content[P.CONFIG]
     dtype = str(config.get(P.WIRE_DTYPE, "fp32"))
     with borrowed_model(cfg.model, bundle.labels, len(tokenizer)) as built:
-        if config.get(P.STAGE) == P.STATISTICS and P.SECAGG_STAGE in config:
+        if P.SECAGG_STAGE in config and config.get(P.STAGE) in (P.STATISTICS, P.HEAD_GRADIENT):
             if state is None:
                 raise ConfigError("secure aggregation: this ClientApp was given no context state")
             if config.get(P.FINGERPRINT) != built.fingerprint:
@@ -204,13 +205,23 @@ def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = No
                     f"secure aggregation: fingerprint {config.get(P.FINGERPRINT)} is not this client's "
                     f"{built.fingerprint}"
                 )
-            content = secure_statistics(
-                msg,
-                state,
-                built.fingerprint,
-                lambda: planned_statistics_noise(setup, built),
-                lambda sharing: statistics_release(msg, setup, built, sharing),
-            )
+            if config.get(P.STAGE) == P.HEAD_GRADIENT:
+                content = secure_stage(
+                    msg,
+                    state,
+                    built.fingerprint,
+                    for_head_gradient,
+                    lambda: planned_head_noise(setup),
+                    lambda sharing: secure_head_release(msg, setup, built, sharing),
+                )
+            else:
+                content = secure_statistics(
+                    msg,
+                    state,
+                    built.fingerprint,
+                    lambda: planned_statistics_noise(setup, built),
+                    lambda sharing: statistics_release(msg, setup, built, sharing),
+                )
         elif config.get(P.STAGE) == P.STATISTICS:
             sums, counts, metrics = statistics_release(msg, setup, built)
             content = statistics_reply(sums, counts, metrics, built.fingerprint)
@@ -297,25 +308,49 @@ def secure_generator(cfg: FedloraConfig) -> torch.Generator | None:
     return private_engine(cfg.privacy.accountant, True).secure_rng if cfg.privacy.secure_mode else None
 
 
-def train_update(msg: Message, setup: ClientSetup, built: BuiltModel, dtype: str = "fp32") -> RecordDict:
-    """This client's round from the global adapter on ``built``, as the planner planned it: a LoRA
-    update, an empty one (statistics only), or a head round's gradient sum; the reply's content."""
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round's message sets up: the round, the global adapter loaded (as loaded), the rows
+    (with the observer's canaries), the ledger (None without DP) and the plan."""
+
+    server_round: int
+    start: dict[str, torch.Tensor]
+    train: TokenizedDataset
+    ledger: PrivacyLedger | None
+    planned: PrivacyPlan
+
+
+def round_inputs(msg: Message, setup: ClientSetup, built: BuiltModel) -> RoundInputs:
+    """A round's inputs from its message, for a LoRA or head round, plain or under secure aggregation."""
     cfg = setup.cfg
     tokenizer, bundle = shared_data(cfg)
     train, _ = client_data(setup)
     start = load_global(msg, cfg, built)
     server_round = int(msg.content[P.CONFIG][P.ROUND])
-    observer = setup.observer
-    if observer is not None:
-        train = observer.rows(train, cfg, built.model, len(tokenizer), len(bundle.labels))
+    if setup.observer is not None:
+        train = setup.observer.rows(train, cfg, built.model, len(tokenizer), len(bundle.labels))
     ledger = (
         PrivacyLedger.from_config(cfg.privacy, setup.ledger_path, setup.audit_path)
         if cfg.privacy.enabled
         else None
     )
+    return RoundInputs(server_round, start, train, ledger, privacy_plan(cfg, built.model, train, ledger))
+
+
+def train_update(msg: Message, setup: ClientSetup, built: BuiltModel, dtype: str = "fp32") -> RecordDict:
+    """This client's round from the global adapter on ``built``, as the planner planned it: a LoRA
+    update, an empty one (statistics only), a head round's gradient sum, or (under secure
+    aggregation) its joining of the round's secure head sum; the reply's content."""
+    cfg = setup.cfg
+    inputs = round_inputs(msg, setup, built)
+    server_round, start, train, ledger = inputs.server_round, inputs.start, inputs.train, inputs.ledger
+    planned = inputs.planned
+    observer = setup.observer
     keys = wire_keys(cfg, start)
-    planned = privacy_plan(cfg, built.model, train, ledger)
     recipe = planned.recipe
+    if recipe.head_rounds.value and msg.content[P.CONFIG].get(P.SECURE_HEAD):
+        log.info("round %d: head round: joining the round's secure sum", server_round)
+        return join_reply(built.fingerprint)
     if recipe.head_rounds.value:
         return head_update(setup, built, train, ledger, server_round, planned.cfg.privacy.max_grad_norm)
     if not recipe.fine_tune.value:
@@ -368,6 +403,21 @@ def head_update(
 ) -> RecordDict:
     """A head round (client.head_rounds): charged in the ledger, then the noisy clipped head-gradient
     sum of every row; the LoRA adapter is not trained and no row count leaves."""
+    released, metrics = head_release(setup, built, train, ledger, server_round, clip)
+    return head_gradient_reply(released.vector, metrics, built.fingerprint)
+
+
+def head_release(
+    setup: ClientSetup,
+    built: BuiltModel,
+    train: TokenizedDataset,
+    ledger: PrivacyLedger | None,
+    server_round: int,
+    clip: float,
+    sharing: NoiseSharing | None = None,
+) -> tuple[HeadRound, HeadMetrics]:
+    """A head round's release and its reply's metrics, its noise a share of ``sharing`` under secure
+    aggregation; the observer (simulation --audit) sees it before it leaves."""
     cfg = setup.cfg
     device = device_for(cfg.training.device)
     start = time.perf_counter()
@@ -381,10 +431,11 @@ def head_update(
         device,
         cfg.training.eval_batch_size,
         secure_generator(cfg),
+        sharing,
     )
-    log.info(
-        "round %d: head round over %d rows (noise std %.4g)", server_round, len(train), released.noise_std
-    )
+    shared = " (its share of the secure sum's)" if sharing is not None else ""
+    rows, noise_std = len(train), released.noise_std
+    log.info("round %d: head round over %d rows (noise std %.4g%s)", server_round, rows, noise_std, shared)
     if setup.observer is not None:
         setup.observer.head_sent(released, clip, ledger, server_round)
     metrics = HeadMetrics(
@@ -393,7 +444,37 @@ def head_update(
         train_seconds=time.perf_counter() - start,
         noise_std=released.noise_std,
     )
-    return head_gradient_reply(released.vector, metrics, built.fingerprint)
+    return released, metrics
+
+
+def planned_head_noise(setup: ClientSetup) -> float:
+    """The noise multiplier this institution plans for a head round (its ledger's, calibrated with round
+    0's release; 0 without DP): what its secure aggregation advert carries, before anything is released."""
+    if not setup.cfg.privacy.enabled:
+        return 0.0
+    ledger = PrivacyLedger.from_config(setup.cfg.privacy, setup.ledger_path, setup.audit_path)
+    if ledger.noise_multiplier is None:
+        raise ConfigError(f"{setup.ledger_path}: a head round before round 0 calibrated the ledger's noise")
+    return ledger.noise_multiplier
+
+
+def secure_head_release(
+    msg: Message, setup: ClientSetup, built: BuiltModel, sharing: Sharing
+) -> tuple[np.ndarray, HeadMetrics]:
+    """A head round's masked input under secure aggregation: the head-gradient sum at the global adapter
+    the message carries, with this institution's share of the round's agreed noise, as planned."""
+    inputs = round_inputs(msg, setup, built)
+    planned, server_round = inputs.planned, inputs.server_round
+    if not planned.recipe.head_rounds.value:
+        raise ConfigError(
+            f"secure aggregation: asked for round {server_round}'s head gradient, but this institution's "
+            f"planner plans no head round ({planned.recipe.head_rounds.reason})"
+        )
+    clip = planned.cfg.privacy.max_grad_norm
+    released, metrics = head_release(
+        setup, built, inputs.train, inputs.ledger, server_round, clip, sharing(clip)
+    )
+    return released.vector.to(torch.float64).numpy(), metrics
 
 
 def handle_evaluate(msg: Message, setup: ClientSetup) -> Message:

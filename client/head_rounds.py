@@ -7,13 +7,15 @@ Opacus' DPOptimizer clips each to the norm C and sums them (its own rule, so not
 differently from DP-SGD), and the Gaussian noise of std sigma C is drawn as the statistics release
 draws its own (client.statistics.noisy). At sample rate 1 this is one DP-SGD step, which the ledger
 charges before a row is read. No row count leaves: the server divides by round 0's released counts.
-The noise std is a parameter, so that under secure aggregation each institution can add only its share.
+Under secure aggregation (client.app, the head round's stages) the institution adds only its share of
+the round's agreed noise (common.distributed_noise: std sigma C / sqrt(m)), and the ledger records the
+round at the sum's sigma and at the share alone.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from opacus import GradSampleModule
@@ -24,8 +26,10 @@ from fedlora.client.ledger import LedgerEntry, PrivacyLedger
 from fedlora.client.statistics import noisy, pooled_features
 from fedlora.common.adapter import peft_state
 from fedlora.common.data import TokenizedDataset
+from fedlora.common.distributed_noise import NoiseSharing
 from fedlora.common.head_gradient import flat
 from fedlora.common.model import HEAD
+from fedlora.common.secure_aggregation.settings import check_head_range
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class HeadRound:
     noise_std: float
     entry: LedgerEntry | None
     exact: Tensor = field(repr=False)
+    shared: bool = False
+    """Its noise is a share of a secure sum's (the ledger's sigma C is the sum's, not this vector's)."""
 
 
 def head_parameters(model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -87,13 +93,27 @@ def head_round(
     device: torch.device,
     batch_size: int,
     generator: torch.Generator | None = None,
+    sharing: NoiseSharing | None = None,
 ) -> HeadRound:
     """Charge the round in the ledger first (one step at sample rate 1 at its noise; BudgetExceeded:
     nothing read), then the clipped gradient sum of every row plus noise of std sigma x ``clip``.
-    Without a ledger (privacy off) the exact sum leaves."""
-    entry = ledger.reserve(server_round, 1.0, 1, federated=True) if ledger is not None else None
-    noise_std = entry.noise_multiplier * clip if entry is not None else 0.0
+    Without a ledger (privacy off) the exact sum leaves. ``sharing`` (secure aggregation): the round's
+    agreed noise, raised to the ledger's if below it (the coordinator cannot lower this institution's
+    noise), is the sum's; this institution adds only its share and the ledger records both epsilons at
+    it; without a ledger the share is still added, so that the sum covers the peers' claims. A gradient
+    the quantisation range could clip is refused before anything is charged."""
+    if sharing is not None:
+        own = ledger.noise_multiplier if ledger is not None and ledger.noise_multiplier is not None else 0.0
+        sharing = replace(sharing, sigma=max(own, sharing.sigma), clipping=clip)
+        check_head_range(len(data), clip, sharing.share_std)
+    entry = (
+        ledger.reserve(server_round, 1.0, 1, federated=True, sharing=sharing) if ledger is not None else None
+    )
+    if sharing is not None:
+        noise_std = sharing.share_std
+    else:
+        noise_std = entry.noise_multiplier * clip if entry is not None else 0.0
     features, labels = pooled_features(model, data, device, batch_size)
     weight, bias = (t.detach().to("cpu", torch.float32) for t in head_parameters(model))
     summed = clipped_gradient_sum(features, labels, weight, bias, clip)
-    return HeadRound(noisy(summed, noise_std, generator), noise_std, entry, summed)
+    return HeadRound(noisy(summed, noise_std, generator), noise_std, entry, summed, sharing is not None)

@@ -32,7 +32,10 @@ value comes with a one-line reason naming its rule and source:
   rows (sample rate 1) and the server takes an SGD step on the average (common.head_gradient). One
   noise for the statistics release and the R rounds, calibrated so that R + 1 steps at sample rate 1
   spend the budget. Its best-case signal-to-noise is the same expression over the head's values D:
-  sqrt(R) x rows sqrt(K) / (sigma sqrt(D)). Head rounds are planned at MIN_HEAD_SNR or above, else
+  sqrt(R) x rows sqrt(K) / (sigma sqrt(D)) where each of the K adds its full noise; under secure
+  aggregation (federation.secure_aggregation, m guaranteed noise shares) the sum carries sqrt(K / m)
+  sigma C, so sqrt(R) x rows K sqrt(m / K) / (sigma sqrt(D)): sqrt(m) times as much (head_noise_of_sum).
+  Head rounds are planned at MIN_HEAD_SNR or above, else
   the statistics keep the whole budget. Measured against statistics only (``python -m benchmarks
   head_rounds``, frozen MiniLM, 10 institutions, Dirichlet 0.5, 3 paired seeds, 10 and 30 rounds,
   the learning rate chosen on training rows): MedMCQA subjects, whose median institution's head
@@ -103,6 +106,9 @@ class Institution:
     federation.statistics_first false), so the rounds get the whole budget."""
     head_values: int = 0
     """Values of the classification head (classes x (width + 1)) a head round's gradient has; 0: unknown."""
+    shares: int | None = None
+    """federation.secure_aggregation: m, the institutions whose noise shares every secure sum holds (peers
+    less tolerated dropouts and colluders); None: each of the K averaged institutions adds full noise."""
 
     @property
     def units(self) -> int:
@@ -191,8 +197,28 @@ def run_snr(inst: Institution, expected: float, steps: int, sigma: float) -> flo
 
 def head_snr(inst: Institution, sigma: float) -> float:
     """The best-case signal-to-noise of the run's averaged head gradients: one step of every row a
-    round, over the head's values (see the module's docstring)."""
-    return run_snr(dataclasses.replace(inst, trainable=inst.head_values), inst.units, 1, sigma)
+    round, over the head's values (see the module's docstring). The K replies summed carry noise
+    sqrt(K) sigma C when each adds it in full; under secure aggregation each adds a share sigma C /
+    sqrt(m) and the sum carries sqrt(K / m) sigma C: sigma C once where all m = K guaranteed shares
+    are the sum's, sqrt(m) times the plain signal-to-noise."""
+    signal = math.sqrt(inst.rounds) * inst.units * inst.peers
+    return signal / (head_noise_of_sum(inst, sigma) * math.sqrt(inst.head_values))
+
+
+def head_noise_of_sum(inst: Institution, sigma: float) -> float:
+    """The noise multiplier of the K head gradients' sum: sqrt(K) sigma (each adds its full noise), or
+    sqrt(K / m) sigma under secure aggregation (each adds its share of sigma, common.distributed_noise)."""
+    return sigma * math.sqrt(inst.peers / inst.shares if inst.shares else inst.peers)
+
+
+def _head_noise_assumed(inst: Institution, sigma: float) -> str:
+    """What the head's signal-to-noise assumed of the noise of the sum, in words."""
+    if inst.shares:
+        return (
+            f"secure aggregation: {inst.peers} peers' shares summed, {inst.shares} guaranteed, noise "
+            f"{sigma:.2f} x sqrt({inst.peers} / {inst.shares})"
+        )
+    return f"each of {inst.peers} peers adds its full noise: {sigma:.2f} x sqrt({inst.peers})"
 
 
 def head_noise(inst: Institution) -> float:
@@ -341,7 +367,8 @@ def _head_choice(inst: Institution) -> Choice:
     snr = head_snr(inst, sigma)
     why = (
         f"head rounds' signal-to-noise sqrt({inst.rounds} rounds) x {inst.units} {inst.unit_name} x "
-        f"sqrt({inst.peers} peers) / (noise {sigma:.2f} x sqrt({inst.head_values} head values)) = {snr:.1f}"
+        f"{inst.peers} peers / (noise of the sum, {_head_noise_assumed(inst, sigma)}, x "
+        f"sqrt({inst.head_values} head values)) = {snr:.1f}"
     )
     if snr >= MIN_HEAD_SNR:
         return Choice(
@@ -386,7 +413,17 @@ def facts(
         trainable=trainable,
         round_zero=round_zero and cfg.federation.statistics_first,
         head_values=head_values,
+        shares=secure_shares(cfg),
     )
+
+
+def secure_shares(cfg: FedloraConfig) -> int | None:
+    """m under federation.secure_aggregation (the planner's peers less the tolerated dropouts and
+    colluders, at least 1); None without it."""
+    fed = cfg.federation
+    if not fed.secure_aggregation:
+        return None
+    return max(1, cfg.training.peers_per_round - fed.secagg_dropouts - fed.secagg_colluders)
 
 
 def applied(cfg: FedloraConfig, recipe: Recipe) -> FedloraConfig:

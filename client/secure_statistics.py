@@ -14,7 +14,8 @@ its share of that noise (common.distributed_noise: std sigma C / sqrt(m), m = in
 advertised keys - tolerated dropouts - tolerated colluders), class sums and counts flattened into one
 vector, quantised into the ring and masked; its ledger records both epsilons at sigma. A survivor list
 shorter than the advertised institutions less the tolerated dropouts is refused: the sum would hold fewer
-than m shares of noise.
+than m shares of noise. The stage handling (``secure_stage``) serves any release under secure
+aggregation: a head round's gradient (client.app.secure_head_release) goes through it too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedlora.common import protocol as P
 from fedlora.common.codec import (
+    HeadMetrics,
     TrainMetrics,
     advert_reply,
     masked_reply,
@@ -39,16 +41,21 @@ from fedlora.common.errors import ConfigError, RoundDiscarded
 from fedlora.common.protocol import STATISTICS_SENSITIVITY
 from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.messages import Advert
-from fedlora.common.secure_aggregation.settings import for_statistics
+from fedlora.common.secure_aggregation.settings import SecAggConfig, for_statistics
 
 STATE = "fedlora-secagg"
 ROUND = "round"
 AGREED = "agreed-noise"
 Plan = Callable[[], float]
-"""This institution's planned round-0 noise multiplier (0 without DP), the one its advert carries."""
+"""This institution's planned noise multiplier for the release (0 without DP), the one its advert carries."""
 Release = Callable[[NoiseSharing], tuple[torch.Tensor, torch.Tensor, TrainMetrics]]
 """This institution's statistics release with the round's agreed noise shared as given: the noisy
 class sums, counts and the reply's metrics."""
+Sharing = Callable[[float], NoiseSharing]
+"""The round's agreed noise multiplier shared among its roster, at the release's clipping norm."""
+Masked = Callable[[Sharing], tuple[np.ndarray, TrainMetrics | HeadMetrics]]
+"""Any release under secure aggregation: the vector to mask (with its share of the agreed noise) and
+the masked reply's metrics."""
 
 
 def byte_arrays(record: ArrayRecord) -> dict[str, bytes]:
@@ -83,11 +90,29 @@ def secure_statistics(
     msg: Message, state: RecordDict, fingerprint: str, plan: Plan, release: Release
 ) -> RecordDict:
     """This institution's reply to one stage of round 0 under secure aggregation."""
+
+    def vector(sharing: Sharing) -> tuple[np.ndarray, TrainMetrics]:
+        sums, counts, metrics = release(sharing(STATISTICS_SENSITIVITY))
+        return torch.cat([sums.flatten(), counts]).to(torch.float64).numpy(), metrics
+
+    return secure_stage(msg, state, fingerprint, for_statistics, plan, vector)
+
+
+def secure_stage(
+    msg: Message,
+    state: RecordDict,
+    fingerprint: str,
+    settings_for: Callable[[int | None, int], SecAggConfig],
+    plan: Plan,
+    release: Masked,
+) -> RecordDict:
+    """This institution's reply to one stage of a secure sum (round 0's statistics, a head round's
+    gradient: client.secure_head), the protocol's settings from ``settings_for(threshold, dropouts)``."""
     config = msg.content[P.CONFIG]
     stage = str(config.get(P.SECAGG_STAGE))
     node = msg.metadata.dst_node_id
     dropouts, colluders = int(config[P.SECAGG_DROPOUTS]), int(config[P.SECAGG_COLLUDERS])
-    settings = for_statistics(None, dropouts)
+    settings = settings_for(None, dropouts)
     if stage == P.ADVERTISE_KEYS:
         round_ = ClientRound(node, settings, bytes(config[P.SECAGG_CONTEXT]))
         content = advert_reply(round_.advertise_keys(), plan(), fingerprint)
@@ -105,9 +130,8 @@ def secure_statistics(
             content = shares_reply(round_.share_keys(roster, int(config[P.SECAGG_THRESHOLD])), fingerprint)
         elif stage == P.MASKED_INPUT:
             inbox = {int(k): v for k, v in byte_arrays(msg.content[P.SECAGG_INBOX]).items()}
-            sharing = NoiseSharing(agreed, STATISTICS_SENSITIVITY, round_.roster_size, dropouts, colluders)
-            sums, counts, metrics = release(sharing)
-            vector = torch.cat([sums.flatten(), counts]).to(torch.float64).numpy()
+            sampled = round_.roster_size
+            vector, metrics = release(lambda clip: NoiseSharing(agreed, clip, sampled, dropouts, colluders))
             content = masked_reply(round_.masked_input(inbox, vector), metrics, fingerprint)
         elif stage == P.UNMASK:
             del state[STATE]

@@ -242,7 +242,12 @@ def _head_structure(content: RecordDict) -> HeadMetrics:
             raise AdapterError(
                 f"{_shown(key)}: dtype {_shown(array.dtype)}, expected one of {', '.join(P.REPLY_DTYPES)}"
             )
-    values = _check_metrics(content[P.METRICS], P.HEAD_REQUIRED, ())
+    return _head_metrics(content[P.METRICS])
+
+
+def _head_metrics(record: MetricRecord) -> HeadMetrics:
+    """A head round's metrics (P.HEAD_REQUIRED, each >= 0; steps an integer), plain or masked."""
+    values = _check_metrics(record, P.HEAD_REQUIRED, ())
     if not isinstance(values[P.STEPS], int):
         raise AdapterError(f"metric {P.STEPS!r}: {values[P.STEPS]!r}, expected an integer")
     metrics = HeadMetrics(
@@ -262,6 +267,7 @@ def _head_structure(content: RecordDict) -> HeadMetrics:
 # fingerprint can be checked, and the quantisation range bounds what one institution can add.
 
 SECAGG_DTYPES = {
+    P.JOIN_SECURE_SUM: ("uint8",),
     P.ADVERTISE_KEYS: ("uint8",),
     P.SHARE_KEYS: ("uint8",),
     P.MASKED_INPUT: ("uint32", "uint64"),
@@ -277,12 +283,14 @@ def _secagg_reply(
     stage: str,
     arrays: Mapping[str, np.ndarray],
     fingerprint: str,
-    metrics: TrainMetrics | None = None,
+    metrics: TrainMetrics | HeadMetrics | None = None,
     noise: float | None = None,
 ) -> RecordDict:
     config = {P.FINGERPRINT: fingerprint, P.SECAGG_STAGE: stage}
     if noise is not None:
         config[P.SECAGG_NOISE] = noise
+    if isinstance(metrics, HeadMetrics):
+        config[P.STAGE] = P.HEAD_GRADIENT
     content = RecordDict(
         {
             P.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
@@ -305,6 +313,25 @@ def noise_multiplier(value: object, where: str) -> float:
     return float(value)
 
 
+def join_reply(fingerprint: str) -> RecordDict:
+    """A head round's answer under secure aggregation (P.SECURE_HEAD): this institution planned a head
+    round and joins the round's secure sum; nothing is released or charged yet."""
+    return _secagg_reply(P.JOIN_SECURE_SUM, {}, fingerprint)
+
+
+def is_join(content: RecordDict) -> bool:
+    """Whether a train reply says it joins a secure head sum (its config's stage); parse_join checks it."""
+    config = content.config_records.get(P.CONFIG)
+    return config is not None and config.get(P.SECAGG_STAGE) == P.JOIN_SECURE_SUM
+
+
+def parse_join(content: RecordDict, fingerprint: str) -> None:
+    """A join reply: no arrays, the federation's fingerprint; else AdapterError."""
+    record, _ = _secagg_arrays(content, P.JOIN_SECURE_SUM, fingerprint)
+    if len(record):
+        raise AdapterError(f"keys {_shown(sorted(record))}, expected none in a {P.JOIN_SECURE_SUM} reply")
+
+
 def advert_reply(advert: Advert, multiplier: float, fingerprint: str) -> RecordDict:
     """Stage 1: the institution's two public keys of the round and its planned noise multiplier."""
     arrays = {P.CIPHER_KEY: _as_bytes_array(advert.cipher), P.MASK_KEY: _as_bytes_array(advert.mask)}
@@ -316,8 +343,9 @@ def shares_reply(sealed: Mapping[int, bytes], fingerprint: str) -> RecordDict:
     return _secagg_reply(P.SHARE_KEYS, {str(n): _as_bytes_array(c) for n, c in sealed.items()}, fingerprint)
 
 
-def masked_reply(masked: np.ndarray, metrics: TrainMetrics, fingerprint: str) -> RecordDict:
-    """Stage 3: the masked, quantised release and the reply's metrics (noise-std: its noise share)."""
+def masked_reply(masked: np.ndarray, metrics: TrainMetrics | HeadMetrics, fingerprint: str) -> RecordDict:
+    """Stage 3: the masked, quantised release and the reply's metrics (noise-std: its noise share); a
+    head round's (HeadMetrics: no row count) says so in its config (P.STAGE)."""
     return _secagg_reply(P.MASKED_INPUT, {P.MASKED: masked}, fingerprint, metrics)
 
 
@@ -328,9 +356,10 @@ def unmask_reply(answer: UnmaskShares, fingerprint: str) -> RecordDict:
     return _secagg_reply(P.UNMASK, arrays, fingerprint)
 
 
-def _secagg_structure(content: RecordDict, stage: str) -> TrainMetrics | None:
+def _secagg_structure(content: RecordDict, stage: str) -> TrainMetrics | HeadMetrics | None:
     """A secure aggregation reply's records, config (fingerprint and stage; an advert's also its
-    noise multiplier, checked), dtypes and 1-D arrays; the masked input's metrics."""
+    noise multiplier, checked; a head round's masked input also its P.STAGE), dtypes and 1-D arrays;
+    the masked input's metrics (a head round's without a row count)."""
     if stage not in SECAGG_DTYPES:
         raise AdapterError(
             f"secure aggregation stage {_shown(stage)}, expected one of {', '.join(SECAGG_DTYPES)}"
@@ -340,6 +369,8 @@ def _secagg_structure(content: RecordDict, stage: str) -> TrainMetrics | None:
         records[P.METRICS] = MetricRecord
     _check_records(content, records)
     expected = [P.FINGERPRINT, P.SECAGG_STAGE, *([P.SECAGG_NOISE] if stage == P.ADVERTISE_KEYS else [])]
+    head = stage == P.MASKED_INPUT and content[P.CONFIG].get(P.STAGE) == P.HEAD_GRADIENT
+    expected += [P.STAGE] if head else []
     if set(content[P.CONFIG]) != set(expected):
         raise AdapterError(
             f"config record: keys {_shown(sorted(content[P.CONFIG]))}, expected exactly {expected} "
@@ -353,12 +384,14 @@ def _secagg_structure(content: RecordDict, stage: str) -> TrainMetrics | None:
                 f"{_shown(key)}: {_shown(array.dtype)} of shape {_shown(tuple(array.shape))}, expected a "
                 f"vector of {', '.join(SECAGG_DTYPES[stage])} at stage {stage}"
             )
-    return _train_metrics(content[P.METRICS]) if stage == P.MASKED_INPUT else None
+    if stage != P.MASKED_INPUT:
+        return None
+    return _head_metrics(content[P.METRICS]) if head else _train_metrics(content[P.METRICS])
 
 
 def _secagg_arrays(
     content: RecordDict, stage: str, fingerprint: str
-) -> tuple[ArrayRecord, TrainMetrics | None]:
+) -> tuple[ArrayRecord, TrainMetrics | HeadMetrics | None]:
     config = content.config_records.get(P.CONFIG)
     theirs = config.get(P.SECAGG_STAGE) if config is not None else None
     if theirs != stage:
@@ -403,12 +436,16 @@ def parse_shares(content: RecordDict, fingerprint: str, max_bytes: int) -> dict[
 
 
 def parse_masked(
-    content: RecordDict, fingerprint: str, length: int, ring_dtype: np.dtype
-) -> tuple[np.ndarray, TrainMetrics]:
-    """Stage 3's reply: a masked vector of ``length`` ring elements, and the reply's metrics."""
+    content: RecordDict, fingerprint: str, length: int, ring_dtype: np.dtype, head: bool = False
+) -> tuple[np.ndarray, TrainMetrics | HeadMetrics]:
+    """Stage 3's reply: a masked vector of ``length`` ring elements, and the reply's metrics; ``head``:
+    a head round's (HeadMetrics), else round 0's statistics (TrainMetrics)."""
     record, metrics = _secagg_arrays(content, P.MASKED_INPUT, fingerprint)
     if set(record) != {P.MASKED}:
         raise AdapterError(f"keys {_shown(sorted(record))}, expected exactly [{P.MASKED!r}]")
+    if isinstance(metrics, HeadMetrics) != head:
+        expected = "a head round's" if head else "round 0's statistics"
+        raise AdapterError(f"a masked reply of another release, expected {expected}")
     if metrics is None or metrics.noise_std is None:
         raise AdapterError(f"metric {P.NOISE_STD!r} missing: a statistics reply says its release's noise")
     return _payload(P.MASKED, record[P.MASKED], (length,), (str(ring_dtype),)).copy(), metrics

@@ -396,7 +396,11 @@ class FederationConfig:
         "less secagg_dropouts less secagg_colluders, so the sum carries the central noise; each ledger "
         "records both epsilons. Fewer survivors than the threshold or than the institutions less "
         "secagg_dropouts: the round is discarded, nothing unmasked, the head stays as model.head_init "
-        "made it. Needs statistics_first (classification). The LoRA rounds are not covered yet.",
+        "made it. Needs statistics_first (classification). Head rounds (one noisy step of the head a "
+        "round) are summed the same way (a discarded one leaves the head unstepped); multi-step LoRA "
+        "rounds keep full local noise and are not masked. An institution setting it (with "
+        "secagg_dropouts and secagg_colluders) tells its planner that the head's gradients are summed "
+        "under it: the sum's noise counts once.",
     )
     secagg_threshold: int | None = _f(
         None,
@@ -730,7 +734,10 @@ PERSONAS: dict[str, Persona] = {
         | _section("data")
         | _section("training")
         | _section("privacy")
-        | _section("federation", only=("rounds", "superlink_address"))
+        | _section(
+            "federation",
+            only=("rounds", "superlink_address", "secure_aggregation", "secagg_dropouts", "secagg_colluders"),
+        )
         | _section("security", only=("ca_cert", "node_private_key")),
         (_check_training,),
     ),

@@ -230,6 +230,9 @@ def head_rounds_statement(
     )
     if noise[-1] == 0:
         return f"{line} No noise: privacy was off, the exact clipped sums left."
+    clipped = clip if clip is not None else HEAD_CLIP
+    secure, assumption = _secure_head_rounds(history, rounds, noise[0], clipped)
+    line += secure
     planned = f"{clip:g}" if clip is not None else f"{HEAD_CLIP:g} (the planner's head clip)"
     sigmas = sorted({m for s in spends if s.round_noise for r, m in s.round_noise if r in rounds})
     if sigmas:
@@ -242,10 +245,37 @@ def head_rounds_statement(
             "The noise multiplier sigma and clip C are each institution's own (its ledger; the planner's "
             f"head clip is {HEAD_CLIP:g}): the coordinator receives only their product, the noise std above"
         )
-    return (
+    statement = (
         f"{line} {mechanism}. Each head round is charged in the institution's ledger before a row is "
         "read, as one DP-SGD step at sample rate 1 at the noise of round 0's release, and composed with "
         "round 0 by its accountant: the epsilons below cover them."
+    )
+    return f"{statement}\n{assumption}" if assumption else statement
+
+
+def _secure_head_rounds(
+    history: Sequence[Mapping[str, Any]], rounds: Sequence[int], share: float, clip: float
+) -> tuple[str, str]:
+    """The head rounds that ran under secure aggregation (their history's ``secagg_*`` figures): a
+    sentence and the aggregation assumption's line; empty where none did. ``share``: the smallest noise
+    std a reply carried (the weakest statement covers every other one)."""
+    secure = [
+        e for e in history if int(e["round"]) in rounds and "secagg_institutions" in e.get("aggregation", {})
+    ]
+    if not secure:
+        return "", ""
+    figures = secure[0]["aggregation"]
+    sampled, dropouts, colluders = (
+        int(figures[k]) for k in ("secagg_institutions", "secagg_dropouts", "secagg_colluders")
+    )
+    honest = max(1, sampled - dropouts - colluders)
+    sharing = NoiseSharing(share * math.sqrt(honest) / clip, clip, sampled, dropouts, colluders)
+    shown = ", ".join(str(int(e["round"])) for e in secure)
+    return (
+        f" Under secure aggregation in rounds {shown}: each vector left masked with only its institution's "
+        "share of the noise (the noise std above: sigma x C / sqrt(m)), and the server unmasked only the "
+        "sum, which carried sigma x C once.",
+        aggregation_assumption(sharing),
     )
 
 

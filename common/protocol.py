@@ -41,6 +41,12 @@ SHARE_KEYS = "share-keys"
 MASKED_INPUT = "masked-input"
 UNMASK = "unmask"
 SECAGG_STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, UNMASK)
+# a head round under secure aggregation: the round's train message says the head rounds' gradients go
+# through a secure sum (SECURE_HEAD); an institution that planned a head round answers it with a reply of
+# stage JOIN_SECURE_SUM (nothing released, nothing charged); the four stages then run among those, each
+# message's STAGE being HEAD_GRADIENT (the masked input: the head-gradient sum with a share of the noise)
+SECURE_HEAD = "secure-head"
+JOIN_SECURE_SUM = "join-secure-sum"
 # server -> client (ConfigRecord): the round's context (random bytes binding every key and share to it),
 # threshold, tolerated dropouts and colluders, and at the unmask stage the survivors (node ids as str)
 SECAGG_CONTEXT = "secagg-context"

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.common import protocol as P
 from fedlora.common.adapter import State, adapter_state, export_adapter, from_record, load_adapter_state
-from fedlora.common.config import FedloraConfig, load_config, to_dict
+from fedlora.common.config import FederationConfig, FedloraConfig, load_config, to_dict
 from fedlora.common.data import TokenizedDataset
 from fedlora.common.errors import CheckpointError, ConfigError, FedloraError
 from fedlora.common.held_out import VALIDATION, best_round, exported_round, split_held_out
@@ -26,7 +26,9 @@ from fedlora.common.model_card import ended_after, write_model_card
 from fedlora.common.scoring import evaluate
 from fedlora.common.workbench import Workbench, prepare
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlora.server.head_step import SecureHead
 from fedlora.server.history import summarise_round
+from fedlora.server.secure_head import HeadSumCallback, secure_head_sum
 from fedlora.server.secure_statistics import secure_statistics
 from fedlora.server.strategy import LoraStrategy, build_strategy
 
@@ -43,6 +45,8 @@ class ServerSettings:
     on_secure_sum: SumCallback | None = None
     """Under secure aggregation, handed round 0's unmasked sum (what the coordinator learns anyway):
     the simulation's audit checks its noise against the claimed sigma C (simulations.secure_sum_audit)."""
+    on_secure_head: HeadSumCallback | None = None
+    """Under secure aggregation, handed each secure head round's number and unmasked sum (the same audit)."""
 
 
 def server_workbench(cfg: FedloraConfig) -> tuple[Workbench, TokenizedDataset | None]:
@@ -72,7 +76,9 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
     )
     if not start.history and cfg.federation.statistics_first and cfg.model.task == "classification":
         start = statistics_first(grid, strategy, start, after_round, cfg, settings.on_secure_sum)
-    final = run_rounds(grid, strategy, start, after_round, cfg.federation.round_timeout)
+    fed = cfg.federation
+    secure = SecureHeads(fed, settings.on_secure_head) if fed.secure_aggregation else None
+    final = run_rounds(grid, strategy, start, after_round, cfg.federation.round_timeout, secure)
     export(run_dir, cfg, bench, final if after_round.best is None else after_round.best, after_round.history)
     require_budget_for_every_round(after_round.history, cfg.federation.rounds)
     return after_round.history
@@ -243,11 +249,39 @@ def statistics_first(
     return Start(done=0, arrays=arrays, history=after_round.history)
 
 
+@dataclass(frozen=True)
+class SecureHeads:
+    """Under secure aggregation, a round's head gradients go through a secure sum (server.secure_head)."""
+
+    fed: FederationConfig
+    on_sum: HeadSumCallback | None = None
+
+    def __call__(
+        self,
+        grid: Grid,
+        strategy: LoraStrategy,
+        arrays: ArrayRecord,
+        replies: list[Message],
+        server_round: int,
+    ) -> SecureHead | None:
+        """The secure sum among the nodes whose reply joined it; None where none did."""
+        joined = strategy.joined(replies, server_round)
+        if not joined:
+            return None
+        return secure_head_sum(grid, strategy, arrays, self.fed, joined, server_round, self.on_sum)
+
+
 def run_rounds(
-    grid: Grid, strategy: LoraStrategy, start: Start, after_round: AfterRound, timeout: float
+    grid: Grid,
+    strategy: LoraStrategy,
+    start: Start,
+    after_round: AfterRound,
+    timeout: float,
+    secure: SecureHeads | None = None,
 ) -> ArrayRecord:
-    """The remaining rounds, numbered as the federation counts them: train on the nodes and
-    aggregate, evaluate on the nodes, then the after-round step. Returns the last global adapter."""
+    """The remaining rounds, numbered as the federation counts them: train on the nodes (under secure
+    aggregation, then the secure head sum of those that joined it) and aggregate, evaluate on the
+    nodes, then the after-round step. Returns the last global adapter."""
     arrays = start.arrays
     if start.done < after_round.rounds:
         strategy.summary()
@@ -256,9 +290,9 @@ def run_rounds(
         if ended_early(after_round.history, after_round.rounds):
             break
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-        aggregated, _ = strategy.aggregate_train(
-            server_round, grid.send_and_receive(messages, timeout=timeout)
-        )
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        secured = secure(grid, strategy, arrays, replies, server_round) if secure is not None else None
+        aggregated, _ = strategy.aggregate_train(server_round, replies, secured)
         arrays = aggregated if aggregated is not None else arrays
         messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
         federated = (

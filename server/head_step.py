@@ -9,11 +9,24 @@ same divisor is known when the sum is unmasked under secure aggregation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fedlora.common.head_gradient import unflat
+from fedlora.server.history import RoundLog
+
+
+@dataclass(frozen=True)
+class SecureHead:
+    """A round's secure head sum (server.secure_head) for the strategy to step as summed head replies:
+    its log (dropped nodes, the survivors' masked replies' metrics, the protocol's ``secagg_*``
+    figures) and the unmasked sum of ``survivors`` institutions, None where it was discarded."""
+
+    record: RoundLog
+    total: Tensor | None
+    survivors: int
 
 
 def summed_gradient(vectors: Sequence[Tensor]) -> Tensor:

@@ -24,14 +24,14 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.common import protocol as P
 from fedlora.common.adapter import from_record, to_record
 from fedlora.common.catalogue import AGGREGATORS as AGGREGATOR_ENTRIES
-from fedlora.common.codec import HeadReply, is_head_gradient, parse_statistics_reply
+from fedlora.common.codec import HeadReply, is_head_gradient, is_join, parse_join, parse_statistics_reply
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import AdapterError, CheckpointError, FedloraError
 from fedlora.common.head_gradient import LEARNING_RATE, length
 from fedlora.common.model import HEAD, lora_scale
 from fedlora.server.aggregators import Aggregator, bounded_weights, create_aggregator
 from fedlora.server.global_adapter import GlobalAdapter, Layout
-from fedlora.server.head_step import head_step, rows_in_sum, summed_gradient
+from fedlora.server.head_step import SecureHead, head_step, rows_in_sum, summed_gradient
 from fedlora.server.history import RoundLog
 from fedlora.server.optimisers import ServerOptimiser, create_optimiser
 from fedlora.server.screening import (
@@ -92,10 +92,14 @@ class LoraStrategy(Strategy):
         aggregator: Aggregator,
         optimiser: ServerOptimiser,
         wire_dtype: str = "fp32",
+        secure_heads: bool = False,
     ) -> None:
         self.layout, self.sampling, self.screen = layout, sampling, screen
         self.weighting, self.aggregator, self.optimiser = weighting, aggregator, optimiser
         self.wire_dtype = wire_dtype
+        self.secure_heads = secure_heads
+        """federation.secure_aggregation: head rounds' gradients go through a secure sum
+        (server.secure_head)."""
         self.global_adapter = GlobalAdapter({}, aggregator, layout)
         self.sent: dict[str, np.ndarray] = {}
         self.outbox: list[Message] = []
@@ -125,6 +129,8 @@ class LoraStrategy(Strategy):
         self.sent = {k: array.numpy() for k, array in arrays.items()}
         config = self._round_config(server_round, config)
         config.update(self.optimiser.train_config())
+        if self.secure_heads:
+            config[P.SECURE_HEAD] = True
         nodes = self._sample(grid, self.sampling.fraction_train, server_round)
         self.outbox = self._messages(nodes, arrays, config, MessageType.TRAIN)
         return self.outbox
@@ -265,6 +271,30 @@ class LoraStrategy(Strategy):
         head = {weight_key: weight, bias_key: bias}
         return ArrayRecord({k: Array(np.ascontiguousarray(head.get(k, v).numpy())) for k, v in state.items()})
 
+    def head_sum_config(self, server_round: int) -> ConfigRecord:
+        """The config of a secure head sum's stage messages (server.secure_head)."""
+        return self._round_config(server_round, ConfigRecord({P.STAGE: P.HEAD_GRADIENT}))
+
+    def joined(self, replies: Iterable[Message], server_round: int) -> list[int]:
+        """The nodes whose reply to this round's train message joins its secure head sum (well-formed, one
+        per node, in node order); aggregate_train drops the others with their reason."""
+        node_of = self.speaks_for()
+        nodes = []
+        for msg in first_per_node(replies, server_round, [], "join", node_of):
+            if not msg.has_error() and is_join(msg.content) and self._join_refused(msg) is None:
+                nodes.append(node_of(msg))
+        return nodes
+
+    def _join_refused(self, msg: Message) -> str | None:
+        """Why a join reply is refused (None: it is not)."""
+        if self.released is None:
+            return "joins a secure head sum, but no round-0 statistics counted the rows it sums"
+        try:
+            parse_join(msg.content, self.layout.fingerprint)
+        except AdapterError as err:
+            return str(err)
+        return None
+
     def statistics_nodes(self, grid: Grid) -> list[int]:
         """Every connected node, at least min_statistics_nodes (waiting for them as a round does)."""
         return self._sample(grid, 1.0, 0)
@@ -272,25 +302,34 @@ class LoraStrategy(Strategy):
     # --- from the nodes ---
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message], secured: SecureHead | None = None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen, weigh, aggregate, step; None when no reply was usable (the global stays)."""
+        """Screen, weigh, aggregate, step; None when no reply was usable (the global stays).
+        ``secured``: the round's secure head sum (server.secure_head), stepped as summed head replies."""
         record = RoundLog(round=server_round)
         self.rounds.append(record)
         node_of = self.speaks_for()
         replies = first_per_node(replies, server_round, record.dropped, "train", node_of)
+        joins = [m for m in replies if not m.has_error() and is_join(m.content)]
         heads = [m for m in replies if not m.has_error() and is_head_gradient(m.content)]
         others = [m for m in replies if m.has_error() or not is_head_gradient(m.content)]
+        others = [m for m in others if m.has_error() or not is_join(m.content)]
         dropped = record.dropped
+        for msg in joins:
+            if (reason := self._join_refused(msg)) is not None:
+                drop(dropped, server_round, msg, reason, "join", node_of(msg))
         accepted = self.screen.train_replies(others, self.global_adapter, server_round, dropped, node_of)
         gradients = self._head_replies(heads, server_round, record.dropped)
+        secure = secured if secured is not None and secured.total is not None else None
+        if secured is not None:
+            record.dropped += secured.record.dropped
         # A reply of no steps is an institution whose planner found DP-SGD would add nothing
         # (client.recipe): its empty update is not averaged in, or it would shrink the others'.
         trained = [s for s in accepted if s.metrics.steps > 0]
         record.statistics_only = len(accepted) - len(trained)
         record.no_training = [s.update.node_id for s in accepted if s.plan == P.STATISTICS_ONLY]
-        record.head_gradients = len(gradients)
-        if not trained and not gradients:
+        record.head_gradients = len(gradients) + (secure.survivors if secure is not None else 0)
+        if not trained and not gradients and secure is None:
             if accepted:
                 log.info("round %d: every reply planned no LoRA steps; the global stays", server_round)
             else:
@@ -307,17 +346,24 @@ class LoraStrategy(Strategy):
             result = self.aggregator.aggregate(self.global_adapter.state, updates)
             record.aggregation = result.metrics
             merged.update(result.state)
+        head_metrics = [reply.metrics.values() for _, reply in gradients]
         if gradients:
-            merged.update(self._head_step(merged, [reply for _, reply in gradients]))
+            total = summed_gradient([reply.vector for _, reply in gradients])
+            merged.update(self._head_step(merged, total, len(gradients)))
             record.clients += [
                 {"node": node, **{k: float(v) for k, v in reply.metrics.values().items()}}
                 for node, reply in gradients
             ]
+        if secure is not None:
+            merged.update(self._head_step(merged, secure.total, secure.survivors))
+            record.clients += secure.record.clients
+            record.aggregation.update(secure.record.aggregation)
+            head_metrics += [{k: v for k, v in c.items() if k != "node"} for c in secure.record.clients]
         aggregated = {k: v.to(torch.float32).contiguous().numpy() for k, v in merged.items()}
         stepped = self.optimiser.step(self.sent, aggregated, server_round)
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stepped.items()})
-        metrics = [s.metrics.values() for s in trained] + [reply.metrics.values() for _, reply in gradients]
-        return arrays, summarise_metrics(metrics, [*weights, *[1.0] * len(gradients)])
+        metrics = [s.metrics.values() for s in trained] + head_metrics
+        return arrays, summarise_metrics(metrics, [*weights, *[1.0] * len(head_metrics)])
 
     def _head_replies(
         self, replies: Sequence[Message], server_round: int, dropped: list[dict]
@@ -332,14 +378,13 @@ class LoraStrategy(Strategy):
         return self.screen.head_replies(replies, length(classes, width), server_round, dropped)
 
     def _head_step(
-        self, state: Mapping[str, torch.Tensor], replies: Sequence[HeadReply]
+        self, state: Mapping[str, torch.Tensor], total: torch.Tensor, institutions: int
     ) -> dict[str, torch.Tensor]:
-        """The head after one SGD step on the replies' summed gradient over the rows they stand for
-        (server.head_step)."""
+        """The head after one SGD step on the summed gradient of ``institutions`` (plain replies' or a
+        secure sum's) over the rows they stand for (server.head_step)."""
         released_rows, released_by = self.released
-        rows = rows_in_sum(released_rows, released_by, len(replies))
+        rows = rows_in_sum(released_rows, released_by, institutions)
         weight_key, bias_key = self._head_keys()
-        total = summed_gradient([reply.vector for reply in replies])
         weight, bias = head_step(state[weight_key], state[bias_key], total, rows, LEARNING_RATE)
         return {weight_key: weight, bias_key: bias}
 
@@ -423,6 +468,7 @@ def build_strategy(cfg: FedloraConfig, fingerprint: str, num_clients: int) -> Lo
             proximal_mu=fed.proximal_mu,
         ),
         wire_dtype=fed.update_dtype,
+        secure_heads=fed.secure_aggregation,
     )
 
 

@@ -119,6 +119,32 @@ def head_round_noise(released: HeadRound, clip: float, ledger: PrivacyLedger, se
     return NoiseSums.of(float(added @ added), added.numel(), entries[-1].noise_multiplier * clip)
 
 
+def head_exact_file(canaries: Path) -> Path:
+    """Where the exact clipped head-gradient sums of the institution's secure head rounds live."""
+    return canaries.with_suffix(".head-exact.safetensors")
+
+
+def record_head_exact(path: Path, server_round: int, exact: torch.Tensor, clip: float) -> None:
+    """Add a secure head round's exact clipped sum (and the clip it was made at) to the institution's
+    file: its noise is a share of the sum's, so only the sum can be checked (secure_sum_audit)."""
+    kept = load_tensors(path.read_bytes()) if path.exists() else {}
+    kept[f"round-{server_round}"] = exact.detach().to(torch.float64).contiguous()
+    kept[f"clip-{server_round}"] = torch.tensor(float(clip), dtype=torch.float64)
+    write_durably(path, save_tensors(kept))
+
+
+def recorded_head_exact(path: Path) -> dict[int, tuple[torch.Tensor, float]]:
+    """Each secure head round's exact clipped sum and clip, by round; empty before the first."""
+    if not path.exists():
+        return {}
+    try:
+        kept = load_tensors(path.read_bytes())
+        rounds = [int(k.removeprefix("round-")) for k in kept if k.startswith("round-")]
+        return {r: (kept[f"round-{r}"], float(kept[f"clip-{r}"])) for r in rounds}
+    except (SafetensorError, KeyError, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable file of exact head-gradient sums ({err})") from None
+
+
 def record_head_round(path: Path, noise: NoiseSums) -> None:
     """Add a head round's noise sums to the institution's running ones (``head_noise_file``)."""
     total = recorded_head_noise(path)
@@ -183,7 +209,9 @@ class CanaryRound:
     def head_sent(
         self, released: HeadRound, clip: float, ledger: PrivacyLedger | None, server_round: int
     ) -> None:
-        if ledger is not None:  # without DP the exact sum leaves: no noise to check
+        if released.shared:  # its noise is a share: the secure sum's audit checks the sum
+            record_head_exact(head_exact_file(self.plan.path), server_round, released.exact, clip)
+        elif ledger is not None:  # without DP the exact sum leaves: no noise to check
             record_head_round(
                 head_noise_file(self.plan.path), head_round_noise(released, clip, ledger, server_round)
             )

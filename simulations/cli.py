@@ -38,7 +38,11 @@ from fedlora.server.history import summarise_round, track_history
 from fedlora.simulations.compare import compare, markdown
 from fedlora.simulations.federated_audit import RESULT_FILE, audit_federation
 from fedlora.simulations.head_round_audit import RESULT_FILE as HEAD_RESULT_FILE
-from fedlora.simulations.head_round_audit import audit_head_rounds, require_head_noise
+from fedlora.simulations.head_round_audit import (
+    audit_head_rounds,
+    audit_secure_head_rounds,
+    require_head_noise,
+)
 from fedlora.simulations.report import (
     SEEDED,
     audit_metrics,
@@ -210,9 +214,10 @@ def run(args: argparse.Namespace) -> int:
         audits = audit_federation(cfg, out) if args.audit else []
         summed = audit_secure_sum(cfg, out) if args.audit else None
         heads = audit_head_rounds(cfg, out) if args.audit else []
+        secure_heads = audit_secure_head_rounds(cfg, out) if args.audit else None
         seconds = time.perf_counter() - start
         title = f"{cfg.name}: federated simulation"
-        audited = "\n" + audit_section(audits, summed, heads) if args.audit else ""
+        audited = "\n" + audit_section(audits, summed, heads, secure_heads) if args.audit else ""
         history = write_all(out, title, extra=f"Wall time: {seconds:.1f} s.\n{audited}")
         if args.compare:
             summary = compare(cfg, out, federated_result(history))
@@ -225,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     for audit in audits:
         require_no_leak(audit.result, out / RESULT_FILE)
     require_enough_noise(summed, out / SUM_RESULT_FILE)
-    require_head_noise(heads, out / HEAD_RESULT_FILE)
+    require_head_noise(heads, out / HEAD_RESULT_FILE, secure_heads)
     return 0
 
 

@@ -22,7 +22,7 @@ from fedlora.common.held_out import exported_round
 from fedlora.common.model_card import ADAPTER_DIR, rounds_statement
 from fedlora.common.scoring import MACRO_F1, TOP_CLASS, TOP_SHARE
 from fedlora.server.history import client_names, summarise_round
-from fedlora.simulations.head_round_audit import HeadRoundAudit
+from fedlora.simulations.head_round_audit import HeadRoundAudit, SecureHeadAudit
 from fedlora.simulations.run import CONFIG_FILE
 from fedlora.simulations.secure_sum_audit import SumAudit
 
@@ -202,11 +202,15 @@ def write_report(run_dir: Path, history: list[dict], title: str, extra: str = ""
 
 
 def audit_section(
-    audits: list, summed: SumAudit | None = None, heads: list[HeadRoundAudit] | None = None
+    audits: list,
+    summed: SumAudit | None = None,
+    heads: list[HeadRoundAudit] | None = None,
+    secure_heads: SecureHeadAudit | None = None,
 ) -> str:
     """The report's "Audit" section: per institution, the ledger's claim beside the measured lower
     bounds and what the canaries could prove at most (ceiling); under secure aggregation, the check
-    of round 0's summed noise (``summed``); the check of the head rounds' noise (``heads``)."""
+    of round 0's summed noise (``summed``); the check of the head rounds' noise (``heads``; under
+    secure aggregation of their unmasked sums, ``secure_heads``)."""
     lines = [
         "## Audit",
         "",
@@ -251,6 +255,8 @@ def audit_section(
         lines += [*secure_sum_lines(summed), ""]
     if heads:
         lines += [*head_round_lines(heads), ""]
+    if secure_heads is not None:
+        lines += [*secure_head_lines(secure_heads), ""]
     return "\n".join(lines)
 
 
@@ -279,6 +285,37 @@ def head_round_lines(audits: list[HeadRoundAudit]) -> list[str]:
         "",
         f"Power: {weakest.samples:,} values (the fewest of any institution) catch a std ratio below "
         f"{weakest.detectable_ratio:.3f} (probability 0.999); a smaller shortfall passes.",
+    ]
+
+
+def secure_head_lines(audit: SecureHeadAudit) -> list[str]:
+    """What the audit of the secure head rounds' summed noise checked, and what it could have caught."""
+    shown = ", ".join(map(str, audit.rounds)) or "none"
+    lines = [
+        f"Secure aggregation, head rounds ({shown}): each institution added a share of the noise, so the "
+        "check is on each round's unmasked sum less the institutions' exact clipped sums (known to the "
+        "simulation only), against the largest sigma x C their ledgers claim, a one-sided chi-square test.",
+        "",
+    ]
+    power = (
+        f"One of the m = {audit.honest} guaranteed institutions adding no share leaves "
+        f"{audit.missing_share_ratio:.3f} of the claimed std, caught from "
+        f"{audit.samples_to_catch_missing_share:,} noised values"
+    )
+    skipped = [f"Not checked: {why}." for why in audit.skipped]
+    if audit.check is None:
+        return [*lines, *skipped, f"{power}."]
+    n = audit.check
+    return [
+        *lines,
+        "| values | measured std | claimed std | ratio (interval) | p-value | passed |",
+        "|---|---|---|---|---|---|",
+        f"| {n.samples:,} | {n.measured_std:.4g} | {n.calibrated_std:.4g} | {n.ratio:.4f} "
+        f"({n.ratio_interval[0]:.3f}, {n.ratio_interval[1]:.3f}) | {n.p_value:.3g} | "
+        f"{'yes' if n.passed else 'NO'} |",
+        "",
+        *skipped,
+        f"{power}: this run had {n.samples:,}.",
     ]
 
 

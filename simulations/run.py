@@ -23,6 +23,7 @@ from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
 from fedlora.simulations.carry import carried_setup, carry_mod, start_keeper
 from fedlora.simulations.cluster import check_nodes, join_args, require_reachable, unreachable
 from fedlora.simulations.gpu_share import check_gpu_share
+from fedlora.simulations.head_round_audit import head_sum_recorder
 from fedlora.simulations.secure_sum_audit import sum_recorder
 from fedlora.simulations.virtual_client import partition_sizes, simulation_setup, with_peers
 
@@ -124,15 +125,19 @@ def simulate(
 ) -> None:
     """Run (or resume) a simulation into ``run_dir``; with ``canaries`` (white-box, black-box counts)
     every virtual institution inserts privacy-audit canaries in its own trainer (and under secure
-    aggregation round 0's unmasked sum is kept for the audit of its noise)."""
+    aggregation round 0's and the head rounds' unmasked sums are kept for the audit of their noise)."""
     if canaries and cfg.simulation.client_ranks:
         raise ConfigError("--audit: simulation.client_ranks is set; the audit needs one rank for all clients")
     partition_sizes(cfg)
     cfg = with_peers(cfg)
     prepare_run_dir(cfg, run_dir)
-    audited_sum = sum_recorder(run_dir) if canaries and cfg.federation.secure_aggregation else None
+    audited = bool(canaries) and cfg.federation.secure_aggregation
     settings = ServerSettings(
-        cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients, on_secure_sum=audited_sum
+        cfg=cfg,
+        run_dir=run_dir,
+        num_clients=cfg.simulation.num_clients,
+        on_secure_sum=sum_recorder(run_dir) if audited else None,
+        on_secure_head=head_sum_recorder(run_dir) if audited else None,
     )
     server_app = build_server_app(lambda _context: settings, on_round)
     backend = backend_config(cfg)

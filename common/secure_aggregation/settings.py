@@ -126,3 +126,37 @@ def check_statistics_rows(rows: int) -> None:
             "clipped; expected at most that many rows at one institution (split the data, or federate "
             "without federation.secure_aggregation)"
         )
+
+
+# A head round's gradient sum (common.head_gradient): each row's gradient is clipped to L2 norm C, so every
+# value of one institution's sum lies within rows x C, before its noise share. Round 0's range and levels
+# serve (step 1.9e-6 per value, far below any noise share), in the 64-bit ring.
+HEAD_GRADIENT_CLIP = STATISTICS_CLIP
+# a noise share is drawn inside the range unless it exceeds this many of its standard deviations
+# (probability below 1e-22 per value)
+NOISE_MARGIN = 10.0
+
+
+def for_head_gradient(threshold: int | None, tolerated_dropouts: int) -> SecAggConfig:
+    """The settings of a head round's gradient sum under secure aggregation."""
+    return SecAggConfig(
+        threshold=threshold,
+        tolerated_dropouts=tolerated_dropouts,
+        ring_bits=STATISTICS_RING_BITS,
+        quantisation_bits=STATISTICS_QUANTISATION_BITS,
+        clip=HEAD_GRADIENT_CLIP,
+    )
+
+
+def check_head_range(rows: int, clip: float, noise_std: float) -> None:
+    """Refuse in one line a head gradient that the quantisation range could clip: its values are at most
+    rows x C, plus a noise share of ``noise_std`` (NOISE_MARGIN of them); the quantiser would clip the
+    rest silently and the head would step on a wrong sum. Checked before anything is charged or read."""
+    bound = rows * clip + NOISE_MARGIN * noise_std
+    if bound > HEAD_GRADIENT_CLIP:
+        raise ConfigError(
+            f"secure aggregation: a head gradient of {rows:,} rows x clip {clip:g} plus {NOISE_MARGIN:g} "
+            f"noise std {noise_std:.3g} reaches {bound:,.0f}, beyond the quantisation range of "
+            f"{int(HEAD_GRADIENT_CLIP):,} (common.secure_aggregation.settings.HEAD_GRADIENT_CLIP); expected "
+            "fewer rows or a smaller privacy.max_grad_norm at one institution"
+        )

@@ -3,6 +3,7 @@ high epsilon; the config's auto / manual modes; and `check` printing every value
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -328,3 +329,45 @@ def test_without_a_round_0_the_rounds_get_the_whole_budget():
         source="<test>",
     )
     assert R.plan(R.facts(off, 1150, 3, trainable=TRAINABLE), off).statistics_noise.value is None
+
+
+def test_under_secure_aggregation_the_head_snr_counts_the_sums_noise_once(tmp_path: Path, capsys):
+    """K peers adding full noise give their summed head gradient sqrt(K) sigma C; under secure aggregation
+    with m guaranteed shares the sum carries sqrt(K / m) sigma C: sqrt(m) times the signal-to-noise,
+    and head rounds planned where the plain path falls short. Check says which noise it assumed."""
+    cfg = config_from_dict(
+        {"training": {"peers_per_round": 10}, "privacy": {"epsilon": 8.0, "planned_rounds": ROUNDS}}
+    )
+    fed = cfg.federation
+    secure = dataclasses.replace(cfg, federation=dataclasses.replace(fed, secure_aggregation=True))
+    tolerant = dataclasses.replace(
+        secure, federation=dataclasses.replace(secure.federation, secagg_dropouts=1, secagg_colluders=1)
+    )
+    head = 18 * MINILM_HEAD
+    plain_inst, secure_inst, tolerant_inst = (
+        R.facts(c, 768, 18, trainable=80_000, head_values=head) for c in (cfg, secure, tolerant)
+    )
+    assert (plain_inst.shares, secure_inst.shares, tolerant_inst.shares) == (None, 10, 8)
+    sigma = R.head_noise(plain_inst)
+    plain = R.head_snr(plain_inst, sigma)
+    assert R.head_snr(secure_inst, sigma) == pytest.approx(plain * math.sqrt(10))
+    assert R.head_snr(tolerant_inst, sigma) == pytest.approx(plain * math.sqrt(8))
+    assert plain < R.MIN_HEAD_SNR <= R.head_snr(secure_inst, sigma)
+    assert not R.plan(plain_inst, cfg).head_rounds.value
+    secure_plan = R.plan(secure_inst, secure).head_rounds
+    assert secure_plan.value
+    assert "secure aggregation: 10 peers' shares summed, 10 guaranteed" in secure_plan.reason
+
+    config = tmp_path / "site.yaml"
+    settings = (
+        "model:\n  source: tiny-bert\ndata:\n  max_length: 16\n"
+        "training:\n  peers_per_round: 100\n  examples_per_round: 6\n"
+        f"privacy:\n  ledger_path: {tmp_path / 'ledger.json'}\n  planned_rounds: 2\n"
+    )
+    config.write_text(settings)
+    assert main(["check", str(config)]) == 0
+    assert "each of 100 peers adds its full noise" in cells(capsys.readouterr().out)["head rounds"]
+    config.write_text(settings + "federation:\n  secure_aggregation: true\n  secagg_dropouts: 2\n")
+    assert main(["check", str(config)]) == 0
+    shown = cells(capsys.readouterr().out)["head rounds"]
+    assert shown.startswith("True") and "secure aggregation: 100 peers' shares summed, 98 guaranteed" in shown

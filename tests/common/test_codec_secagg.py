@@ -10,11 +10,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedlora.common import protocol as P
 from fedlora.common.codec import (
+    HeadMetrics,
     TrainMetrics,
     advert_reply,
     check_outgoing,
+    is_join,
+    join_reply,
     masked_reply,
     parse_advert,
+    parse_join,
     parse_masked,
     parse_shares,
     parse_unmask,
@@ -110,3 +114,25 @@ def test_an_advert_with_a_malformed_or_missing_noise_multiplier_is_refused_in_on
     for err in (built, parsed):
         assert P.SECAGG_NOISE in str(err.value) and "\n" not in str(err.value)
     assert parse_advert(advert_reply(advert, 0.0, FP), FP)[1] == 0.0  # no DP planned: allowed
+
+
+def test_a_head_rounds_join_and_masked_replies_leave_without_a_row_count_and_are_told_apart():
+    """Under secure aggregation a head round is joined by a reply that carries nothing, and its masked
+    input carries the head's metrics (no row count): the server parses it only as a head round's, and a
+    statistics masked reply only as round 0's."""
+    join = join_reply(FP)
+    check_outgoing(join, "train")
+    assert is_join(join) and parse_join(join, FP) is None and len(join[P.ARRAYS]) == 0
+    with pytest.raises(AdapterError, match="fingerprint"):
+        parse_join(join, "other")
+    head = HeadMetrics(epsilon=1.0, steps=1, train_seconds=0.1, noise_std=0.3)
+    vector = np.arange(6, dtype=np.uint64)
+    masked = masked_reply(vector, head, FP)
+    check_outgoing(masked, "train")
+    assert P.NUM_EXAMPLES not in masked[P.METRICS]
+    got, metrics = parse_masked(masked, FP, 6, ring_dtype(64), head=True)
+    assert metrics == head and np.array_equal(got, vector)
+    with pytest.raises(AdapterError, match="expected round 0's statistics"):
+        parse_masked(masked, FP, 6, ring_dtype(64))
+    with pytest.raises(AdapterError, match="expected a head round's"):
+        parse_masked(masked_reply(vector, METRICS, FP), FP, 6, ring_dtype(64), head=True)

@@ -4,6 +4,7 @@ train-local, and hand-made records of a deployment (no ledgers at the coordinato
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,38 @@ def test_a_folder_with_no_run_records_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"neither history\.json nor metrics\.json") as err:
         write_model_card(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_card_says_when_the_head_rounds_ran_under_secure_aggregation(tmp_path):
+    """The history's secagg_* figures of a head round (server.secure_head) make the paragraph say that
+    each vector left masked with a share of the noise and state the aggregation assumption."""
+    figures = {
+        "secagg_institutions": 3.0,
+        "secagg_survivors": 3.0,
+        "secagg_threshold": 2.0,
+        "secagg_dropouts": 0.0,
+        "secagg_colluders": 0.0,
+    }
+    history = [
+        {"round": 0, "clients": [{"node": 11, "epsilon": 2.0, "noise-std": 1.5, "num-examples": 0.0}]},
+        *[
+            {
+                "round": r,
+                "clients": [head_reply(n, 2 + r, 0.5) for n in (11, 22, 33)],
+                "head_gradients": 3,
+                "aggregation": figures,
+            }
+            for r in (1, 2)
+        ],
+    ]
+    card = write_model_card(deployment_run(tmp_path, history)).read_text()
+    for fact in (
+        "Under secure aggregation in rounds 1, 2: each vector left masked with only its institution's share",
+        "the server unmasked only the sum, which carried sigma x C once",
+        f"- distributed noise: each institution added Gaussian noise of std sigma x C / sqrt(3) (sigma "
+        f"{0.5 * math.sqrt(3):g}, C 1)",
+    ):
+        assert fact in card, fact
+    plain = [{**e, "aggregation": {}} for e in history]
+    plain_card = write_model_card(deployment_run(tmp_path / "plain", plain)).read_text()
+    assert "Under secure aggregation" not in plain_card

@@ -28,11 +28,18 @@ def inside_a_serverapp(monkeypatch) -> None:
 
 
 class SecAggGrid:
-    """Three institutions whose ClientApp runs here; ``lost``: (stage, node) whose reply never arrives."""
+    """Three institutions whose ClientApp runs here; ``lost``: (stage, node) whose reply never arrives;
+    ``canaries``: each one's audit canaries (white-box, black-box), as ``fedlora-simulate --audit``."""
 
-    def __init__(self, cfg: FedloraConfig, run_dir: Path, lost: Iterable[tuple[str, int]] = ()) -> None:
+    def __init__(
+        self,
+        cfg: FedloraConfig,
+        run_dir: Path,
+        lost: Iterable[tuple[str, int]] = (),
+        canaries: tuple[int, int] | None = None,
+    ) -> None:
         self.setups = {
-            node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}))
+            node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}), canaries)
             for i, node in enumerate(NODES)
         }
         self.contexts = {

@@ -47,3 +47,34 @@ def test_a_simulation_sums_round_0_securely_with_noise_shares(tmp_path):
         stages = [json.loads(line)["configs"][P.CONFIG].get(P.SECAGG_STAGE) for line in lines[:4]]
         assert stages == list(P.SECAGG_STAGES)
     assert "distributed noise" in (tmp_path / "adapter" / "README.md").read_text()
+
+
+HEAD_ROUNDS = [
+    "model.source=tiny-bert",
+    "data.max_length=16",
+    "training.peers_per_round=100",
+    "training.examples_per_round=6",
+    "privacy.epsilon=8",
+    "privacy.accountant=rdp",
+    "federation.rounds=2",
+    "federation.min_clients=3",
+    "federation.fraction_evaluate=0",
+    "federation.central_eval=false",
+    "federation.secure_aggregation=true",
+    "simulation.num_clients=3",
+    "simulation.partition=iid",
+]
+
+
+def test_a_simulation_sums_its_head_rounds_securely(tmp_path):
+    """Head rounds (the planner's choice here) under secure aggregation over Ray: each institution joins,
+    then its four stages, whichever actor handles them; the card says so."""
+    cfg = load_config(overrides=HEAD_ROUNDS)
+    sim_run.simulate(cfg, tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e.get("head_gradients", 0) for e in history] == [0, 3, 3]
+    assert all(e["aggregation"]["secagg_survivors"] == 3 for e in history[1:])
+    for pid in range(3):
+        heads = PrivacyLedger.from_config(cfg.privacy, ledger_file(tmp_path, pid)).entries[1:]
+        assert [e.round for e in heads] == [1, 2] and all(e.epsilon_alone > e.epsilon for e in heads)
+    assert "Under secure aggregation in rounds 1, 2" in (tmp_path / "adapter" / "README.md").read_text()

@@ -17,8 +17,8 @@ from fedlora.common.adapter import from_record
 from fedlora.common.codec import HeadMetrics, check_outgoing, head_gradient_reply, parse_head_gradient_reply
 from fedlora.common.config import load_config
 from fedlora.common.head_gradient import CLIP, LEARNING_RATE, length
-from fedlora.server.head_step import head_step, rows_in_sum, summed_gradient
-from fedlora.server.history import summarise_round
+from fedlora.server.head_step import SecureHead, head_step, rows_in_sum, summed_gradient
+from fedlora.server.history import RoundLog, summarise_round
 from fedlora.server.statistics_head import class_mean_head
 from fedlora.server.strategy import build_strategy
 from helpers.messages import reply_message
@@ -186,3 +186,29 @@ def test_a_head_reply_round_trips_through_the_codec_and_leaves_the_audit_mod():
     parsed = parse_head_gradient_reply(content, FP, VALUES)
     assert torch.equal(parsed.vector, vector) and parsed.metrics == HeadMetrics(1.0, 1, 0.1, 2.0)
     assert set(content[P.ARRAYS]) == {P.HEAD_GRADIENT}  # one flat vector, nothing else
+
+
+def test_a_secure_head_sum_is_stepped_as_the_plain_replies_summing_to_it():
+    """Under secure aggregation the strategy steps the unmasked sum of K institutions' head gradients
+    (server.secure_head) exactly as it steps K plain head replies whose vectors add up to it."""
+    gen = torch.Generator().manual_seed(1)
+    vectors = [torch.randn(VALUES, generator=gen) for _ in range(3)]
+    torch.manual_seed(0)  # the same round-0 head for both
+    plain = strategy_after_round_0(300.0, 3)
+    want, _ = plain.aggregate_train(1, [head_reply(n, v) for n, v in enumerate(vectors, start=1)])
+    torch.manual_seed(0)
+    secure = strategy_after_round_0(300.0, 3)
+    metrics = HeadMetrics(epsilon=1.0, steps=1, train_seconds=0.1, noise_std=2.0).values()
+    clients = [{"node": n, **metrics} for n in (1, 2, 3)]
+    log = RoundLog(1, clients=clients, aggregation={"secagg_survivors": 3.0})
+    total = summed_gradient(vectors)
+    got, summary = secure.aggregate_train(1, [], SecureHead(log, total, 3))
+    for key in (W, B):
+        assert torch.allclose(from_record(got)[key], from_record(want)[key], atol=1e-6), key
+    assert not torch.allclose(from_record(got)[W], plain.global_adapter.state[W])  # the head moved
+    entry = secure.rounds[-1]
+    assert entry.head_gradients == 3 and entry.aggregation["secagg_survivors"] == 3.0
+    assert summary[P.EPSILON] == 1.0
+    # discarded (no sum): nothing to step, the global stays
+    discarded = SecureHead(RoundLog(1), None, 0)
+    assert strategy_after_round_0(300.0, 3).aggregate_train(1, [], discarded) == (None, None)
