@@ -13,7 +13,9 @@ So the SuperLink listens on loopback only, where the coordinator's own ``flwr`` 
 (server.deploy), and this gate listens on ``federation.superlink_address`` with the SuperLink's TLS
 certificate. It forwards a POST to one of the Fleet endpoints (``/v1/fleet/<name>``) to the SuperLink,
 body and headers untouched (node authentication signs them), and answers 404 to anything else before
-the SuperLink sees it: no Control, no Runtime, no documentation pages.
+the SuperLink sees it: no Control, no Runtime, no documentation pages. A call the SuperLink does not
+take (it is starting, or restarting after a crash, behind an already listening gate) is answered 502 or
+504, which SuperNodes retry, as they would had they reached the SuperLink directly.
 
     python -m fedlora.server.fleet_gate --host H --port P --upstream https://127.0.0.1:Q \
         [--certfile F --keyfile K --ca CA] [--parent-pid PID]
@@ -22,6 +24,7 @@ the SuperLink sees it: no Control, no Runtime, no documentation pages.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -35,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+log = logging.getLogger("fedlora.server.fleet_gate")
 FLEET = "/v1/fleet/"
 ENDPOINT = re.compile(r"[a-z][a-z-]{0,63}")  # Flower's Fleet endpoints: register-node, pull-messages, ...
 UPSTREAM_SECONDS = 600.0
@@ -49,6 +53,18 @@ def passable(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(name, value) for name, value in headers if name.lower() not in NOT_PASSED]
 
 
+def unreachable(upstream: str, name: str, err: httpx.TransportError) -> Response:
+    """The answer to a Fleet call the SuperLink did not take (not started yet, restarting, gone): 504
+    for a timeout, else 502, the codes a SuperNode retries. Any other code (an unhandled error's 500)
+    ends Flower's heartbeat thread for good: its node is then declared unavailable mid-round although
+    it still pulls and answers messages."""
+    timed_out = isinstance(err, httpx.TimeoutException)
+    log.warning("%s: the SuperLink at %s did not answer (%s)", name, upstream, type(err).__name__)
+    return PlainTextResponse(
+        f"the SuperLink did not answer ({type(err).__name__})", status_code=504 if timed_out else 502
+    )
+
+
 def gate_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
     """The ASGI app: Fleet calls forwarded to ``upstream`` (the SuperLink on loopback), the rest 404."""
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=UPSTREAM_SECONDS)
@@ -57,9 +73,12 @@ def gate_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
         name = request.path_params["name"]
         if not ENDPOINT.fullmatch(name) or request.url.query:
             return PlainTextResponse("not served here", status_code=404)
-        answer = await client.post(
-            FLEET + name, content=await request.body(), headers=passable(request.headers.items())
-        )
+        try:
+            answer = await client.post(
+                FLEET + name, content=await request.body(), headers=passable(request.headers.items())
+            )
+        except httpx.TransportError as err:
+            return unreachable(upstream, name, err)
         return Response(answer.content, answer.status_code, headers=dict(passable(answer.headers.items())))
 
     async def refuse(_request: Request) -> Response:

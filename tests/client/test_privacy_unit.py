@@ -27,7 +27,14 @@ from fedlora.common.data import build_data, with_units
 from fedlora.common.errors import CheckpointError, ConfigError, DataError
 from fedlora.simulations.partitions import partition
 from fedlora.simulations.synthetic_patients import LARGEST, patient_ids
-from helpers.dp import causal_dataset, names_by_id, norm_of, per_example_grads, perturbed_model
+from helpers.dp import (
+    causal_dataset,
+    names_by_id,
+    norm_of,
+    per_example_grads,
+    perturbed_model,
+    seeded_audit,
+)
 
 CPU = torch.device("cpu")
 LABELS = ("a", "b", "c")
@@ -399,7 +406,9 @@ def test_train_local_card_states_the_person_unit(tmp_path, monkeypatch):
     assert [e.sample_rate for e in saved.entries] == [poisson_rate(7, 2)]
 
 
-def test_audit_with_persons_claims_per_person_and_its_canaries_are_persons(make_config, tmp_path):
+def test_audit_with_persons_claims_per_person_and_its_canaries_are_persons(
+    make_config, tmp_path, monkeypatch
+):
     rows = [
         {"text": f"note {i} about {'cough' if i % 2 else 'rash'}", "label": "rd"[i % 2], "patient": i % 12}
         for i in range(48)
@@ -418,6 +427,7 @@ def test_audit_with_persons_claims_per_person_and_its_canaries_are_persons(make_
         }
     )
     black = 10
+    seeded_audit(monkeypatch)  # its noise check and bound below: one verdict in every run
     result = run_local_audit(cfg, tmp_path / "audit", 1000, black)
     ledger = PrivacyLedger(tmp_path / "audit" / AUDIT_LEDGER, 4.0, cfg.privacy.delta, "rdp")
     spec = CanarySpec.load(tmp_path / "audit" / CANARY_FILE)

@@ -7,20 +7,28 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
+import signal
 import stat
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedlora.client import relay
+from fedlora.client import relay, worker
 from fedlora.client.app import shared_data
+from fedlora.client.secure_statistics import ROUND, STATE, secure_statistics
 from fedlora.client.worker import Freshness
 from fedlora.common import protocol as P
+from fedlora.common.codec import parse_advert, parse_shares
 from fedlora.common.config import load_config
 from fedlora.common.model import build_model, forget_base_models
+from fedlora.common.secure_aggregation.client import ClientRound
+from fedlora.common.secure_aggregation.settings import for_statistics
+from fedlora.server.secure_statistics import as_bytes
 from helpers.deploy import write_csv
 from helpers.messages import metadata
 
@@ -120,6 +128,75 @@ def test_a_worker_process_answers_the_holder_of_its_key_only(tmp_path, processes
     with pytest.raises(relay.WorkerUnavailable, match="refused or dropped"):
         relay.ask(folder, msg, context(config, folder), patience=5)
     processes.wait_log("worker", "refused a connection", 30)
+
+
+def stage_message(stage: str, node: int, **records) -> Message:
+    """One secure-aggregation stage of round 0 for ``node``: 3 institutions, none tolerated to drop."""
+    config = {P.SECAGG_STAGE: stage, P.SECAGG_DROPOUTS: 0, P.SECAGG_COLLUDERS: 0}
+    config |= {P.SECAGG_CONTEXT: b"run/round-0", P.SECAGG_THRESHOLD: 2}
+    content = RecordDict({P.CONFIG: ConfigRecord(config), **records})
+    return Message(content=content, metadata=metadata(0, node))
+
+
+def protocol_only(msg: Message, context: Context) -> Message:
+    """The worker's ClientApp reduced to secure_statistics (keys in ``context.state``), which kills
+    its own process on the masked input, before anything is released."""
+    if msg.content[P.CONFIG][P.SECAGG_STAGE] == P.MASKED_INPUT:
+        os.kill(os.getpid(), signal.SIGKILL)
+    content = secure_statistics(msg, context.state, "fp", lambda: 1.0, lambda _sharing: None)
+    return Message(content=content, reply_to=msg)
+
+
+def test_a_worker_killed_between_stages_leaves_the_rounds_keys_to_the_next_one(tmp_path, monkeypatch) -> None:
+    """Issue 28 in deployment: the round's keys wait between stages in the context the SuperNode keeps
+    (the relay takes back the state with the reply), not in the worker, so a worker killed between two
+    stages and started again answers the next stage; one killed during a stage fails that message, and
+    the SuperNode's state stays that of the last stage answered (nothing of the lost one is kept)."""
+    node, peers = 7, (8, 9)
+    folder = tmp_path / "w"
+    relay.open_folder(folder)
+    monkeypatch.setattr(worker, "app", protocol_only)
+    fork = multiprocessing.get_context("fork")
+
+    def started() -> multiprocessing.Process:
+        proc = fork.Process(target=worker.serve, args=(folder,), daemon=True)
+        proc.start()
+        return proc
+
+    ctx = context(institution(tmp_path), folder)
+    first = started()
+    try:
+        advert = relay.ask(folder, stage_message(P.ADVERTISE_KEYS, node), ctx, patience=30)
+    finally:
+        first.kill()
+        first.join(10)
+    kept = ctx.state.config_records[STATE]
+    adverts = {node: parse_advert(advert.content, "fp")[0]}
+    adverts |= {n: ClientRound(n, for_statistics(None, 0), b"run/round-0").advertise_keys() for n in peers}
+    roster = ArrayRecord(
+        {f"{n}/{P.CIPHER_KEY}": as_bytes(a.cipher) for n, a in adverts.items()}
+        | {f"{n}/{P.MASK_KEY}": as_bytes(a.mask) for n, a in adverts.items()}
+    )
+    noises = ConfigRecord({str(n): 1.0 for n in adverts})
+    share = stage_message(P.SHARE_KEYS, node, **{P.SECAGG_ROSTER: roster, P.SECAGG_NOISES: noises})
+
+    second = started()  # the daemon's restart: a new process, nothing of the first in memory
+    try:
+        shares = relay.ask(folder, share, ctx, patience=30)
+        assert sorted(parse_shares(shares.content, "fp", 4096)) == sorted(peers)
+        after_shares = ctx.state.config_records[STATE]
+        before, after = json.loads(bytes(kept[ROUND])), json.loads(bytes(after_shares[ROUND]))
+        assert after["stage"] == before["stage"] + 1  # one step on, with the dead worker's keys
+        secrets = ("cipher", "mask", "seed")
+        assert [after[k] for k in secrets] == [before[k] for k in secrets]
+        masked = stage_message(P.MASKED_INPUT, node, **{P.SECAGG_INBOX: ArrayRecord()})
+        with pytest.raises(relay.WorkerUnavailable, match="refused or dropped"):
+            relay.ask(folder, masked, ctx, patience=30)
+    finally:
+        second.kill()
+        second.join(10)
+    assert second.exitcode == -signal.SIGKILL
+    assert ctx.state.config_records[STATE] == after_shares  # still at the shares: nothing was masked
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from flwr.supercore.retry.http_retry import make_simple_http_retry_invoker
 from starlette.testclient import TestClient
 
 from fedlora.client import own_app
@@ -173,6 +174,29 @@ def test_the_gate_passes_fleet_calls_and_nothing_else() -> None:
                 assert client.post(path, content=b"x").status_code == 404, path
             assert client.get("/v1/fleet/pull-messages").status_code in (404, 405)
     assert seen == [("/v1/fleet/pull-messages", b"\x01\x02", "s")]
+
+
+def test_the_gate_answers_a_retryable_code_while_the_superlink_is_not_up() -> None:
+    """A restarted coordinator's gate listens before its SuperLink does: a SuperNode's heartbeat in
+    that window once got 500, which ends Flower's heartbeat thread for good, and the node, still
+    pulling and answering, was declared unavailable mid-round (test_deployment's killed-server run)."""
+    retry = make_simple_http_retry_invoker()
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with TestClient(gate_app(closed, False), raise_server_exceptions=False) as client:
+        answer = client.post("/v1/fleet/send-node-heartbeat", content=b"\x01")
+    assert answer.status_code == 502
+    request = httpx.Request("POST", closed)
+    refused = httpx.HTTPStatusError("", request=request, response=httpx.Response(502, request=request))
+    assert retry.should_giveup is not None and not retry.should_giveup(refused)
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    real_client = httpx.AsyncClient
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(httpx, "AsyncClient", lambda **kw: real_client(**kw, transport=httpx.MockTransport(slow)))
+        with TestClient(gate_app("http://superlink", False), raise_server_exceptions=False) as client:
+            assert client.post("/v1/fleet/pull-messages", content=b"\x01").status_code == 504
 
 
 def flwr_json(args: list[str], home: Path, env: dict[str, str]) -> dict:

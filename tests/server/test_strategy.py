@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -700,3 +701,30 @@ def test_nodes_the_superlink_reports_unavailable_are_dropped_under_their_own_ids
     dropped = {d["node"]: d["reason"] for d in s.rounds[-1].dropped}
     assert set(dropped) == {12, 13}
     assert all(reason.startswith("node unavailable") for reason in dropped.values())
+
+
+def test_an_error_reply_about_a_message_this_strategy_never_sent_is_no_asked_nodes(monkeypatch) -> None:
+    """A resumed coordinator's round (test_deployment's killed server): a SuperLink error reply, as
+    node 1, about a message the strategy never sent (the killed ServerApp's) is dropped under node 1;
+    it never takes the place of an asked node's reply, and both live updates are aggregated."""
+    for field in ("_task_id", "_run_id", "_node_id"):  # what a ServerApp process would have set
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    cfg = load_config(overrides=["model.lora_r=4", "model.lora_alpha=16", "federation.min_clients=2"])
+    arrays = ArrayRecord({k: v.contiguous() for k, v in state(0).items()})
+    killed = build_strategy(cfg, FP, num_clients=2)
+    resumed = build_strategy(cfg, FP, num_clients=2)
+    for s, server_round in ((killed, 1), (resumed, 2)):
+        for msg in s.configure_train(server_round, arrays, ConfigRecord(), Nodes(11, 12)):
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as flwr's grid does on push
+    stale = next(m for m in killed.outbox if m.metadata.dst_node_id == 12)
+    update = {k: v - state(0)[k] for k, v in state(1).items()}
+    replies = [
+        create_message_error_unavailable_res_message(stale.metadata, "node_unavail"),
+        reply(11, update, 10),
+        reply(12, update, 10),
+    ]
+    aggregated, _ = resumed.aggregate_train(2, replies)
+    assert aggregated is not None
+    assert [c["node"] for c in resumed.rounds[-1].clients] == [11, 12]
+    [dropped] = resumed.rounds[-1].dropped
+    assert dropped["node"] == SUPERLINK_NODE_ID and dropped["reason"].startswith("node unavailable")
