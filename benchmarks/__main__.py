@@ -25,7 +25,7 @@ BENCHMARKS = {
     "scale": "client updates per minute and memory at 10 to 1,000 institutions, fedlora vs bare Flower",
     "recipe": "held-out accuracy of local LoRA recipes, DP and not, against the linear probe",
     "secure_aggregation": "time and bytes per institution of a secure aggregation round at 10 and 50",
-    "head_rounds": "statistics head vs + DP head rounds (10, 30), lr chosen on training rows, 3 sets",
+    "head_rounds": "statistics head vs + DP head rounds, local/distributed/central noise, lr on train rows",
     "stats_head": "summed DP class statistics head vs probe vs averaged per-institution heads, 3 sets",
     "seeds": "settings on the same seeds (reproducible mode): each one's mean and paired difference",
 }
