@@ -61,12 +61,12 @@ def independent(history, delta):
     return accountant.get_epsilon(delta=delta)
 
 
-def head_config(make_config, tmp_path, peers: int = 400):
+def head_config(make_config, tmp_path, peers: int = 1500):
     """tiny-bert with many peers and a compute cap that leaves LoRA a few rows a step: the planner's
     LoRA signal-to-noise is below its threshold, the head's clears its own."""
     return make_config(
         {
-            "training": {"peers_per_round": peers, "examples_per_round": 6},
+            "training": {"peers_per_round": peers, "examples_per_round": 3},
             "privacy": {
                 "epsilon": EPSILON,
                 "planned_rounds": ROUNDS,
@@ -130,7 +130,7 @@ def test_the_client_app_answers_a_round_with_one_head_gradient_vector_the_audit_
     settings = {
         "model": {"source": "tiny-bert"},
         "data": {"max_length": 16},
-        "training": {"device": "cpu", "peers_per_round": 100, "examples_per_round": 6},
+        "training": {"device": "cpu", "peers_per_round": 1500, "examples_per_round": 3},
         "privacy": {"accountant": "rdp", "epsilon": EPSILON, "planned_rounds": ROUNDS},
         "simulation": {"num_clients": 2},
     }

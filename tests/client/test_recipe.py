@@ -290,7 +290,7 @@ def test_check_prints_the_head_rounds_decision_and_why(tmp_path: Path, capsys):
     config = tmp_path / "site.yaml"
     config.write_text(
         "model:\n  source: tiny-bert\ndata:\n  max_length: 16\n"
-        "training:\n  peers_per_round: 100\n  examples_per_round: 6\n"
+        "training:\n  peers_per_round: 1000\n  examples_per_round: 6\n"
         f"privacy:\n  ledger_path: {tmp_path / 'ledger.json'}\n  planned_rounds: 2\n"
     )
     assert main(["check", str(config)]) == 0
@@ -345,7 +345,7 @@ def test_under_secure_aggregation_the_head_snr_counts_the_sums_noise_once(tmp_pa
     )
     head = 18 * MINILM_HEAD
     plain_inst, secure_inst, tolerant_inst = (
-        R.facts(c, 768, 18, trainable=80_000, head_values=head) for c in (cfg, secure, tolerant)
+        R.facts(c, 2304, 18, trainable=80_000, head_values=head) for c in (cfg, secure, tolerant)
     )
     assert (plain_inst.shares, secure_inst.shares, tolerant_inst.shares) == (None, 10, 8)
     sigma = R.head_noise(plain_inst)
@@ -361,13 +361,13 @@ def test_under_secure_aggregation_the_head_snr_counts_the_sums_noise_once(tmp_pa
     config = tmp_path / "site.yaml"
     settings = (
         "model:\n  source: tiny-bert\ndata:\n  max_length: 16\n"
-        "training:\n  peers_per_round: 100\n  examples_per_round: 6\n"
+        "training:\n  peers_per_round: 1000\n  examples_per_round: 6\n"
         f"privacy:\n  ledger_path: {tmp_path / 'ledger.json'}\n  planned_rounds: 2\n"
     )
     config.write_text(settings)
     assert main(["check", str(config)]) == 0
-    assert "each of 100 peers adds its full noise" in cells(capsys.readouterr().out)["head rounds"]
+    assert "each of 1000 peers adds its full noise" in cells(capsys.readouterr().out)["head rounds"]
     config.write_text(settings + "federation:\n  secure_aggregation: true\n  secagg_dropouts: 2\n")
     assert main(["check", str(config)]) == 0
     shown = cells(capsys.readouterr().out)["head rounds"]
-    assert shown.startswith("True") and "secure aggregation: 100 peers' shares summed, 98 guaranteed" in shown
+    assert shown.startswith("True") and "secure aggregation: 1000 peers' shares summed, 998 guaranteed" in shown

@@ -43,7 +43,7 @@ def head_round_config(root: Path) -> FedloraConfig:
         {
             "model": {"source": "tiny-bert"},
             "data": {"path": str(path), "max_length": 16},
-            "training": {"peers_per_round": 1000, "examples_per_round": 6, "device": "cpu"},
+            "training": {"peers_per_round": 8000, "examples_per_round": 2, "device": "cpu"},
             "privacy": {"accountant": "rdp", "epsilon": 8.0},
             "federation": {
                 "rounds": ROUNDS,
