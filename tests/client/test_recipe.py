@@ -370,4 +370,5 @@ def test_under_secure_aggregation_the_head_snr_counts_the_sums_noise_once(tmp_pa
     config.write_text(settings + "federation:\n  secure_aggregation: true\n  secagg_dropouts: 2\n")
     assert main(["check", str(config)]) == 0
     shown = cells(capsys.readouterr().out)["head rounds"]
-    assert shown.startswith("True") and "secure aggregation: 1000 peers' shares summed, 998 guaranteed" in shown
+    assert shown.startswith("True")
+    assert "secure aggregation: 1000 peers' shares summed, 998 guaranteed" in shown
