@@ -72,6 +72,7 @@ from fedlora.common.lora_math import dropped_by_truncation, layer_products, trun
 from fedlora.common.model import BuiltModel, device_for, load_tokenizer, lora_scale
 from fedlora.common.model_pool import borrowed_model
 from fedlora.common.scoring import evaluate
+from fedlora.common.secure_aggregation.identity import load_identity
 from fedlora.common.secure_aggregation.settings import check_statistics_rows
 
 log = logging.getLogger("fedlora.client")
@@ -208,6 +209,7 @@ def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = No
                 msg,
                 state,
                 built.fingerprint,
+                load_identity(cfg.security.identity_key, cfg.security.identity_roster),
                 lambda: planned_statistics_noise(setup, built),
                 lambda sharing: statistics_release(msg, setup, built, sharing),
             )

@@ -103,10 +103,10 @@ class Released:
 
 
 def key_exchange(entry: dict) -> bool:
-    """A secure aggregation reply that releases no statistics: keys or shares (client.secure_statistics);
-    its masked input is the release, recorded as any statistics reply is."""
+    """A secure aggregation reply that releases no statistics: keys, shares or a signature
+    (client.secure_statistics); its masked input is the release, recorded as any statistics reply is."""
     stage = entry.get("configs", {}).get(P.CONFIG, {}).get(P.SECAGG_STAGE)
-    return stage in (P.ADVERTISE_KEYS, P.SHARE_KEYS, P.UNMASK)
+    return stage in P.SECAGG_STAGES and stage != P.MASKED_INPUT
 
 
 def released(path: Path | None) -> Released:

@@ -431,7 +431,7 @@ class FederationConfig:
     )
     round_timeout: float = _f(
         3600.0,
-        "Seconds a round waits for replies. Under secure_aggregation round 0's four stages share it: "
+        "Seconds a round waits for replies. Under secure_aggregation round 0's five stages share it: "
         "an institution that does not answer a stage in the time left (the SuperLink reports a killed "
         "one unavailable after about a minute) is dropped from the round.",
         gt=0,
@@ -457,6 +457,20 @@ class SecurityConfig:
     server_key: str | None = _f(None, "Server TLS private key (coordinator).")
     node_private_key: str | None = _f(None, "The institution's node authentication key.")
     node_public_keys: tuple[str, ...] = _f((), "Coordinator: public keys of admitted institutions.")
+    identity_key: str | None = _f(
+        None,
+        "Institution: its long-term Ed25519 signing key (PEM, mode 0600; `fedlora-client keys` creates "
+        "it and prints the roster line), which signs its secure aggregation adverts and survivor lists. "
+        "Never leaves the institution. Needed, with identity_roster, to take part in secure aggregation.",
+    )
+    identity_roster: str | None = _f(
+        None,
+        "The federation's roster of identities, received out of band (never through the coordinator): "
+        "a YAML file of `<institution name>: <base64 Ed25519 public key>` lines. Institution: every peer "
+        "of a secure aggregation round is checked against it before a share is sealed to it. "
+        "Coordinator (optional): adverts of identities not in it are dropped before the roster is "
+        "relayed, so one unknown institution does not make the others refuse the round.",
+    )
 
 
 @dataclass(frozen=True)
@@ -731,7 +745,7 @@ PERSONAS: dict[str, Persona] = {
         | _section("training")
         | _section("privacy")
         | _section("federation", only=("rounds", "superlink_address"))
-        | _section("security", only=("ca_cert", "node_private_key")),
+        | _section("security", only=("ca_cert", "node_private_key", "identity_key", "identity_roster")),
         (_check_training,),
     ),
     "coordinator": Persona(
@@ -741,7 +755,7 @@ PERSONAS: dict[str, Persona] = {
         | _section("data")
         | _section("training", only=("learning_rate", "device", "eval_batch_size"))
         | _section("federation")
-        | _section("security", but=("node_private_key",)),
+        | _section("security", but=("node_private_key", "identity_key")),
         (_check_aggregation, _check_secure_aggregation),
     ),
     "simulation": Persona(
@@ -960,6 +974,8 @@ PATH_KEYS = (
     ("security", "server_cert"),
     ("security", "server_key"),
     ("security", "node_private_key"),
+    ("security", "identity_key"),
+    ("security", "identity_roster"),
 )
 
 

@@ -1,14 +1,16 @@
 """Round 0 under secure aggregation (federation.secure_aggregation), the coordinator's side: the
 institutions' class statistics summed so that the coordinator learns only the sum.
 
-The protocol's four stages (common.secure_aggregation.server.ServerRound) run as four Grid exchanges of
-train messages, each naming its stage (P.SECAGG_STAGE): advertise keys, share keys (the roster out, the
-sealed shares back), masked input (each sharer's inbox and the global adapter out, the masked vector
-back), unmask (the survivors out, the shares of seeds and keys back). Each advert carries its
-institution's planned noise multiplier and the roster relays them all (P.SECAGG_NOISES); each
-institution added only its share of the largest (client.secure_statistics), so the unmasked sum carries
-the central noise of the most private institution's plan; the head is
-built from it as from the plain summed releases (server.statistics_head). Fewer survivors than the
+The protocol's five stages (common.secure_aggregation.server.ServerRound) run as five Grid exchanges of
+train messages, each naming its stage (P.SECAGG_STAGE): advertise keys (signed adverts back), share keys
+(the roster of signed adverts out, the sealed shares back), masked input (each sharer's inbox and the
+global adapter out, the masked vector back), consistency check (the survivors out, each one's signature
+over them back), unmask (the signatures out, the shares of seeds and keys back). With
+security.identity_roster the coordinator drops adverts of identities not in it before relaying. Each
+advert carries its institution's planned noise multiplier and the roster relays them all
+(P.SECAGG_NOISES); each institution added only its share of the largest (client.secure_statistics), so
+the unmasked sum carries the central noise of the most private institution's plan; the head is built
+from it as from the plain summed releases (server.statistics_head). Fewer survivors than the
 threshold or than the institutions less the tolerated dropouts discard the round: nothing is unmasked,
 one log line, and the run goes on without the statistics head. Per-reply screening cannot look inside a
 masked vector: the codec still checks records, stage, fingerprint, shapes and dtypes, and the
@@ -29,11 +31,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 
 from fedlora.common import protocol as P
-from fedlora.common.codec import parse_advert, parse_masked, parse_shares, parse_unmask
+from fedlora.common.codec import (
+    advert_parts,
+    parse_advert,
+    parse_consistency,
+    parse_masked,
+    parse_shares,
+    parse_unmask,
+)
 from fedlora.common.config import FedloraConfig
-from fedlora.common.distributed_noise import agreed_context
 from fedlora.common.errors import AdapterError, RoundDiscarded
 from fedlora.common.secure_aggregation import keys, shamir
+from fedlora.common.secure_aggregation.identity import load_roster
 from fedlora.common.secure_aggregation.quantise import Quantiser, ring_dtype
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import for_statistics
@@ -55,7 +64,7 @@ def as_bytes(raw: bytes) -> Array:
 class Exchange:
     """One stage's messages out and the well-formed replies back, by node; anything else dropped.
 
-    The four stages share the round's deadline (federation.round_timeout), so round 0 waits no longer
+    The stages share the round's deadline (federation.round_timeout), so round 0 waits no longer
     than any round. A node asked at a stage that does not answer in the time left, or that the
     SuperLink reports unavailable (a killed node, once its heartbeats lapse: the SuperLink answers
     for it, as node 1), is dropped from the stage under its own id and not asked again."""
@@ -127,7 +136,8 @@ def secure_statistics(
     length = classes * width + classes
     nodes = strategy.statistics_nodes(grid)
     settings = for_statistics(fed.secagg_threshold, fed.secagg_dropouts)
-    server = ServerRound(settings, secrets.token_bytes(CONTEXT_BYTES), length, len(nodes))
+    identities = load_roster(cfg.security.identity_roster) if cfg.security.identity_roster else None
+    server = ServerRound(settings, secrets.token_bytes(CONTEXT_BYTES), length, len(nodes), identities)
     config = strategy.statistics_config()
     config.update(
         {
@@ -141,14 +151,13 @@ def secure_statistics(
     strategy.rounds.append(exchange.record)
     try:
         adverts = exchange(P.ADVERTISE_KEYS, nodes, lambda c: parse_advert(c, fingerprint))
-        roster = server.collect_keys({node: advert for node, (advert, _) in adverts.items()})
-        noises = ConfigRecord({str(node): adverts[node][1] for node in roster})
-        server.context = agreed_context(server.context, max(adverts[node][1] for node in roster))
+        roster = server.collect_keys(adverts)
+        noises = ConfigRecord({str(node): advert.noise for node, advert in roster.items()})
         keys_out = ArrayRecord(
             {
-                f"{node}/{name}": as_bytes(key)
+                f"{node}/{name}": as_bytes(raw)
                 for node, advert in roster.items()
-                for name, key in ((P.CIPHER_KEY, advert.cipher), (P.MASK_KEY, advert.mask))
+                for name, raw in advert_parts(advert).items()
             }
         )
         sent = exchange(
@@ -175,11 +184,19 @@ def secure_statistics(
                 f"{len(roster)} that advertised keys less {fed.secagg_dropouts} tolerated dropouts; "
                 "the round is discarded and nothing is unmasked"
             )
+        signatures = exchange(
+            P.CONSISTENCY,
+            survivors,
+            lambda c: parse_consistency(c, fingerprint),
+            extra={P.SECAGG_SURVIVORS: [str(n) for n in survivors]},
+        )
+        signed = server.collect_signatures(signatures)
+        relayed = ArrayRecord({str(node): as_bytes(signature) for node, signature in signed.items()})
         answers = exchange(
             P.UNMASK,
-            survivors,
+            list(signed),
             lambda c: parse_unmask(c, fingerprint, shamir.SHARE_BYTES),
-            extra={P.SECAGG_SURVIVORS: [str(n) for n in survivors]},
+            lambda _node: {P.SECAGG_SIGNATURES: relayed},
         )
         total = server.aggregate(answers)
     except RoundDiscarded as err:

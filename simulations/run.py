@@ -23,6 +23,7 @@ from fedlora.server.app import RoundCallback, ServerSettings, build_server_app
 from fedlora.simulations.carry import carried_setup, carry_mod, start_keeper
 from fedlora.simulations.cluster import check_nodes, join_args, require_reachable, unreachable
 from fedlora.simulations.gpu_share import check_gpu_share
+from fedlora.simulations.identities import with_identities
 from fedlora.simulations.secure_sum_audit import sum_recorder
 from fedlora.simulations.virtual_client import partition_sizes, simulation_setup, with_peers
 
@@ -130,6 +131,7 @@ def simulate(
     partition_sizes(cfg)
     cfg = with_peers(cfg)
     prepare_run_dir(cfg, run_dir)
+    cfg = with_identities(cfg, run_dir)
     audited_sum = sum_recorder(run_dir) if canaries and cfg.federation.secure_aggregation else None
     settings = ServerSettings(
         cfg=cfg, run_dir=run_dir, num_clients=cfg.simulation.num_clients, on_secure_sum=audited_sum

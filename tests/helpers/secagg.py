@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlora.client.app import build_client_app
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
+from fedlora.simulations.identities import with_identities
 from fedlora.simulations.virtual_client import simulation_setup
 
 NODES = (101, 102, 103)
@@ -28,9 +29,12 @@ def inside_a_serverapp(monkeypatch) -> None:
 
 
 class SecAggGrid:
-    """Three institutions whose ClientApp runs here; ``lost``: (stage, node) whose reply never arrives."""
+    """Three institutions whose ClientApp runs here, each with its identity key and the run's roster
+    (simulations.identities, as a simulation gives them); ``lost``: (stage, node) whose reply never
+    arrives."""
 
     def __init__(self, cfg: FedloraConfig, run_dir: Path, lost: Iterable[tuple[str, int]] = ()) -> None:
+        cfg = with_identities(cfg, run_dir)
         self.setups = {
             node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}))
             for i, node in enumerate(NODES)
