@@ -12,7 +12,7 @@ pairwise mask per peer); the server's with n x dropped.
 
 Then the whole round 0 (the statistics release of the default simulation: MiniLM, drug-review triage,
 64 tokens, DP epsilon 8, partitioned IID into n institutions), plain (server.strategy's statistics
-message and summed releases) against secure (server.secure_statistics' four stages), side by side at
+message and summed releases) against secure (server.secure_statistics' five stages), side by side at
 each n, through the real ServerApp body and ClientApps (client.app, with their ledgers and audit logs)
 in one process (no network: Flower's transport is not in either figure). Wall seconds of the round
 (the median of ``--round-repeats``, the two modes alternated), where they go (per stage: the
