@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.client import cli as client_cli
+from fedlora.common.config import load_config
 from fedlora.common.errors import ConfigError
 from fedlora.common.secure_aggregation.identity import (
     create_signing_key,
@@ -16,6 +17,7 @@ from fedlora.common.secure_aggregation.identity import (
     public_text,
     write_roster,
 )
+from fedlora.server.cli import identities_line
 
 
 def flat(table: str) -> str:
@@ -86,3 +88,15 @@ def test_keys_makes_the_identity_prints_its_roster_line_and_check_states_it(tmp_
     roster = f"security.identity_roster={tmp_path / 'roster.yaml'}"
     assert client_cli.main([*check, "--set", f"security.identity_key={identity}", "--set", roster]) == 0
     assert "signed as 'hospital-a', peers checked against a roster of 1" in flat(capsys.readouterr().out)
+
+
+def test_the_coordinators_check_says_whether_it_holds_the_roster(tmp_path):
+    secure = ["federation.secure_aggregation=true", "federation.min_clients=3"]
+    assert "no security.identity_roster here" in identities_line(load_config(overrides=secure))
+    roster = tmp_path / "roster.yaml"
+    write_roster(roster, {"hospital-a": b"\1" * 32, "hospital-b": b"\2" * 32})
+    cfg = load_config(overrides=[*secure, f"security.identity_roster={roster}"])
+    assert "outside its roster of 2 dropped before relaying" in identities_line(cfg)
+    roster.write_text("hospital-a: nope\n")
+    with pytest.raises(ConfigError, match="hospital-a: 'nope' is not an Ed25519 public key"):
+        identities_line(cfg)
