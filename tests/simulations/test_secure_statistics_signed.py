@@ -6,6 +6,8 @@ to the unmask."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message
@@ -117,3 +119,15 @@ def test_survivors_told_different_survivor_lists_give_no_unmask_answer(tmp_path,
     assert P.UNMASK in grid.stages  # the coordinator asked, with every signature relayed
     leaked = [set(reply.content[P.ARRAYS]) for reply in answered(grid, P.UNMASK)]
     assert leaked == []  # neither answered: no seed and key of the victim both left
+
+
+def test_an_institution_without_identities_refuses_in_one_line_and_the_others_go_on(tmp_path):
+    cfg = load_config(overrides=CONFIG)
+    grid = SecAggGrid(cfg, tmp_path)
+    setup = grid.setups[VICTIM]
+    unsigned = replace(setup.cfg.security, identity_key=None, identity_roster=None)
+    grid.setups[VICTIM] = replace(setup, cfg=replace(setup.cfg, security=unsigned))
+    assert round_0(grid, cfg) is not None  # 101 and 102: the threshold, one tolerated dropout
+    assert {reply.metadata.src_node_id for reply in answered(grid, P.UNMASK)} == {NODES[0], NODES[1]}
+    (log,) = tmp_path.glob(f"**/client-{NODES.index(VICTIM)}-errors.log")
+    assert "security.identity_key is not set; without identities a coordinator could" in log.read_text()
