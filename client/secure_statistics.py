@@ -13,15 +13,14 @@ The round's private keys and self-mask seed live between messages in the ClientA
 dropped after the unmask step. The round's noise is agreed before anything is released: each advert
 carries the institution's planned round-0 noise multiplier, the roster carries every advertised one, and
 sigma is the largest of the verified adverts (so that the sum covers the most private institution's
-claim; the release never goes below its own plan, client.statistics), bound into the round's context from
-the share-keys step on (common.distributed_noise.agreed_context: institutions shown different multipliers
-cannot open each other's shares; each multiplier is signed by its institution). The masked input is
-this institution's release with only its share of that noise (common.distributed_noise: std
-sigma C / sqrt(m), m = verified institutions - tolerated dropouts - tolerated colluders), class sums
-and counts flattened into one
-vector, quantised into the ring and masked; its ledger records both epsilons at sigma. A survivor list
-shorter than the advertised institutions less the tolerated dropouts is refused: the sum would hold fewer
-than m shares of noise.
+claim; the release never goes below its own plan, client.statistics), bound into the round's context
+from the share-keys step on (common.distributed_noise.agreed_context: institutions shown different
+multipliers cannot open each other's shares; each multiplier is signed by its institution). The masked
+input is this institution's release with only its share of that noise (common.distributed_noise: std
+sigma C / sqrt(m), m = verified institutions - tolerated dropouts - tolerated colluders), class sums and
+counts flattened into one vector, quantised into the ring and masked; its ledger records both epsilons
+at sigma. A survivor list shorter than the advertised institutions less the tolerated dropouts is
+refused: the sum would hold fewer than m shares of noise.
 """
 
 from __future__ import annotations
@@ -100,7 +99,7 @@ def secure_statistics(
     stage = str(config.get(P.SECAGG_STAGE))
     node = msg.metadata.dst_node_id
     dropouts, colluders = int(config[P.SECAGG_DROPOUTS]), int(config[P.SECAGG_COLLUDERS])
-    settings = for_statistics(None, dropouts)
+    settings = for_statistics(None, dropouts, colluders)
     if stage == P.ADVERTISE_KEYS:
         round_ = ClientRound(node, settings, bytes(config[P.SECAGG_CONTEXT]), identity)
         content = advert_reply(round_.advertise_keys(plan()), fingerprint)

@@ -401,8 +401,8 @@ class FederationConfig:
     secagg_threshold: int | None = _f(
         None,
         "Secure aggregation: shares needed to reconstruct a mask secret, and institutions every step "
-        "needs; a strict majority of the round's institutions, at most those less secagg_dropouts. "
-        "None: n // 2 + 1.",
+        "needs; above (the round's institutions + secagg_colluders) / 2 (colluders sign any survivor "
+        "list), at most the institutions less secagg_dropouts. None: (n + secagg_colluders) // 2 + 1.",
         ge=2,
     )
     secagg_dropouts: int = _f(
@@ -415,7 +415,8 @@ class FederationConfig:
     secagg_colluders: int = _f(
         0,
         "Secure aggregation: institutions that may side with the coordinator (it can subtract their noise "
-        "shares); each institution's noise share grows to cover them.",
+        "shares, and they sign any survivor list); each institution's noise share grows to cover them, "
+        "and the threshold with them.",
         ge=0,
     )
     central_eval: bool = _f(
@@ -649,7 +650,9 @@ def _check_secure_aggregation(cfg: FedloraConfig) -> None:
             "1 institution guaranteed in every sum"
         )
     try:
-        for_statistics(fed.secagg_threshold, fed.secagg_dropouts).check_round(fed.min_clients)
+        for_statistics(fed.secagg_threshold, fed.secagg_dropouts, fed.secagg_colluders).check_round(
+            fed.min_clients
+        )
     except ConfigError as err:
         raise ConfigError(f"federation.secagg_threshold: with min_clients {fed.min_clients}: {err}") from None
 

@@ -135,7 +135,7 @@ def secure_statistics(
     classes, width = strategy.head_shape()
     length = classes * width + classes
     nodes = strategy.statistics_nodes(grid)
-    settings = for_statistics(fed.secagg_threshold, fed.secagg_dropouts)
+    settings = for_statistics(fed.secagg_threshold, fed.secagg_dropouts, fed.secagg_colluders)
     identities = load_roster(cfg.security.identity_roster) if cfg.security.identity_roster else None
     server = ServerRound(settings, secrets.token_bytes(CONTEXT_BYTES), length, len(nodes), identities)
     config = strategy.statistics_config()

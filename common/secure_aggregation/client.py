@@ -14,12 +14,12 @@
 5. ``unmask(signatures)`` -> only when at least threshold survivors signed that same list: shares of
    each survivor's seed and of each dropped peer's key.
 
-The checks that keep masks secret run here, where the server cannot skip them: a roster or survivor
-list below the threshold, or a threshold that is no strict majority, is refused; one survivor list
-is signed and answered once, and only with threshold signatures over it, so a coordinator that tells
-survivors different lists gets no answer (no peer's seed and key both leave, colluders or not), and
-one that substitutes an institution's keys gets no share sealed to its own. ``context`` names the round
-(run and round number) and binds every derived key and sealed share to it.
+The checks that keep masks secret run here, where the server cannot skip them: a roster or survivor list
+below the threshold, or a threshold not above (roster + tolerated colluders) / 2, is refused; one
+survivor list is signed and answered once, and only with threshold signatures over it, so a coordinator
+that tells survivors different lists gets no answer (no peer's seed and key both leave, colluders or
+not), and one that substitutes an institution's keys gets no share sealed to its own. ``context`` names
+the round (run and round number) and binds every derived key and sealed share to it.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class ClientRound:
 
     def share_keys(self, roster: Mapping[int, SignedAdvert], threshold: int) -> dict[int, bytes]:
         """Sealed shares for each verified peer of the roster, any ``threshold`` of which reconstruct:
-        a strict majority of the roster, else refused. Fewer verified institutions than the threshold
+        above (roster + tolerated colluders) / 2, else refused. Fewer verified institutions than the threshold
         refuse the round (nothing of this institution's leaves beyond its advert)."""
         self._advance("share")
         check_nodes(list(roster))
@@ -182,10 +182,12 @@ class ClientRound:
             raise SecureAggregationError("secure aggregation: the roster repeats a public key")
         self.config.check_capacity(len(roster))
         configured = self.config.threshold in (None, threshold)
-        if not (len(roster) < 2 * threshold and 2 <= threshold <= len(roster) and configured):
+        majority = self.config.majority(threshold, len(roster))
+        if not (majority and 2 <= threshold <= len(roster) and configured):
             raise SecureAggregationError(
                 f"secure aggregation: threshold {threshold} is no strict majority of the {len(roster)} "
-                "institutions of the roster, below 2, or not the configured one"
+                f"institutions of the roster with {self.config.tolerated_colluders} tolerated colluders, "
+                "below 2, or not the configured one"
             )
         if len(verified) < threshold:
             raise RoundDiscarded(

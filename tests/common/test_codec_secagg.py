@@ -41,7 +41,7 @@ METRICS = TrainMetrics(
 
 
 def run_round(vectors: dict[int, np.ndarray], lost_at_mask: tuple[int, ...] = ()) -> np.ndarray:
-    settings = for_statistics(2, 1)
+    settings = for_statistics(2, 1, 0)
     length = next(iter(vectors.values())).size
     ids = identities(NODES)
     server = ServerRound(settings, b"ctx", length, len(NODES), ids[NODES[0]].roster)
@@ -91,7 +91,7 @@ def run_round(vectors: dict[int, np.ndarray], lost_at_mask: tuple[int, ...] = ()
 def test_a_round_through_the_codec_and_the_saved_state_sums_the_survivors_exactly():
     rng = np.random.default_rng(0)
     vectors = {node: rng.normal(0, 50, 40) for node in NODES}
-    step_bound = Quantiser.of(for_statistics(2, 1)).sum_error(3)
+    step_bound = Quantiser.of(for_statistics(2, 1, 0)).sum_error(3)
     assert np.abs(run_round(vectors) - sum(vectors.values())).max() <= step_bound
     two = run_round(vectors, lost_at_mask=(33,))
     assert np.abs(two - vectors[11] - vectors[22]).max() <= step_bound
@@ -103,18 +103,18 @@ def test_the_codec_refuses_a_plain_vector_an_unknown_stage_or_an_extra_config_ke
     with pytest.raises(AdapterError, match="uint32, uint64"):
         check_outgoing(plain, "train")
     for change in ({P.SECAGG_STAGE: "reveal"}, {"extra": 1}):
-        reply = advert_reply(ClientRound(11, for_statistics(2, 1), b"c", ID).advertise_keys(1.0), FP)
+        reply = advert_reply(ClientRound(11, for_statistics(2, 1, 0), b"c", ID).advertise_keys(1.0), FP)
         reply[P.CONFIG] = ConfigRecord({**dict(reply[P.CONFIG]), **change})
         with pytest.raises(AdapterError):
             check_outgoing(reply, "train")
     with pytest.raises(AdapterError, match="fingerprint"):
-        advert = ClientRound(11, for_statistics(2, 1), b"c", ID).advertise_keys(1.0)
+        advert = ClientRound(11, for_statistics(2, 1, 0), b"c", ID).advertise_keys(1.0)
         parse_advert(advert_reply(advert, "other"), FP)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5, "1.0", True, None])
 def test_an_advert_with_a_malformed_or_missing_noise_multiplier_is_refused_in_one_line(bad):
-    advert = ClientRound(11, for_statistics(2, 1), b"c", ID).advertise_keys(2.0)
+    advert = ClientRound(11, for_statistics(2, 1, 0), b"c", ID).advertise_keys(2.0)
     with pytest.raises(AdapterError) as built:
         advert_reply(replace(advert, noise=bad), FP)  # None: no multiplier at all
     reply = advert_reply(advert, FP)
@@ -128,7 +128,7 @@ def test_an_advert_with_a_malformed_or_missing_noise_multiplier_is_refused_in_on
 
 
 def test_a_signed_advert_and_a_consistency_signature_are_checked_for_their_parts_and_sizes():
-    advert = ClientRound(11, for_statistics(2, 1), b"c", ID).advertise_keys(1.0)
+    advert = ClientRound(11, for_statistics(2, 1, 0), b"c", ID).advertise_keys(1.0)
     assert parse_advert(advert_reply(advert, FP), FP) == advert
     reply = advert_reply(replace(advert, signature=advert.signature[:63]), FP)
     with pytest.raises(AdapterError, match="signature"):

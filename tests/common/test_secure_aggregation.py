@@ -214,8 +214,11 @@ def test_config_refuses_bad_values_and_rounds_that_cannot_work_in_one_line():
         SecAggConfig(quantisation_bits=32)
     with pytest.raises(ConfigError, match="clip: must be a finite number > 0"):
         SecAggConfig(clip=float("inf"))
-    with pytest.raises(ConfigError, match="threshold: 3 of 6 institutions is not a strict majority"):
+    with pytest.raises(ConfigError, match=r"threshold: 3 of 6 institutions with 0 .* expected at least 4"):
         SecAggConfig(threshold=3).check_round(6)
+    with pytest.raises(ConfigError, match=r"3 of 5 institutions with 1 tolerated colluders is not above"):
+        SecAggConfig(threshold=3, tolerated_colluders=1).check_round(5)
+    assert SecAggConfig(tolerated_colluders=1, tolerated_dropouts=1).check_round(5) == 4
     with pytest.raises(
         ConfigError, match="threshold: 6 exceeds the 7 institutions less 2 tolerated dropouts"
     ):

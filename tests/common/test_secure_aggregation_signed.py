@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedlora.common.errors import RoundDiscarded, SecureAggregationError
+from fedlora.common.errors import ConfigError, RoundDiscarded, SecureAggregationError
 from fedlora.common.secure_aggregation.client import ClientRound
-from fedlora.common.secure_aggregation.identity import Identity, Roster, public_bytes
+from fedlora.common.secure_aggregation.identity import Identity, Roster, public_bytes, survivors_message
 from fedlora.common.secure_aggregation.quantise import Quantiser
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import SecAggConfig
@@ -111,6 +111,24 @@ def test_survivors_told_different_survivor_lists_answer_neither():
             run.clients[node].unmask(signatures)
         with pytest.raises(SecureAggregationError, match="asked to unmask at stage done"):
             run.clients[node].unmask(signatures)  # and never again, with other signatures
+
+
+def test_a_colluder_signing_both_lists_still_gets_no_answer():
+    """With a colluding institution (44) that signs both lists, the threshold rises above (5 + 1) / 2
+    (a strict majority, 3, is refused: two lists could then each gather 3 signatures)."""
+    with pytest.raises(ConfigError, match="not above"):
+        Round(SecAggConfig(threshold=3, tolerated_colluders=1))
+    run = Round(SecAggConfig(tolerated_dropouts=1, tolerated_colluders=1))
+    assert run.server.threshold == 4
+    everyone = run.masked()
+    without = [n for n in everyone if n != 55]
+    told = {55: everyone, 11: everyone, 22: without, 33: without}
+    signatures = {n: run.clients[n].sign_survivors(lst) for n, lst in told.items()}
+    context = run.clients[11].context
+    for node, lst in told.items():
+        colluder = run.ids[44].sign(survivors_message(context, lst))
+        with pytest.raises(RoundDiscarded, match="3 survivors signed the survivor list"):
+            run.clients[node].unmask({**signatures, 44: colluder})
 
 
 def test_signatures_from_outside_the_list_or_forged_do_not_count():
