@@ -44,7 +44,7 @@ from fedlora.common.codec import (
     unmask_reply,
 )
 from fedlora.common.distributed_noise import NoiseSharing
-from fedlora.common.errors import AdapterError, ConfigError, RoundDiscarded
+from fedlora.common.errors import ConfigError, RoundDiscarded
 from fedlora.common.protocol import STATISTICS_SENSITIVITY
 from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.identity import Identity
@@ -86,8 +86,6 @@ def roster_of(record: ArrayRecord, noises: ConfigRecord | None) -> dict[int, Sig
         }
     except KeyError as err:
         raise ConfigError(f"secure aggregation: the roster lacks {err}") from None
-    except AdapterError as err:
-        raise ConfigError(f"secure aggregation: the roster: {err}") from None
 
 
 def secure_statistics(
