@@ -3,16 +3,16 @@
 Run: ``python -m benchmarks secure_aggregation [--institutions 10 50]
 [--length 100000] [--dropped 0.1] [--ring-bits 32] [--repeats 3] [--round-repeats 2]``
 
-One round of the protocol in one process: every institution's four steps and the server's, each
-timed alone (seconds: the median of ``--repeats`` rounds, as the machine may be shared), with
-``--dropped`` of the institutions leaving after they shared keys (so the server also rebuilds their
+One round of the protocol in one process: every institution's five steps (signed, as deployed) and the
+server's, each timed alone (seconds: the median of ``--repeats`` rounds, as the machine may be shared),
+with ``--dropped`` of the institutions leaving after they shared keys (so the server also rebuilds their
 keys and pairwise masks). Bytes are what one institution sends and receives (node ids 8 bytes each),
 beside the plain round's upload of the same vector as float32. The client's time grows with n (one
 pairwise mask per peer); the server's with n x dropped.
 
 Then the whole round 0 (the statistics release of the default simulation: MiniLM, drug-review triage,
 64 tokens, DP epsilon 8, partitioned IID into n institutions), plain (server.strategy's statistics
-message and summed releases) against secure (server.secure_statistics' four stages), side by side at
+message and summed releases) against secure (server.secure_statistics' five stages), side by side at
 each n, through the real ServerApp body and ClientApps (client.app, with their ledgers and audit logs)
 in one process (no network: Flower's transport is not in either figure). Wall seconds of the round
 (the median of ``--round-repeats``, the two modes alternated), where they go (per stage: the
@@ -33,6 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
@@ -47,13 +48,15 @@ from fedlora.common.cli_support import console, report, run_cli
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import FedloraError
 from fedlora.common.secure_aggregation.client import ClientRound
-from fedlora.common.secure_aggregation.messages import Advert, UnmaskShares
+from fedlora.common.secure_aggregation.identity import Identity, Roster, public_bytes
+from fedlora.common.secure_aggregation.messages import SignedAdvert, UnmaskShares
 from fedlora.common.secure_aggregation.quantise import Quantiser
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import SecAggConfig
 from fedlora.server.app import as_record, server_workbench
 from fedlora.server.secure_statistics import secure_statistics
 from fedlora.server.strategy import build_strategy
+from fedlora.simulations.identities import with_identities
 from fedlora.simulations.virtual_client import simulation_setup
 
 ID_BYTES = 8
@@ -63,7 +66,7 @@ ID_BYTES = 8
 class Cost:
     institutions: int
     dropped: int
-    client_seconds: float  # mean over institutions of its four steps
+    client_seconds: float  # mean over institutions of its five steps
     server_seconds: float
     sent_bytes: int  # by the first institution
     received_bytes: int
@@ -71,8 +74,11 @@ class Cost:
     exact: bool  # the unmasked sum equals the plain sum of the quantised survivors' vectors
 
 
-def advert_bytes(advert: Advert) -> int:
-    return ID_BYTES + len(advert.cipher) + len(advert.mask)
+def advert_bytes(advert: SignedAdvert) -> int:
+    """Node id, two keys, the noise multiplier (8 bytes), identity and signature."""
+    return ID_BYTES + len(advert.keys.cipher) + len(advert.keys.mask) + 8 + len(advert.identity) + len(
+        advert.signature
+    )
 
 
 def inbox_bytes(sealed: dict[int, bytes]) -> int:
@@ -104,9 +110,14 @@ def measure(institutions: int, length: int, dropped_share: float, ring_bits: int
             spent[node] += time.perf_counter() - start
         return out
 
-    server = timed(None, ServerRound, config, context, length, institutions)
-    clients = {node: timed(node, ClientRound, node, config, context) for node in nodes}
-    adverts = {node: timed(node, clients[node].advertise_keys) for node in nodes}
+    signing = {node: Ed25519PrivateKey.generate() for node in nodes}
+    identities = Roster.of({f"client-{node}": public_bytes(key) for node, key in signing.items()})
+    server = timed(None, ServerRound, config, context, length, institutions, identities)
+    clients = {
+        node: timed(node, ClientRound, node, config, context, Identity(signing[node], identities))
+        for node in nodes
+    }
+    adverts = {node: timed(node, clients[node].advertise_keys, 1.0) for node in nodes}
     roster = timed(None, server.collect_keys, adverts)
     sent = {node: timed(node, clients[node].share_keys, roster, server.threshold) for node in nodes}
     inbox = timed(None, server.route_shares, sent)
@@ -116,7 +127,9 @@ def measure(institutions: int, length: int, dropped_share: float, ring_bits: int
         if node not in dropped
     }
     survivors = timed(None, server.collect_masked, masked)
-    answers = {node: timed(node, clients[node].unmask, survivors) for node in survivors}
+    signatures = {node: timed(node, clients[node].sign_survivors, survivors) for node in survivors}
+    relayed = timed(None, server.collect_signatures, signatures)
+    answers = {node: timed(node, clients[node].unmask, relayed) for node in survivors}
     total = timed(None, server.unmask, answers)
     quantised = [Quantiser.of(config).quantise(inputs[node]) for node in survivors]
     expected = np.sum(quantised, axis=0, dtype=quantised[0].dtype)
@@ -127,9 +140,9 @@ def measure(institutions: int, length: int, dropped_share: float, ring_bits: int
         client_seconds=float(np.mean(list(spent.values()))),
         server_seconds=server_spent,
         sent_bytes=advert_bytes(adverts[first]) + inbox_bytes(sent[first]) + masked[first].nbytes
-        + answer_bytes(answers[first]),
+        + len(signatures[first]) + answer_bytes(answers[first]),
         received_bytes=sum(map(advert_bytes, roster.values())) + inbox_bytes(inbox[first])
-        + ID_BYTES * len(survivors),
+        + ID_BYTES * len(survivors) + inbox_bytes(relayed),
         plain_bytes=length * 4,
         exact=bool(np.array_equal(total, expected)),
     )  # fmt: skip
@@ -190,6 +203,7 @@ def one_round(institutions: int, secure: bool, run_dir: Path) -> RoundCost:
         "simulation.partition=iid",
         f"federation.secure_aggregation={str(secure).lower()}",
     )
+    cfg = with_identities(cfg, run_dir)
     bench, _ = server_workbench(cfg)
     arrays = as_record(adapter_state(bench.built.model))
     strategy = build_strategy(cfg, bench.built.fingerprint, institutions)

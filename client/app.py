@@ -73,6 +73,7 @@ from fedlora.common.lora_math import dropped_by_truncation, layer_products, trun
 from fedlora.common.model import BuiltModel, device_for, load_tokenizer, lora_scale
 from fedlora.common.model_pool import borrowed_model
 from fedlora.common.scoring import evaluate
+from fedlora.common.secure_aggregation.identity import load_identity
 from fedlora.common.secure_aggregation.settings import check_statistics_rows, for_head_gradient
 
 log = logging.getLogger("fedlora.client")
@@ -205,11 +206,13 @@ def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = No
                     f"secure aggregation: fingerprint {config.get(P.FINGERPRINT)} is not this client's "
                     f"{built.fingerprint}"
                 )
+            identity = load_identity(cfg.security.identity_key, cfg.security.identity_roster)
             if config.get(P.STAGE) == P.HEAD_GRADIENT:
                 content = secure_stage(
                     msg,
                     state,
                     built.fingerprint,
+                    identity,
                     for_head_gradient,
                     lambda: planned_head_noise(setup),
                     lambda sharing: secure_head_release(msg, setup, built, sharing),
@@ -219,6 +222,7 @@ def handle_train(msg: Message, setup: ClientSetup, state: RecordDict | None = No
                     msg,
                     state,
                     built.fingerprint,
+                    identity,
                     lambda: planned_statistics_noise(setup, built),
                     lambda sharing: statistics_release(msg, setup, built, sharing),
                 )

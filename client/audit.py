@@ -103,11 +103,11 @@ class Released:
 
 
 def key_exchange(entry: dict) -> bool:
-    """A secure aggregation reply that releases nothing: keys or shares (client.secure_statistics), or a
-    head round's joining of the secure sum; its masked input is the release, recorded as any
-    statistics or head-gradient reply is."""
+    """A secure aggregation reply that releases nothing: keys, shares or a signature
+    (client.secure_statistics), or a head round's joining of the secure sum; its masked input is the
+    release, recorded as any statistics or head-gradient reply is."""
     stage = entry.get("configs", {}).get(P.CONFIG, {}).get(P.SECAGG_STAGE)
-    return stage in (P.JOIN_SECURE_SUM, P.ADVERTISE_KEYS, P.SHARE_KEYS, P.UNMASK)
+    return stage == P.JOIN_SECURE_SUM or (stage in P.SECAGG_STAGES and stage != P.MASKED_INPUT)
 
 
 def released(path: Path | None) -> Released:

@@ -62,6 +62,7 @@ from fedlora.common.model import device_for
 from fedlora.common.model_card import write_model_card
 from fedlora.common.noise_check import NoiseCheck
 from fedlora.common.scoring import evaluate
+from fedlora.common.secure_aggregation.identity import create_signing_key, load_identity, public_text
 from fedlora.common.tracking import add_track_argument, tracked
 from fedlora.common.workbench import prepare
 
@@ -191,8 +192,25 @@ def cmd_check(args: argparse.Namespace) -> int:
         table.add_row("secure mode", "on" if cfg.privacy.secure_mode else "off (experiments only)")
     else:
         table.add_row("privacy", "OFF (non-private baseline)")
+    table.add_row("secure aggregation", secure_aggregation_line(cfg))
     report.print(table)
     return 0
+
+
+def secure_aggregation_line(cfg: FedloraConfig) -> str:
+    """Whether this institution can take part in secure aggregation, and against which coordinator."""
+    security = cfg.security
+    if not security.identity_key or not security.identity_roster:
+        return (
+            "refused: security.identity_key and security.identity_roster are not both set (without them a "
+            "coordinator could substitute keys and unmask this institution's release)"
+        )
+    identity = load_identity(security.identity_key, security.identity_roster)  # one line if unusable
+    return (
+        f"signed as '{identity.roster.names[identity.public]}', peers checked against a roster of "
+        f"{len(identity.roster.names)} identities (a malicious coordinator gets only the sum; the roster, "
+        "received out of band, is the trust root)"
+    )
 
 
 def usable_output(out: Path) -> Path:
@@ -387,17 +405,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """The node's ECDSA P-384 key pair (OpenSSH format, as Flower expects); never overwrites one."""
+    """The node's ECDSA P-384 key pair (OpenSSH format, as Flower expects) at security.node_private_key,
+    and the institution's Ed25519 identity at security.identity_key (secure aggregation: its roster
+    line printed for the federation); whichever is configured and missing, never overwriting one."""
     cfg = read_config(args.config, args.set, "institution")
-    if not cfg.security.node_private_key:
+    security = cfg.security
+    if not security.node_private_key and not security.identity_key:
         raise ConfigError(
-            f"{args.config or 'defaults'}: security.node_private_key: set where the node's key is kept"
+            f"{args.config or 'defaults'}: security.node_private_key: set where the node's key is kept "
+            "(and security.identity_key, for secure aggregation)"
         )
-    private = Path(cfg.security.node_private_key)
-    public = private.with_name(private.name + ".pub")
-    for path in (private, public):
-        if path.exists():
-            raise FedloraError(f"{path}: already exists; refusing to replace the institution's identity")
+    private = Path(security.node_private_key) if security.node_private_key else None
+    node_files = [private, private.with_name(private.name + ".pub")] if private else []
+    identity = Path(security.identity_key) if security.identity_key else None
+    existing = [path for path in (*node_files, identity) if path is not None and path.exists()]
+    if (not node_files or any(p.exists() for p in node_files)) and (identity is None or identity.exists()):
+        raise FedloraError(f"{existing[0]}: already exists; refusing to replace the institution's identity")
+    if node_files and not any(path.exists() for path in node_files):
+        write_node_key(*node_files)
+    if identity is not None and not identity.exists():
+        line = f"{cfg.name}: {public_text(create_signing_key(identity))}"
+        report.print(
+            f"identity key written to {identity}; give the federation its roster line: {line}", soft_wrap=True
+        )
+    return 0
+
+
+def write_node_key(private: Path, public: Path) -> None:
     key = ec.generate_private_key(ec.SECP384R1())
     write_durably(
         private,
@@ -412,7 +446,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
     )
     public.chmod(0o644)
     report.print(f"node key written to {private}; give the coordinator {public}", soft_wrap=True)
-    return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -458,7 +491,11 @@ def parser() -> argparse.ArgumentParser:
         help="input canaries (what the model alone reveals); they join the training rows; 0 for none",
     )
     audit.set_defaults(handler=cmd_audit)
-    keys = sub.add_parser("keys", help="create the node's key pair at security.node_private_key (+ .pub)")
+    keys = sub.add_parser(
+        "keys",
+        help="create the node's key pair at security.node_private_key (+ .pub) and the identity key at "
+        "security.identity_key, whichever is missing",
+    )
     keys.set_defaults(handler=cmd_keys)
     start = sub.add_parser("start", help="join the federation: run the SuperNode until stopped")
     start.add_argument("--insecure", action="store_true", help="no TLS, no node key: local tests only")

@@ -22,7 +22,8 @@ from numpy.lib import format as npy
 from fedlora.common import protocol as P
 from fedlora.common.adapter import State, non_finite, to_record
 from fedlora.common.errors import AdapterError, TrainingDiverged
-from fedlora.common.secure_aggregation.messages import Advert, UnmaskShares
+from fedlora.common.secure_aggregation import identity, keys
+from fedlora.common.secure_aggregation.messages import Advert, SignedAdvert, UnmaskShares
 
 _SHOWN = 60
 """Characters of a client's string that a refusal quotes."""
@@ -271,6 +272,7 @@ SECAGG_DTYPES = {
     P.ADVERTISE_KEYS: ("uint8",),
     P.SHARE_KEYS: ("uint8",),
     P.MASKED_INPUT: ("uint32", "uint64"),
+    P.CONSISTENCY: ("uint8",),
     P.UNMASK: ("uint8",),
 }
 
@@ -332,10 +334,35 @@ def parse_join(content: RecordDict, fingerprint: str) -> None:
         raise AdapterError(f"keys {_shown(sorted(record))}, expected none in a {P.JOIN_SECURE_SUM} reply")
 
 
-def advert_reply(advert: Advert, multiplier: float, fingerprint: str) -> RecordDict:
-    """Stage 1: the institution's two public keys of the round and its planned noise multiplier."""
-    arrays = {P.CIPHER_KEY: _as_bytes_array(advert.cipher), P.MASK_KEY: _as_bytes_array(advert.mask)}
-    return _secagg_reply(P.ADVERTISE_KEYS, arrays, fingerprint, noise=multiplier)
+ADVERT_PARTS = {
+    P.CIPHER_KEY: keys.PUBLIC_BYTES,
+    P.MASK_KEY: keys.PUBLIC_BYTES,
+    P.IDENTITY: identity.PUBLIC_BYTES,
+    P.SIGNATURE: identity.SIGNATURE_BYTES,
+}
+
+
+def advert_parts(advert: SignedAdvert) -> dict[str, bytes]:
+    """A signed advert's byte fields by their wire names (the reply's, and the roster's per node)."""
+    return {
+        P.CIPHER_KEY: advert.keys.cipher,
+        P.MASK_KEY: advert.keys.mask,
+        P.IDENTITY: advert.identity,
+        P.SIGNATURE: advert.signature,
+    }
+
+
+def signed_advert(parts: Mapping[str, bytes], noise: float) -> SignedAdvert:
+    """The signed advert of ``advert_parts``."""
+    keys = Advert(parts[P.CIPHER_KEY], parts[P.MASK_KEY])
+    return SignedAdvert(keys, noise, parts[P.IDENTITY], parts[P.SIGNATURE])
+
+
+def advert_reply(advert: SignedAdvert, fingerprint: str) -> RecordDict:
+    """Stage 1: the institution's two public keys of the round and its planned noise multiplier, with
+    its long-term identity's signature over them."""
+    arrays = {name: _as_bytes_array(raw) for name, raw in advert_parts(advert).items()}
+    return _secagg_reply(P.ADVERTISE_KEYS, arrays, fingerprint, noise=advert.noise)
 
 
 def shares_reply(sealed: Mapping[int, bytes], fingerprint: str) -> RecordDict:
@@ -349,8 +376,13 @@ def masked_reply(masked: np.ndarray, metrics: TrainMetrics | HeadMetrics, finger
     return _secagg_reply(P.MASKED_INPUT, {P.MASKED: masked}, fingerprint, metrics)
 
 
+def consistency_reply(signature: bytes, fingerprint: str) -> RecordDict:
+    """Stage 4: the institution's signature over the survivor list it was sent."""
+    return _secagg_reply(P.CONSISTENCY, {P.SIGNATURE: _as_bytes_array(signature)}, fingerprint)
+
+
 def unmask_reply(answer: UnmaskShares, fingerprint: str) -> RecordDict:
-    """Stage 4: shares of each survivor's seed and each dropped institution's key."""
+    """Stage 5: shares of each survivor's seed and each dropped institution's key."""
     arrays = {f"{P.SEED_SHARE}{n}": _as_bytes_array(v) for n, v in answer.seeds.items()}
     arrays |= {f"{P.KEY_SHARE}{n}": _as_bytes_array(v) for n, v in answer.keys.items()}
     return _secagg_reply(P.UNMASK, arrays, fingerprint)
@@ -412,14 +444,29 @@ def _node_of(key: str, prefixes: tuple[str, ...] = ("",)) -> tuple[str, int]:
     raise AdapterError(f"unexpected key {_shown(key)}, expected <node id> after one of {prefixes}")
 
 
-def parse_advert(content: RecordDict, fingerprint: str) -> tuple[Advert, float]:
-    """Stage 1's reply: two 32-byte public keys and the planned noise multiplier."""
+def advert_arrays(record: ArrayRecord, prefix: str = "") -> dict[str, bytes]:
+    """A signed advert's byte fields from ``record`` (keys ``<prefix><name>``), each of its size."""
+    return {
+        name: _payload(prefix + name, record[prefix + name], (size,), ("uint8",)).tobytes()
+        for name, size in ADVERT_PARTS.items()
+    }
+
+
+def parse_advert(content: RecordDict, fingerprint: str) -> SignedAdvert:
+    """Stage 1's reply: two 32-byte public keys, the planned noise multiplier, the 32-byte identity
+    and its 64-byte signature (verified by the state machines, not here)."""
     record, _ = _secagg_arrays(content, P.ADVERTISE_KEYS, fingerprint)
-    decode_keys = {P.CIPHER_KEY, P.MASK_KEY}
-    if set(record) != decode_keys:
-        raise AdapterError(f"keys {_shown(sorted(record))}, expected exactly {sorted(decode_keys)}")
-    cipher, mask = (_payload(k, record[k], (32,), ("uint8",)).tobytes() for k in (P.CIPHER_KEY, P.MASK_KEY))
-    return Advert(cipher, mask), float(content[P.CONFIG][P.SECAGG_NOISE])
+    if set(record) != set(ADVERT_PARTS):
+        raise AdapterError(f"keys {_shown(sorted(record))}, expected exactly {sorted(ADVERT_PARTS)}")
+    return signed_advert(advert_arrays(record), float(content[P.CONFIG][P.SECAGG_NOISE]))
+
+
+def parse_consistency(content: RecordDict, fingerprint: str) -> bytes:
+    """Stage 4's reply: one 64-byte signature over the survivor list."""
+    record, _ = _secagg_arrays(content, P.CONSISTENCY, fingerprint)
+    if set(record) != {P.SIGNATURE}:
+        raise AdapterError(f"keys {_shown(sorted(record))}, expected exactly [{P.SIGNATURE!r}]")
+    return _payload(P.SIGNATURE, record[P.SIGNATURE], (ADVERT_PARTS[P.SIGNATURE],), ("uint8",)).tobytes()
 
 
 def parse_shares(content: RecordDict, fingerprint: str, max_bytes: int) -> dict[int, bytes]:

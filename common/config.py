@@ -405,8 +405,8 @@ class FederationConfig:
     secagg_threshold: int | None = _f(
         None,
         "Secure aggregation: shares needed to reconstruct a mask secret, and institutions every step "
-        "needs; a strict majority of the round's institutions, at most those less secagg_dropouts. "
-        "None: n // 2 + 1.",
+        "needs; above (the round's institutions + secagg_colluders) / 2 (colluders sign any survivor "
+        "list), at most the institutions less secagg_dropouts. None: (n + secagg_colluders) // 2 + 1.",
         ge=2,
     )
     secagg_dropouts: int = _f(
@@ -419,7 +419,8 @@ class FederationConfig:
     secagg_colluders: int = _f(
         0,
         "Secure aggregation: institutions that may side with the coordinator (it can subtract their noise "
-        "shares); each institution's noise share grows to cover them.",
+        "shares, and they sign any survivor list); each institution's noise share grows to cover them, "
+        "and the threshold with them.",
         ge=0,
     )
     central_eval: bool = _f(
@@ -435,7 +436,7 @@ class FederationConfig:
     )
     round_timeout: float = _f(
         3600.0,
-        "Seconds a round waits for replies. Under secure_aggregation round 0's four stages share it: "
+        "Seconds a round waits for replies. Under secure_aggregation round 0's five stages share it: "
         "an institution that does not answer a stage in the time left (the SuperLink reports a killed "
         "one unavailable after about a minute) is dropped from the round.",
         gt=0,
@@ -461,6 +462,20 @@ class SecurityConfig:
     server_key: str | None = _f(None, "Server TLS private key (coordinator).")
     node_private_key: str | None = _f(None, "The institution's node authentication key.")
     node_public_keys: tuple[str, ...] = _f((), "Coordinator: public keys of admitted institutions.")
+    identity_key: str | None = _f(
+        None,
+        "Institution: its long-term Ed25519 signing key (PEM, mode 0600; `fedlora-client keys` creates "
+        "it and prints the roster line), which signs its secure aggregation adverts and survivor lists. "
+        "Never leaves the institution. Needed, with identity_roster, to take part in secure aggregation.",
+    )
+    identity_roster: str | None = _f(
+        None,
+        "The federation's roster of identities, received out of band (never through the coordinator): "
+        "a YAML file of `<institution name>: <base64 Ed25519 public key>` lines. Institution: every peer "
+        "of a secure aggregation round is checked against it before a share is sealed to it. "
+        "Coordinator (optional): adverts of identities not in it are dropped before the roster is "
+        "relayed, so one unknown institution does not make the others refuse the round.",
+    )
 
 
 @dataclass(frozen=True)
@@ -639,7 +654,9 @@ def _check_secure_aggregation(cfg: FedloraConfig) -> None:
             "1 institution guaranteed in every sum"
         )
     try:
-        for_statistics(fed.secagg_threshold, fed.secagg_dropouts).check_round(fed.min_clients)
+        for_statistics(fed.secagg_threshold, fed.secagg_dropouts, fed.secagg_colluders).check_round(
+            fed.min_clients
+        )
     except ConfigError as err:
         raise ConfigError(f"federation.secagg_threshold: with min_clients {fed.min_clients}: {err}") from None
 
@@ -738,7 +755,7 @@ PERSONAS: dict[str, Persona] = {
             "federation",
             only=("rounds", "superlink_address", "secure_aggregation", "secagg_dropouts", "secagg_colluders"),
         )
-        | _section("security", only=("ca_cert", "node_private_key")),
+        | _section("security", only=("ca_cert", "node_private_key", "identity_key", "identity_roster")),
         (_check_training,),
     ),
     "coordinator": Persona(
@@ -748,7 +765,7 @@ PERSONAS: dict[str, Persona] = {
         | _section("data")
         | _section("training", only=("learning_rate", "device", "eval_batch_size"))
         | _section("federation")
-        | _section("security", but=("node_private_key",)),
+        | _section("security", but=("node_private_key", "identity_key")),
         (_check_aggregation, _check_secure_aggregation),
     ),
     "simulation": Persona(
@@ -967,6 +984,8 @@ PATH_KEYS = (
     ("security", "server_cert"),
     ("security", "server_key"),
     ("security", "node_private_key"),
+    ("security", "identity_key"),
+    ("security", "identity_roster"),
 )
 
 

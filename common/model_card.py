@@ -458,7 +458,10 @@ def aggregation_assumption(sharing: NoiseSharing) -> str:
         f"(sigma {sharing.sigma:g}, C {sharing.clipping:g}), so that every aggregated sum, of at least "
         f"{sharing.sampled} sampled - {sharing.dropouts} tolerated dropouts - {sharing.colluders} tolerated "
         f"colluders = {m} institutions, carries the central noise sigma x C. Each epsilon assumes that the "
-        f"coordinator learns only that sum (secure aggregation) and that at most {sharing.colluders} "
+        "coordinator learns only that sum (secure aggregation, against a malicious coordinator: every "
+        "advert signed by an identity of the federation's roster, which the institutions hold out of band, "
+        "and the survivor list checked by the survivors' signatures before anything is unmasked), that "
+        f"the roster lists only real institutions and that at most {sharing.colluders} "
         "of the institutions collude with it; without that assumption an institution's epsilon is the one "
         f"its ledger records without aggregation (its share alone: noise multiplier sigma / sqrt({m}))."
     )

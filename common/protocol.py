@@ -39,16 +39,17 @@ SECAGG_STAGE = "fedlora-secagg-stage"
 ADVERTISE_KEYS = "advertise-keys"
 SHARE_KEYS = "share-keys"
 MASKED_INPUT = "masked-input"
+CONSISTENCY = "consistency-check"
 UNMASK = "unmask"
-SECAGG_STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, UNMASK)
+SECAGG_STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK)
 # a head round under secure aggregation: the round's train message says the head rounds' gradients go
 # through a secure sum (SECURE_HEAD); an institution that planned a head round answers it with a reply of
-# stage JOIN_SECURE_SUM (nothing released, nothing charged); the four stages then run among those, each
+# stage JOIN_SECURE_SUM (nothing released, nothing charged); the five stages then run among those, each
 # message's STAGE being HEAD_GRADIENT (the masked input: the head-gradient sum with a share of the noise)
 SECURE_HEAD = "secure-head"
 JOIN_SECURE_SUM = "join-secure-sum"
 # server -> client (ConfigRecord): the round's context (random bytes binding every key and share to it),
-# threshold, tolerated dropouts and colluders, and at the unmask stage the survivors (node ids as str)
+# threshold, tolerated dropouts and colluders, and at the consistency check the survivors (node ids as str)
 SECAGG_CONTEXT = "secagg-context"
 SECAGG_THRESHOLD = "secagg-threshold"
 SECAGG_DROPOUTS = "secagg-dropouts"
@@ -59,14 +60,19 @@ SECAGG_SURVIVORS = "secagg-survivors"
 # ConfigRecord (SECAGG_NOISES, node id as str -> multiplier); each institution adds a share of the largest
 SECAGG_NOISE = "secagg-noise"
 SECAGG_NOISES = "secagg-noises"
-# server -> client (ArrayRecord, uint8): the roster's public keys ("<node>/cipher", "<node>/mask") and the
-# shares sealed to the receiver by each sender ("<sender>")
+# server -> client (ArrayRecord, uint8): the roster's signed adverts ("<node>/cipher", "<node>/mask",
+# "<node>/identity", "<node>/signature"), the shares sealed to the receiver by each sender ("<sender>"),
+# and at the unmask stage the survivors' signatures over the survivor list ("<node>")
 SECAGG_ROSTER = "secagg-roster"
 SECAGG_INBOX = "secagg-inbox"
-# client -> server (ArrayRecord): its public keys, its sealed shares by receiver, its masked vector (ring
-# elements), or its unmasking shares ("seed/<node>", "key/<node>")
+SECAGG_SIGNATURES = "secagg-signatures"
+# client -> server (ArrayRecord): its public keys with its long-term identity and signature, its sealed
+# shares by receiver, its masked vector (ring elements), its signature over the survivor list, or its
+# unmasking shares ("seed/<node>", "key/<node>")
 CIPHER_KEY = "cipher"
 MASK_KEY = "mask"
+IDENTITY = "identity"
+SIGNATURE = "signature"
 MASKED = "masked"
 SEED_SHARE = "seed/"
 KEY_SHARE = "key/"

@@ -24,6 +24,7 @@ from fedlora.common.held_out import VALIDATION, best_round, exported_round, spli
 from fedlora.common.model import BuiltModel, device_for
 from fedlora.common.model_card import ended_after, write_model_card
 from fedlora.common.scoring import evaluate
+from fedlora.common.secure_aggregation.identity import Roster, load_roster
 from fedlora.common.workbench import Workbench, prepare
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedlora.server.head_step import SecureHead
@@ -77,7 +78,8 @@ def run_server(grid: Grid, settings: ServerSettings, on_round: RoundCallback | N
     if not start.history and cfg.federation.statistics_first and cfg.model.task == "classification":
         start = statistics_first(grid, strategy, start, after_round, cfg, settings.on_secure_sum)
     fed = cfg.federation
-    secure = SecureHeads(fed, settings.on_secure_head) if fed.secure_aggregation else None
+    roster = load_roster(cfg.security.identity_roster) if cfg.security.identity_roster else None
+    secure = SecureHeads(fed, roster, settings.on_secure_head) if fed.secure_aggregation else None
     final = run_rounds(grid, strategy, start, after_round, cfg.federation.round_timeout, secure)
     export(run_dir, cfg, bench, final if after_round.best is None else after_round.best, after_round.history)
     require_budget_for_every_round(after_round.history, cfg.federation.rounds)
@@ -254,6 +256,8 @@ class SecureHeads:
     """Under secure aggregation, a round's head gradients go through a secure sum (server.secure_head)."""
 
     fed: FederationConfig
+    roster: Roster | None = None
+    """The federation's identities where the coordinator holds them (security.identity_roster)."""
     on_sum: HeadSumCallback | None = None
 
     def __call__(
@@ -268,7 +272,9 @@ class SecureHeads:
         joined = strategy.joined(replies, server_round)
         if not joined:
             return None
-        return secure_head_sum(grid, strategy, arrays, self.fed, joined, server_round, self.on_sum)
+        return secure_head_sum(
+            grid, strategy, arrays, self.fed, self.roster, joined, server_round, self.on_sum
+        )
 
 
 def run_rounds(

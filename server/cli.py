@@ -16,11 +16,12 @@ from fedlora.common.cli_support import (
     report,
     run_cli,
 )
-from fedlora.common.config import to_dict
+from fedlora.common.config import FedloraConfig, to_dict
 from fedlora.common.devcerts import make_dev_certs
 from fedlora.common.launch import STOP_GRACE_SECONDS
 from fedlora.common.model import model_dir
 from fedlora.common.model_card import ADAPTER_DIR
+from fedlora.common.secure_aggregation.identity import load_roster
 from fedlora.common.tracking import add_track_argument, tracked
 from fedlora.server import deploy
 from fedlora.server.history import track_history
@@ -61,9 +62,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         command = deploy.superlink_command(cfg, deploy.RunFolder(Path(".")), insecure=False, port=0)
         found["TLS"] = ", ".join(command[i + 1] for i, arg in enumerate(command) if arg.startswith("--ssl-"))
         found["admitted keys"] = ", ".join(deploy.admitted_keys(cfg))
+    if cfg.federation.secure_aggregation:
+        found["secure aggregation"] = identities_line(cfg)
     for key, value in found.items():
         report.print(f"{key}: {value}", highlight=False, soft_wrap=True)
     return 0
+
+
+def identities_line(cfg: FedloraConfig) -> str:
+    """Secure aggregation's identities as the coordinator holds them (the institutions verify anyway)."""
+    if not cfg.security.identity_roster:
+        return (
+            "signed by each institution's identity, checked by the institutions against their roster; no "
+            "security.identity_roster here, so an advert of an unknown identity is relayed and the "
+            "institutions refuse it (the round is discarded)"
+        )
+    roster = load_roster(cfg.security.identity_roster)  # one line if unusable
+    return f"signed; adverts of identities outside its roster of {len(roster.names)} dropped before relaying"
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ the coordinator learns only their sum, which carries the round's agreed noise si
 The message flow: the round's train message goes to every sampled node as in any round, saying that
 head rounds go through a secure sum (P.SECURE_HEAD). An institution that trains LoRA (or none) answers
 as in the plain path, with its update and its full local noise; one whose planner planned a head round
-answers that it joins (P.JOIN_SECURE_SUM: nothing computed, released or charged). The four stages then
+answers that it joins (P.JOIN_SECURE_SUM: nothing computed, released or charged). The five stages then
 run among those that joined, through the secure sum's driver (server.secure_sum): each advertises its
 ledger's noise multiplier, all add shares of the largest, each charges its ledger at the sum's sigma and
 at its share alone before its masked vector leaves. The planner decides per institution, so only the
@@ -31,6 +31,7 @@ from fedlora.common import protocol as P
 from fedlora.common.config import FederationConfig
 from fedlora.common.errors import ConfigError, RoundDiscarded
 from fedlora.common.head_gradient import length
+from fedlora.common.secure_aggregation.identity import Roster
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import for_head_gradient
 from fedlora.server.head_step import SecureHead
@@ -47,19 +48,20 @@ def secure_head_sum(
     strategy: LoraStrategy,
     arrays: ArrayRecord,
     fed: FederationConfig,
+    roster: Roster | None,
     joined: list[int],
     server_round: int,
     on_sum: HeadSumCallback | None = None,
 ) -> SecureHead:
     """The secure sum of the head gradients of the nodes that ``joined`` round ``server_round``, at the
-    global adapter ``arrays``."""
+    global adapter ``arrays``; ``roster``: the federation's identities where the coordinator holds them."""
     classes, width = strategy.head_shape()
     config = strategy.head_sum_config(server_round)
     exchange = Exchange(grid, config, fed.round_timeout, server_round, "head gradient")
     try:
-        settings = for_head_gradient(fed.secagg_threshold, fed.secagg_dropouts)
+        settings = for_head_gradient(fed.secagg_threshold, fed.secagg_dropouts, fed.secagg_colluders)
         context = secrets.token_bytes(CONTEXT_BYTES)
-        server = ServerRound(settings, context, length(classes, width), len(joined))
+        server = ServerRound(settings, context, length(classes, width), len(joined), roster)
     except ConfigError as err:
         log.warning(
             "round %d: %d institutions joined the secure head sum: %s; the head is not stepped this round",

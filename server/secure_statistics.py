@@ -1,8 +1,9 @@
 """Round 0 under secure aggregation (federation.secure_aggregation), the coordinator's side: the
 institutions' class statistics summed so that the coordinator learns only the sum.
 
-The protocol's four stages run through the secure sum's driver (server.secure_sum): advertise keys, share
-keys, masked input (the global adapter out with each sharer's inbox, the masked statistics back), unmask.
+The protocol's five stages run through the secure sum's driver (server.secure_sum): advertise keys (signed
+adverts back), share keys, masked input (the global adapter out with each sharer's inbox, the masked
+statistics back), consistency check, unmask.
 Each advert carries its institution's planned noise multiplier and the roster relays them all
 (P.SECAGG_NOISES); each institution added only its share of the largest (client.secure_statistics), so
 the unmasked sum carries the central noise of the most private institution's plan; the head is
@@ -27,6 +28,7 @@ from flwr.serverapp import Grid
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
 from fedlora.common.errors import RoundDiscarded
+from fedlora.common.secure_aggregation.identity import load_roster
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import for_statistics
 from fedlora.server.secure_sum import CONTEXT_BYTES, Exchange, secure_sum
@@ -52,8 +54,9 @@ def secure_statistics(
     classes, width = strategy.head_shape()
     length = classes * width + classes
     nodes = strategy.statistics_nodes(grid)
-    settings = for_statistics(fed.secagg_threshold, fed.secagg_dropouts)
-    server = ServerRound(settings, secrets.token_bytes(CONTEXT_BYTES), length, len(nodes))
+    settings = for_statistics(fed.secagg_threshold, fed.secagg_dropouts, fed.secagg_colluders)
+    identities = load_roster(cfg.security.identity_roster) if cfg.security.identity_roster else None
+    server = ServerRound(settings, secrets.token_bytes(CONTEXT_BYTES), length, len(nodes), identities)
     config = strategy.statistics_config()
     config.update(
         {

@@ -1,13 +1,16 @@
-"""The secure sum, the coordinator's side: one run of the protocol's four stages over the Grid, for any
+"""The secure sum, the coordinator's side: one run of the protocol's five stages over the Grid, for any
 vector the institutions release under secure aggregation (round 0's class statistics,
 server.secure_statistics; a head round's gradient sums, server.secure_head).
 
 Each stage is a Grid exchange of train messages naming it (P.SECAGG_STAGE), driven through
 common.secure_aggregation.server.ServerRound: advertise keys (each advert carries its institution's
-planned noise multiplier), share keys (the roster and every advertised multiplier out, the sealed shares
-back; the largest multiplier is bound into the round's context, common.distributed_noise.agreed_context),
-masked input (each sharer's inbox and the caller's records out, the masked vector back), unmask (the
-survivors out, the shares of seeds and keys back). Fewer survivors than the threshold or than the
+planned noise multiplier, signed by its long-term identity), share keys (the roster of signed adverts
+and every advertised multiplier out, the sealed shares back; the largest multiplier is bound into the
+round's context, common.distributed_noise.agreed_context), masked input (each sharer's inbox and the
+caller's records out, the masked vector back), consistency check (the survivors out, each one's
+signature over them back), unmask (the signatures out, the shares of seeds and keys back). With
+security.identity_roster the coordinator drops adverts of identities not in it before relaying.
+Fewer survivors than the threshold or than the
 institutions less the tolerated dropouts discard the round (RoundDiscarded): nothing is unmasked.
 Per-reply screening cannot look inside a masked vector: the codec still checks records, stage,
 fingerprint, shapes and dtypes, and the quantisation range bounds what one institution can add.
@@ -29,12 +32,13 @@ from fedlora.common import protocol as P
 from fedlora.common.codec import (
     HeadMetrics,
     TrainMetrics,
+    advert_parts,
     parse_advert,
+    parse_consistency,
     parse_masked,
     parse_shares,
     parse_unmask,
 )
-from fedlora.common.distributed_noise import agreed_context
 from fedlora.common.errors import AdapterError, RoundDiscarded
 from fedlora.common.secure_aggregation import keys, shamir
 from fedlora.common.secure_aggregation.quantise import Quantiser, ring_dtype
@@ -55,7 +59,7 @@ def as_bytes(raw: bytes) -> Array:
 class Exchange:
     """One stage's messages out and the well-formed replies back, by node; anything else dropped.
 
-    The four stages share the round's deadline (federation.round_timeout), so a secure sum waits no
+    The five stages share the round's deadline (federation.round_timeout), so a secure sum waits no
     longer than any round. A node asked at a stage that does not answer in the time left, or that the
     SuperLink reports unavailable (a killed node, once its heartbeats lapse: the SuperLink answers
     for it, as node 1), is dropped from the stage under its own id and not asked again. ``what`` names
@@ -154,19 +158,18 @@ def secure_sum(
     masked_records: Callable[[int], Mapping[str, ArrayRecord | ConfigRecord]],
     head: bool = False,
 ) -> SecureSum:
-    """The four stages among ``nodes``; ``masked_records``: what the masked-input message carries to a
+    """The five stages among ``nodes``; ``masked_records``: what the masked-input message carries to a
     node beside its inbox (what it needs to compute its release); ``head``: the masked replies are head
     gradients (their metrics carry no row count). RoundDiscarded, nothing unmasked, where too few
     institutions survive a stage or fewer than the roster less ``dropouts`` sent a masked vector."""
     adverts = exchange(P.ADVERTISE_KEYS, nodes, lambda c: parse_advert(c, fingerprint))
-    roster = server.collect_keys({node: advert for node, (advert, _) in adverts.items()})
-    noises = ConfigRecord({str(node): adverts[node][1] for node in roster})
-    server.context = agreed_context(server.context, max(adverts[node][1] for node in roster))
+    roster = server.collect_keys(adverts)
+    noises = ConfigRecord({str(node): advert.noise for node, advert in roster.items()})
     keys_out = ArrayRecord(
         {
-            f"{node}/{name}": as_bytes(key)
+            f"{node}/{name}": as_bytes(raw)
             for node, advert in roster.items()
-            for name, key in ((P.CIPHER_KEY, advert.cipher), (P.MASK_KEY, advert.mask))
+            for name, raw in advert_parts(advert).items()
         }
     )
     sent = exchange(
@@ -194,11 +197,19 @@ def secure_sum(
             f"{len(roster)} that advertised keys less {dropouts} tolerated dropouts; "
             "the round is discarded and nothing is unmasked"
         )
+    signatures = exchange(
+        P.CONSISTENCY,
+        survivors,
+        lambda c: parse_consistency(c, fingerprint),
+        extra={P.SECAGG_SURVIVORS: [str(n) for n in survivors]},
+    )
+    signed = server.collect_signatures(signatures)
+    relayed = ArrayRecord({str(node): as_bytes(signature) for node, signature in signed.items()})
     answers = exchange(
         P.UNMASK,
-        survivors,
+        list(signed),
         lambda c: parse_unmask(c, fingerprint, shamir.SHARE_BYTES),
-        extra={P.SECAGG_SURVIVORS: [str(n) for n in survivors]},
+        lambda _node: {P.SECAGG_SIGNATURES: relayed},
     )
     total = server.aggregate(answers)
     return SecureSum(

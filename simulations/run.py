@@ -24,6 +24,7 @@ from fedlora.simulations.carry import carried_setup, carry_mod, start_keeper
 from fedlora.simulations.cluster import check_nodes, join_args, require_reachable, unreachable
 from fedlora.simulations.gpu_share import check_gpu_share
 from fedlora.simulations.head_round_audit import head_sum_recorder
+from fedlora.simulations.identities import with_identities
 from fedlora.simulations.secure_sum_audit import sum_recorder
 from fedlora.simulations.virtual_client import partition_sizes, simulation_setup, with_peers
 
@@ -131,6 +132,7 @@ def simulate(
     partition_sizes(cfg)
     cfg = with_peers(cfg)
     prepare_run_dir(cfg, run_dir)
+    cfg = with_identities(cfg, run_dir)
     audited = bool(canaries) and cfg.federation.secure_aggregation
     settings = ServerSettings(
         cfg=cfg,

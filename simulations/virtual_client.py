@@ -15,6 +15,7 @@ from fedlora.client.app import ClientSetup, with_rank
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
 from fedlora.simulations.canary_rounds import CanaryPlan, CanaryRound
+from fedlora.simulations.identities import own_identity
 from fedlora.simulations.partitions import simulation_partitions
 
 
@@ -46,11 +47,12 @@ def ledger_file(run_dir: Path, pid: int) -> Path:
 def simulation_setup(
     cfg: FedloraConfig, run_dir: Path, context: Context, canaries: tuple[int, int] | None = None
 ) -> ClientSetup:
-    """Virtual institution ``partition-id``: its slice of the data, its rank, its own ledger; with
-    ``canaries`` (white-box, black-box counts), its own privacy-audit canaries."""
+    """Virtual institution ``partition-id``: its slice of the data, its rank, its own ledger, its
+    identity key (simulations.identities); with ``canaries`` (white-box, black-box counts), its own
+    privacy-audit canaries."""
     pid = int(context.node_config[P.PARTITION_ID])
     ranks = cfg.simulation.client_ranks
-    own = with_rank(cfg, ranks[pid]) if ranks else cfg
+    own = own_identity(with_rank(cfg, ranks[pid]) if ranks else cfg, pid)
     trains, evals = simulation_partitions(cfg)
     return ClientSetup(
         cfg=own,

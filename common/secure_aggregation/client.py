@@ -1,34 +1,49 @@
 """An institution's side of one round, as a state machine: each step once, in order.
 
-1. ``advertise_keys`` -> its two public keys.
-2. ``share_keys(roster)`` -> its self-mask seed and mask private key, Shamir-shared among the roster
-   and sealed to each peer (the server routes them).
+1. ``advertise_keys(noise)`` -> its two public keys and planned noise multiplier, signed with its
+   long-term identity (common.secure_aggregation.identity) over the round's context and its node id.
+2. ``share_keys(roster)`` -> every roster entry verified against the roster of identities it holds out
+   of band (an unknown identity, one used twice, a bad signature: that peer is refused, and too few
+   left refuses the round); the round's noise agreed (the largest verified multiplier, bound into the
+   context); its self-mask seed and mask private key Shamir-shared among the verified peers and sealed
+   to each (the server routes them).
 3. ``masked_input(sealed, vector)`` -> the quantised vector plus its self-mask and, for every peer
    that shared keys, the pairwise mask (added towards a higher id, subtracted towards a lower one).
-4. ``unmask(survivors)`` -> shares of each survivor's seed and of each dropped peer's key.
+4. ``sign_survivors(survivors)`` -> its signature over the survivor list it was sent (Bell et al.'s
+   consistency check), the list kept.
+5. ``unmask(signatures)`` -> only when at least threshold survivors signed that same list: shares of
+   each survivor's seed and of each dropped peer's key.
 
-The checks that keep masks secret run here, where the server cannot skip them: a roster or survivor
-list below the threshold, or a threshold that is no strict majority, is refused; one survivor list
-is answered once, so no peer's seed and key are both ever revealed (with a majority threshold, no
-two survivor lists can each gather enough shares). ``context`` names the round (run and round number)
-and binds every derived key and sealed share to it. The roster's keys are not signed: a server that
-invents institutions is outside this (semi-honest) model until adverts are signed with node keys.
+The checks that keep masks secret run here, where the server cannot skip them: a roster or survivor list
+below the threshold, or a threshold not above (roster + tolerated colluders) / 2, is refused; one
+survivor list is signed and answered once, and only with threshold signatures over it, so a coordinator
+that tells survivors different lists gets no answer (no peer's seed and key both leave, colluders or
+not), and one that substitutes an institution's keys gets no share sealed to its own. ``context`` names
+the round (run and round number) and binds every derived key and sealed share to it.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedlora.common.distributed_noise import agreed_context
 from fedlora.common.errors import RoundDiscarded, SecureAggregationError
 from fedlora.common.secure_aggregation import keys, prg, shamir
-from fedlora.common.secure_aggregation.messages import Advert, UnmaskShares
+from fedlora.common.secure_aggregation.identity import (
+    Identity,
+    advert_message,
+    survivors_message,
+    verify,
+)
+from fedlora.common.secure_aggregation.messages import Advert, SignedAdvert, UnmaskShares
 from fedlora.common.secure_aggregation.quantise import Quantiser
 from fedlora.common.secure_aggregation.settings import SecAggConfig
 
-STAGES = ("advertise", "share", "mask", "unmask", "done")
+STAGES = ("advertise", "share", "mask", "consistency", "unmask", "done")
 MAX_NODE = 2**64
 
 
@@ -48,17 +63,22 @@ def pairwise_mask(own: int, peer: int, seed: bytes, length: int, ring_bits: int)
 
 
 class ClientRound:
-    def __init__(self, node: int, config: SecAggConfig, context: bytes) -> None:
+    def __init__(self, node: int, config: SecAggConfig, context: bytes, identity: Identity) -> None:
+        """``identity``: the institution's signing key and roster, loaded per message (never in
+        ``to_bytes``)."""
         check_nodes([node])
-        self.node, self.config, self.context = node, config, context
+        self.node, self.config, self.context, self.identity = node, config, context, identity
         self._stage = 0
         self._cipher_key = keys.X25519PrivateKey.generate()
         self._mask_key = keys.X25519PrivateKey.generate()
         self._seed = prg.fresh_seed()
         self._roster: dict[int, Advert] = {}
+        self._identities: dict[int, bytes] = {}  # verified peer -> its long-term public key
         self._shares: dict[int, tuple[bytes, bytes]] = {}  # peer -> (its key share, its seed share)
         self._sharers: list[int] = []
+        self._survivors: list[int] = []
         self.threshold = 0
+        self.agreed_noise = 0.0
 
     def to_bytes(self) -> bytes:
         """The whole state between two steps, for the ClientApp's context (a process per message in
@@ -74,16 +94,19 @@ class ClientRound:
                 "seed": self._seed.hex(),
                 "roster": {str(n): [a.cipher.hex(), a.mask.hex()] for n, a in self._roster.items()},
                 "shares": {str(n): [k.hex(), s.hex()] for n, (k, s) in self._shares.items()},
+                "identities": {str(n): key.hex() for n, key in self._identities.items()},
                 "sharers": self._sharers,
+                "survivors": self._survivors,
                 "threshold": self.threshold,
+                "agreed_noise": self.agreed_noise,
             }
         ).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes, config: SecAggConfig) -> ClientRound:
+    def from_bytes(cls, raw: bytes, config: SecAggConfig, identity: Identity) -> ClientRound:
         """The round ``to_bytes`` wrote, at the step it had reached."""
         state = json.loads(raw)
-        round_ = cls(int(state["node"]), config, bytes.fromhex(state["context"]))
+        round_ = cls(int(state["node"]), config, bytes.fromhex(state["context"]), identity)
         round_._stage = int(state["stage"])
         round_._cipher_key = keys.private_key(bytes.fromhex(state["cipher"]))
         round_._mask_key = keys.private_key(bytes.fromhex(state["mask"]))
@@ -94,13 +117,16 @@ class ClientRound:
         round_._shares = {
             int(n): (bytes.fromhex(k), bytes.fromhex(s)) for n, (k, s) in state["shares"].items()
         }
+        round_._identities = {int(n): bytes.fromhex(key) for n, key in state["identities"].items()}
         round_._sharers = [int(n) for n in state["sharers"]]
+        round_._survivors = [int(n) for n in state["survivors"]]
         round_.threshold = int(state["threshold"])
+        round_.agreed_noise = float(state["agreed_noise"])
         return round_
 
     @property
     def roster_size(self) -> int:
-        """The institutions that advertised keys (known from ``share_keys`` on)."""
+        """The verified institutions of the roster (known from ``share_keys`` on)."""
         return len(self._roster)
 
     def _advance(self, stage: str) -> None:
@@ -110,41 +136,79 @@ class ClientRound:
             )
         self._stage += 1
 
-    def advertise_keys(self) -> Advert:
+    def advertise_keys(self, noise: float) -> SignedAdvert:
+        """Its two public keys and planned noise multiplier, signed over the round and its node id."""
         self._advance("advertise")
+        advert = self._own_keys()
+        signature = self.identity.sign(advert_message(self.context, self.node, advert, noise))
+        return SignedAdvert(advert, noise, self.identity.public, signature)
+
+    def _own_keys(self) -> Advert:
         return Advert(keys.public_bytes(self._cipher_key), keys.public_bytes(self._mask_key))
 
-    def share_keys(self, roster: Mapping[int, Advert], threshold: int) -> dict[int, bytes]:
-        """Sealed shares for each peer of the roster (every institution that advertised keys), any
-        ``threshold`` of which reconstruct: a strict majority of the roster, else refused."""
+    def verified(self, roster: Mapping[int, SignedAdvert]) -> dict[int, SignedAdvert]:
+        """The roster's entries signed by an identity of this institution's roster, used once, over
+        this round's context and their node id; the others left out (its own must be there, unaltered)."""
+        uses = Counter(advert.identity for advert in roster.values())
+        known = self.identity.roster.names
+        kept = {
+            node: advert
+            for node, advert in roster.items()
+            if advert.identity in known
+            and uses[advert.identity] == 1
+            and verify(
+                advert.identity,
+                advert.signature,
+                advert_message(self.context, node, advert.keys, advert.noise),
+            )
+        }
+        own = kept.get(self.node)
+        if own is None or own.keys != self._own_keys() or own.identity != self.identity.public:
+            raise SecureAggregationError(
+                f"secure aggregation: the roster misstates node {self.node}'s own keys or identity"
+            )
+        return kept
+
+    def share_keys(self, roster: Mapping[int, SignedAdvert], threshold: int) -> dict[int, bytes]:
+        """Sealed shares for each verified peer of the roster, any ``threshold`` of which reconstruct:
+        above (roster + tolerated colluders) / 2, else refused. Fewer verified institutions than the threshold
+        refuse the round (nothing of this institution's leaves beyond its advert)."""
         self._advance("share")
         check_nodes(list(roster))
-        own = Advert(keys.public_bytes(self._cipher_key), keys.public_bytes(self._mask_key))
-        if roster.get(self.node) != own:
-            raise SecureAggregationError(
-                f"secure aggregation: the roster misstates node {self.node}'s own keys"
-            )
-        published = [key for advert in roster.values() for key in advert]
+        verified = self.verified(roster)
+        refused = sorted(set(roster) - set(verified))
+        published = [key for advert in verified.values() for key in advert.keys]
         if len(set(published)) != len(published):
             raise SecureAggregationError("secure aggregation: the roster repeats a public key")
         self.config.check_capacity(len(roster))
         configured = self.config.threshold in (None, threshold)
-        if not (len(roster) < 2 * threshold and 2 <= threshold <= len(roster) and configured):
+        majority = self.config.majority(threshold, len(roster))
+        if not (majority and 2 <= threshold <= len(roster) and configured):
             raise SecureAggregationError(
                 f"secure aggregation: threshold {threshold} is no strict majority of the {len(roster)} "
-                "institutions of the roster, below 2, or not the configured one"
+                f"institutions of the roster with {self.config.tolerated_colluders} tolerated colluders, "
+                "below 2, or not the configured one"
+            )
+        if len(verified) < threshold:
+            raise RoundDiscarded(
+                f"secure aggregation: {len(verified)} of the roster's {len(roster)} institutions carry a "
+                f"valid signature of a known identity (refused: nodes {refused}), fewer than the threshold "
+                f"{threshold}; nothing is shared"
             )
         self.threshold = threshold
-        self._roster = dict(roster)
-        key_shares = shamir.split(keys.private_bytes(self._mask_key), self.threshold, roster)
-        seed_shares = shamir.split(self._seed, self.threshold, roster)
+        self._roster = {node: advert.keys for node, advert in verified.items()}
+        self._identities = {node: advert.identity for node, advert in verified.items()}
+        self.agreed_noise = max(advert.noise for advert in verified.values())
+        self.context = agreed_context(self.context, self.agreed_noise)
+        key_shares = shamir.split(keys.private_bytes(self._mask_key), self.threshold, self._roster)
+        seed_shares = shamir.split(self._seed, self.threshold, self._roster)
         self._shares[self.node] = (key_shares[self.node], seed_shares[self.node])
         return {
             peer: keys.seal(
                 self._cipher_key, advert.cipher, self.context, self.node, peer,
                 key_shares[peer] + seed_shares[peer],
             )
-            for peer, advert in roster.items()
+            for peer, advert in self._roster.items()
             if peer != self.node
         }  # fmt: skip
 
@@ -179,9 +243,10 @@ class ClientRound:
                 masked += pairwise_mask(self.node, peer, seed, masked.size, bits)
         return masked
 
-    def unmask(self, survivors: Sequence[int]) -> UnmaskShares:
-        """Shares of every survivor's self-mask seed and every dropped sharer's mask key, once."""
-        self._advance("unmask")
+    def sign_survivors(self, survivors: Sequence[int]) -> bytes:
+        """Its signature over the survivor list it was sent (kept: the unmask answers that one only);
+        a list without itself, with a peer it was not masked with, or below the threshold refused."""
+        self._advance("consistency")
         alive = set(survivors)
         if self.node not in alive or not alive <= set(self._sharers):
             raise SecureAggregationError(
@@ -193,6 +258,26 @@ class ClientRound:
                 f"secure aggregation: {len(alive)} survivors, fewer than the threshold {self.threshold}; "
                 "nothing is unmasked"
             )
+        self._survivors = sorted(alive)
+        return self.identity.sign(survivors_message(self.context, self._survivors))
+
+    def unmask(self, signatures: Mapping[int, bytes]) -> UnmaskShares:
+        """Shares of every survivor's self-mask seed and every dropped sharer's mask key, once, and only
+        when at least threshold survivors signed the list this institution signed."""
+        self._advance("unmask")
+        message = survivors_message(self.context, self._survivors)
+        signed = [
+            node
+            for node, signature in signatures.items()
+            if node in self._survivors and verify(self._identities[node], signature, message)
+        ]
+        if len(signed) < self.threshold:
+            raise RoundDiscarded(
+                f"secure aggregation: {len(signed)} survivors signed the survivor list node {self.node} was "
+                f"sent, fewer than the threshold {self.threshold} (another list was sent to others?); "
+                "nothing is unmasked"
+            )
+        alive = set(self._survivors)
         return UnmaskShares(
             seeds={peer: self._shares[peer][1] for peer in self._sharers if peer in alive},
             keys={peer: self._shares[peer][0] for peer in self._sharers if peer not in alive},

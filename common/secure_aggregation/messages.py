@@ -15,6 +15,18 @@ class Advert(NamedTuple):
 
 
 @dataclass(frozen=True)
+class SignedAdvert:
+    """An advert as the roster relays it: the keys and planned noise multiplier, signed by the
+    institution's long-term identity (Ed25519 public key, 32 bytes; signature, 64 bytes) over the round's
+    context and its node id (common.secure_aggregation.identity.advert_message)."""
+
+    keys: Advert
+    noise: float
+    identity: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
 class UnmaskShares:
     """A survivor's answer: its shares of each survivor's self-mask seed (``seeds``) and of each
     dropped institution's mask key (``keys``); never both for the same institution."""

@@ -21,12 +21,19 @@ class SecAggConfig:
         default=None,
         metadata={
             "help": "Shares needed to reconstruct a mask secret; every step of a round needs this many "
-            "institutions left. None: a strict majority of the round's institutions (n // 2 + 1)."
+            "institutions left. None: the least above (n + tolerated_colluders) / 2."
         },
     )
     tolerated_dropouts: int = field(
         default=0,
         metadata={"help": "Institutions that may drop out of a round and still leave threshold ones."},
+    )
+    tolerated_colluders: int = field(
+        default=0,
+        metadata={
+            "help": "Institutions that may side with the coordinator: they sign any survivor list, so the "
+            "threshold must exceed (institutions + colluders) / 2 for two lists never to both gather it."
+        },
     )
     ring_bits: int = field(
         default=32,
@@ -47,6 +54,10 @@ class SecAggConfig:
     def __post_init__(self) -> None:
         if self.threshold is not None and (not isinstance(self.threshold, int) or self.threshold < 2):
             raise ConfigError(f"{KEY}.threshold: must be an integer >= 2 or None, got {self.threshold!r}")
+        if not isinstance(self.tolerated_colluders, int) or self.tolerated_colluders < 0:
+            raise ConfigError(
+                f"{KEY}.tolerated_colluders: must be an integer >= 0, got {self.tolerated_colluders!r}"
+            )
         if not isinstance(self.tolerated_dropouts, int) or self.tolerated_dropouts < 0:
             raise ConfigError(
                 f"{KEY}.tolerated_dropouts: must be an integer >= 0, got {self.tolerated_dropouts!r}"
@@ -63,16 +74,25 @@ class SecAggConfig:
 
     def threshold_for(self, institutions: int) -> int:
         """The round's threshold among ``institutions`` taking part."""
-        return self.threshold if self.threshold is not None else institutions // 2 + 1
+        smallest = (institutions + self.tolerated_colluders) // 2 + 1
+        return self.threshold if self.threshold is not None else smallest
+
+    def majority(self, threshold: int, institutions: int) -> bool:
+        """Whether ``threshold`` exceeds (institutions + colluders) / 2: then two survivor lists can never
+        both gather threshold signatures (each honest institution signs one, a colluder both; Bell et
+        al. 2020), nor threshold shares (each answers once), so no seed and key of one peer both open."""
+        return 2 * threshold > institutions + self.tolerated_colluders
 
     def check_round(self, institutions: int) -> int:
         """The threshold of a round of ``institutions``, refused in one line where the round could not
         complete with the tolerated dropouts, a minority could unmask, or the sum could overflow."""
         threshold = self.threshold_for(institutions)
-        if threshold * 2 <= institutions:
+        if not self.majority(threshold, institutions):
+            least = (institutions + self.tolerated_colluders) // 2 + 1
             raise ConfigError(
-                f"{KEY}.threshold: {threshold} of {institutions} institutions is not a strict majority "
-                f"(Bonawitz et al. need threshold > n/2); expected at least {institutions // 2 + 1}"
+                f"{KEY}.threshold: {threshold} of {institutions} institutions with "
+                f"{self.tolerated_colluders} tolerated colluders is not above (institutions + colluders) / 2 "
+                f"(colluders sign any survivor list; Bell et al. 2020); expected at least {least}"
             )
         if threshold > institutions - self.tolerated_dropouts:
             raise ConfigError(
@@ -103,11 +123,14 @@ STATISTICS_RING_BITS = 64
 STATISTICS_QUANTISATION_BITS = 40
 
 
-def for_statistics(threshold: int | None, tolerated_dropouts: int) -> SecAggConfig:
+def for_statistics(
+    threshold: int | None, tolerated_dropouts: int, tolerated_colluders: int
+) -> SecAggConfig:
     """The settings of the round-0 statistics release under secure aggregation."""
     return SecAggConfig(
         threshold=threshold,
         tolerated_dropouts=tolerated_dropouts,
+        tolerated_colluders=tolerated_colluders,
         ring_bits=STATISTICS_RING_BITS,
         quantisation_bits=STATISTICS_QUANTISATION_BITS,
         clip=STATISTICS_CLIP,
@@ -137,11 +160,14 @@ HEAD_GRADIENT_CLIP = STATISTICS_CLIP
 NOISE_MARGIN = 10.0
 
 
-def for_head_gradient(threshold: int | None, tolerated_dropouts: int) -> SecAggConfig:
+def for_head_gradient(
+    threshold: int | None, tolerated_dropouts: int, tolerated_colluders: int
+) -> SecAggConfig:
     """The settings of a head round's gradient sum under secure aggregation."""
     return SecAggConfig(
         threshold=threshold,
         tolerated_dropouts=tolerated_dropouts,
+        tolerated_colluders=tolerated_colluders,
         ring_bits=STATISTICS_RING_BITS,
         quantisation_bits=STATISTICS_QUANTISATION_BITS,
         clip=HEAD_GRADIENT_CLIP,

@@ -4,6 +4,8 @@ steps (as the ClientApp keeps it in its context state); and what the codec refus
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -14,10 +16,12 @@ from fedlora.common.codec import (
     TrainMetrics,
     advert_reply,
     check_outgoing,
+    consistency_reply,
     is_join,
     join_reply,
     masked_reply,
     parse_advert,
+    parse_consistency,
     parse_join,
     parse_masked,
     parse_shares,
@@ -30,31 +34,34 @@ from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.quantise import Quantiser, ring_dtype
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import for_statistics
+from helpers.identities import identities
 
 FP = "fp-1"
 NODES = (11, 22, 33)
+ID = identities([11])[11]
 METRICS = TrainMetrics(
     num_examples=5, epsilon=1.0, lora_r=4, lora_scale=2.0, steps=0, train_seconds=0.1, noise_std=0.5
 )
 
 
 def run_round(vectors: dict[int, np.ndarray], lost_at_mask: tuple[int, ...] = ()) -> np.ndarray:
-    settings = for_statistics(2, 1)
+    settings = for_statistics(2, 1, 0)
     length = next(iter(vectors.values())).size
-    server = ServerRound(settings, b"ctx", length, len(NODES))
+    ids = identities(NODES)
+    server = ServerRound(settings, b"ctx", length, len(NODES), ids[NODES[0]].roster)
     kept: dict[int, bytes] = {}
     adverts = {}
     for node in NODES:
-        round_ = ClientRound(node, settings, b"ctx")
-        reply = advert_reply(round_.advertise_keys(), 1.5, FP)
+        round_ = ClientRound(node, settings, b"ctx", ids[node])
+        reply = advert_reply(round_.advertise_keys(1.5), FP)
         check_outgoing(reply, "train")
-        adverts[node], noise = parse_advert(reply, FP)
-        assert noise == 1.5
+        adverts[node] = parse_advert(reply, FP)
+        assert adverts[node].noise == 1.5
         kept[node] = round_.to_bytes()
     roster = server.collect_keys(adverts)
     sent = {}
     for node in roster:
-        round_ = ClientRound.from_bytes(kept[node], settings)
+        round_ = ClientRound.from_bytes(kept[node], settings, ids[node])
         reply = shares_reply(round_.share_keys(roster, server.threshold), FP)
         check_outgoing(reply, "train")
         sent[node] = parse_shares(reply, FP, 200)
@@ -62,16 +69,24 @@ def run_round(vectors: dict[int, np.ndarray], lost_at_mask: tuple[int, ...] = ()
     inboxes = server.route_shares(sent)
     masked = {}
     for node in inboxes:
-        round_ = ClientRound.from_bytes(kept[node], settings)
+        round_ = ClientRound.from_bytes(kept[node], settings, ids[node])
         reply = masked_reply(round_.masked_input(inboxes[node], vectors[node]), METRICS, FP)
         check_outgoing(reply, "train")
         kept[node] = round_.to_bytes()
         if node not in lost_at_mask:
             masked[node] = parse_masked(reply, FP, length, ring_dtype(settings.ring_bits))[0]
     survivors = server.collect_masked(masked)
+    signatures = {}
+    for node in survivors:
+        round_ = ClientRound.from_bytes(kept[node], settings, ids[node])
+        reply = consistency_reply(round_.sign_survivors(survivors), FP)
+        check_outgoing(reply, "train")
+        signatures[node] = parse_consistency(reply, FP)
+        kept[node] = round_.to_bytes()
+    relayed = server.collect_signatures(signatures)
     answers = {}
     for node in survivors:
-        reply = unmask_reply(ClientRound.from_bytes(kept[node], settings).unmask(survivors), FP)
+        reply = unmask_reply(ClientRound.from_bytes(kept[node], settings, ids[node]).unmask(relayed), FP)
         check_outgoing(reply, "train")
         answers[node] = parse_unmask(reply, FP, 66)
     return server.aggregate(answers)
@@ -80,7 +95,7 @@ def run_round(vectors: dict[int, np.ndarray], lost_at_mask: tuple[int, ...] = ()
 def test_a_round_through_the_codec_and_the_saved_state_sums_the_survivors_exactly():
     rng = np.random.default_rng(0)
     vectors = {node: rng.normal(0, 50, 40) for node in NODES}
-    step_bound = Quantiser.of(for_statistics(2, 1)).sum_error(3)
+    step_bound = Quantiser.of(for_statistics(2, 1, 0)).sum_error(3)
     assert np.abs(run_round(vectors) - sum(vectors.values())).max() <= step_bound
     two = run_round(vectors, lost_at_mask=(33,))
     assert np.abs(two - vectors[11] - vectors[22]).max() <= step_bound
@@ -92,28 +107,42 @@ def test_the_codec_refuses_a_plain_vector_an_unknown_stage_or_an_extra_config_ke
     with pytest.raises(AdapterError, match="uint32, uint64"):
         check_outgoing(plain, "train")
     for change in ({P.SECAGG_STAGE: "reveal"}, {"extra": 1}):
-        reply = advert_reply(ClientRound(11, for_statistics(2, 1), b"c").advertise_keys(), 1.0, FP)
+        reply = advert_reply(ClientRound(11, for_statistics(2, 1, 0), b"c", ID).advertise_keys(1.0), FP)
         reply[P.CONFIG] = ConfigRecord({**dict(reply[P.CONFIG]), **change})
         with pytest.raises(AdapterError):
             check_outgoing(reply, "train")
     with pytest.raises(AdapterError, match="fingerprint"):
-        advert = ClientRound(11, for_statistics(2, 1), b"c").advertise_keys()
-        parse_advert(advert_reply(advert, 1.0, "other"), FP)
+        advert = ClientRound(11, for_statistics(2, 1, 0), b"c", ID).advertise_keys(1.0)
+        parse_advert(advert_reply(advert, "other"), FP)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5, "1.0", True, None])
 def test_an_advert_with_a_malformed_or_missing_noise_multiplier_is_refused_in_one_line(bad):
-    advert = ClientRound(11, for_statistics(2, 1), b"c").advertise_keys()
+    advert = ClientRound(11, for_statistics(2, 1, 0), b"c", ID).advertise_keys(2.0)
     with pytest.raises(AdapterError) as built:
-        advert_reply(advert, bad, FP)  # None: no multiplier at all
-    reply = advert_reply(advert, 2.0, FP)
+        advert_reply(replace(advert, noise=bad), FP)  # None: no multiplier at all
+    reply = advert_reply(advert, FP)
     config = {k: v for k, v in dict(reply[P.CONFIG]).items() if k != P.SECAGG_NOISE}
     reply[P.CONFIG] = ConfigRecord(config if bad is None else {**config, P.SECAGG_NOISE: bad})
     with pytest.raises(AdapterError) as parsed:
         parse_advert(reply, FP)
     for err in (built, parsed):
         assert P.SECAGG_NOISE in str(err.value) and "\n" not in str(err.value)
-    assert parse_advert(advert_reply(advert, 0.0, FP), FP)[1] == 0.0  # no DP planned: allowed
+    assert parse_advert(advert_reply(replace(advert, noise=0.0), FP), FP).noise == 0.0  # no DP: allowed
+
+
+def test_a_signed_advert_and_a_consistency_signature_are_checked_for_their_parts_and_sizes():
+    advert = ClientRound(11, for_statistics(2, 1, 0), b"c", ID).advertise_keys(1.0)
+    assert parse_advert(advert_reply(advert, FP), FP) == advert
+    reply = advert_reply(replace(advert, signature=advert.signature[:63]), FP)
+    with pytest.raises(AdapterError, match="signature"):
+        parse_advert(reply, FP)
+    unsigned = advert_reply(advert, FP)
+    unsigned[P.ARRAYS] = ArrayRecord({k: v for k, v in unsigned[P.ARRAYS].items() if k != P.SIGNATURE})
+    with pytest.raises(AdapterError, match="expected exactly"):
+        parse_advert(unsigned, FP)
+    with pytest.raises(AdapterError, match="signature"):
+        parse_consistency(consistency_reply(b"\x01" * 65, FP), FP)
 
 
 def test_a_head_rounds_join_and_masked_replies_leave_without_a_row_count_and_are_told_apart():

@@ -12,6 +12,7 @@ from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.quantise import Quantiser
 from fedlora.common.secure_aggregation.server import ServerRound
 from fedlora.common.secure_aggregation.settings import SecAggConfig
+from helpers.identities import identities
 
 
 def bit_agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,8 +43,10 @@ def test_one_private_key_bit_changed_gives_unrelated_pairwise_masks():
 
 
 def test_seeds_are_at_least_128_bits_fresh_and_shorter_ones_refused():
-    client = ClientRound(1, SecAggConfig(), b"ctx")
-    assert len(client._seed) * 8 >= 128 and client._seed != ClientRound(1, SecAggConfig(), b"ctx")._seed
+    identity = identities([1])[1]
+    client = ClientRound(1, SecAggConfig(), b"ctx", identity)
+    other = ClientRound(1, SecAggConfig(), b"ctx", identity)
+    assert len(client._seed) * 8 >= 128 and client._seed != other._seed
     peer = keys.X25519PrivateKey.generate()
     assert len(keys.mask_seed(peer, keys.public_bytes(keys.X25519PrivateKey.generate()), b"")) * 8 >= 128
     with pytest.raises(SecureAggregationError, match="a mask seed must be 32 bytes, got 4"):

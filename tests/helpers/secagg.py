@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlora.client.app import build_client_app
 from fedlora.common import protocol as P
 from fedlora.common.config import FedloraConfig
+from fedlora.simulations.identities import with_identities
 from fedlora.simulations.virtual_client import simulation_setup
 
 NODES = (101, 102, 103)
@@ -28,8 +29,10 @@ def inside_a_serverapp(monkeypatch) -> None:
 
 
 class SecAggGrid:
-    """Three institutions whose ClientApp runs here; ``lost``: (stage, node) whose reply never arrives;
-    ``canaries``: each one's audit canaries (white-box, black-box), as ``fedlora-simulate --audit``."""
+    """Three institutions whose ClientApp runs here, each with its identity key and the run's roster
+    (simulations.identities, as a simulation gives them); ``lost``: (stage, node) whose reply never
+    arrives; ``canaries``: each one's audit canaries (white-box, black-box), as
+    ``fedlora-simulate --audit``."""
 
     def __init__(
         self,
@@ -38,6 +41,7 @@ class SecAggGrid:
         lost: Iterable[tuple[str, int]] = (),
         canaries: tuple[int, int] | None = None,
     ) -> None:
+        cfg = with_identities(cfg, run_dir)
         self.setups = {
             node: simulation_setup(cfg, run_dir, SimpleNamespace(node_config={P.PARTITION_ID: i}), canaries)
             for i, node in enumerate(NODES)

@@ -1,6 +1,8 @@
 """Round 0 under secure aggregation over a real deployment on 127.0.0.1: a TLS SuperLink with node
 authentication, and three institutions as they run (fedlora-client start: SuperNode, SuperExec, the
-kept-loaded worker; the round's keys travel in the node's context between the four messages). One
+kept-loaded worker; the round's keys travel in the node's context between the five messages), each with
+its identity key and the federation's roster (made by fedlora-client keys; the coordinator holds the
+roster too), so the round is the signed one. One
 institution is killed (SIGKILL of its daemon, SuperNode, SuperExec and worker) mid-round: after its
 masked input, the survivors' shares unmask the sum with its input in it; before it, with no dropout
 tolerated, the round is discarded and nothing is unmasked. Either way the federation goes on.
@@ -18,8 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedlora.client import cli as client_cli
 from fedlora.client.ledger import STATISTICS_ROUND, PrivacyLedger
 from fedlora.common import protocol as P
+from fedlora.common.secure_aggregation.identity import load_signing_key, public_bytes, write_roster
 from fedlora.server import deploy
 from helpers.deploy import Federation, Processes, free_port, make_federation, wait_for
 
@@ -43,10 +47,19 @@ def secure_federation(root: Path, **federation: object) -> Federation:
         institutions=INSTITUTIONS,
         admitted=INSTITUTIONS,
     )
+    roster = root / "roster.yaml"
+    identities = {}
     for name in INSTITUTIONS:
         config = yaml.safe_load(fed.institutions[name].read_text())
         config["privacy"].update({"epsilon": 30, "audit_log": "audit.jsonl"})
+        config["security"].update({"identity_key": "identity.key", "identity_roster": str(roster)})
         fed.institutions[name].write_text(yaml.safe_dump(config))
+        assert client_cli.main(["keys", str(fed.institutions[name])]) == 0  # the identity: node key exists
+        identities[config["name"]] = public_bytes(load_signing_key(root / name / "identity.key"))
+    write_roster(roster, identities)
+    coordinator = yaml.safe_load(fed.server_yaml.read_text())
+    coordinator["security"]["identity_roster"] = str(roster)
+    fed.server_yaml.write_text(yaml.safe_dump(coordinator))
     return fed
 
 

@@ -1,5 +1,6 @@
 """Round 0 under secure aggregation through Flower's simulation engine (Ray): the protocol's state kept
-in each virtual institution's context between its four messages, whichever actor handles them."""
+in each virtual institution's context between its five messages, whichever actor handles them, signed
+by the identities the simulation made in its run folder."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.common import protocol as P
 from fedlora.common.config import load_config
+from fedlora.common.secure_aggregation.identity import load_roster
 from fedlora.simulations import run as sim_run
 from fedlora.simulations.virtual_client import ledger_file
 
@@ -44,8 +46,12 @@ def test_a_simulation_sums_round_0_securely_with_noise_shares(tmp_path):
         entry = PrivacyLedger.from_config(cfg.privacy, ledger_file(tmp_path, pid)).entries[0]
         assert entry.share_noise_multiplier is not None and entry.epsilon_alone > entry.epsilon
         lines = (tmp_path / "audit" / f"client-{pid}.jsonl").read_text().splitlines()
-        stages = [json.loads(line)["configs"][P.CONFIG].get(P.SECAGG_STAGE) for line in lines[:4]]
+        stages = [json.loads(line)["configs"][P.CONFIG].get(P.SECAGG_STAGE) for line in lines[:5]]
         assert stages == list(P.SECAGG_STAGES)
+    roster = load_roster(tmp_path / "identities" / "roster.yaml")
+    assert sorted(roster.names.values()) == ["client-0", "client-1", "client-2"]
+    keys = [tmp_path / "identities" / f"client-{pid}.key" for pid in range(3)]
+    assert all(key.stat().st_mode & 0o077 == 0 for key in keys)  # owner-only
     assert "distributed noise" in (tmp_path / "adapter" / "README.md").read_text()
 
 

@@ -1,6 +1,6 @@
 """The coordinator's side of secure round 0 when institutions vanish: each stage's replies attributed to
 the node they are about (the SuperLink answers for an unavailable node as node 1), silent nodes
-recorded, and the four stages held to one round_timeout; the LoRA rounds after it tolerate the dropouts."""
+recorded, and the stages held to one round_timeout; the LoRA rounds after it tolerate the dropouts."""
 
 from __future__ import annotations
 

@@ -169,13 +169,15 @@ def test_a_plain_run_has_no_sum_to_audit_and_a_discarded_round_says_so(cfg, tmp_
 
 
 def one_other(monkeypatch, *overrides: str) -> FedloraConfig:
-    """The first institution of every SecAggGrid runs with ``overrides`` (its own privacy settings)."""
+    """The first institution of every SecAggGrid runs with ``overrides`` (its own privacy settings; its
+    identity as the grid gave it)."""
     other = load_config(overrides=[*CONFIG, *overrides])
     grid_init = SecAggGrid.__init__
 
     def init(self, config, run_dir, lost=()):
         grid_init(self, config, run_dir, lost)
-        self.setups[NODES[0]] = replace(self.setups[NODES[0]], cfg=other)
+        first = self.setups[NODES[0]]
+        self.setups[NODES[0]] = replace(first, cfg=replace(other, security=first.cfg.security))
 
     monkeypatch.setattr(SecAggGrid, "__init__", init)
     return other
@@ -249,13 +251,17 @@ class LoweringGrid(SecAggGrid):
 
 
 def test_the_coordinator_cannot_lower_an_institutions_noise(cfg, tmp_path, monkeypatch):
+    """Each multiplier is signed with its advert: relayed lower, no advert verifies (each institution's
+    own among them), so every institution refuses the round before anything is released or charged."""
     one_other(monkeypatch, "privacy.epsilon=2")
-    _, shares = round_zero(cfg, tmp_path, LoweringGrid(cfg, tmp_path))
-    own = [planned(2.0), planned(8.0), planned(8.0)]
-    assert shares == pytest.approx([z * STATISTICS_SENSITIVITY / math.sqrt(3) for z in own])
-    for pid, z in enumerate(own):
-        (entry,) = json.loads(ledger_file(tmp_path, pid).read_text())["entries"]
-        assert entry["noise_multiplier"] == pytest.approx(z)
+    grid = LoweringGrid(cfg, tmp_path)
+    bench, _ = server_workbench(cfg)
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    assert secure_statistics(grid, strategy, as_record(adapter_state(bench.built.model)), cfg) is None
+    for pid, node in enumerate(NODES):
+        assert not ledger_file(tmp_path, pid).exists()
+        last = (tmp_path / "audit" / f"client-{pid}-errors.log").read_text().strip().splitlines()[-1]
+        assert last.endswith(f"the roster misstates node {node}'s own keys or identity")
 
 
 class EquivocatingGrid(SecAggGrid):
