@@ -23,13 +23,14 @@ from fedlora.client.app import shared_data
 from fedlora.client.secure_statistics import ROUND, STATE, secure_statistics
 from fedlora.client.worker import Freshness
 from fedlora.common import protocol as P
-from fedlora.common.codec import parse_advert, parse_shares
+from fedlora.common.codec import advert_parts, parse_advert, parse_shares
 from fedlora.common.config import load_config
 from fedlora.common.model import build_model, forget_base_models
 from fedlora.common.secure_aggregation.client import ClientRound
 from fedlora.common.secure_aggregation.settings import for_statistics
-from fedlora.server.secure_statistics import as_bytes
+from fedlora.server.secure_sum import as_bytes
 from helpers.deploy import write_csv
+from helpers.identities import identities
 from helpers.messages import metadata
 
 
@@ -138,12 +139,16 @@ def stage_message(stage: str, node: int, **records) -> Message:
     return Message(content=content, metadata=metadata(0, node))
 
 
+IDENTITIES = identities((7, 8, 9))
+
+
 def protocol_only(msg: Message, context: Context) -> Message:
     """The worker's ClientApp reduced to secure_statistics (keys in ``context.state``), which kills
     its own process on the masked input, before anything is released."""
     if msg.content[P.CONFIG][P.SECAGG_STAGE] == P.MASKED_INPUT:
         os.kill(os.getpid(), signal.SIGKILL)
-    content = secure_statistics(msg, context.state, "fp", lambda: 1.0, lambda _sharing: None)
+    identity = IDENTITIES[msg.metadata.dst_node_id]
+    content = secure_statistics(msg, context.state, "fp", identity, lambda: 1.0, lambda _sharing: None)
     return Message(content=content, reply_to=msg)
 
 
@@ -171,11 +176,13 @@ def test_a_worker_killed_between_stages_leaves_the_rounds_keys_to_the_next_one(t
         first.kill()
         first.join(10)
     kept = ctx.state.config_records[STATE]
-    adverts = {node: parse_advert(advert.content, "fp")[0]}
-    adverts |= {n: ClientRound(n, for_statistics(None, 0), b"run/round-0").advertise_keys() for n in peers}
+    adverts = {node: parse_advert(advert.content, "fp")}
+    adverts |= {
+        n: ClientRound(n, for_statistics(None, 0, 0), b"run/round-0", IDENTITIES[n]).advertise_keys(1.0)
+        for n in peers
+    }
     roster = ArrayRecord(
-        {f"{n}/{P.CIPHER_KEY}": as_bytes(a.cipher) for n, a in adverts.items()}
-        | {f"{n}/{P.MASK_KEY}": as_bytes(a.mask) for n, a in adverts.items()}
+        {f"{n}/{name}": as_bytes(raw) for n, a in adverts.items() for name, raw in advert_parts(a).items()}
     )
     noises = ConfigRecord({str(n): 1.0 for n in adverts})
     share = stage_message(P.SHARE_KEYS, node, **{P.SECAGG_ROSTER: roster, P.SECAGG_NOISES: noises})

@@ -118,7 +118,7 @@ def test_the_unmasked_sum_is_the_released_vectors_sum_and_every_ledger_is_charge
     run_dir = tmp_path / "run"
     fed = Federation(cfg, run_dir, monkeypatch)
     assert [e.get("head_gradients", 0) for e in fed.history] == [0] + [3] * ROUNDS
-    error = Quantiser.of(for_head_gradient(None, 0)).sum_error(len(NODES))
+    error = Quantiser.of(for_head_gradient(None, 0, 0)).sum_error(len(NODES))
     for server_round in range(1, ROUNDS + 1):
         released = torch.stack(fed.released[server_round]).double().sum(0).numpy()
         assert fed.sums[server_round].shape == (VALUES,)
