@@ -86,6 +86,7 @@ def secure_head_sum(
             strategy.layout.fingerprint,
             fed.secagg_dropouts,
             lambda _node: {P.ARRAYS: arrays},
+            strategy.screen.check_epsilon,
             head=True,
         )
     except RoundDiscarded as err:

@@ -70,7 +70,13 @@ def secure_statistics(
     strategy.rounds.append(exchange.record)
     try:
         summed = secure_sum(
-            exchange, server, nodes, fingerprint, fed.secagg_dropouts, lambda _node: {P.ARRAYS: arrays}
+            exchange,
+            server,
+            nodes,
+            fingerprint,
+            fed.secagg_dropouts,
+            lambda _node: {P.ARRAYS: arrays},
+            strategy.screen.check_epsilon,
         )
     except RoundDiscarded as err:
         log.warning("round 0: %s; the run goes on without the statistics head", err)

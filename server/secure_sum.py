@@ -156,12 +156,16 @@ def secure_sum(
     fingerprint: str,
     dropouts: int,
     masked_records: Callable[[int], Mapping[str, ArrayRecord | ConfigRecord]],
+    check_epsilon: Callable[[int, float], None],
     head: bool = False,
 ) -> SecureSum:
     """The five stages among ``nodes``; ``masked_records``: what the masked-input message carries to a
     node beside its inbox (what it needs to compute its release); ``head``: the masked replies are head
-    gradients (their metrics carry no row count). RoundDiscarded, nothing unmasked, where too few
-    institutions survive a stage or fewer than the roster less ``dropouts`` sent a masked vector."""
+    gradients (their metrics carry no row count); ``check_epsilon``: the reply screen's memory of each
+    node's cumulative epsilon (server.screening.ReplyScreen.check_epsilon), AdapterError where it went
+    down (a lost or reset ledger): that node's masked vector is left out as a dropout's, its self-mask
+    never asked for. RoundDiscarded, nothing unmasked, where too few institutions survive a stage or
+    fewer than the roster less ``dropouts`` sent a masked vector."""
     adverts = exchange(P.ADVERTISE_KEYS, nodes, lambda c: parse_advert(c, fingerprint))
     roster = server.collect_keys(adverts)
     noises = ConfigRecord({str(node): advert.noise for node, advert in roster.items()})
@@ -189,6 +193,14 @@ def secure_sum(
             P.SECAGG_INBOX: ArrayRecord({str(s): as_bytes(text) for s, text in inboxes[node].items()}),
         },
     )
+    for node in sorted(replies):
+        try:
+            check_epsilon(node, replies[node][1].epsilon)
+        except AdapterError as err:
+            at, what = exchange.server_round, exchange.what
+            log.warning("round %d: node %d's masked %s refused: %s", at, node, what, err)
+            exchange.record.dropped.append({"node": node, "reason": str(err)})
+            del replies[node]
     survivors = server.collect_masked({node: vector for node, (vector, _) in replies.items()})
     needed = len(roster) - dropouts
     if len(survivors) < needed:

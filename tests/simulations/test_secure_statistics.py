@@ -112,6 +112,25 @@ def test_one_institution_lost_after_sharing_keys_leaves_the_sum_recoverable(tmp_
     assert_same_head(secure, plain)
 
 
+def test_a_masked_reply_whose_epsilon_went_down_is_left_out_as_a_dropout(tmp_path):
+    """The reply screen's memory of each node's cumulative epsilon holds under secure aggregation: an
+    institution whose ledger was lost or reset (its epsilon below what it reported before) has its masked
+    vector left out, its self-mask never asked for, and the sum is the other two's."""
+    cfg = config(*SECURE, "federation.secagg_threshold=2", "federation.secagg_dropouts=1")
+    bench, _ = server_workbench(cfg)
+    arrays = as_record(adapter_state(bench.built.model))
+    strategy = build_strategy(cfg, bench.built.fingerprint, len(NODES))
+    strategy.screen.epsilons[NODES[2]] = 5.0  # reported before; the institution now reports 0
+    grid = SecAggGrid(cfg, tmp_path / "secure")
+    secure = secure_statistics(grid, strategy, arrays, cfg)
+    record = strategy.rounds[-1]
+    assert [d["node"] for d in record.dropped] == [NODES[2]]
+    assert "ledger was lost or reset" in record.dropped[0]["reason"]
+    assert [c["node"] for c in record.clients] == list(NODES[:2])
+    _, plain, _ = head_of(cfg, tmp_path / "plain", plain_nodes=NODES[:2])
+    assert_same_head({k: v.numpy() for k, v in secure.items()}, plain)
+
+
 def test_fewer_survivors_than_the_tolerated_dropouts_allow_discard_the_round_and_the_run_goes_on(
     tmp_path, caplog
 ):
