@@ -193,8 +193,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         table.add_row("privacy", "OFF (non-private baseline)")
     table.add_row("secure aggregation", secure_aggregation_line(cfg))
+    if cfg.federation.secure_aggregation:
+        table.add_row("summed securely", securely_summed(recipe.fine_tune.value, recipe.head_rounds.value))
     report.print(table)
     return 0
+
+
+def securely_summed(fine_tune: bool, head_rounds: bool) -> str:
+    """What of this institution's plan goes through the secure sum with a share of the noise, and what
+    does not (issue 28: multi-step local training keeps its full local noise)."""
+    summed = "round 0's statistics" + (" and every head round's gradient sum" if head_rounds else "")
+    line = f"{summed}, each with only its share of the noise (the coordinator learns the sum)"
+    if fine_tune:
+        line += (
+            "; its LoRA rounds (several DP-SGD steps a round) keep the full local noise and reach the "
+            "coordinator unmasked, screened per reply: secure aggregation does not cover them"
+        )
+    return line
 
 
 def secure_aggregation_line(cfg: FedloraConfig) -> str:

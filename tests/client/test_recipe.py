@@ -372,3 +372,26 @@ def test_under_secure_aggregation_the_head_snr_counts_the_sums_noise_once(tmp_pa
     shown = cells(capsys.readouterr().out)["head rounds"]
     assert shown.startswith("True")
     assert "secure aggregation: 1000 peers' shares summed, 998 guaranteed" in shown
+
+
+def test_check_says_what_secure_aggregation_sums_and_that_lora_rounds_keep_full_local_noise(tmp_path, capsys):
+    """Issue 28: only one-noisy-step releases go through the secure sum with a share of the noise;
+    multi-step local DP-SGD keeps its full local noise and reaches the coordinator unmasked."""
+    config = tmp_path / "site.yaml"
+    for peers, examples in ((1500, 3), (3000, 6)):  # head rounds; then enough for LoRA rounds
+        config.write_text(
+            "model:\n  source: tiny-bert\ndata:\n  max_length: 16\n"
+            f"training:\n  peers_per_round: {peers}\n  examples_per_round: {examples}\n"
+            f"privacy:\n  ledger_path: {tmp_path / 'ledger.json'}\n  planned_rounds: 2\n"
+            "federation:\n  secure_aggregation: true\n"
+        )
+        assert main(["check", str(config)]) == 0
+        shown = cells(capsys.readouterr().out)
+        summed = shown["summed securely"]
+        assert summed.startswith("round 0's statistics")
+        if shown["fine tune"].startswith("True"):
+            assert "keep the full local noise" in summed and "head round" not in summed
+        else:
+            assert shown["head rounds"].startswith("True")
+            assert "every head round's gradient sum" in summed and "LoRA" not in summed
+    assert shown["fine tune"].startswith("True")  # the second config planned LoRA rounds
