@@ -20,6 +20,7 @@ from fedlora.common.adapter import METADATA_FILE
 from fedlora.common.config import read_yaml
 from fedlora.common.held_out import exported_round
 from fedlora.common.model_card import ADAPTER_DIR, rounds_statement
+from fedlora.common.noise_check import NoiseCheck
 from fedlora.common.scoring import MACRO_F1, TOP_CLASS, TOP_SHARE
 from fedlora.server.history import client_names, summarise_round
 from fedlora.simulations.head_round_audit import HeadRoundAudit, SecureHeadAudit
@@ -288,6 +289,17 @@ def head_round_lines(audits: list[HeadRoundAudit]) -> list[str]:
     ]
 
 
+def noise_table(n: NoiseCheck) -> list[str]:
+    """One noise check as a Markdown table (the securely summed noise of round 0 or the head rounds)."""
+    return [
+        "| values | measured std | claimed std | ratio (interval) | p-value | passed |",
+        "|---|---|---|---|---|---|",
+        f"| {n.samples:,} | {n.measured_std:.4g} | {n.calibrated_std:.4g} | {n.ratio:.4f} "
+        f"({n.ratio_interval[0]:.3f}, {n.ratio_interval[1]:.3f}) | {n.p_value:.3g} | "
+        f"{'yes' if n.passed else 'NO'} |",
+    ]
+
+
 def secure_head_lines(audit: SecureHeadAudit) -> list[str]:
     """What the audit of the secure head rounds' summed noise checked, and what it could have caught."""
     shown = ", ".join(map(str, audit.rounds)) or "none"
@@ -308,11 +320,7 @@ def secure_head_lines(audit: SecureHeadAudit) -> list[str]:
     n = audit.check
     return [
         *lines,
-        "| values | measured std | claimed std | ratio (interval) | p-value | passed |",
-        "|---|---|---|---|---|---|",
-        f"| {n.samples:,} | {n.measured_std:.4g} | {n.calibrated_std:.4g} | {n.ratio:.4f} "
-        f"({n.ratio_interval[0]:.3f}, {n.ratio_interval[1]:.3f}) | {n.p_value:.3g} | "
-        f"{'yes' if n.passed else 'NO'} |",
+        *noise_table(n),
         "",
         *skipped,
         f"{power}: this run had {n.samples:,}.",
@@ -340,11 +348,7 @@ def secure_sum_lines(audit: SumAudit) -> list[str]:
     verdict = "catches" if n.samples >= audit.samples_to_catch_missing_share else "cannot catch"
     return [
         *lines,
-        "| values | measured std | claimed std | ratio (interval) | p-value | passed |",
-        "|---|---|---|---|---|---|",
-        f"| {n.samples:,} | {n.measured_std:.4g} | {n.calibrated_std:.4g} | {n.ratio:.4f} "
-        f"({n.ratio_interval[0]:.3f}, {n.ratio_interval[1]:.3f}) | {n.p_value:.3g} | "
-        f"{'yes' if n.passed else 'NO'} |",
+        *noise_table(n),
         "",
         f"{power}: this run's {n.samples:,} {verdict} it (they detect a ratio below "
         f"{n.detectable_ratio:.3f}).",

@@ -7,7 +7,7 @@ on the number of institutions of a round is checked per round (``check_round``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fedlora.common.errors import ConfigError
 
@@ -163,15 +163,10 @@ NOISE_MARGIN = 10.0
 def for_head_gradient(
     threshold: int | None, tolerated_dropouts: int, tolerated_colluders: int
 ) -> SecAggConfig:
-    """The settings of a head round's gradient sum under secure aggregation."""
-    return SecAggConfig(
-        threshold=threshold,
-        tolerated_dropouts=tolerated_dropouts,
-        tolerated_colluders=tolerated_colluders,
-        ring_bits=STATISTICS_RING_BITS,
-        quantisation_bits=STATISTICS_QUANTISATION_BITS,
-        clip=HEAD_GRADIENT_CLIP,
-    )
+    """The settings of a head round's gradient sum under secure aggregation: round 0's ring and levels,
+    over the head gradient's range."""
+    settings = for_statistics(threshold, tolerated_dropouts, tolerated_colluders)
+    return replace(settings, clip=HEAD_GRADIENT_CLIP)
 
 
 def check_head_range(rows: int, clip: float, noise_std: float) -> None:
